@@ -1,0 +1,187 @@
+"""A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager) for tests.
+
+`kube_cluster` (session) runs `hack/cluster up` (which builds the pinned binaries on first use,
+see docs/cluster.md) and `hack/cluster down` at the end of the session. If the cluster in the
+state dir is already running (a developer ran `hack/cluster up`), it is reused and left running.
+If the control plane cannot be built or started the fixture FAILS: these tests never skip.
+
+    def test_something(kube_cluster, kube_namespace):
+        kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=manifest)
+        out = kube_cluster.kubectl("get", "cm", "-n", kube_namespace, "-o", "name").stdout
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HACK_CLUSTER = REPO / "hack" / "cluster"
+
+T = TypeVar("T")
+
+
+class KubectlError(subprocess.CalledProcessError):
+    """A failed kubectl call; str() includes its stderr and stdout."""
+
+    def __str__(self) -> str:
+        return (f"kubectl {' '.join(self.cmd[1:])} exited {self.returncode}\n"
+                f"stderr: {self.stderr}\nstdout: {self.stdout}")
+
+
+class KubeCluster:
+    """Handle on the running control plane. Never mutates os.environ."""
+
+    def __init__(self, state_dir: Path, info: dict):
+        self.dir = Path(state_dir)
+        self.kubeconfig: str = info["kubeconfig"]
+        self.kubectl_path: str = info["kubectl"]
+        self.server: str = info["server"]
+        self.controller_manager: bool = bool(info.get("controller_manager"))
+        self.info = info
+
+    def env(self, kubeconfig: Optional[str] = None) -> dict:
+        """Environment for a subprocess talking to this cluster (KUBECONFIG set)."""
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(kubeconfig or self.kubeconfig)
+        return env
+
+    def kubectl(self, *args: str, input: Optional[str] = None, check: bool = True,
+                kubeconfig: Optional[str] = None, timeout: float = 120
+                ) -> subprocess.CompletedProcess:
+        """Run kubectl as a user would (KUBECONFIG in its env); text mode, output captured.
+
+        With check=True a non-zero exit raises KubectlError (message includes stderr).
+        """
+        cmd = [self.kubectl_path, *map(str, args)]
+        r = subprocess.run(cmd, input=input, capture_output=True, text=True,
+                           env=self.env(kubeconfig), timeout=timeout)
+        if check and r.returncode != 0:
+            raise KubectlError(r.returncode, cmd, r.stdout, r.stderr)
+        return r
+
+    def get_json(self, *args: str, kubeconfig: Optional[str] = None) -> dict:
+        """`kubectl get ARGS -o json`, parsed."""
+        return json.loads(self.kubectl("get", *args, "-o", "json", kubeconfig=kubeconfig).stdout)
+
+    def apply(self, manifest: str, namespace: Optional[str] = None) -> subprocess.CompletedProcess:
+        """`kubectl apply -f -` of a YAML/JSON string."""
+        ns = ["-n", namespace] if namespace else []
+        return self.kubectl("apply", *ns, "-f", "-", input=manifest)
+
+    def mint_kubeconfig(self, namespace: str, service_account: str,
+                        duration: str = "1h") -> str:
+        """Write a kubeconfig authenticating as ServiceAccount namespace/service_account
+        (a TokenRequest via `kubectl create token`); return its path."""
+        r = subprocess.run([sys.executable, str(HACK_CLUSTER), "kubeconfig-for-sa", namespace,
+                            service_account, "--duration", duration],
+                           capture_output=True, text=True, env=_cluster_env(self.dir))
+        if r.returncode != 0:
+            raise RuntimeError(f"hack/cluster kubeconfig-for-sa failed: {r.stderr}")
+        out = self.dir / "sa" / f"{namespace}.{service_account}.kubeconfig"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(r.stdout)
+        return str(out)
+
+    @staticmethod
+    def eventually(fn: Callable[[], T], timeout: float = 60, interval: float = 0.25,
+                   desc: str = "condition") -> T:
+        """Call fn until it returns a truthy value (returned) or timeout (AssertionError)."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while True:
+            try:
+                last = fn()
+                if last:
+                    return last
+            except (AssertionError, subprocess.CalledProcessError) as e:
+                last = e
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {desc}; "
+                                     f"last: {last}")
+            time.sleep(interval)
+
+
+def _state_dir() -> Path:
+    d = os.environ.get("RERANKER_CLUSTER_DIR")
+    if d:
+        base = Path(d).resolve()
+    else:
+        base = REPO / ".cluster"
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:  # one control plane per xdist worker
+        base = base.with_name(f"{base.name}-{worker}")
+    return base
+
+
+def _cluster_env(state_dir: Path) -> dict:
+    return dict(os.environ, RERANKER_CLUSTER_DIR=str(state_dir))
+
+
+def _hack(args: list, state_dir: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HACK_CLUSTER), *args], env=_cluster_env(state_dir),
+                          text=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(pytestconfig) -> KubeCluster:
+    state_dir = _state_dir()
+    status = _hack(["status"], state_dir, capture_output=True)
+    owned = status.returncode != 0
+    if owned:
+        # show build/start progress live, even under pytest's output capture
+        capman = pytestconfig.pluginmanager.getplugin("capturemanager")
+        t0 = time.monotonic()
+        with capman.global_and_fixture_disabled() if capman else _nullcontext():
+            print(f"\n[kube_cluster] hack/cluster up (state in {state_dir})", file=sys.stderr,
+                  flush=True)
+            r = _hack(["up"], state_dir, stdout=sys.stderr, stderr=subprocess.PIPE)
+            sys.stderr.write(r.stderr)
+            sys.stderr.flush()
+        if r.returncode != 0:
+            tail = "\n".join(r.stderr.splitlines()[-40:])
+            pytest.fail(f"could not build/start the Kubernetes control plane "
+                        f"(hack/cluster up exited {r.returncode}); see docs/cluster.md.\n{tail}",
+                        pytrace=False)
+        print(f"[kube_cluster] up in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    info = json.loads((state_dir / "cluster.json").read_text())
+    cluster = KubeCluster(state_dir, info)
+    try:
+        yield cluster
+    finally:
+        if owned:
+            r = _hack(["down"], state_dir, capture_output=True)
+            if r.returncode != 0:
+                print(f"[kube_cluster] hack/cluster down failed: {r.stderr}", file=sys.stderr)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture
+def kube_namespace(kube_cluster: KubeCluster, request) -> str:
+    """A fresh namespace for one test; deleted (without waiting) afterwards."""
+    stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{stem}-{secrets.token_hex(3)}"
+    kube_cluster.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        kube_cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found",
+                             check=False)
