@@ -1,0 +1,41 @@
+# The two commands of the README: `make serve` and `make test`. Both install what they need
+# into .venv/ on a fresh machine (a stamp file makes the second run instant).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+PORT   ?= 8000
+
+.PHONY: serve test bench bench-quick system-deps lint clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# The server alone (PyTorch backend and the embedded default model).
+$(VENV)/.installed-server: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[server]'
+	touch $@
+
+# Everything: server, MLX (mlx[cpu] on Linux), operator, test tools.
+$(VENV)/.installed-dev: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[server,mlx,operator,dev]'
+	touch $@ $(VENV)/.installed-server
+
+serve: $(VENV)/.installed-server
+	$(VENV)/bin/reranker serve --port $(PORT)
+
+# Debian packages the tests start for real (redis-server, prometheus, promtool).
+system-deps:
+	bash hack/install-system-deps
+
+test: $(VENV)/.installed-dev system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-quick: $(VENV)/.installed-dev
+	$(PY) bench/run.py --quick
+
+bench: $(VENV)/.installed-dev
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

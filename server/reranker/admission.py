@@ -1,0 +1,85 @@
+"""Admission control: who gets into the queue, and what the others are told.
+
+The queue is bounded in pairs (RERANKER_MAX_QUEUE), because pairs are what costs model
+time: one request of 1,000 documents weighs as much as 1,000 requests of one.
+
+- 429 Too Many Requests + Retry-After: the request's pairs do not fit in the queue right now
+  (back off and retry, or go to another replica). A request bigger than the whole queue is
+  admitted when the queue is empty, so big requests are slow rather than impossible.
+- 503 Service Unavailable + Retry-After: the server cannot serve at all right now: the model
+  is still loading, the server is draining for shutdown, or the request waited longer than
+  RERANKER_QUEUE_TIMEOUT for the model (its pending pairs are then dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+from .batcher import Batcher
+from .errors import NotReady, QueueFull
+from .metrics import Metrics
+
+
+class Admission:
+    def __init__(self, *, metrics: Metrics, max_queue: int, max_parallel: int) -> None:
+        self.batcher: Batcher | None = None  # set once the model is loaded
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.max_parallel = max_parallel
+        self.ready = False
+        self.draining = False
+        self.inflight = 0
+
+    def retry_after(self, extra_pairs: int = 0) -> int:
+        """Seconds until the queue has likely drained enough: queued pairs / recent throughput."""
+        rate = (self.batcher.throughput if self.batcher else 0.0) or 50.0
+        return int(min(60, max(1, math.ceil((self.waiting + extra_pairs) / rate))))
+
+    @property
+    def waiting(self) -> int:
+        return self.batcher.pending_pairs if self.batcher else 0
+
+    @property
+    def active(self) -> int:
+        return self.batcher.active if self.batcher else 0
+
+    def check_serving(self) -> None:
+        if self.draining:
+            self.metrics.rejected.labels(reason="draining").inc()
+            raise NotReady("the server is shutting down; retry on another replica", retry_after=1)
+        if not self.ready:
+            self.metrics.rejected.labels(reason="not_ready").inc()
+            raise NotReady("the model is still loading", retry_after=5)
+
+    def admit(self, pairs: int) -> None:
+        """Raise QueueFull unless `pairs` more fit in the queue."""
+        waiting = self.waiting
+        if waiting and waiting + pairs > self.max_queue:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            raise QueueFull(
+                f"the queue holds {waiting} pairs and this request needs {pairs} more "
+                f"(RERANKER_MAX_QUEUE={self.max_queue})", retry_after=self.retry_after(pairs))
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Count a rerank request as in flight (the draining logic waits for zero)."""
+        self.inflight += 1
+        self.metrics.inflight.set(self.inflight)
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.set(self.inflight)
+
+    def controller(self) -> dict[str, int]:
+        """The original service's controller stats, shown in /health."""
+        return {
+            "waiting": self.waiting,
+            "active": self.active,
+            "available_slots": max(0, self.max_parallel - self.active),
+            "max_parallel": self.max_parallel,
+            "max_queue": self.max_queue,
+            "inflight_requests": self.inflight,
+        }

@@ -1,0 +1,117 @@
+"""The application factory: settings in, a FastAPI app out.
+
+The lifespan owns the runtime (model, batcher, cache, Redis client); a pure ASGI middleware
+gives each request an id, counts it in the metrics and logs one line for it; one exception
+handler renders every `APIError` as `{"error", "message"}` with its status and Retry-After.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__, logs
+from .backends import Backend
+from .errors import APIError
+from .routes import router
+from .runtime import Runtime
+from .settings import Settings
+
+log = logging.getLogger("reranker.access")
+
+_ROUTES = {"/rerank", "/v1/rerank", "/v2/rerank", "/health", "/ready", "/metrics"}
+
+
+class RequestContext:
+    """Request id, metrics and one access-log line per request (pure ASGI: streams untouched)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        token = logs.request_id.set(rid)
+        path = scope.get("path", "")
+        route = path if path in _ROUTES else "other"
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            runtime: Runtime | None = getattr(scope.get("app").state, "runtime", None) if scope.get("app") else None
+            if runtime is not None and route not in ("/metrics", "/health", "/ready"):
+                runtime.metrics.requests.labels(route=route, status=str(status)).inc()
+                runtime.metrics.request_duration.labels(route=route).observe(elapsed)
+                runtime.metrics.total_requests += 1
+                if status >= 400:
+                    runtime.metrics.failed_requests += 1
+            if route not in ("/metrics", "/health", "/ready") or status >= 400:
+                log.info("%s %s %d %.1fms", scope.get("method"), path, status, elapsed * 1000,
+                         extra={"status": status, "duration_ms": round(elapsed * 1000, 2)})
+            logs.request_id.reset(token)
+
+
+def _error(exc: APIError) -> JSONResponse:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, int(round(exc.retry_after))))
+    return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status, headers=headers)
+
+
+def create_app(settings: Settings | None = None, *, backend: Backend | None = None) -> FastAPI:
+    """Build the app. `backend` injects an already-loaded model (tests, benchmarks)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime(settings, backend=backend)
+        app.state.runtime = runtime
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="Reranker", version=__version__, lifespan=lifespan,
+                  description="Rerank documents for a query: native, TEI, Cohere v1/v2 and Jina APIs.")
+    app.include_router(router)
+    app.add_middleware(RequestContext)
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": "invalid_request", "message": problems}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse({"error": "internal", "message": f"internal error ({exc.__class__.__name__}); "
+                             f"request id {logs.request_id.get()}"}, status_code=500)
+
+    return app
+

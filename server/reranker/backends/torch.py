@@ -1,0 +1,187 @@
+"""The PyTorch backend: Hugging Face cross-encoders and bi-encoders on cuda, mps or cpu.
+
+Cross-encoders run through `AutoModelForSequenceClassification`, tokenized exactly as
+sentence-transformers' `CrossEncoder` does (pair encoding, longest-first truncation to
+max_length), so scores match it. Bi-encoders run through `AutoModel` with the pooling the
+model's sentence-transformers config names, and pairs score by cosine similarity.
+
+Dtypes: fp32 by default; bf16 weights; fp16 on CUDA/MPS; int8 by dynamic quantization of the
+Linear layers (CPU). Logits are cast to fp32 before anything else touches them.
+
+Tokenizers are not safe to share between threads that change truncation settings ("Already
+borrowed"), so each thread gets its own copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Pair
+from .model_files import ModelFiles
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+try:
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+except ImportError as exc:  # pragma: no cover - the `server` extra brings them
+    raise ImportError("the PyTorch backend needs torch and transformers: pip install 'reranker-fleet[server]'") from exc
+
+
+def pick_device(requested: str) -> str:
+    """auto: cuda, then mps, then cpu. A forced device that is absent is an error."""
+    cuda, mps = torch.cuda.is_available(), bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if requested == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if requested == "cuda" and not cuda:
+        raise DeviceUnavailable("RERANKER_DEVICE=cuda but torch sees no CUDA device (install a CUDA build of torch and the NVIDIA driver)")
+    if requested == "mps" and not mps:
+        raise DeviceUnavailable("RERANKER_DEVICE=mps but torch's MPS backend is not available (needs macOS on Apple silicon)")
+    return requested
+
+
+def _dtype_for(quantization: str, device: str) -> tuple[Any, str]:
+    if quantization == "bf16":
+        return torch.bfloat16, "bf16"
+    if quantization == "fp16":
+        if device == "cpu":
+            raise BackendError("fp16 is not supported on cpu: use bf16 or int8")
+        return torch.float16, "fp16"
+    if quantization == "int8":
+        if device != "cpu":
+            raise BackendError(f"int8 dynamic quantization runs on cpu only, not {device}: use bf16 or fp16")
+        return torch.float32, "int8"
+    return torch.float32, "fp32"
+
+
+class TorchBackend(Backend):
+    """A Hugging Face model on a torch device."""
+
+    def __init__(self, files: ModelFiles, settings: "Settings") -> None:
+        self.files = files
+        self.device = pick_device(settings.device if settings.device != "mlx" else "auto")
+        self.torch_dtype, dtype_name = _dtype_for(settings.quantization, self.device)
+        self.max_length = min(settings.max_length, files.max_length)
+        self.mixed_precision = settings.enable_mixed_precision
+        self._tokenizer = AutoTokenizer.from_pretrained(str(files.path))
+        if not getattr(self._tokenizer, "is_fast", False):
+            log.warning("%s has no fast tokenizer: chunking falls back to whitespace offsets", files.name)
+        self._local = threading.local()
+        self._local.tokenizer = self._tokenizer
+        self.model = self._load_model(files, settings.quantization)
+        if settings.enable_torch_compile:
+            self.model = torch.compile(self.model)  # type: ignore[assignment]
+        activation = "sigmoid" if files.kind == "cross-encoder" else "identity"
+        self.info = BackendInfo(
+            model=files.name, revision=files.revision, kind=files.kind, backend="torch",
+            device=self.device, dtype=dtype_name, max_length=self.max_length, activation=activation,
+        )
+
+    def _load_model(self, files: ModelFiles, quantization: str) -> Any:
+        path = str(files.path)
+        if files.kind == "cross-encoder":
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=self.torch_dtype)
+            self.num_labels = int(model.config.num_labels)
+            if self.num_labels not in (1, 2):
+                raise BackendError(f"{files.name} has {self.num_labels} labels; a reranker needs 1 (relevance logit) or 2 (no/yes)")
+        else:
+            model = AutoModel.from_pretrained(path, dtype=self.torch_dtype)
+        model.eval()
+        if quantization == "int8":
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        return model.to(self.device)
+
+    # --- tokenization --------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = self._local.tokenizer = copy.deepcopy(self._tokenizer)
+        return tok
+
+    @property
+    def special_tokens_per_pair(self) -> int:
+        if self.files.kind == "bi-encoder":
+            return int(self.tokenizer.num_special_tokens_to_add(pair=False))
+        return int(self.tokenizer.num_special_tokens_to_add(pair=True))
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        enc = self.tokenizer(list(texts), add_special_tokens=False, truncation=False)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        enc = self.tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
+        return [tuple(span) for span in enc["offset_mapping"]]  # type: ignore[misc]
+
+    def pair_lengths(self, pairs: Sequence[Pair]) -> list[int]:
+        if self.files.kind == "bi-encoder":
+            docs = self.tokenizer([d for _, d in pairs], truncation=True, max_length=self.max_length)
+            return [len(ids) for ids in docs["input_ids"]]
+        enc = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=self.max_length)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    # --- scoring ---------------------------------------------------------------------------
+    def _autocast(self) -> Any:
+        if not self.mixed_precision or self.torch_dtype != torch.float32:
+            return torch.autocast(device_type="cpu", enabled=False)
+        device_type = "cuda" if self.device == "cuda" else "cpu"
+        return torch.autocast(device_type=device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
+
+    def score(self, pairs: Sequence[Pair]) -> list[float]:
+        if not pairs:
+            return []
+        with torch.inference_mode(), self._autocast():
+            if self.files.kind == "cross-encoder":
+                return self._score_cross(pairs)
+            return self._score_bi(pairs)
+
+    def _score_cross(self, pairs: Sequence[Pair]) -> list[float]:
+        features = self.tokenizer(
+            [q for q, _ in pairs], [d for _, d in pairs],
+            padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+        ).to(self.device)
+        logits = self.model(**features).logits.float()
+        if self.num_labels == 2:
+            # softmax(l)[1] == sigmoid(l1 - l0): keep the log-odds as the raw score.
+            raw = logits[:, 1] - logits[:, 0]
+        else:
+            raw = logits[:, 0]
+        return raw.cpu().tolist()
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        features = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                  return_tensors="pt").to(self.device)
+        hidden = self.model(**features).last_hidden_state.float()
+        mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooling = self.files.pooling
+        if pooling == "cls":
+            pooled = hidden[:, 0]
+        elif pooling == "max":
+            pooled = hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
+        elif pooling == "lasttoken":
+            last = features["attention_mask"].sum(dim=1) - 1
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        else:
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+    def _score_bi(self, pairs: Sequence[Pair]) -> list[float]:
+        # Each distinct text is embedded once per batch: usually one query and many documents.
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        index = {t: i for i, t in enumerate(texts)}
+        emb = self.embed(texts)
+        q = emb[[index[q] for q, _ in pairs]]
+        d = emb[[index[d] for _, d in pairs]]
+        return (q * d).sum(dim=1).cpu().tolist()
+
+    def close(self) -> None:
+        del self.model
+        if self.device == "cuda":
+            torch.cuda.empty_cache()

@@ -1,0 +1,299 @@
+"""The micro-batcher: pairs from concurrent requests, cut into token-budget batches.
+
+Every (query, document) pair that misses the cache becomes a `Job` in one queue. A batching
+task cuts batches and hands each to a worker thread (the event loop never runs a forward):
+
+- a batch holds at most RERANKER_BATCH_SIZE pairs and RERANKER_MAX_BATCH_TOKENS padded
+  tokens (longest pair x pairs, what the forward pass really pays for);
+- pairs are grouped by length to cut padding: the batch is grown around the oldest waiting
+  pair (so nothing starves) with the pairs whose lengths are closest to it;
+- a batch that is not full waits at most MICRO_BATCH_WINDOW_MS (counted from its oldest
+  pair's arrival) for more work, and never when it is already full;
+- at most RERANKER_MAX_PARALLEL forwards run at once; RERANKER_WORKER_TIMEOUT bounds one.
+
+A job may belong to several requests (`Ticket`s) when they asked for the same pair at once;
+it is dropped before it is computed only when every one of them has gone away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .backends import Backend, Pair
+from .errors import BackendFailure, ClientGone, WorkerTimeout
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    """One pair to score, shared by every request waiting for it."""
+
+    pair: Pair
+    key: str
+    tokens: int
+    future: asyncio.Future[float]
+    owners: set["Ticket"] = field(default_factory=set)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started: bool = False
+    cancelled: bool = False
+
+    def drop(self) -> None:
+        self.cancelled = True
+        if not self.future.done():
+            self.future.set_exception(ClientGone())
+            self.future.exception()  # mark retrieved: nobody may be left to await it
+
+
+class Ticket:
+    """One request's stake in the queue: which of its jobs have not started yet."""
+
+    def __init__(self) -> None:
+        self.unstarted: set[Job] = set()
+        self.all_started = asyncio.Event()
+        self.all_started.set()
+        self.cancelled = False
+
+    def track(self, job: Job) -> None:
+        job.owners.add(self)
+        if not job.started:
+            self.unstarted.add(job)
+            self.all_started.clear()
+
+    def mark_started(self, job: Job) -> None:
+        self.unstarted.discard(job)
+        if not self.unstarted:
+            self.all_started.set()
+
+    def cancel(self) -> int:
+        """The request is gone (client disconnected, or queue timeout): drop what only it wanted."""
+        self.cancelled = True
+        dropped = 0
+        for job in list(self.unstarted):
+            job.owners.discard(self)
+            if not job.owners:
+                job.drop()
+                dropped += 1
+        self.unstarted.clear()
+        return dropped
+
+
+def cut_batch(jobs: Sequence[Job], *, batch_size: int, max_tokens: int, by_length: bool) -> list[Job]:
+    """Choose the next batch from the waiting jobs (oldest first in `jobs`).
+
+    by_length: grow around the oldest job with the nearest lengths (padding-aware);
+    otherwise first-come first-served (the baseline the benchmark compares against).
+    """
+    if not jobs:
+        return []
+    if not by_length:
+        batch: list[Job] = []
+        longest = 0
+        for job in jobs:
+            longest_next = max(longest, job.tokens)
+            if batch and (len(batch) >= batch_size or longest_next * (len(batch) + 1) > max_tokens):
+                break
+            batch.append(job)
+            longest = longest_next
+        return batch
+    window = sorted(jobs[: batch_size * 8], key=lambda j: j.tokens)
+    oldest = jobs[0]
+    pos = window.index(oldest)
+    lo, hi = pos, pos + 1  # window[lo:hi] is the batch; sorted, so window[hi-1] is the longest
+    while hi - lo < batch_size:
+        can_right = hi < len(window) and window[hi].tokens * (hi - lo + 1) <= max_tokens
+        can_left = lo > 0 and window[hi - 1].tokens * (hi - lo + 1) <= max_tokens
+        if can_right and can_left:
+            # take the neighbour whose length is closer to the oldest job's
+            if window[hi].tokens - oldest.tokens <= oldest.tokens - window[lo - 1].tokens:
+                hi += 1
+            else:
+                lo -= 1
+        elif can_right:
+            hi += 1
+        elif can_left:
+            lo -= 1
+        else:
+            break
+    return window[lo:hi]
+
+
+class Batcher:
+    """Owns the queue of jobs and the worker threads that score them."""
+
+    def __init__(self, backend: Backend, metrics: Metrics, *, batch_size: int, max_batch_tokens: int,
+                 window_ms: float, max_parallel: int, worker_timeout: float, max_retries: int = 0,
+                 by_length: bool = True, on_done: Callable[[list[Job]], None] | None = None) -> None:
+        self.backend = backend
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.window_s = window_ms / 1000.0
+        self.max_parallel = max_parallel
+        self.worker_timeout = worker_timeout
+        self.max_retries = max_retries
+        self.by_length = by_length
+        self.on_done = on_done
+        self.pending: list[Job] = []
+        self.active = 0
+        self.throughput = 0.0  # pairs/s, moving average: used for Retry-After
+        self._slots = asyncio.Semaphore(max_parallel)
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="forward")
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    # --- queue ---------------------------------------------------------------------------
+    @property
+    def pending_pairs(self) -> int:
+        return len(self.pending)
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        self.pending.extend(jobs)
+        self.metrics.queue_depth.set(len(self.pending))
+        self._wake.set()
+
+    def _prune(self) -> None:
+        if any(j.cancelled for j in self.pending):
+            self.pending = [j for j in self.pending if not j.cancelled]
+            self.metrics.queue_depth.set(len(self.pending))
+
+    def _full(self) -> bool:
+        if len(self.pending) >= self.batch_size:
+            return True
+        longest = max((j.tokens for j in self.pending), default=0)
+        return longest * (len(self.pending) + 1) > self.max_batch_tokens
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def stop(self, *, timeout: float = 5.0) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._running:
+            await asyncio.wait(self._running, timeout=timeout)
+        for job in self.pending:
+            job.drop()
+        self.pending.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def idle(self) -> None:
+        """Wait until nothing is queued or running (used by graceful shutdown and tests)."""
+        while self.pending or self.active:
+            await asyncio.sleep(0.01)
+
+    # --- the batching task ---------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._prune()
+            if not self.pending:
+                self._wake.clear()
+                continue
+            if self.window_s > 0:
+                await self._wait_window()
+            await self._slots.acquire()
+            self._prune()
+            batch = cut_batch(self.pending, batch_size=self.batch_size, max_tokens=self.max_batch_tokens,
+                              by_length=self.by_length)
+            if not batch:
+                self._slots.release()
+                continue
+            chosen = set(batch)
+            self.pending = [j for j in self.pending if j not in chosen]
+            self.metrics.queue_depth.set(len(self.pending))
+            if not self.pending:
+                self._wake.clear()
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _wait_window(self) -> None:
+        deadline = self.pending[0].enqueued_at + self.window_s
+        while not self._full():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+            finally:
+                self._wake.set()
+            self._prune()
+            if not self.pending:
+                return
+
+    async def _run(self, batch: list[Job]) -> None:
+        now = time.monotonic()
+        for job in batch:
+            job.started = True
+            for owner in list(job.owners):
+                owner.mark_started(job)
+            wait = now - job.enqueued_at
+            self.metrics.queue_wait.observe(wait)
+            self.metrics.wait_window.add(wait)
+        self.active += 1
+        release_now = True
+        pairs = [job.pair for job in batch]
+        loop = asyncio.get_running_loop()
+        try:
+            for attempt in range(self.max_retries + 1):
+                future = loop.run_in_executor(self._executor, self.backend.score, pairs)
+                try:
+                    scores = await asyncio.wait_for(asyncio.shield(future), self.worker_timeout)
+                    break
+                except TimeoutError:
+                    # A thread cannot be killed: its slot stays taken until the forward returns.
+                    release_now = False
+                    future.add_done_callback(lambda _f: self._slots.release())
+                    log.error("forward of %d pairs exceeded RERANKER_WORKER_TIMEOUT=%ss", len(batch), self.worker_timeout)
+                    self._fail(batch, WorkerTimeout(f"the model did not answer within {self.worker_timeout:g}s",
+                                                    retry_after=max(1.0, self.worker_timeout / 4)))
+                    return
+                except Exception as exc:  # the backend may raise anything torch/mlx raise
+                    if attempt < self.max_retries:
+                        log.warning("forward failed (%s), retrying", exc)
+                        continue
+                    log.exception("forward of %d pairs failed", len(batch))
+                    self._fail(batch, BackendFailure(f"the model failed to score the batch: {exc.__class__.__name__}: {exc}"))
+                    return
+        finally:
+            self.active -= 1
+            if release_now:
+                self._slots.release()
+        elapsed = time.monotonic() - now
+        longest = max(j.tokens for j in batch)
+        self.metrics.inference_duration.observe(elapsed)
+        self.metrics.process_window.add(elapsed)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_tokens.observe(longest * len(batch))
+        self.metrics.pairs_scored.inc(len(batch))
+        self.metrics.tokens.inc(sum(j.tokens for j in batch))
+        rate = len(batch) / max(elapsed, 1e-6)
+        self.throughput = rate if self.throughput == 0 else 0.8 * self.throughput + 0.2 * rate
+        for job, score in zip(batch, scores):
+            if not job.future.done():
+                job.future.set_result(float(score))
+        if self.on_done is not None:
+            self.on_done(batch)
+
+    def _fail(self, batch: list[Job], error: Exception) -> None:
+        for job in batch:
+            if not job.future.done():
+                job.future.set_exception(error)
+                job.future.exception()
+        if self.on_done is not None:
+            self.on_done(batch)

@@ -1,0 +1,87 @@
+"""The score cache: a local TTL/LRU tier, and an optional fleet-wide tier behind it.
+
+Keys are a digest of the model fingerprint and the exact (query, document) pair, so a
+cached score is always from the same model, revision, dtype, max length and kind. Values are
+raw scores (activation is applied per request). The local tier is cachetools' TTLCache
+(LRU eviction within a TTL), used only from the event loop, so it needs no lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from typing import Protocol
+
+from cachetools import TTLCache
+
+from .backends import Pair
+from .metrics import Metrics
+
+
+class RemoteTier(Protocol):
+    """A cache shared by the fleet (Redis). Must never raise: failures read as misses."""
+
+    async def get_many(self, keys: list[str]) -> dict[str, float]: ...
+
+    async def put_many(self, items: dict[str, float]) -> None: ...
+
+
+def pair_key(fingerprint: str, pair: Pair) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(fingerprint.encode())
+    for text in pair:
+        encoded = text.encode("utf-8", "surrogatepass")
+        digest.update(len(encoded).to_bytes(8, "little"))
+        digest.update(encoded)
+    return digest.hexdigest()
+
+
+class ScoreCache:
+    """Local tier first, then the remote tier; remote hits are copied into the local tier."""
+
+    def __init__(self, *, fingerprint: str, size: int, ttl: float, metrics: Metrics,
+                 enabled: bool = True, remote: RemoteTier | None = None) -> None:
+        self.fingerprint = fingerprint
+        self.enabled = enabled
+        self.local: TTLCache[str, float] = TTLCache(maxsize=size, ttl=ttl)
+        self.remote = remote
+        self.metrics = metrics
+
+    def key(self, pair: Pair) -> str:
+        return pair_key(self.fingerprint, pair)
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, float]:
+        if not self.enabled:
+            return {}
+        found: dict[str, float] = {}
+        missing: list[str] = []
+        for key in dict.fromkeys(keys):
+            value = self.local.get(key)
+            if value is None:
+                missing.append(key)
+            else:
+                found[key] = value
+        self.metrics.cache_hits.labels(tier="local").inc(len(found))
+        if missing and self.remote is not None:
+            remote = await self.remote.get_many(missing)
+            for key, value in remote.items():
+                self.local[key] = value
+            found.update(remote)
+            self.metrics.cache_hits.labels(tier="redis").inc(len(remote))
+            missing = [k for k in missing if k not in remote]
+        self.metrics.cache_misses.inc(len(missing))
+        return found
+
+    async def put_many(self, items: dict[str, float]) -> None:
+        if not self.enabled or not items:
+            return
+        for key, value in items.items():
+            self.local[key] = value
+        if self.remote is not None:
+            await self.remote.put_many(items)
+
+    def clear(self) -> None:
+        self.local.clear()
+
+    def __len__(self) -> int:
+        return len(self.local)

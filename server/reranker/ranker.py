@@ -1,0 +1,107 @@
+"""One request's path from texts to scores: split, cache, de-duplicate, admit, batch.
+
+The routes speak the dialects; this module does the work they share:
+documents -> pairs (chunks) -> cache look-up -> join identical pairs already in flight ->
+admission -> batcher -> scores (max over a document's chunks). Scores of new pairs are
+written to the cache by the batcher's completion hook, so a score is cached even when the
+request that asked for it has gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .admission import Admission
+from .backends import Backend, Pair
+from .batcher import Batcher, Job, Ticket
+from .cache import ScoreCache
+from .chunking import Split, split_documents
+from .errors import ClientGone, QueueTimeout
+from .metrics import Metrics
+
+
+@dataclass
+class Ranked:
+    raw: list[float]  # one raw score per document (max over its chunks)
+    tokens: int  # tokens of every pair of the request, as the model sees them
+
+
+class Ranker:
+    def __init__(self, *, backend: Backend, batcher: Batcher, cache: ScoreCache, admission: Admission,
+                 metrics: Metrics, queue_timeout: float, worker_timeout: float) -> None:
+        self.backend = backend
+        self.batcher = batcher
+        self.cache = cache
+        self.admission = admission
+        self.metrics = metrics
+        self.queue_timeout = queue_timeout
+        self.worker_timeout = worker_timeout
+        self.inflight: dict[str, Job] = {}
+        batcher.on_done = self._completed
+        self._fills: set[asyncio.Task[None]] = set()
+
+    def _completed(self, jobs: list[Job]) -> None:
+        done: dict[str, float] = {}
+        for job in jobs:
+            if self.inflight.get(job.key) is job:
+                del self.inflight[job.key]
+            if job.future.done() and not job.future.cancelled() and job.future.exception() is None:
+                done[job.key] = job.future.result()
+        if done:
+            task = asyncio.get_running_loop().create_task(self.cache.put_many(done))
+            self._fills.add(task)
+            task.add_done_callback(self._fills.discard)
+
+    async def rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket) -> Ranked:
+        self.admission.check_serving()
+        chunks = await asyncio.to_thread(split_documents, self.backend, query, documents, split)
+        pairs: list[Pair] = [(query, text) for doc_chunks in chunks for text in doc_chunks]
+        keys = [self.cache.key(pair) for pair in pairs]
+        scores = await self.cache.get_many(keys)
+
+        unique_missing = [k for k in dict.fromkeys(keys) if k not in scores]
+        pair_of = dict(zip(keys, pairs))
+        waiting: dict[str, Job] = {}
+        new_keys: list[str] = []
+        for key in unique_missing:
+            job = self.inflight.get(key)
+            if job is not None and not job.cancelled:
+                waiting[key] = job
+                self.metrics.dedup.labels(scope="local").inc()
+            else:
+                new_keys.append(key)
+        lengths = await asyncio.to_thread(self.backend.pair_lengths, pairs)
+        length_of = dict(zip(keys, lengths))
+        if new_keys:
+            self.admission.admit(len(new_keys))
+            loop = asyncio.get_running_loop()
+            jobs = [Job(pair=pair_of[k], key=k, tokens=length_of[k], future=loop.create_future()) for k in new_keys]
+            for job in jobs:
+                self.inflight[job.key] = job
+                waiting[job.key] = job
+            self.batcher.submit(jobs)
+        for job in waiting.values():
+            ticket.track(job)
+
+        if waiting:
+            try:
+                await asyncio.wait_for(ticket.all_started.wait(), self.queue_timeout)
+            except TimeoutError:
+                ticket.cancel()
+                self.metrics.rejected.labels(reason="queue_timeout").inc()
+                raise QueueTimeout(
+                    f"waited more than RERANKER_QUEUE_TIMEOUT={self.queue_timeout:g}s for the model",
+                    retry_after=self.admission.retry_after()) from None
+            if ticket.cancelled:
+                raise ClientGone()
+            results = await asyncio.gather(*(job.future for job in waiting.values()))
+            scores.update(zip(waiting.keys(), results))
+
+        raw: list[float] = []
+        cursor = 0
+        for doc_chunks in chunks:
+            raw.append(max(scores[k] for k in keys[cursor: cursor + len(doc_chunks)]))
+            cursor += len(doc_chunks)
+        return Ranked(raw=raw, tokens=sum(lengths))

@@ -1,0 +1,265 @@
+"""HTTP routes: the dialects (native, TEI, Cohere v1/Jina, Cohere v2) and the probes.
+
+Each rerank route parses its dialect, hands the texts to the `Ranker`, and shapes the
+answer the way that dialect's clients expect. Bodies are parsed here rather than by FastAPI's
+body injection so that one limit (413), one JSON error (400) and one validation error shape
+(422, naming the field) hold for every route; the OpenAPI schema is declared explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from . import activation
+from .batcher import Ticket
+from .chunking import Split
+from .errors import ClientGone, InvalidJSON, InvalidRequest, PayloadTooLarge, Unauthorized
+from .runtime import Runtime
+from .schemas import (NativeRerankRequest, NativeRerankResponse, TEIRerankRequest, TEIResult,
+                      V1RerankRequest, V1RerankResponse, V2RerankRequest, V2RerankResponse)
+
+router = APIRouter()
+M = TypeVar("M", bound=BaseModel)
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def _openapi(*models: type[BaseModel]) -> dict[str, Any]:
+    schemas = [m.model_json_schema(ref_template="#/components/schemas/{model}") for m in models]
+    schema: dict[str, Any] = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit} (RERANKER_MAX_BODY_BYTES)")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes (RERANKER_MAX_BODY_BYTES)")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _is_type_tag(part: object) -> bool:
+    """pydantic puts union member names ('str', 'dict[str,any]') in error locations; users don't need them."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "(" in part)
+
+
+def _validate(model: type[M], data: Any) -> M:
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            loc = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p))
+            problems.append(f"{loc or 'body'}: {err['msg']}")
+        raise InvalidRequest("; ".join(dict.fromkeys(problems))) from None
+
+
+def _authorize(request: Request, runtime: Runtime) -> None:
+    keys = runtime.api_keys
+    if not keys:
+        return  # no keys configured: any bearer token (the Cohere SDK always sends one) is accepted
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or token.strip() not in keys:
+        raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+
+
+def _check_count(runtime: Runtime, n: int, field: str) -> None:
+    limit = runtime.settings.max_documents
+    if n > limit:
+        raise InvalidRequest(f"{field}: {n} documents, more than the limit of {limit} (RERANKER_MAX_DOCUMENTS)")
+
+
+async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
+    """The body is read; the next ASGI message can only be the client going away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            dropped = ticket.cancel()
+            request.app.state.runtime.metrics.rejected.labels(reason="client_gone").inc()
+            request.app.state.runtime.dropped_pairs += dropped
+            return
+
+
+async def _rank(request: Request, runtime: Runtime, query: str, texts: Sequence[str], split: Split) -> tuple[list[float], int]:
+    ticket = Ticket()
+    watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, ticket))
+    try:
+        runtime.admission.check_serving()
+        assert runtime.ranker is not None  # ready implies loaded
+        with runtime.admission.request():
+            ranked = await runtime.ranker.rank(query, texts, split=split, ticket=ticket)
+    finally:
+        watcher.cancel()
+    return ranked.raw, ranked.tokens
+
+
+def _order(scores: list[float], top: int | None) -> list[int]:
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return order[:top] if top is not None else order
+
+
+def _timing_headers(started: float) -> dict[str, str]:
+    return {"x-compute-time": f"{(time.perf_counter() - started) * 1000:.2f}"}
+
+
+def _activate(runtime: Runtime, raw: list[float], raw_scores: bool) -> list[float]:
+    if raw_scores:
+        return raw
+    return [activation.apply(r, runtime.backend_info.activation) for r in raw]
+
+
+async def _guarded(handler: Callable[[], Any]) -> Any:
+    try:
+        return await handler()
+    except ClientGone:
+        return Response(status_code=499)
+
+
+@router.post("/rerank", openapi_extra=_openapi(NativeRerankRequest, TEIRerankRequest), tags=["rerank"],
+             summary="Rerank (native shape; TEI shape when the body has `texts`)")
+async def rerank(request: Request) -> Any:
+    runtime = _runtime(request)
+    _authorize(request, runtime)
+    data = await _read_json(request, runtime.settings.max_body_bytes)
+    started = time.perf_counter()
+    if isinstance(data, dict) and "texts" in data:
+        tei = _validate(TEIRerankRequest, data)
+        _check_count(runtime, len(tei.texts), "texts")
+        split = Split(truncate=tei.truncate is not False, left=tei.truncation_direction.lower() == "left", field="texts")
+
+        async def tei_answer() -> Any:
+            raw, _ = await _rank(request, runtime, tei.query, tei.texts, split)
+            scores = _activate(runtime, raw, tei.raw_scores)
+            body = [TEIResult(index=i, score=scores[i], text=tei.texts[i] if tei.return_text else None)
+                    .model_dump(exclude_none=True) for i in _order(scores, None)]
+            return JSONResponse(body, headers=_timing_headers(started))
+        return await _guarded(tei_answer)
+
+    native = _validate(NativeRerankRequest, data)
+    _check_count(runtime, len(native.documents), "documents")
+
+    async def native_answer() -> Any:
+        raw, _ = await _rank(request, runtime, native.query, native.documents, Split())
+        scores = _activate(runtime, raw, native.raw_scores)
+        results = [{"index": i, "document": native.documents[i] if native.return_documents else None, "score": scores[i]}
+                   for i in _order(scores, native.top_k)]
+        body = NativeRerankResponse(results=results, model=runtime.backend_info.model,  # type: ignore[arg-type]
+                                    processing_time_ms=round((time.perf_counter() - started) * 1000, 3))
+        return JSONResponse(body.model_dump(), headers=_timing_headers(started))
+    return await _guarded(native_answer)
+
+
+def _rank_text(doc: str | dict[str, Any], fields: list[str], i: int) -> str:
+    if isinstance(doc, str):
+        return doc
+    values = []
+    for name in fields:
+        if name not in doc:
+            raise InvalidRequest(f"documents.{i}: missing rank field {name!r} (rank_fields={fields})")
+        value = doc[name]
+        if not isinstance(value, str):
+            raise InvalidRequest(f"documents.{i}.{name}: rank fields must be strings")
+        values.append(value)
+    if len(fields) == 1:
+        return values[0]
+    return "\n".join(f"{name}: {value}" for name, value in zip(fields, values))
+
+
+@router.post("/v1/rerank", openapi_extra=_openapi(V1RerankRequest), tags=["rerank"],
+             summary="Rerank (Cohere v1 and Jina)", response_model=V1RerankResponse)
+async def rerank_v1(request: Request) -> Any:
+    runtime = _runtime(request)
+    _authorize(request, runtime)
+    req = _validate(V1RerankRequest, await _read_json(request, runtime.settings.max_body_bytes))
+    _check_count(runtime, len(req.documents), "documents")
+    fields = req.rank_fields or ["text"]
+    texts = [_rank_text(doc, fields, i) for i, doc in enumerate(req.documents)]
+
+    async def answer() -> Any:
+        raw, tokens = await _rank(request, runtime, req.query, texts,
+                                  Split(max_chunks=req.max_chunks_per_doc))
+        scores = _activate(runtime, raw, req.raw_scores)
+        results = []
+        for i in _order(scores, req.top_n):
+            item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+            if req.return_documents:
+                doc = req.documents[i]
+                item["document"] = {"text": doc} if isinstance(doc, str) else doc
+            results.append(item)
+        return {"id": str(uuid.uuid4()), "results": results, "model": req.model or runtime.backend_info.model,
+                "usage": {"total_tokens": tokens},
+                "meta": {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}}}
+    return await _guarded(answer)
+
+
+@router.post("/v2/rerank", openapi_extra=_openapi(V2RerankRequest), tags=["rerank"],
+             summary="Rerank (Cohere v2)", response_model=V2RerankResponse, response_model_exclude_none=True)
+async def rerank_v2(request: Request) -> Any:
+    runtime = _runtime(request)
+    _authorize(request, runtime)
+    req = _validate(V2RerankRequest, await _read_json(request, runtime.settings.max_body_bytes))
+    _check_count(runtime, len(req.documents), "documents")
+
+    async def answer() -> Any:
+        raw, _ = await _rank(request, runtime, req.query, req.documents,
+                             Split(max_doc_tokens=req.max_tokens_per_doc))
+        scores = _activate(runtime, raw, False)
+        results = []
+        for i in _order(scores, req.top_n):
+            item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+            if req.return_documents:
+                item["document"] = {"text": req.documents[i]}
+            results.append(item)
+        return {"id": str(uuid.uuid4()), "results": results,
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
+    return await _guarded(answer)
+
+
+@router.get("/health", tags=["probes"], summary="Liveness and stats")
+async def health(request: Request) -> Any:
+    runtime = _runtime(request)
+    return runtime.health()
+
+
+@router.get("/ready", tags=["probes"], summary="Readiness: 200 once warm, 503 while loading or draining")
+async def ready(request: Request) -> Any:
+    runtime = _runtime(request)
+    if runtime.admission.ready and not runtime.admission.draining:
+        return {"ready": True}
+    reason = "draining" if runtime.admission.draining else ("error" if runtime.load_error else "loading")
+    return JSONResponse({"ready": False, "reason": reason, "message": runtime.load_error or reason},
+                        status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/metrics", tags=["probes"], summary="Prometheus text; the JSON summary with Accept: application/json")
+async def metrics(request: Request) -> Response:
+    runtime = _runtime(request)
+    if "application/json" in request.headers.get("accept", ""):
+        return JSONResponse({**runtime.metrics.summary(), "controller": runtime.admission.controller()})
+    return PlainTextResponse(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)

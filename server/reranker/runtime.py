@@ -1,0 +1,122 @@
+"""Everything one server process owns, built from the settings: the lifespan's state.
+
+Loading the model can take minutes (hub download, torch.compile), so it runs in the
+background: /health answers at once ("loading"), /ready and the rerank routes answer 503
+until the model is loaded and warm. The batcher, cache and ranker exist only once the
+backend does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from . import __version__
+from .admission import Admission
+from .backends import Backend, BackendInfo, load_backend
+from .batcher import Batcher
+from .cache import RemoteTier, ScoreCache
+from .metrics import Metrics
+from .ranker import Ranker
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_PENDING_INFO = BackendInfo(model="", revision="", kind="cross-encoder", backend="", device="", dtype="",
+                            max_length=0, activation="sigmoid")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, *, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.api_keys = settings.resolved_api_keys()
+        self.backend: Backend | None = backend
+        self.load_error: str | None = None
+        self.remote: RemoteTier | None = None
+        self.batcher: Batcher | None = None
+        self.cache: ScoreCache | None = None
+        self.ranker: Ranker | None = None
+        self.admission = Admission(metrics=self.metrics, max_queue=settings.max_queue, max_parallel=settings.max_parallel)
+        self.dropped_pairs = 0
+        self.loaded = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def backend_info(self) -> BackendInfo:
+        return self.backend.info if self.backend is not None else _PENDING_INFO
+
+    async def start(self) -> None:
+        """Start loading in the background; returns at once."""
+        self._tasks.append(asyncio.get_running_loop().create_task(self._load(), name="load-model"))
+
+    async def _load(self) -> None:
+        started = time.monotonic()
+        try:
+            if self.backend is None:
+                self.backend = await asyncio.to_thread(load_backend, self.settings)
+            info = self.backend.info
+            self.metrics.model_info.labels(model=info.model, backend=info.backend, device=info.device, dtype=info.dtype).set(1)
+            self._build_engine(self.backend)
+            if self.settings.warmup_on_start:
+                await asyncio.to_thread(self.backend.warmup)
+        except Exception as exc:  # a failed load must show in /health and /ready, not kill the loop silently
+            self.load_error = f"{exc.__class__.__name__}: {exc}"
+            log.error("model load failed: %s", self.load_error)
+            return
+        self.admission.ready = True
+        self.loaded.set()
+        log.info("serving %s (%s on %s, %s, max_length %d) after %.1fs", info.model, info.backend, info.device,
+                 info.dtype, info.max_length, time.monotonic() - started)
+
+    def _build_engine(self, backend: Backend) -> None:
+        s = self.settings
+        self.batcher = Batcher(
+            backend, self.metrics, batch_size=s.batch_size, max_batch_tokens=s.max_batch_tokens,
+            window_ms=s.micro_batch_window_ms if s.micro_batch_enabled else 0.0, max_parallel=s.max_parallel,
+            worker_timeout=s.worker_timeout, max_retries=s.max_retries,
+        )
+        self.cache = ScoreCache(fingerprint=backend.info.fingerprint, size=s.cache_size, ttl=s.cache_ttl_seconds,
+                                metrics=self.metrics, enabled=s.enable_prediction_cache, remote=self.remote)
+        self.admission.batcher = self.batcher
+        self.ranker = Ranker(backend=backend, batcher=self.batcher, cache=self.cache, admission=self.admission,
+                             metrics=self.metrics, queue_timeout=s.queue_timeout, worker_timeout=s.worker_timeout)
+        self.batcher.start()
+        if s.clear_cache_interval > 0:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._clear_cache_every(s.clear_cache_interval)))
+
+    async def _clear_cache_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            if self.cache is not None:
+                self.cache.clear()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.backend is not None:
+            self.backend.close()
+
+    def health(self) -> dict[str, Any]:
+        if self.load_error:
+            status = "error"
+        elif self.admission.draining:
+            status = "draining"
+        elif not self.admission.ready:
+            status = "loading"
+        else:
+            status = "healthy"
+        info = self.backend.info.as_dict() if self.backend is not None else None
+        return {
+            "status": status,
+            "version": __version__,
+            "model": info,
+            "controller": self.admission.controller(),
+            "cache": {"enabled": self.settings.enable_prediction_cache, "local_entries": len(self.cache) if self.cache else 0,
+                      "redis": self.settings.redis_enabled},
+            "error": self.load_error,
+        }

