@@ -1,0 +1,179 @@
+"""The Kopf handlers: thin entry points that all run one `Reconciler.reconcile` pass.
+
+- create / update / resume of a RerankerDeployment: a thorough pass; an invalid spec becomes
+  `kopf.PermanentError` (reported as Degraded, not retried), an API hiccup a `TemporaryError`.
+- an event of any child (ConfigMap, Deployment, Service, HPA, PDB): a pass for its owner, so a
+  deleted or edited child is restored at once and the Deployment's progress reaches the status.
+- a resync timer: a thorough pass now and then, as a backstop behind the watch streams.
+
+The live state comes from Kopf indices (in-memory, fed by the watch streams), so a pass reads
+nothing from the API server and an idle operator makes no requests beyond its watches.
+Importing this module registers the handlers (`kopf run -m reranker_operator.handlers`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from reranker import contract
+from reranker_operator import manifests
+from reranker_operator.kube import Kube, load_config
+from reranker_operator.reconcile import ChildKey, Outcome, OwnerKey, Reconciler, owner_key, owner_of
+from reranker_operator.settings import OperatorConfig, configure_kopf
+
+RRD = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL_DEPLOYMENT)
+MANAGED = {manifests.LABEL_MANAGED_BY: manifests.OPERATOR_NAME}
+CONFIG = OperatorConfig.from_env()  # the timer's interval is fixed at import
+
+
+def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A private copy: Kopf's bodies are views that later events replace."""
+    return copy.deepcopy(dict(body))
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger,
+            **_: Any) -> None:
+    configure_kopf(settings)
+    config = getattr(memo, "config", None) or CONFIG
+    kube = Kube(load_config())
+    memo.kube = kube
+    memo.reconciler = Reconciler(kube, config.defaults())
+    logger.info("reranker-operator: %r, resync every %ss", config.defaults(),
+                config.resync_seconds)
+
+
+@kopf.on.probe(id="api_writes")
+def api_writes(memo: kopf.Memo, **_: Any) -> int:
+    """Writes the reconciler has sent (the liveness endpoint shows it; idle means constant)."""
+    return int(memo.kube.writes)
+
+
+# --- indices: the in-memory view of the RerankerDeployments and their children --------------
+
+@kopf.index(*RRD)
+def rerankers(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[OwnerKey, Any]:
+    return {(namespace, name): _snapshot(body)}
+
+
+def _child(body: kopf.Body, api_version: str, kind: str) -> dict[OwnerKey, Any] | None:
+    key = owner_of(body)
+    if key is None:
+        return None
+    return {key: {**_snapshot(body), "apiVersion": api_version, "kind": kind}}
+
+
+@kopf.index("v1", "configmaps", labels=MANAGED)
+def reranker_configmaps(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
+    return _child(body, "v1", "ConfigMap")
+
+
+@kopf.index("v1", "services", labels=MANAGED)
+def reranker_services(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
+    return _child(body, "v1", "Service")
+
+
+@kopf.index("apps", "v1", "deployments", labels=MANAGED)
+def reranker_deployments(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
+    return _child(body, "apps/v1", "Deployment")
+
+
+@kopf.index("autoscaling", "v2", "horizontalpodautoscalers", labels=MANAGED)
+def reranker_hpas(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
+    return _child(body, "autoscaling/v2", "HorizontalPodAutoscaler")
+
+
+@kopf.index("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
+def reranker_pdbs(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
+    return _child(body, "policy/v1", "PodDisruptionBudget")
+
+
+CHILD_INDICES = ("reranker_configmaps", "reranker_services", "reranker_deployments",
+                 "reranker_hpas", "reranker_pdbs")
+
+
+def _live(key: OwnerKey, indices: Mapping[str, Any]) -> dict[ChildKey, Mapping[str, Any]]:
+    live: dict[ChildKey, Mapping[str, Any]] = {}
+    for index_name in CHILD_INDICES:
+        for child in indices[index_name].get(key, ()):
+            live[(child["kind"], child["metadata"]["name"])] = child
+    return live
+
+
+def _raise_for(outcome: Outcome) -> None:
+    permanent = outcome.permanent
+    if permanent is not None:
+        raise kopf.PermanentError(permanent.message)
+    if outcome.retry is not None:
+        raise kopf.TemporaryError(outcome.retry, delay=10)
+
+
+# --- the RerankerDeployment itself ----------------------------------------------------------
+
+@kopf.on.resume(*RRD)
+@kopf.on.create(*RRD)
+@kopf.on.update(*RRD)
+async def reconcile_reranker(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    owner = _snapshot(body)
+    outcome = await memo.reconciler.reconcile(owner, _live(owner_key(owner), kwargs),
+                                              thorough=True)
+    _raise_for(outcome)
+
+
+@kopf.timer(*RRD, interval=CONFIG.resync_seconds, initial_delay=CONFIG.resync_seconds)
+async def resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+                 **kwargs: Any) -> None:
+    owner = _snapshot(body)
+    outcome = await memo.reconciler.reconcile(owner, _live(owner_key(owner), kwargs),
+                                              thorough=True)
+    if outcome.writes:
+        logger.info("resync repaired: %s", ", ".join(
+            outcome.created + outcome.updated + outcome.deleted) or "status")
+
+
+@kopf.on.event(*RRD)
+def forget_deleted(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED":
+        memo.reconciler.forget(body.metadata.uid)
+
+
+# --- children: any change (or deletion) re-runs the owner's pass ----------------------------
+
+async def _child_changed(body: kopf.Body, memo: kopf.Memo, indices: Mapping[str, Any]) -> None:
+    key = owner_of(body)
+    if key is None:
+        return
+    owner = next(iter(indices["rerankers"].get(key, ())), None)
+    if owner is None:
+        return  # the owner is gone: garbage collection handles its children
+    await memo.reconciler.reconcile(owner, _live(key, indices))
+
+
+@kopf.on.event("v1", "configmaps", labels=MANAGED)
+async def configmap_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    await _child_changed(body, memo, kwargs)
+
+
+@kopf.on.event("v1", "services", labels=MANAGED)
+async def service_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    await _child_changed(body, memo, kwargs)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
+async def deployment_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    await _child_changed(body, memo, kwargs)
+
+
+@kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers", labels=MANAGED)
+async def hpa_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    await _child_changed(body, memo, kwargs)
+
+
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
+async def pdb_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    await _child_changed(body, memo, kwargs)

@@ -1,0 +1,164 @@
+"""The Kubernetes API calls the operator makes, and nothing else.
+
+Reads come from Kopf's watch streams (indices), so the calls here are almost all writes:
+server-side apply of a child, delete of a child, a merge patch of the status subresource.
+Bodies are plain dicts in and out: the builders produce dicts and the comparison reads dicts,
+so the typed models of the kubernetes client would only add conversions. The client's
+`ApiClient` still does the authentication (kubeconfig, in-cluster token, exec plugins).
+
+Blocking (urllib3): call these from a worker thread, never from the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from reranker import contract
+
+logger = logging.getLogger(__name__)
+
+FIELD_MANAGER = "reranker-operator"
+APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
+MERGE_PATCH = "application/merge-patch+json"
+
+#: (apiVersion, kind) -> (path prefix, plural) of every kind the operator writes.
+RESOURCES: Mapping[tuple[str, str], tuple[str, str]] = {
+    ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
+    ("v1", "Service"): ("/api/v1", "services"),
+    ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2",
+                                                    "horizontalpodautoscalers"),
+    ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): ("/apis/monitoring.coreos.com/v1",
+                                                     "servicemonitors"),
+    (f"{contract.API_GROUP}/{contract.API_VERSION}", contract.KIND_DEPLOYMENT): (
+        f"/apis/{contract.API_GROUP}/{contract.API_VERSION}", contract.PLURAL_DEPLOYMENT),
+}
+
+
+def load_config() -> kubernetes.client.ApiClient:
+    """In a pod: its ServiceAccount; elsewhere: $KUBECONFIG or ~/.kube/config."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    return kubernetes.client.ApiClient(configuration)
+
+
+def _path(api_version: str, kind: str, namespace: str, name: str | None = None,
+          subresource: str | None = None) -> str:
+    try:
+        prefix, plural = RESOURCES[(api_version, kind)]
+    except KeyError:
+        raise ValueError(f"the operator does not manage {kind} ({api_version})") from None
+    path = f"{prefix}/namespaces/{namespace}/{plural}"
+    if name is not None:
+        path += f"/{name}"
+    if subresource is not None:
+        path += f"/{subresource}"
+    return path
+
+
+class Kube:
+    """A thin, dict-based client over `kubernetes.client.ApiClient`."""
+
+    def __init__(self, api: kubernetes.client.ApiClient, *, timeout: float = 30.0) -> None:
+        self.api = api
+        self.timeout = timeout
+        #: Write requests sent (apply, delete, status patch): the idle operator keeps it at 0.
+        self.writes = 0
+
+    def _request(self, method: str, path: str, *, query: list[tuple[str, str]] | None = None,
+                 body: Any = None, content_type: str | None = None) -> Any:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        if method != "GET":
+            self.writes += 1
+        method, url, headers, body, _ = self.api.param_serialize(
+            method=method, resource_path=path, query_params=query or [],
+            header_params=headers, body=body, auth_settings=["BearerToken"])
+        response = self.api.call_api(method, url, header_params=headers, body=body,
+                                     _request_timeout=self.timeout)
+        data = response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(http_resp=response)
+        return json.loads(data) if data else None
+
+    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply (creates or updates; takes back fields someone else changed)."""
+        meta = obj["metadata"]
+        path = _path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        result: dict[str, Any] = self._request(
+            "PATCH", path, body=dict(obj), content_type=APPLY_CONTENT_TYPE,
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")])
+        return result
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str
+            ) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = self._request("GET", _path(api_version, kind, namespace, name))
+            return result
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        try:
+            self._request("DELETE", _path(api_version, kind, namespace, name),
+                          body={"propagationPolicy": "Background"})
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        api_version = f"{contract.API_GROUP}/{contract.API_VERSION}"
+        path = _path(api_version, contract.KIND_DEPLOYMENT, namespace, name, "status")
+        self._request("PATCH", path, body={"status": dict(patch)}, content_type=MERGE_PATCH)
+
+    def serves(self, group_version: str, plural: str) -> bool:
+        """Whether the API server serves a resource (discovery: no RBAC needed)."""
+        try:
+            doc = self._request("GET", f"/apis/{group_version}")
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return any(r.get("name") == plural for r in (doc or {}).get("resources", ()))
+
+
+class Discovery:
+    """Caches `Kube.serves` so that the reconciler does not ask on every pass."""
+
+    def __init__(self, kube: Kube, *, ttl: float = 60.0) -> None:
+        self.kube = kube
+        self.ttl = ttl
+        self._cache: dict[tuple[str, str], tuple[bool, float]] = {}
+
+    def serves(self, group_version: str, plural: str) -> bool:
+        key = (group_version, plural)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        served = self.kube.serves(group_version, plural)
+        self._cache[key] = (served, now + self.ttl)
+        return served
+
+
+def error_message(error: ApiException) -> str:
+    """The API server's own message (a Status object), else the HTTP reason."""
+    try:
+        body = json.loads(error.body or "")
+        return str(body.get("message") or error.reason)
+    except (ValueError, AttributeError):
+        return f"{error.status} {error.reason}"

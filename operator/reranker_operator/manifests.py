@@ -1,0 +1,490 @@
+"""Pure builders: every child object of a RerankerDeployment, from its spec.
+
+No API calls and no clock here: the same owner and `Defaults` give the same manifests, so the
+reconciler can compare them with the live objects and write only what differs, and the unit
+tests can check each field without a cluster. Children are adopted (`kopf.adopt`): owner
+reference for garbage collection, namespace, and the owner's labels.
+
+Settings reach the server as environment variables named by the server's contract
+(`reranker.contract.ENV_VARS`): the ConfigMap holds them, and the pod template lists each one
+(`valueFrom.configMapKeyRef`) so `kubectl describe` shows what a pod runs with. A hash of the
+settings on the pod template makes a settings change roll the pods. Secrets (REDIS_URL,
+RERANKER_API_KEYS) never go through the ConfigMap: they are `secretKeyRef`s.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from reranker import contract
+from reranker_operator.spec import RerankerSpec
+
+Manifest = dict[str, Any]
+
+OPERATOR_NAME = "reranker-operator"
+APP_NAME = "reranker"
+API_VERSION = f"{contract.API_GROUP}/{contract.API_VERSION}"
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_VERSION = "app.kubernetes.io/version"
+
+ANNOTATION_CONFIG_HASH = f"{contract.API_GROUP}/config-hash"
+
+CONTAINER_NAME = "reranker"
+PORT_NAME = "http"
+PRESTOP_SLEEP_SECONDS = 5
+#: Added to preStop + drain so the kubelet's SIGKILL never cuts a drain short.
+GRACE_MARGIN_SECONDS = 15
+CACHE_MOUNT = "/cache"
+HF_HOME = f"{CACHE_MOUNT}/huggingface"
+MODELS_MOUNT = "/models"
+REDIS_PORT = 6379
+GPU_RESOURCE = "nvidia.com/gpu"
+UNPRIVILEGED_UID = 10001
+REDIS_UID = 999  # the `redis` user of the official images
+
+#: Settings the operator renders, each a name from the server's env contract. HF_HOME is
+#: Hugging Face's own variable (where models are cached), not the server's.
+SECRET_ENV = ("REDIS_URL", "RERANKER_API_KEYS")
+_FOREIGN_ENV = ("HF_HOME",)
+
+
+class Defaults:
+    """Operator-wide values a spec may leave unset (from the operator's settings)."""
+
+    def __init__(self, *, server_image: str, redis_image: str) -> None:
+        self.server_image = server_image
+        self.redis_image = redis_image
+
+    def __repr__(self) -> str:
+        return f"Defaults(server_image={self.server_image!r}, redis_image={self.redis_image!r})"
+
+
+# --- names and labels -------------------------------------------------------------------------
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def redis_name(name: str) -> str:
+    return f"{name}-redis"
+
+
+def selector_labels(name: str, component: str = "server") -> dict[str, str]:
+    """The immutable labels that select one component's pods."""
+    return {LABEL_NAME: APP_NAME, LABEL_INSTANCE: name, LABEL_COMPONENT: component}
+
+
+def labels(name: str, component: str = "server") -> dict[str, str]:
+    return {**selector_labels(name, component), LABEL_MANAGED_BY: OPERATOR_NAME,
+            LABEL_PART_OF: "reranker-fleet"}
+
+
+def selector_string(name: str) -> str:
+    """The server pods' selector as a string, as the scale subresource wants it."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(name).items()))
+
+
+def service_url(name: str, namespace: str, port: int) -> str:
+    return f"http://{name}.{namespace}.svc:{port}"
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+def _fmt(value: Any) -> str:
+    """Env values are strings: booleans as true/false, 2.0 as 2."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def server_settings(spec: RerankerSpec) -> dict[str, str]:
+    """The ConfigMap data: every server setting the spec decides, by env var name.
+
+    Unset tunables are left out so the server's own defaults apply.
+    """
+    m, p, c = spec.model, spec.parallelism, spec.cache
+    local_path = m.local_path
+    if m.pvc_claim:
+        local_path = f"{MODELS_MOUNT}/{m.pvc_path.strip('/')}" if m.pvc_path else MODELS_MOUNT
+    candidates: dict[str, Any] = {
+        "RERANKER_MODEL": m.id,
+        "RERANKER_MODEL_REVISION": m.revision,
+        "RERANKER_MODEL_KIND": m.kind,
+        "RERANKER_LOCAL_MODEL_PATH": local_path,
+        "RERANKER_MAX_LENGTH": m.max_length,
+        "RERANKER_DEVICE": spec.device,
+        "RERANKER_QUANTIZATION": spec.quantization,
+        "RERANKER_MAX_PARALLEL": p.max_parallel,
+        "RERANKER_MAX_QUEUE": p.max_queue,
+        "RERANKER_QUEUE_TIMEOUT": p.queue_timeout_seconds,
+        "RERANKER_BATCH_SIZE": p.batch_size,
+        "MICRO_BATCH_ENABLED": p.micro_batching_enabled,
+        "MICRO_BATCH_WINDOW_MS": p.micro_batching_window_ms,
+        "ENABLE_PREDICTION_CACHE": c.enabled,
+        "CACHE_TTL_SECONDS": c.ttl_seconds,
+        "REDIS_ENABLED": c.redis_enabled,
+        "RERANKER_DRAIN_SECONDS": spec.drain_seconds,
+        "HOST": "0.0.0.0",
+        "PORT": contract.DEFAULT_PORT,
+        "LOG_LEVEL": spec.log_level,
+        "HF_HOME": HF_HOME,
+    }
+    return {k: _fmt(v) for k, v in candidates.items() if v is not None}
+
+
+def _secret_env(name: str, spec: RerankerSpec) -> list[Manifest]:
+    env: list[Manifest] = []
+    if spec.cache.redis_url_secret is not None:
+        ref = spec.cache.redis_url_secret
+        env.append({"name": "REDIS_URL",
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    elif spec.cache.managed_redis.enabled:
+        env.append({"name": "REDIS_URL", "value": f"redis://{redis_name(name)}:{REDIS_PORT}/0"})
+    if spec.api_key_secret is not None:
+        ref = spec.api_key_secret
+        env.append({"name": "RERANKER_API_KEYS",
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return env
+
+
+def container_env(name: str, spec: RerankerSpec) -> list[Manifest]:
+    """Settings (from the ConfigMap), secrets, then the user's extra env, which wins by name."""
+    cm = config_map_name(name)
+    env: list[Manifest] = [
+        {"name": key, "valueFrom": {"configMapKeyRef": {"name": cm, "key": key}}}
+        for key in server_settings(spec)
+    ]
+    env += _secret_env(name, spec)
+    extra = {str(var["name"]): copy.deepcopy(dict(var)) for var in spec.env}
+    env = [extra.pop(var["name"], var) for var in env]
+    return env + list(extra.values())
+
+
+def config_hash(name: str, spec: RerankerSpec) -> str:
+    """Changes whenever what the server process would see changes (settings, secret refs,
+    extra env), so that the pods roll. A Secret's content is not included: rotate keys with
+    `kubectl rollout restart`."""
+    payload = {"settings": server_settings(spec), "env": container_env(name, spec)}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --- children ---------------------------------------------------------------------------------
+
+def _child_meta(owner_name: str, child_name: str, component: str = "server") -> Manifest:
+    return {"name": child_name, "labels": labels(owner_name, component)}
+
+
+def config_map(name: str, spec: RerankerSpec) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _child_meta(name, config_map_name(name)),
+        "data": server_settings(spec),
+    }
+
+
+def _resources(spec: RerankerSpec) -> Manifest:
+    resources: Manifest = {k: dict(v) for k, v in (spec.resources or {}).items() if v}
+    if spec.device == "cuda":
+        gpus = spec.gpus or 1
+        resources.setdefault("limits", {}).setdefault(GPU_RESOURCE, gpus)
+        # Extended resources must have requests == limits when both are given.
+        if GPU_RESOURCE in resources.get("requests", {}):
+            resources["requests"][GPU_RESOURCE] = resources["limits"][GPU_RESOURCE]
+    return resources
+
+
+def _tolerations(spec: RerankerSpec) -> list[Manifest]:
+    tolerations = [dict(t) for t in spec.tolerations]
+    if spec.device == "cuda" and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+        # GPU node pools are commonly tainted nvidia.com/gpu:NoSchedule.
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def _spread(name: str, spec: RerankerSpec) -> list[Manifest]:
+    out = []
+    for constraint in spec.topology_spread_constraints:
+        c = copy.deepcopy(dict(constraint))
+        c.setdefault("labelSelector", {"matchLabels": selector_labels(name)})
+        out.append(c)
+    return out
+
+
+def _probe(path: str, *, period: int, failures: int) -> Manifest:
+    return {"httpGet": {"path": path, "port": PORT_NAME}, "periodSeconds": period,
+            "timeoutSeconds": 5, "failureThreshold": failures}
+
+
+def _restricted_container_security() -> Manifest:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+
+
+def server_container(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
+    mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"},
+                              {"name": "model-cache", "mountPath": CACHE_MOUNT}]
+    if spec.model.pvc_claim:
+        mounts.append({"name": "model", "mountPath": MODELS_MOUNT, "readOnly": True})
+    container: Manifest = {
+        "name": CONTAINER_NAME,
+        "image": spec.image or defaults.server_image,
+        "ports": [{"name": PORT_NAME, "containerPort": contract.DEFAULT_PORT, "protocol": "TCP"}],
+        "env": container_env(name, spec),
+        # Model download and warm-up can take minutes: the startup probe holds off liveness.
+        "startupProbe": _probe(contract.ROUTE_HEALTH, period=5, failures=120),
+        "livenessProbe": _probe(contract.ROUTE_HEALTH, period=10, failures=3),
+        "readinessProbe": _probe(contract.ROUTE_READY, period=5, failures=2),
+        # Keep serving while endpoints are removed, then SIGTERM starts the server's drain.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        "resources": _resources(spec),
+        "securityContext": _restricted_container_security(),
+        "volumeMounts": mounts,
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    return container
+
+
+def pod_template(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
+    cache_volume: Manifest = {"name": "model-cache", "emptyDir": {}}
+    if spec.model_cache_size_limit is not None:
+        cache_volume["emptyDir"] = {"sizeLimit": spec.model_cache_size_limit}
+    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}, cache_volume]
+    if spec.model.pvc_claim:
+        volumes.append({"name": "model", "persistentVolumeClaim": {
+            "claimName": spec.model.pvc_claim, "readOnly": True}})
+    pod_spec: Manifest = {
+        "containers": [server_container(name, spec, defaults)],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds":
+            PRESTOP_SLEEP_SECONDS + spec.drain_seconds + GRACE_MARGIN_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": UNPRIVILEGED_UID, "runAsGroup": UNPRIVILEGED_UID,
+            "fsGroup": UNPRIVILEGED_UID, "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        # The server never talks to the Kubernetes API.
+        "automountServiceAccountToken": False,
+    }
+    optional: dict[str, Any] = {
+        "nodeSelector": dict(spec.node_selector) if spec.node_selector else None,
+        "tolerations": _tolerations(spec) or None,
+        "affinity": copy.deepcopy(dict(spec.affinity)) if spec.affinity else None,
+        "topologySpreadConstraints": _spread(name, spec) or None,
+        "priorityClassName": spec.priority_class_name,
+        "serviceAccountName": spec.service_account_name,
+        "imagePullSecrets": [{"name": s} for s in spec.image_pull_secrets] or None,
+    }
+    pod_spec.update({k: v for k, v in optional.items() if v is not None})
+    return {
+        "metadata": {
+            "labels": {**(spec.pod_labels or {}), **labels(name)},
+            "annotations": {**(spec.pod_annotations or {}),
+                            ANNOTATION_CONFIG_HASH: config_hash(name, spec)},
+        },
+        "spec": pod_spec,
+    }
+
+
+def deployment(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _child_meta(name, name),
+        "spec": {
+            # Copied from the RerankerDeployment (the one writer: HPA or `kubectl scale`).
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(name)},
+            # A new pod must be ready (model loaded) before an old one goes.
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "revisionHistoryLimit": 3,
+            "template": pod_template(name, spec, defaults),
+        },
+    }
+
+
+def service(name: str, spec: RerankerSpec) -> Manifest:
+    meta = _child_meta(name, name)
+    if spec.service.annotations:
+        meta["annotations"] = dict(spec.service.annotations)
+    # A selector Service: the EndpointSlice controller adds the pods; external endpoints can
+    # later join through extra EndpointSlices labelled kubernetes.io/service-name=NAME with
+    # the operator's own endpointslice.kubernetes.io/managed-by value.
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "type": spec.service.type,
+            "selector": selector_labels(name),
+            "ports": [{"name": PORT_NAME, "port": spec.service.port, "targetPort": PORT_NAME,
+                       "protocol": "TCP"}],
+        },
+    }
+
+
+def _hpa_metric(spec: RerankerSpec) -> Manifest:
+    a = spec.autoscaling
+    if a.metric == "cpu":
+        return {"type": "Resource", "resource": {
+            "name": "cpu", "target": {"type": "Utilization",
+                                      "averageUtilization": a.effective_target}}}
+    metric = contract.METRIC_QUEUE_DEPTH if a.metric == "queueDepth" else contract.METRIC_INFLIGHT
+    return {"type": "Pods", "pods": {
+        "metric": {"name": metric},
+        "target": {"type": "AverageValue", "averageValue": str(a.effective_target)}}}
+
+
+def horizontal_pod_autoscaler(name: str, spec: RerankerSpec) -> Manifest:
+    a = spec.autoscaling
+    hpa_spec: Manifest = {
+        # The HPA scales the RerankerDeployment (its scale subresource), not the Deployment:
+        # the operator then copies spec.replicas down, so replicas have exactly one writer.
+        "scaleTargetRef": {"apiVersion": API_VERSION, "kind": contract.KIND_DEPLOYMENT,
+                           "name": name},
+        "minReplicas": a.min_replicas,
+        "maxReplicas": a.max_replicas,
+        "metrics": [_hpa_metric(spec)],
+    }
+    if a.behavior:
+        hpa_spec["behavior"] = copy.deepcopy(dict(a.behavior))
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _child_meta(name, name),
+        "spec": hpa_spec,
+    }
+
+
+def pod_disruption_budget(name: str, spec: RerankerSpec) -> Manifest:
+    budget: Manifest
+    if spec.pdb.min_available is not None:
+        budget = {"minAvailable": spec.pdb.min_available}
+    else:
+        budget = {"maxUnavailable": spec.pdb.max_unavailable
+                  if spec.pdb.max_unavailable is not None else 1}
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _child_meta(name, name),
+        "spec": {"selector": {"matchLabels": selector_labels(name)}, **budget},
+    }
+
+
+def service_monitor(name: str, spec: RerankerSpec) -> Manifest:
+    meta = _child_meta(name, name)
+    meta["labels"] = {**(spec.service_monitor.labels or {}), **meta["labels"]}
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": selector_labels(name)},
+            "endpoints": [{"port": PORT_NAME, "path": contract.ROUTE_METRICS,
+                           "interval": spec.service_monitor.interval}],
+        },
+    }
+
+
+def redis_deployment(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
+    r = spec.cache.managed_redis
+    rname = redis_name(name)
+    container: Manifest = {
+        "name": "redis",
+        "image": r.image or defaults.redis_image,
+        # A cache, not a database: no persistence, bounded memory, least-recently-used eviction.
+        "args": ["--save", "", "--appendonly", "no", "--maxmemory", r.max_memory,
+                 "--maxmemory-policy", "allkeys-lru"],
+        "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5},
+        "livenessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 10},
+        "resources": {k: dict(v) for k, v in (r.resources or {}).items() if v},
+        "securityContext": _restricted_container_security(),
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _child_meta(name, rname, "redis"),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector_labels(name, "redis")},
+            "revisionHistoryLimit": 3,
+            "template": {
+                "metadata": {"labels": labels(name, "redis")},
+                "spec": {
+                    "containers": [container],
+                    "volumes": [{"name": "data", "emptyDir": {}}],
+                    "securityContext": {
+                        "runAsNonRoot": True, "runAsUser": REDIS_UID, "runAsGroup": REDIS_UID,
+                        "fsGroup": REDIS_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "automountServiceAccountToken": False,
+                },
+            },
+        },
+    }
+
+
+def redis_service(name: str) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _child_meta(name, redis_name(name), "redis"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name, "redis"),
+            "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis",
+                       "protocol": "TCP"}],
+        },
+    }
+
+
+def children(owner: Mapping[str, Any], spec: RerankerSpec, defaults: Defaults) -> list[Manifest]:
+    """Every child the spec asks for, adopted by `owner` (the RerankerDeployment body).
+
+    The ServiceMonitor is included when asked for; the reconciler drops it when the
+    monitoring.coreos.com CRD is not installed (and says so in the status).
+    """
+    name = owner["metadata"]["name"]
+    objs = [config_map(name, spec), deployment(name, spec, defaults), service(name, spec)]
+    if spec.autoscaling.enabled:
+        objs.append(horizontal_pod_autoscaler(name, spec))
+    if spec.pdb.enabled:
+        objs.append(pod_disruption_budget(name, spec))
+    if spec.service_monitor.enabled:
+        objs.append(service_monitor(name, spec))
+    if spec.cache.managed_redis.enabled:
+        objs += [redis_deployment(name, spec, defaults), redis_service(name)]
+    kopf.adopt(objs, owner=_owner_view(owner))
+    return objs
+
+
+def _owner_view(owner: Mapping[str, Any]) -> kopf.Body:
+    """Only what adoption needs, so that fields like status never leak into children."""
+    meta = owner["metadata"]
+    return kopf.Body({
+        "apiVersion": owner.get("apiVersion", API_VERSION),
+        "kind": owner.get("kind", contract.KIND_DEPLOYMENT),
+        "metadata": {"name": meta["name"], "namespace": meta.get("namespace"),
+                     "uid": meta.get("uid"), "labels": dict(meta.get("labels") or {})},
+    })
+
+
+def settings_env_names() -> frozenset[str]:
+    """Names this module may render; all from the server's contract (checked by a test)."""
+    return frozenset(contract.ENV_VARS) | frozenset(_FOREIGN_ENV)

@@ -1,0 +1,340 @@
+"""One reconciliation pass for one RerankerDeployment: build, compare, apply, report.
+
+Every handler (create, update, resume, a child's event, the resync timer) ends here, so the
+operator has one behaviour however it was woken up. The pass is level-triggered and
+idempotent: it builds all desired children (`manifests`), compares each with the live object
+from Kopf's in-memory indices (`drift`), writes only the differences (server-side apply,
+delete), then writes the status only if it changed. An idle operator therefore makes no API
+writes, and a restart re-checks everything without touching anything.
+
+Passes for the same RerankerDeployment are serialised by a per-owner lock; the blocking API
+calls run in a worker thread so that the event loop keeps serving the watch streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from reranker import contract
+from reranker_operator import drift, manifests, status
+from reranker_operator.kube import Discovery, Kube, error_message
+from reranker_operator.spec import DEFAULT_SERVICE_PORT, InvalidSpec, RerankerSpec, parse
+
+logger = logging.getLogger(__name__)
+
+OwnerKey = tuple[str, str]  # (namespace, name) of a RerankerDeployment
+ChildKey = tuple[str, str]  # (kind, name) of a child
+Live = Mapping[ChildKey, Mapping[str, Any]]
+
+SERVICE_MONITOR = ("monitoring.coreos.com/v1", "ServiceMonitor")
+SERVICE_MONITOR_GV, SERVICE_MONITOR_PLURAL = "monitoring.coreos.com/v1", "servicemonitors"
+
+#: Problems that another attempt with the same spec cannot fix (no retry loop).
+PERMANENT_REASONS = frozenset({"InvalidSpec", "ChildRejected"})
+
+
+def utcnow() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def owner_key(owner: Mapping[str, Any]) -> OwnerKey:
+    meta = owner["metadata"]
+    return (str(meta.get("namespace")), str(meta["name"]))
+
+
+def owner_of(child: Mapping[str, Any]) -> OwnerKey | None:
+    """The RerankerDeployment controlling a child, from its owner references."""
+    meta = child.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or ():
+        if (ref.get("kind") == contract.KIND_DEPLOYMENT and ref.get("controller")
+                and str(ref.get("apiVersion", "")).split("/")[0] == contract.API_GROUP):
+            return (str(meta.get("namespace")), str(ref["name"]))
+    return None
+
+
+def _owned_by(child: Mapping[str, Any], uid: str | None) -> bool:
+    refs = (child.get("metadata") or {}).get("ownerReferences") or ()
+    return any(ref.get("uid") == uid for ref in refs)
+
+
+def _raw_port(owner: Mapping[str, Any]) -> int:
+    """The Service port of a spec that did not parse (for the status URL only)."""
+    try:
+        return int(((owner.get("spec") or {}).get("service") or {}).get("port")
+                   or DEFAULT_SERVICE_PORT)
+    except (TypeError, ValueError, AttributeError):
+        return DEFAULT_SERVICE_PORT
+
+
+def _ref(obj: Mapping[str, Any]) -> str:
+    return f"{obj['kind']} {obj['metadata']['name']}"
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one pass did and what stands in its way."""
+
+    problems: list[status.Problem] = dataclasses.field(default_factory=list)
+    created: list[str] = dataclasses.field(default_factory=list)
+    updated: list[str] = dataclasses.field(default_factory=list)
+    deleted: list[str] = dataclasses.field(default_factory=list)
+    status_written: bool = False
+    retry: str | None = None  # a transient failure: worth another try later
+    deployment: Mapping[str, Any] | None = None  # the server Deployment as last applied
+
+    @property
+    def permanent(self) -> status.Problem | None:
+        return next((p for p in self.problems if p.reason in PERMANENT_REASONS), None)
+
+    @property
+    def writes(self) -> int:
+        return len(self.created) + len(self.updated) + len(self.deleted) + self.status_written
+
+
+@dataclasses.dataclass
+class _Plan:
+    spec: RerankerSpec | None
+    desired: list[dict[str, Any]]
+    apply: list[dict[str, Any]]
+    delete: list[Mapping[str, Any]]
+    problems: list[status.Problem]
+    live_keys: frozenset[ChildKey] = frozenset()
+
+
+EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
+
+
+def post_event(owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """A Kubernetes Event on the RerankerDeployment (through Kopf's background poster)."""
+    try:
+        kopf.event(kopf.Body(dict(owner)), type=type_, reason=reason, message=message)
+    except LookupError:  # outside a Kopf context (unit tests): log only
+        logger.info("event %s %s: %s", type_, reason, message)
+
+
+class Reconciler:
+    """Holds what must outlive one pass: the locks, the last written statuses, the rejected
+    manifests, and the discovery cache."""
+
+    def __init__(self, kube: Kube, defaults: manifests.Defaults, *,
+                 discovery: Discovery | None = None,
+                 clock: Callable[[], str] = utcnow,
+                 events: EventPoster = post_event) -> None:
+        self.kube = kube
+        self.defaults = defaults
+        self.discovery = discovery or Discovery(kube)
+        self.clock = clock
+        self.events = events
+        self._locks: dict[OwnerKey, asyncio.Lock] = {}
+        # The operator is the only writer of status: what it last wrote is the current status,
+        # even before the watch stream delivers it (keeps lastTransitionTime stable).
+        self._last_status: dict[str, dict[str, Any]] = {}
+        # (owner uid, kind, name) -> (applied hash, message) of a manifest the API refused.
+        self._rejected: dict[tuple[str, str, str], tuple[str, str]] = {}
+
+    def forget(self, uid: str | None) -> None:
+        """Drop the memory of a deleted RerankerDeployment."""
+        self._last_status.pop(str(uid), None)
+        for key in [k for k in self._rejected if k[0] == uid]:
+            del self._rejected[key]
+
+    async def reconcile(self, owner: Mapping[str, Any], live: Live, *,
+                        thorough: bool = False) -> Outcome:
+        """One pass. `owner` is the RerankerDeployment, `live` its indexed children.
+
+        `thorough` also checks the children that are not indexed (the ServiceMonitor), which
+        costs API reads; the create/update/resume handlers and the resync timer ask for it.
+        """
+        if (owner.get("metadata") or {}).get("deletionTimestamp"):
+            return Outcome()  # garbage collection removes the children
+        key = owner_key(owner)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            plan = self._plan(owner, live)
+            outcome = Outcome(problems=list(plan.problems))
+            service_monitor_wanted = bool(plan.spec and plan.spec.service_monitor.enabled)
+            if plan.apply or plan.delete or (thorough and plan.spec is not None):
+                await asyncio.to_thread(self._execute, owner, plan, outcome,
+                                        thorough=thorough,
+                                        service_monitor_wanted=service_monitor_wanted)
+            elif service_monitor_wanted:
+                # Without a thorough pass the ServiceMonitor's state is unknown: keep
+                # reporting what the last thorough pass found.
+                outcome.problems += self._remembered_problems(owner)
+            await self._report(owner, plan, live, outcome)
+            return outcome
+
+    # --- planning (pure) ------------------------------------------------------------------
+
+    def _plan(self, owner: Mapping[str, Any], live: Live) -> _Plan:
+        uid = owner["metadata"].get("uid")
+        try:
+            spec = parse(owner.get("spec") or {})
+        except InvalidSpec as e:
+            # Touch nothing: the children keep running the last valid spec.
+            return _Plan(None, [], [], [], [status.Problem("InvalidSpec", f"invalid spec: {e}")])
+        desired = [drift.stamp(obj) for obj in manifests.children(owner, spec, self.defaults)]
+        problems: list[status.Problem] = []
+        to_apply = []
+        for obj in desired:
+            if (obj["apiVersion"], obj["kind"]) == SERVICE_MONITOR:
+                continue  # not indexed: handled by a thorough pass
+            if not drift.needs_apply(obj, live.get((obj["kind"], obj["metadata"]["name"]))):
+                continue
+            rejected = self._rejected.get((str(uid), obj["kind"], obj["metadata"]["name"]))
+            digest = obj["metadata"]["annotations"][drift.ANNOTATION_APPLIED_HASH]
+            if rejected is not None and rejected[0] == digest:
+                # The API server refused exactly this manifest: do not ask again.
+                problems.append(status.Problem("ChildRejected", rejected[1]))
+                continue
+            to_apply.append(obj)
+        wanted = {(obj["kind"], obj["metadata"]["name"]) for obj in desired}
+        to_delete = [child for child_key, child in live.items()
+                     if child_key not in wanted and _owned_by(child, uid)]
+        return _Plan(spec, desired, to_apply, to_delete, problems, frozenset(live))
+
+    def _remembered_problems(self, owner: Mapping[str, Any]) -> list[status.Problem]:
+        previous = self._last_status.get(str(owner["metadata"].get("uid"))) or (
+            owner.get("status") or {})
+        for cond in previous.get("conditions") or ():
+            if (cond.get("type") == status.DEGRADED and cond.get("status") == "True"
+                    and cond.get("reason") == "ServiceMonitorUnavailable"):
+                return [status.Problem("ServiceMonitorUnavailable", cond.get("message", ""),
+                                       blocking=False)]
+        return []
+
+    # --- execution (blocking, in a worker thread) -----------------------------------------
+
+    def _execute(self, owner: Mapping[str, Any], plan: _Plan, outcome: Outcome, *,
+                 thorough: bool, service_monitor_wanted: bool) -> None:
+        uid = str(owner["metadata"].get("uid"))
+        namespace = owner["metadata"]["namespace"]
+        to_apply = list(plan.apply)
+        if thorough and plan.spec is not None:
+            try:
+                to_apply += self._service_monitor(owner, plan, outcome,
+                                                  wanted=service_monitor_wanted)
+            except (ApiException, HTTPError) as e:
+                message = f"cannot reconcile the ServiceMonitor: {e}"
+                outcome.problems.append(status.Problem("ApplyFailed", message, blocking=False))
+                outcome.retry = message
+        for obj in to_apply:
+            name = obj["metadata"]["name"]
+            try:
+                result = self.kube.apply(obj)
+            except ApiException as e:
+                if e.status in (400, 422):
+                    message = f"{_ref(obj)} rejected by the API server: {error_message(e)}"
+                    digest = obj["metadata"]["annotations"][drift.ANNOTATION_APPLIED_HASH]
+                    self._rejected[(uid, obj["kind"], name)] = (digest, message)
+                    outcome.problems.append(status.Problem("ChildRejected", message))
+                else:
+                    message = f"cannot apply {_ref(obj)}: {error_message(e)}"
+                    outcome.problems.append(status.Problem("ApplyFailed", message))
+                    outcome.retry = message
+                continue
+            except HTTPError as e:
+                outcome.problems.append(status.Problem("ApplyFailed", f"cannot apply "
+                                                       f"{_ref(obj)}: {e}"))
+                outcome.retry = str(e)
+                continue
+            self._rejected.pop((uid, obj["kind"], name), None)
+            was_live = (obj["kind"], name) in plan.live_keys
+            (outcome.updated if was_live else outcome.created).append(_ref(obj))
+            if obj["kind"] == "Deployment" and name == owner["metadata"]["name"]:
+                outcome.deployment = result
+        for child in plan.delete:
+            meta = child["metadata"]
+            try:
+                self.kube.delete(child["apiVersion"], child["kind"], namespace, meta["name"])
+                outcome.deleted.append(_ref(child))
+            except (ApiException, HTTPError) as e:
+                message = f"cannot delete {_ref(child)}: {e}"
+                outcome.problems.append(status.Problem("DeleteFailed", message, blocking=False))
+                outcome.retry = message
+
+    def _service_monitor(self, owner: Mapping[str, Any], plan: _Plan, outcome: Outcome, *,
+                         wanted: bool) -> list[dict[str, Any]]:
+        """The ServiceMonitor to apply, if any (a few reads: it is not indexed)."""
+        namespace, name = owner_key(owner)
+        try:
+            served = self.discovery.serves(SERVICE_MONITOR_GV, SERVICE_MONITOR_PLURAL)
+        except (ApiException, HTTPError) as e:
+            outcome.problems.append(status.Problem(
+                "ServiceMonitorUnavailable", f"cannot discover ServiceMonitor support: {e}",
+                blocking=False))
+            return []
+        if not wanted:
+            if served:
+                live = self.kube.get(*SERVICE_MONITOR, namespace, name)
+                if live is not None and _owned_by(live, owner["metadata"].get("uid")):
+                    self.kube.delete(*SERVICE_MONITOR, namespace, name)
+                    outcome.deleted.append(f"ServiceMonitor {name}")
+            return []
+        if not served:
+            outcome.problems.append(status.Problem(
+                "ServiceMonitorUnavailable",
+                "spec.monitoring.serviceMonitor.enabled, but the ServiceMonitor CRD "
+                "(monitoring.coreos.com/v1) is not installed: no ServiceMonitor created",
+                blocking=False))
+            return []
+        desired = next(obj for obj in plan.desired if obj["kind"] == "ServiceMonitor")
+        live = self.kube.get(*SERVICE_MONITOR, namespace, name)
+        return [desired] if drift.needs_apply(desired, live) else []
+
+    # --- status and events ----------------------------------------------------------------
+
+    async def _report(self, owner: Mapping[str, Any], plan: _Plan, live: Live,
+                      outcome: Outcome) -> None:
+        meta = owner["metadata"]
+        namespace, name = owner_key(owner)
+        uid = str(meta.get("uid"))
+        current = self._last_status.get(uid) or dict(owner.get("status") or {})
+        deployment = outcome.deployment or live.get(("Deployment", name))
+        spec = plan.spec
+        new = status.build(
+            {**owner, "status": current},
+            deployment=deployment,
+            problems=outcome.problems,
+            config_hash=(manifests.config_hash(name, spec) if spec is not None
+                         else current.get("configHash")),
+            service_port=spec.service.port if spec is not None else _raw_port(owner),
+            now=self.clock(),
+        )
+        for ref in outcome.created:
+            self.events(owner, "Normal", "Created", f"created {ref}")
+        for ref in outcome.updated:
+            self.events(owner, "Normal", "Applied", f"applied {ref} (spec change or drift)")
+        for ref in outcome.deleted:
+            self.events(owner, "Normal", "Deleted", f"deleted {ref} (no longer in the spec)")
+        patch = status.status_patch(current, new)
+        if patch is None:
+            return
+        try:
+            await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
+        except ApiException as e:
+            if e.status == 404:  # deleted meanwhile
+                return
+            outcome.retry = f"cannot write status: {error_message(e)}"
+            return
+        except HTTPError as e:
+            outcome.retry = f"cannot write status: {e}"
+            return
+        outcome.status_written = True
+        self._last_status[uid] = new
+        for type_, cond_status, reason, message in status.transitions(current, new):
+            if type_ == status.READY or (type_ == status.DEGRADED and cond_status == "True"):
+                warn = (type_ == status.DEGRADED) or (
+                    type_ == status.READY and cond_status == "False" and
+                    any(p.blocking for p in outcome.problems))
+                self.events(owner, "Warning" if warn else "Normal", reason,
+                            f"{type_}={cond_status}: {message}")

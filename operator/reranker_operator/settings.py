@@ -1,0 +1,101 @@
+"""Operator configuration: the operator's own settings and how Kopf is tuned.
+
+`OperatorConfig` holds what a deployment of the operator decides (default images, resync
+period), read from the environment so the Helm chart sets them as env vars. `configure_kopf`
+applies the choices that keep the operator quiet and safe: state in annotations under the
+`reranker.dev` prefix (the status schema is structural, so Kopf may not keep its state there),
+explicit Events only, server-side label selectors for the children's watch streams, no
+dynamic scanning (so the RBAC needs no CRD or Namespace watch), and mandatory peering for HA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+
+import kopf
+
+from reranker import contract
+from reranker_operator import manifests
+
+DEFAULT_SERVER_IMAGE = "ghcr.io/reranker-fleet/reranker:0.1.0"
+DEFAULT_REDIS_IMAGE = "redis:7.4-alpine"
+
+#: The kinds whose watch streams are filtered server-side to the operator's children.
+CHILD_RESOURCES = (
+    ("", "v1", "configmaps"),
+    ("", "v1", "services"),
+    ("apps", "v1", "deployments"),
+    ("autoscaling", "v2", "horizontalpodautoscalers"),
+    ("policy", "v1", "poddisruptionbudgets"),
+)
+MANAGED_SELECTOR = f"{manifests.LABEL_MANAGED_BY}={manifests.OPERATOR_NAME}"
+
+
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not a number") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorConfig:
+    #: Server image for RerankerDeployments without spec.image.
+    server_image: str = DEFAULT_SERVER_IMAGE
+    #: Image of the operator-managed Redis.
+    redis_image: str = DEFAULT_REDIS_IMAGE
+    #: Every RerankerDeployment is re-checked this often (no writes if nothing changed),
+    #: a backstop behind the watch events for anything they missed.
+    resync_seconds: float = 60.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        env = os.environ if env is None else env
+        return cls(
+            server_image=env.get("RERANKER_OPERATOR_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
+            redis_image=env.get("RERANKER_OPERATOR_REDIS_IMAGE") or DEFAULT_REDIS_IMAGE,
+            resync_seconds=_env_float(env, "RERANKER_OPERATOR_RESYNC_SECONDS", 60.0),
+        )
+
+    def defaults(self) -> manifests.Defaults:
+        return manifests.Defaults(server_image=self.server_image, redis_image=self.redis_image)
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    """Kopf settings, applied in the startup handler (after the CLI flags)."""
+    # Events: only the ones the operator posts on purpose (created, transitions, failures);
+    # no Event for every handler run, which would be a write per reconciliation.
+    settings.posting.level = logging.INFO
+    settings.posting.loggers = False
+    settings.posting.reporting_component = manifests.OPERATOR_NAME
+
+    # Handler progress and the last handled spec live in annotations, not in status.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=contract.API_GROUP, v1=False)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=contract.API_GROUP, key="last-handled-configuration", v1=False)
+    # No deletion handlers, so no finalizer is ever added: deletion is plain garbage
+    # collection through owner references. The name is set for clarity should one appear.
+    settings.persistence.finalizer = f"{contract.API_GROUP}/finalizer"
+
+    # Watch streams: reconnect well before proxies cut idle connections.
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.watching.connect_timeout = 10
+    for resource in CHILD_RESOURCES:
+        settings.watching.label_selectors[resource] = MANAGED_SELECTOR
+    settings.networking.request_timeout = 60
+    settings.networking.connect_timeout = 10
+
+    # Serve the namespaces given on the command line (or all); resources known at startup.
+    settings.scanning.disabled = True
+
+    # HA: with peering, only the highest-priority replica acts; the others stand by. If the
+    # peering CRDs are missing, fail instead of running several active replicas.
+    settings.peering.mandatory = not settings.peering.standalone

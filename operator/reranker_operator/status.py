@@ -1,0 +1,167 @@
+"""The status of a RerankerDeployment, built from what the operator observed.
+
+Pure: given the owner, the live server Deployment and the problems the last reconciliation
+met, it returns the whole `.status` (no clock: `now` is an argument). Conditions are shaped
+like `metav1.Condition`; a condition keeps its `lastTransitionTime` until its status changes,
+so rebuilding an unchanged status gives an identical dict and the operator writes nothing.
+
+The status never claims more than the Deployment reports: Ready is True only when every
+desired replica of the current spec is ready. There is no `phase` string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from reranker_operator import manifests
+
+READY = "Ready"
+AVAILABLE = "Available"
+PROGRESSING = "Progressing"
+DEGRADED = "Degraded"
+CONDITION_TYPES = (READY, AVAILABLE, PROGRESSING, DEGRADED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Something the reconciliation could not do; `blocking` means the pods cannot run the
+    current spec (Ready is then False), otherwise only Degraded reports it."""
+
+    reason: str
+    message: str
+    blocking: bool = True
+
+
+def _condition(type_: str, ok: bool, reason: str, message: str, *, generation: int,
+               previous: Mapping[str, Mapping[str, Any]], now: str) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    before = previous.get(type_)
+    changed = before is None or before.get("status") != status
+    return {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": now if changed else before.get("lastTransitionTime", now),
+    }
+
+
+def _deployment_condition(deployment: Mapping[str, Any] | None, type_: str
+                          ) -> Mapping[str, Any] | None:
+    for cond in ((deployment or {}).get("status") or {}).get("conditions") or ():
+        if cond.get("type") == type_:
+            return cond
+    return None
+
+
+def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
+          problems: Sequence[Problem], config_hash: str | None, service_port: int,
+          now: str) -> dict[str, Any]:
+    """The full status for `owner` (a RerankerDeployment body)."""
+    meta = owner["metadata"]
+    name, namespace = meta["name"], meta.get("namespace", "default")
+    generation = int(meta.get("generation") or 0)
+    desired = int((owner.get("spec") or {}).get("replicas", 1))
+    previous = {c["type"]: c for c in ((owner.get("status") or {}).get("conditions") or ())
+                if isinstance(c, Mapping) and "type" in c}
+
+    dstatus = (deployment or {}).get("status") or {}
+    replicas = int(dstatus.get("replicas") or 0)
+    ready = int(dstatus.get("readyReplicas") or 0)
+    updated = int(dstatus.get("updatedReplicas") or 0)
+    available = int(dstatus.get("availableReplicas") or 0)
+    observed = deployment is not None and int(dstatus.get("observedGeneration") or 0) >= int(
+        (deployment.get("metadata") or {}).get("generation") or 0)
+
+    progress = _deployment_condition(deployment, "Progressing")
+    deadline_exceeded = progress is not None and progress.get("reason") == "ProgressDeadlineExceeded"
+    replica_failure = _deployment_condition(deployment, "ReplicaFailure")
+    failing = replica_failure is not None and replica_failure.get("status") == "True"
+
+    blocking = [p for p in problems if p.blocking]
+    rolled_out = observed and updated == desired and replicas == desired
+    counts = f"{ready}/{desired} replicas ready"
+
+    # Ready: every desired replica of the current spec is ready, and nothing blocks.
+    if blocking:
+        ready_c = (False, blocking[0].reason, blocking[0].message)
+    elif deployment is None:
+        ready_c = (False, "DeploymentMissing", f"Deployment {name} does not exist yet")
+    elif desired == 0:
+        ready_c = (False, "ScaledToZero", "spec.replicas is 0: no server pods")
+    elif rolled_out and ready >= desired:
+        ready_c = (True, "AllReplicasReady", counts)
+    elif not rolled_out:
+        ready_c = (False, "RolloutInProgress",
+                   f"{counts}; {updated}/{desired} replicas run the current spec")
+    else:
+        ready_c = (False, "ReplicasNotReady", f"{counts}; waiting for pods to pass /ready")
+
+    # Available: at least one pod serves through the Service.
+    if ready > 0:
+        available_c = (True, "ReplicasAvailable", f"{ready} replicas serving")
+    else:
+        available_c = (False, "NoReplicasReady", f"no server pod is ready ({counts})")
+
+    # Progressing: the Deployment is still moving toward the current spec.
+    if deadline_exceeded:
+        progressing_c = (False, "ProgressDeadlineExceeded",
+                         str(progress.get("message") or "rollout exceeded its progress deadline"))
+    elif deployment is not None and not blocking and not (rolled_out and ready >= desired):
+        progressing_c = (True, "RolloutInProgress", counts)
+    else:
+        progressing_c = (False, "RolloutComplete" if not blocking else blocking[0].reason,
+                         counts if not blocking else "not rolling out: " + blocking[0].message)
+
+    # Degraded: the operator could not realise the spec, or the rollout is failing.
+    if problems:
+        degraded_c = (True, problems[0].reason, "; ".join(p.message for p in problems))
+    elif failing:
+        degraded_c = (True, "ReplicaFailure", str(replica_failure.get("message") or ""))
+    elif deadline_exceeded:
+        degraded_c = (True, "ProgressDeadlineExceeded", progressing_c[2])
+    else:
+        degraded_c = (False, "AsExpected", "all children reconciled")
+
+    conditions = [
+        _condition(type_, ok, reason, message, generation=generation, previous=previous, now=now)
+        for type_, (ok, reason, message) in (
+            (READY, ready_c), (AVAILABLE, available_c),
+            (PROGRESSING, progressing_c), (DEGRADED, degraded_c))
+    ]
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "updatedReplicas": updated,
+        "availableReplicas": available,
+        "selector": manifests.selector_string(name),
+        "url": manifests.service_url(name, namespace, service_port),
+        "externalEndpoints": {"ready": 0, "total": 0},
+        "conditions": conditions,
+    }
+    if config_hash is not None:
+        status["configHash"] = config_hash
+    return status
+
+
+def status_patch(current: Mapping[str, Any] | None, new: Mapping[str, Any]
+                 ) -> dict[str, Any] | None:
+    """The merge patch from `current` to `new`, or None when they are equal (no write)."""
+    current = current or {}
+    patch: dict[str, Any] = {k: v for k, v in new.items() if current.get(k) != v}
+    # Keys the operator owns that are no longer set; kopf keeps nothing in status here.
+    patch.update({k: None for k in current if k not in new})
+    return patch or None
+
+
+def transitions(current: Mapping[str, Any] | None, new: Mapping[str, Any]
+                ) -> list[tuple[str, str, str, str]]:
+    """(type, status, reason, message) of each condition whose status changed."""
+    before = {c.get("type"): c.get("status")
+              for c in ((current or {}).get("conditions") or ()) if isinstance(c, Mapping)}
+    return [(c["type"], c["status"], c["reason"], c["message"]) for c in new["conditions"]
+            if before.get(c["type"]) != c["status"]]
