@@ -37,7 +37,12 @@ _ABSENT = object()
 
 def applied_hash(manifest: Mapping[str, Any]) -> str:
     body = copy.deepcopy(dict(manifest))
-    body.get("metadata", {}).get("annotations", {}).pop(ANNOTATION_APPLIED_HASH, None)
+    meta = body.get("metadata", {})
+    annotations = meta.get("annotations")
+    if annotations is not None:
+        annotations.pop(ANNOTATION_APPLIED_HASH, None)
+        if not annotations:
+            del meta["annotations"]
     blob = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -1,0 +1,317 @@
+"""The pure builders: every child of a RerankerDeployment, checked field by field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from reranker import contract
+from reranker_operator import manifests
+from reranker_operator.spec import parse
+
+DEFAULTS = manifests.Defaults(server_image="example.com/reranker:1", redis_image="redis:test")
+UID = "1b9f8a3e-0000-4000-8000-000000000001"
+
+
+def owner(spec: dict[str, Any], name: str = "rr", labels: dict | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "reranker.dev/v1alpha1",
+        "kind": "RerankerDeployment",
+        "metadata": {"name": name, "namespace": "ns1", "uid": UID, "generation": 1,
+                     "labels": labels or {}},
+        "spec": spec,
+    }
+
+
+def build(spec: dict[str, Any], **kw: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    o = owner(spec, **kw)
+    objs = manifests.children(o, parse(spec), DEFAULTS)
+    return {(obj["kind"], obj["metadata"]["name"]): obj for obj in objs}
+
+
+def container(objs: dict, name: str = "rr") -> dict[str, Any]:
+    return objs[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_of(objs: dict) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container(objs)["env"]}
+
+
+BASE = {"model": {"id": "cross-encoder/ms-marco-MiniLM-L-6-v2"}}
+
+
+def test_minimal_spec_builds_configmap_deployment_service_pdb() -> None:
+    objs = build(BASE)
+    assert set(objs) == {("ConfigMap", "rr-config"), ("Deployment", "rr"), ("Service", "rr"),
+                         ("PodDisruptionBudget", "rr")}
+
+
+@pytest.mark.parametrize("extra,kinds", [
+    ({"autoscaling": {"enabled": True}}, {"HorizontalPodAutoscaler"}),
+    ({"podDisruptionBudget": {"enabled": False}}, set()),
+    ({"monitoring": {"serviceMonitor": {"enabled": True}}}, {"ServiceMonitor"}),
+    ({"cache": {"redis": {"managed": {"enabled": True}}}}, {"Deployment", "Service"}),
+])
+def test_optional_children(extra: dict, kinds: set) -> None:
+    base = {k for k, _ in build(BASE)}
+    got = {k for k, _ in build({**BASE, **extra})}
+    if kinds:
+        assert kinds <= got
+    expected = base | kinds
+    if extra.get("podDisruptionBudget") == {"enabled": False}:
+        expected = base - {"PodDisruptionBudget"}
+    assert got == expected
+
+
+def test_every_child_is_adopted_and_labelled() -> None:
+    objs = build({**BASE, "autoscaling": {"enabled": True},
+                  "cache": {"redis": {"managed": {"enabled": True}}}},
+                 labels={"team": "search"})
+    for (kind, name), obj in objs.items():
+        meta = obj["metadata"]
+        assert meta["namespace"] == "ns1", kind
+        assert meta["ownerReferences"] == [{
+            "apiVersion": "reranker.dev/v1alpha1", "kind": "RerankerDeployment", "name": "rr",
+            "uid": UID, "controller": True, "blockOwnerDeletion": True}], kind
+        assert meta["labels"]["app.kubernetes.io/name"] == "reranker"
+        assert meta["labels"]["app.kubernetes.io/instance"] == "rr"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "reranker-operator"
+        assert meta["labels"]["team"] == "search"  # the owner's labels propagate
+
+
+def test_settings_are_named_by_the_server_contract() -> None:
+    spec = {**BASE, "parallelism": {"maxParallel": 4, "maxQueue": 256, "queueTimeoutSeconds": 2.5,
+                                    "batchSize": 32,
+                                    "microBatching": {"enabled": True, "windowMs": 5}},
+            "cache": {"ttlSeconds": 600, "redis": {"urlSecretRef": {"name": "redis"}}},
+            "model": {"id": "m", "revision": "abc", "kind": "cross-encoder", "maxLength": 256},
+            "logLevel": "debug"}
+    data = build(spec)[("ConfigMap", "rr-config")]["data"]
+    assert set(data) <= manifests.settings_env_names()
+    assert set(data) - {"HF_HOME"} <= set(contract.ENV_VARS)
+    assert data == {
+        "RERANKER_MODEL": "m", "RERANKER_MODEL_REVISION": "abc",
+        "RERANKER_MODEL_KIND": "cross-encoder", "RERANKER_MAX_LENGTH": "256",
+        "RERANKER_DEVICE": "cpu", "RERANKER_QUANTIZATION": "none",
+        "RERANKER_MAX_PARALLEL": "4", "RERANKER_MAX_QUEUE": "256",
+        "RERANKER_QUEUE_TIMEOUT": "2.5", "RERANKER_BATCH_SIZE": "32",
+        "MICRO_BATCH_ENABLED": "true", "MICRO_BATCH_WINDOW_MS": "5",
+        "ENABLE_PREDICTION_CACHE": "true", "CACHE_TTL_SECONDS": "600", "REDIS_ENABLED": "true",
+        "RERANKER_DRAIN_SECONDS": "30", "HOST": "0.0.0.0", "PORT": str(contract.DEFAULT_PORT),
+        "LOG_LEVEL": "debug", "HF_HOME": manifests.HF_HOME,
+    }
+    assert "REDIS_URL" not in data  # secrets never go through the ConfigMap
+
+
+def test_unset_tunables_are_left_to_the_server() -> None:
+    data = build(BASE)[("ConfigMap", "rr-config")]["data"]
+    for name in ("RERANKER_MAX_PARALLEL", "RERANKER_MAX_QUEUE", "RERANKER_BATCH_SIZE",
+                 "RERANKER_QUEUE_TIMEOUT", "MICRO_BATCH_ENABLED", "CACHE_TTL_SECONDS",
+                 "LOG_LEVEL", "RERANKER_MODEL_REVISION"):
+        assert name not in data
+    assert data["REDIS_ENABLED"] == "false"
+
+
+def test_pod_template_lists_each_setting_from_the_configmap() -> None:
+    objs = build({**BASE, "device": "cpu", "quantization": "int8",
+                  "parallelism": {"maxParallel": 3}})
+    data = objs[("ConfigMap", "rr-config")]["data"]
+    env = env_of(objs)
+    for key in data:
+        assert env[key] == {"name": key, "valueFrom": {"configMapKeyRef": {
+            "name": "rr-config", "key": key}}}
+    assert data["RERANKER_DEVICE"] == "cpu"
+    assert data["RERANKER_QUANTIZATION"] == "int8"
+    assert data["RERANKER_MAX_PARALLEL"] == "3"
+
+
+def test_secrets_are_env_value_from() -> None:
+    env = env_of(build({**BASE, "apiKeySecretRef": {"name": "keys"},
+                        "cache": {"redis": {"urlSecretRef": {"name": "redis", "key": "u"}}}}))
+    assert env["RERANKER_API_KEYS"]["valueFrom"] == {"secretKeyRef": {"name": "keys",
+                                                                      "key": "api-keys"}}
+    assert env["REDIS_URL"]["valueFrom"] == {"secretKeyRef": {"name": "redis", "key": "u"}}
+
+
+def test_managed_redis() -> None:
+    objs = build({**BASE, "cache": {"redis": {"managed": {"enabled": True}}}})
+    assert env_of(objs)["REDIS_URL"] == {"name": "REDIS_URL", "value": "redis://rr-redis:6379/0"}
+    assert objs[("ConfigMap", "rr-config")]["data"]["REDIS_ENABLED"] == "true"
+    redis = objs[("Deployment", "rr-redis")]
+    c = redis["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == "redis:test"
+    assert "allkeys-lru" in c["args"] and c["securityContext"]["readOnlyRootFilesystem"]
+    # Its pods must not be selected by the server's Service, PDB or status.selector.
+    server_selector = objs[("Service", "rr")]["spec"]["selector"]
+    redis_labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert not server_selector.items() <= redis_labels.items()
+    assert objs[("Service", "rr-redis")]["spec"]["selector"].items() <= redis_labels.items()
+
+
+def test_extra_env_overrides_by_name_and_appends() -> None:
+    env = container(build({**BASE, "env": [{"name": "RERANKER_DEVICE", "value": "cpu"},
+                                           {"name": "EXTRA", "value": "1"}]}))["env"]
+    names = [e["name"] for e in env]
+    assert names.count("RERANKER_DEVICE") == 1
+    assert {"name": "RERANKER_DEVICE", "value": "cpu"} in env
+    assert names[-1] == "EXTRA"
+
+
+def test_config_hash_rolls_pods_on_settings_change_only() -> None:
+    def hash_of(spec: dict) -> str:
+        annotations = build(spec)[("Deployment", "rr")]["spec"]["template"]["metadata"][
+            "annotations"]
+        return str(annotations["reranker.dev/config-hash"])
+
+    base = hash_of(BASE)
+    assert hash_of(BASE) == base  # deterministic
+    assert hash_of({**BASE, "parallelism": {"maxParallel": 8}}) != base
+    assert hash_of({**BASE, "quantization": "int8"}) != base
+    assert hash_of({**BASE, "apiKeySecretRef": {"name": "k"}}) != base
+    assert hash_of({**BASE, "replicas": 7}) == base  # scaling is not a rollout
+
+
+def test_deployment_shape() -> None:
+    objs = build({**BASE, "replicas": 3, "drainSeconds": 45})
+    dep = objs[("Deployment", "rr")]
+    assert dep["spec"]["replicas"] == 3
+    selector = dep["spec"]["selector"]["matchLabels"]
+    pod = dep["spec"]["template"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    assert manifests.selector_string("rr") == ",".join(
+        f"{k}={v}" for k, v in sorted(selector.items()))
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    c = pod["spec"]["containers"][0]
+    assert c["image"] == "example.com/reranker:1"
+    assert c["ports"] == [{"name": "http", "containerPort": contract.DEFAULT_PORT,
+                           "protocol": "TCP"}]
+    assert c["livenessProbe"]["httpGet"] == {"path": contract.ROUTE_HEALTH, "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": contract.ROUTE_READY, "port": "http"}
+    assert c["lifecycle"]["preStop"] == {"sleep": {"seconds": manifests.PRESTOP_SLEEP_SECONDS}}
+    grace = pod["spec"]["terminationGracePeriodSeconds"]
+    assert grace > manifests.PRESTOP_SLEEP_SECONDS + 45
+    assert objs[("ConfigMap", "rr-config")]["data"]["RERANKER_DRAIN_SECONDS"] == "45"
+
+
+def test_pods_are_unprivileged_with_writable_tmp_and_model_cache() -> None:
+    pod = build(BASE)[("Deployment", "rr")]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/tmp"]]["emptyDir"] == {}
+    assert manifests.HF_HOME.startswith(next(p for p, n in mounts.items()
+                                             if n == "model-cache"))
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_cuda_gets_a_gpu_and_its_toleration() -> None:
+    pod = build({**BASE, "device": "cuda", "quantization": "bf16", "gpus": 2,
+                 "nodeSelector": {"pool": "gpu"},
+                 "resources": {"limits": {"memory": "16Gi"}}})[("Deployment", "rr")][
+        "spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["limits"] == {"memory": "16Gi", "nvidia.com/gpu": 2}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"]
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+
+
+def test_cpu_gets_no_gpu() -> None:
+    pod = build(BASE)[("Deployment", "rr")]["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in str(pod)
+    assert "tolerations" not in pod and "nodeSelector" not in pod
+
+
+def test_placement_is_passed_through() -> None:
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "zone", "operator": "In", "values": ["a"]}]}]}}}
+    pod = build({**BASE, "affinity": affinity,
+                 "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "rr",
+                                  "effect": "NoSchedule"}],
+                 "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone",
+                                                "whenUnsatisfiable": "ScheduleAnyway"}]})[
+        ("Deployment", "rr")]["spec"]["template"]["spec"]
+    assert pod["affinity"] == affinity
+    assert pod["tolerations"][0]["key"] == "dedicated"
+    spread = pod["topologySpreadConstraints"][0]
+    assert spread["labelSelector"] == {"matchLabels": manifests.selector_labels("rr")}
+
+
+def test_model_from_pvc() -> None:
+    objs = build({"model": {"pvc": {"claimName": "models", "path": "ms-marco/"}}})
+    pod = objs[("Deployment", "rr")]["spec"]["template"]["spec"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "models",
+                                                       "readOnly": True}} in pod["volumes"]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in pod["containers"][0][
+        "volumeMounts"]
+    data = objs[("ConfigMap", "rr-config")]["data"]
+    assert data["RERANKER_LOCAL_MODEL_PATH"] == "/models/ms-marco"
+    assert "RERANKER_MODEL" not in data
+
+
+def test_service() -> None:
+    svc = build({**BASE, "service": {"type": "LoadBalancer", "port": 80}})[("Service", "rr")]
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http",
+                                     "protocol": "TCP"}]
+    assert svc["spec"]["selector"] == manifests.selector_labels("rr")
+
+
+@pytest.mark.parametrize("metric,expected", [
+    ("queueDepth", {"type": "Pods", "pods": {
+        "metric": {"name": contract.METRIC_QUEUE_DEPTH},
+        "target": {"type": "AverageValue", "averageValue": "32"}}}),
+    ("inflight", {"type": "Pods", "pods": {
+        "metric": {"name": contract.METRIC_INFLIGHT},
+        "target": {"type": "AverageValue", "averageValue": "8"}}}),
+    ("cpu", {"type": "Resource", "resource": {
+        "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}),
+])
+def test_hpa_targets_the_reranker_deployment(metric: str, expected: dict) -> None:
+    behavior = {"scaleDown": {"stabilizationWindowSeconds": 300}}
+    hpa = build({**BASE, "resources": {"requests": {"cpu": "1"}},
+                 "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 9,
+                                 "metric": metric, "behavior": behavior}})[
+        ("HorizontalPodAutoscaler", "rr")]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "reranker.dev/v1alpha1",
+                                             "kind": "RerankerDeployment", "name": "rr"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 9)
+    assert hpa["spec"]["metrics"] == [expected]
+    assert hpa["spec"]["behavior"] == behavior
+
+
+def test_pdb() -> None:
+    pdb = build(BASE)[("PodDisruptionBudget", "rr")]
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"] == {"selector": {"matchLabels": manifests.selector_labels("rr")},
+                           "maxUnavailable": 1}
+    pdb = build({**BASE, "podDisruptionBudget": {"minAvailable": "50%"}})[
+        ("PodDisruptionBudget", "rr")]
+    assert pdb["spec"]["minAvailable"] == "50%" and "maxUnavailable" not in pdb["spec"]
+
+
+def test_service_monitor() -> None:
+    sm = build({**BASE, "monitoring": {"serviceMonitor": {
+        "enabled": True, "interval": "15s", "labels": {"release": "prom"}}}})[
+        ("ServiceMonitor", "rr")]
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["endpoints"] == [{"port": "http", "path": contract.ROUTE_METRICS,
+                                        "interval": "15s"}]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= build(BASE)[("Service", "rr")][
+        "metadata"]["labels"].items()
+
+
+def test_builders_are_pure() -> None:
+    spec = {**BASE, "autoscaling": {"enabled": True}, "env": [{"name": "A", "value": "1"}]}
+    before = repr(spec)
+    assert build(spec) == build(spec)
+    assert repr(spec) == before  # the input is not mutated

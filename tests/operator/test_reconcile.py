@@ -1,0 +1,211 @@
+"""One reconciliation pass, with an in-memory stand-in for the operator's `Kube` layer.
+
+These check the pass's logic (what it writes, when it stops); the real API server behaviour
+(server-side apply, garbage collection, RBAC) is covered by tests/kube/test_operator*.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from reranker_operator import manifests
+from reranker_operator.reconcile import Reconciler
+
+DEFAULTS = manifests.Defaults(server_image="img:1", redis_image="redis:1")
+
+
+class FakeResponse:
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.reason = "Unprocessable Entity"
+        self.data = json.dumps({"kind": "Status", "message": message}).encode()
+        self.headers: dict[str, str] = {}
+
+
+class FakeKube:
+    """Stores applied objects like an API server would (minus validation)."""
+
+    def __init__(self, *, serves_service_monitors: bool = False) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.status: dict[str, Any] = {}
+        self.reject: dict[str, str] = {}  # kind -> message (422)
+        self.serves_service_monitors = serves_service_monitors
+        self.version = 0
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("apply", f"{obj['kind']}/{obj['metadata']['name']}"))
+        if obj["kind"] in self.reject:
+            raise ApiException(http_resp=FakeResponse(422, self.reject[obj["kind"]]))
+        self.version += 1
+        stored = copy.deepcopy(obj)
+        stored["metadata"].update(resourceVersion=str(self.version), uid=f"c{self.version}",
+                                  creationTimestamp="2024-01-01T00:00:00Z")
+        self.objects[(obj["kind"], obj["metadata"]["name"])] = stored
+        return copy.deepcopy(stored)
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
+        self.calls.append(("get", f"{kind}/{name}"))
+        return copy.deepcopy(self.objects.get((kind, name)))
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self.calls.append(("delete", f"{kind}/{name}"))
+        self.objects.pop((kind, name), None)
+
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.calls.append(("status", name))
+        for k, v in patch.items():
+            if v is None:
+                self.status.pop(k, None)
+            else:
+                self.status[k] = v
+
+    def serves(self, group_version: str, plural: str) -> bool:
+        return self.serves_service_monitors
+
+    def live(self) -> dict[tuple[str, str], dict[str, Any]]:
+        return {k: copy.deepcopy(v) for k, v in self.objects.items() if k[0] != "ServiceMonitor"}
+
+    def writes(self) -> list[tuple[str, str]]:
+        return [c for c in self.calls if c[0] != "get"]
+
+
+class Events(list):
+    def __call__(self, owner: Any, type_: str, reason: str, message: str) -> None:
+        self.append((type_, reason, message))
+
+
+def owner(spec: dict[str, Any], status: dict | None = None, generation: int = 1) -> dict:
+    return {"apiVersion": "reranker.dev/v1alpha1", "kind": "RerankerDeployment",
+            "metadata": {"name": "rr", "namespace": "ns", "uid": "u-1",
+                         "generation": generation},
+            "spec": spec, "status": status or {}}
+
+
+def reconciler(kube: FakeKube, events: Events | None = None) -> Reconciler:
+    return Reconciler(kube, DEFAULTS, clock=lambda: "2024-01-01T00:00:00Z",  # type: ignore[arg-type]
+                      events=events if events is not None else Events())
+
+
+SPEC = {"model": {"id": "m"}, "autoscaling": {"enabled": True}}
+
+
+async def test_first_pass_creates_children_then_idle_passes_write_nothing() -> None:
+    kube, events = FakeKube(), Events()
+    r = reconciler(kube, events)
+    outcome = await r.reconcile(owner(SPEC), {}, thorough=True)
+    assert sorted(outcome.created) == ["ConfigMap rr-config", "Deployment rr",
+                                       "HorizontalPodAutoscaler rr", "PodDisruptionBudget rr",
+                                       "Service rr"]
+    assert outcome.status_written and outcome.permanent is None
+    assert [e[1] for e in events].count("Created") == 5
+    ready = next(c for c in kube.status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False"  # nothing is running yet
+
+    kube.calls.clear()
+    for thorough in (False, True):
+        again = await r.reconcile(owner(SPEC, status=kube.status), kube.live(),
+                                  thorough=thorough)
+        assert again.writes == 0
+    assert kube.writes() == []
+    # A fresh reconciler (an operator restart) agrees: nothing to write.
+    again = await reconciler(kube).reconcile(owner(SPEC, status=kube.status), kube.live(),
+                                             thorough=True)
+    assert again.writes == 0 and kube.writes() == []
+
+
+async def test_deleted_and_edited_children_are_restored() -> None:
+    kube = FakeKube()
+    r = reconciler(kube)
+    await r.reconcile(owner(SPEC), {})
+    live = kube.live()
+    del live[("Service", "rr")]
+    live[("Deployment", "rr")]["spec"]["replicas"] = 9
+    kube.calls.clear()
+    outcome = await r.reconcile(owner(SPEC, status=kube.status), live)
+    assert outcome.created == ["Service rr"] and outcome.updated == ["Deployment rr"]
+    assert kube.objects[("Deployment", "rr")]["spec"]["replicas"] == 1
+
+
+async def test_replicas_are_copied_down_and_children_patched() -> None:
+    kube = FakeKube()
+    r = reconciler(kube)
+    await r.reconcile(owner(SPEC), {})
+    scaled = {**SPEC, "replicas": 3}
+    kube.calls.clear()
+    outcome = await r.reconcile(owner(scaled, status=kube.status, generation=2), kube.live())
+    assert outcome.updated == ["Deployment rr"]
+    assert kube.objects[("Deployment", "rr")]["spec"]["replicas"] == 3
+
+
+async def test_disabled_features_remove_their_children() -> None:
+    kube = FakeKube()
+    r = reconciler(kube)
+    await r.reconcile(owner(SPEC), {})
+    spec = {"model": {"id": "m"}, "podDisruptionBudget": {"enabled": False}}
+    outcome = await r.reconcile(owner(spec, status=kube.status, generation=2), kube.live())
+    assert sorted(outcome.deleted) == ["HorizontalPodAutoscaler rr", "PodDisruptionBudget rr"]
+    assert ("HorizontalPodAutoscaler", "rr") not in kube.objects
+
+
+async def test_invalid_spec_touches_nothing_and_is_permanent() -> None:
+    kube = FakeKube()
+    r = reconciler(kube)
+    await r.reconcile(owner(SPEC), {})
+    kube.calls.clear()
+    bad = {"model": {"id": "m"}, "resources": {"requests": {"cpu": "2"},
+                                               "limits": {"cpu": "1"}}}
+    outcome = await r.reconcile(owner(bad, status=kube.status, generation=2), kube.live(),
+                                thorough=True)
+    assert outcome.permanent is not None and outcome.permanent.reason == "InvalidSpec"
+    assert kube.writes() == [("status", "rr")]
+    degraded = next(c for c in kube.status["conditions"] if c["type"] == "Degraded")
+    assert degraded["status"] == "True" and "requests.cpu" in degraded["message"]
+
+
+async def test_rejected_child_is_not_retried_with_the_same_manifest() -> None:
+    kube = FakeKube()
+    kube.reject["Deployment"] = "spec.template.spec.affinity: Invalid value"
+    r = reconciler(kube)
+    outcome = await r.reconcile(owner(SPEC), {}, thorough=True)
+    assert outcome.permanent is not None and outcome.permanent.reason == "ChildRejected"
+    assert "Invalid value" in outcome.permanent.message
+    kube.calls.clear()
+    again = await r.reconcile(owner(SPEC, status=kube.status), kube.live(), thorough=True)
+    assert ("apply", "Deployment/rr") not in kube.calls
+    assert again.permanent is not None and again.writes == 0
+    # A new spec is a new manifest: it is tried.
+    del kube.reject["Deployment"]
+    fixed = await r.reconcile(owner({**SPEC, "replicas": 2}, status=kube.status, generation=2),
+                              kube.live())
+    assert fixed.permanent is None and "Deployment rr" in fixed.created
+
+
+@pytest.mark.parametrize("served", [False, True])
+async def test_service_monitor_only_when_its_crd_is_served(served: bool) -> None:
+    kube = FakeKube(serves_service_monitors=served)
+    spec = {"model": {"id": "m"}, "monitoring": {"serviceMonitor": {"enabled": True}}}
+    outcome = await reconciler(kube).reconcile(owner(spec), {}, thorough=True)
+    degraded = next(c for c in kube.status["conditions"] if c["type"] == "Degraded")
+    ready_blockers = [p for p in outcome.problems if p.blocking]
+    assert not ready_blockers
+    if served:
+        assert ("ServiceMonitor", "rr") in kube.objects
+        assert degraded["status"] == "False"
+    else:
+        assert ("ServiceMonitor", "rr") not in kube.objects
+        assert degraded["status"] == "True"
+        assert "ServiceMonitor CRD" in degraded["message"]
+
+
+async def test_deleting_owner_is_left_to_garbage_collection() -> None:
+    kube = FakeKube()
+    o = owner(SPEC)
+    o["metadata"]["deletionTimestamp"] = "2024-01-01T00:00:00Z"
+    outcome = await reconciler(kube).reconcile(o, {}, thorough=True)
+    assert outcome.writes == 0 and kube.calls == []
