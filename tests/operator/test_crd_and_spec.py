@@ -171,3 +171,14 @@ def test_autoscaling_target_defaults_by_metric() -> None:
         raw = {"model": {"id": "m"}, "autoscaling": {"enabled": True, "metric": metric},
                "resources": {"requests": {"cpu": "1"}}}
         assert parse(raw).autoscaling.effective_target == target
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_examples_are_valid(spec_schema: dict[str, Any], path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    reranker_docs = [d for d in docs if d["kind"] == contract.KIND_DEPLOYMENT]
+    for doc in reranker_docs:
+        assert doc["apiVersion"] == f"{contract.API_GROUP}/{contract.API_VERSION}"
+        parse(apply_defaults(spec_schema, doc["spec"]))
+    assert reranker_docs or path.name.startswith("operator-")
