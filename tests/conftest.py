@@ -94,23 +94,40 @@ class ServerProcess:
         return int(self.proc.returncode)
 
 
-@pytest.fixture
-def uvicorn_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Start `reranker serve` subprocesses on free loopback ports; all are stopped at the end."""
-    started: list[ServerProcess] = []
+class ServerFactory:
+    """Starts `reranker serve` subprocesses on free loopback ports; `close` stops them all."""
 
-    def start(env: dict[str, str] | None = None, *, wait: bool = True, args: list[str] | None = None) -> ServerProcess:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.started: list[ServerProcess] = []
+
+    def __call__(self, env: dict[str, str] | None = None, *, wait: bool = True, args: list[str] | None = None) -> ServerProcess:
         port = free_port()
-        log = tmp_path / f"server-{port}.log"
+        log = self.folder / f"server-{port}.log"
         full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "INFO", **(env or {})}
         proc = subprocess.Popen([str(VENV_BIN / "reranker"), "serve", *(args or [])], env=full_env,
                                 stdout=log.open("wb"), stderr=subprocess.STDOUT)
         server = ServerProcess(proc, f"http://127.0.0.1:{port}", log)
-        started.append(server)
+        self.started.append(server)
         if wait:
             server.wait_ready()
         return server
 
-    yield start
-    for server in started:
-        server.stop()
+    def close(self) -> None:
+        for server in self.started:
+            server.stop()
+
+
+@pytest.fixture
+def uvicorn_server(tmp_path: Path) -> Iterator[ServerFactory]:
+    factory = ServerFactory(tmp_path)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
+    """Like uvicorn_server, shared by one test module (servers take seconds to start)."""
+    factory = ServerFactory(tmp_path_factory.mktemp("servers"))
+    yield factory
+    factory.close()

@@ -192,7 +192,8 @@ def _rank_text(doc: str | dict[str, Any], fields: list[str], i: int) -> str:
 
 
 @router.post("/v1/rerank", openapi_extra=_openapi(V1RerankRequest), tags=["rerank"],
-             summary="Rerank (Cohere v1 and Jina)", response_model=V1RerankResponse)
+             summary="Rerank (Cohere v1 and Jina)", response_model=V1RerankResponse,
+             response_model_exclude_none=True)
 async def rerank_v1(request: Request) -> Any:
     runtime = _runtime(request)
     _authorize(request, runtime)

@@ -73,6 +73,8 @@ class TorchBackend(Backend):
         self._tokenizer = AutoTokenizer.from_pretrained(str(files.path))
         if not getattr(self._tokenizer, "is_fast", False):
             log.warning("%s has no fast tokenizer: chunking falls back to whitespace offsets", files.name)
+        # Lengths are measured untruncated on purpose (chunking); truncation always passes max_length.
+        self._tokenizer.model_max_length = 1 << 30
         self._local = threading.local()
         self._local.tokenizer = self._tokenizer
         self.model = self._load_model(files, settings.quantization)

@@ -1,0 +1,206 @@
+"""The HTTP API, dialect by dialect: shapes field for field, options, and every bad input.
+
+Runs the app in-process through its lifespan with the embedded MiniLM model (a real model:
+rankings are meaningful).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import running_app
+
+QUERY = "What is machine learning?"
+DOCS = ["Python is a programming language", "Machine learning is a subset of AI", "Paris is in France"]
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with running_app(max_documents=50, max_body_bytes=64 * 1024) as c:
+        yield c
+
+
+async def test_native_shape_and_ranking(client: httpx.AsyncClient) -> None:
+    r = await client.post("/rerank", json={"query": QUERY, "documents": DOCS})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"results", "model", "processing_time_ms"}
+    assert [x["index"] for x in body["results"]][0] == 1
+    assert body["results"][0] == {"index": 1, "document": DOCS[1], "score": pytest.approx(body["results"][0]["score"])}
+    scores = [x["score"] for x in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert r.headers["x-request-id"]
+    top = (await client.post("/rerank", json={"query": QUERY, "documents": DOCS, "top_k": 1})).json()
+    assert [x["index"] for x in top["results"]] == [1]
+
+
+async def test_tei_shape(client: httpx.AsyncClient) -> None:
+    r = await client.post("/rerank", json={"query": QUERY, "texts": DOCS, "return_text": True})
+    assert r.status_code == 200
+    body = r.json()
+    assert isinstance(body, list) and len(body) == 3
+    assert set(body[0]) == {"index", "score", "text"}
+    assert body[0]["index"] == 1 and body[0]["text"] == DOCS[1]
+    plain = (await client.post("/rerank", json={"query": QUERY, "texts": DOCS})).json()
+    assert set(plain[0]) == {"index", "score"}
+
+
+async def test_v1_cohere_and_jina_fields(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v1/rerank", json={"model": "jina-reranker-v2-base-multilingual", "query": QUERY,
+                                              "documents": DOCS, "top_n": 2})
+    body = r.json()
+    assert r.status_code == 200
+    assert {"id", "results", "meta", "model", "usage"} <= set(body)
+    assert body["model"] == "jina-reranker-v2-base-multilingual"
+    assert body["usage"]["total_tokens"] > 0
+    assert body["meta"] == {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}}
+    assert len(body["results"]) == 2
+    assert body["results"][0] == {"index": 1, "relevance_score": pytest.approx(body["results"][0]["relevance_score"]),
+                                  "document": {"text": DOCS[1]}}
+    bare = (await client.post("/v1/rerank", json={"query": QUERY, "documents": DOCS, "return_documents": False})).json()
+    assert all("document" not in x for x in bare["results"])
+
+
+async def test_v1_document_objects_and_rank_fields(client: httpx.AsyncClient) -> None:
+    docs = [{"title": "Snakes", "text": "Python is a programming language", "id": "a"},
+            {"title": "AI", "text": "Machine learning is a subset of AI", "id": "b"}]
+    body = (await client.post("/v1/rerank", json={"query": QUERY, "documents": docs})).json()
+    assert body["results"][0]["document"] == docs[1]  # objects come back as sent
+    by_title = (await client.post("/v1/rerank", json={"query": "reptiles", "documents": docs, "rank_fields": ["title"]})).json()
+    assert by_title["results"][0]["index"] == 0
+    both = (await client.post("/v1/rerank", json={"query": QUERY, "documents": docs, "rank_fields": ["title", "text"]})).json()
+    assert both["results"][0]["index"] == 1
+    # the text scored for one rank field is exactly that field
+    plain = (await client.post("/v1/rerank", json={"query": QUERY, "documents": [d["text"] for d in docs]})).json()
+    assert plain["results"][0]["relevance_score"] == pytest.approx(body["results"][0]["relevance_score"], abs=1e-6)
+
+
+async def test_v2_shape(client: httpx.AsyncClient) -> None:
+    body = (await client.post("/v2/rerank", json={"model": "rerank-v3.5", "query": QUERY, "documents": DOCS, "top_n": 2})).json()
+    assert set(body) == {"id", "results", "meta"}
+    assert [set(x) for x in body["results"]] == [{"index", "relevance_score"}] * 2
+    assert body["results"][0]["index"] == 1
+    assert body["meta"]["api_version"] == {"version": "2"}
+
+
+async def test_chunked_long_documents_score_max_over_chunks(client: httpx.AsyncClient) -> None:
+    # The relevant sentence sits at the end of a long document: truncation loses it, chunking finds it.
+    filler = "The weather report says it will rain on Tuesday and the roads will be wet. " * 40
+    long_doc = filler + "Machine learning is a subset of AI."
+    docs = [long_doc, "Bananas are yellow fruit."]
+    truncated = (await client.post("/v1/rerank", json={"query": QUERY, "documents": docs})).json()
+    chunked = (await client.post("/v1/rerank", json={"query": QUERY, "documents": docs, "max_chunks_per_doc": 20})).json()
+    score = {r["index"]: r["relevance_score"] for r in truncated["results"]}
+    score_chunked = {r["index"]: r["relevance_score"] for r in chunked["results"]}
+    assert score_chunked[0] > score[0] + 0.1
+    assert score_chunked[1] == pytest.approx(score[1], abs=1e-6)  # a short document is one chunk
+    one_chunk = (await client.post("/v1/rerank", json={"query": QUERY, "documents": docs, "max_chunks_per_doc": 1})).json()
+    assert {r["index"]: r["relevance_score"] for r in one_chunk["results"]}[0] < score_chunked[0]
+    v2 = (await client.post("/v2/rerank", json={"query": QUERY, "documents": docs, "max_tokens_per_doc": 4096})).json()
+    assert {r["index"]: r["relevance_score"] for r in v2["results"]}[0] == pytest.approx(score_chunked[0], abs=1e-6)
+    v2_cut = (await client.post("/v2/rerank", json={"query": QUERY, "documents": docs, "max_tokens_per_doc": 50})).json()
+    assert {r["index"]: r["relevance_score"] for r in v2_cut["results"]}[0] < score_chunked[0]
+
+
+async def test_tei_truncation_options(client: httpx.AsyncClient) -> None:
+    long_doc = "rain " * 300 + "Machine learning is a subset of AI."
+    r = await client.post("/rerank", json={"query": QUERY, "texts": [long_doc], "truncate": False})
+    assert r.status_code == 422 and "texts.0" in r.json()["message"]
+    right = (await client.post("/rerank", json={"query": QUERY, "texts": [long_doc]})).json()
+    left = (await client.post("/rerank", json={"query": QUERY, "texts": [long_doc], "truncation_direction": "left"})).json()
+    assert left[0]["score"] > right[0]["score"] + 0.1
+
+
+async def test_api_keys(tmp_path: Any) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# one per line\nfile-key\n")
+    async with running_app(api_keys="k1, k2", api_keys_file=str(keys)) as c:
+        body = {"query": QUERY, "documents": DOCS}
+        assert (await c.post("/v1/rerank", json=body)).status_code == 401
+        bad = await c.post("/v1/rerank", json=body, headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401 and bad.json()["error"] == "unauthorized"
+        for key in ("k1", "k2", "file-key"):
+            assert (await c.post("/v1/rerank", json=body, headers={"Authorization": f"Bearer {key}"})).status_code == 200
+        assert (await c.get("/health")).status_code == 200  # probes stay open
+
+
+async def test_any_bearer_token_without_keys(client: httpx.AsyncClient) -> None:
+    r = await client.post("/v2/rerank", json={"query": QUERY, "documents": DOCS}, headers={"Authorization": "Bearer whatever"})
+    assert r.status_code == 200
+
+
+BAD_INPUTS = [
+    # (route, body or raw bytes, status, error code, words the message must contain)
+    ("/rerank", {"query": "", "documents": DOCS}, 422, "invalid_request", ["query", "empty"]),
+    ("/rerank", {"query": "   ", "texts": DOCS}, 422, "invalid_request", ["query", "empty"]),
+    ("/rerank", {"query": QUERY, "documents": []}, 422, "invalid_request", ["documents", "empty"]),
+    ("/rerank", {"query": QUERY}, 422, "invalid_request", ["documents", "required"]),
+    ("/rerank", {"query": QUERY, "documents": ["ok", 3]}, 422, "invalid_request", ["documents.1", "string"]),
+    ("/rerank", {"query": QUERY, "texts": []}, 422, "invalid_request", ["texts", "empty"]),
+    ("/rerank", {"query": QUERY, "documents": DOCS, "top_k": 0}, 422, "invalid_request", ["top_k", "greater than or equal to 1"]),
+    ("/v1/rerank", {"query": QUERY, "documents": DOCS, "top_n": 0}, 422, "invalid_request", ["top_n"]),
+    ("/v1/rerank", {"query": QUERY, "documents": [None]}, 422, "invalid_request", ["documents.0"]),
+    ("/v1/rerank", {"query": QUERY, "documents": [{"title": "x"}]}, 422, "invalid_request", ["documents.0", "text"]),
+    ("/v1/rerank", {"query": QUERY, "documents": DOCS, "max_chunks_per_doc": 0}, 422, "invalid_request", ["max_chunks_per_doc"]),
+    ("/v2/rerank", {"query": QUERY, "documents": [{"text": "objects are v1 only"}]}, 422, "invalid_request", ["documents.0"]),
+    ("/v2/rerank", {"query": QUERY, "documents": DOCS, "top_n": -1}, 422, "invalid_request", ["top_n"]),
+    ("/v2/rerank", {"documents": DOCS}, 422, "invalid_request", ["query", "required"]),
+    ("/v2/rerank", {"query": QUERY, "documents": ["d"] * 51}, 422, "invalid_request", ["51", "RERANKER_MAX_DOCUMENTS"]),
+    ("/v1/rerank", [1, 2], 422, "invalid_request", ["JSON object"]),
+    ("/v1/rerank", b"{not json", 400, "invalid_json", ["not valid JSON"]),
+    ("/rerank", b"", 400, "invalid_json", ["not valid JSON"]),
+    ("/v2/rerank", {"query": QUERY, "documents": ["x" * 70_000]}, 413, "payload_too_large", ["RERANKER_MAX_BODY_BYTES"]),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "code", "words"), BAD_INPUTS,
+                         ids=[f"{r}-{s}-{i}" for i, (r, _, s, _, _) in enumerate(BAD_INPUTS)])
+async def test_bad_input(client: httpx.AsyncClient, route: str, body: Any, status: int, code: str, words: list[str]) -> None:
+    if isinstance(body, bytes):
+        r = await client.post(route, content=body, headers={"content-type": "application/json"})
+    else:
+        r = await client.post(route, json=body)
+    assert r.status_code == status, r.text
+    payload = r.json()
+    assert set(payload) == {"error", "message"}
+    assert payload["error"] == code
+    for word in words:
+        assert word in payload["message"], payload["message"]
+    # and the server is still fine afterwards
+    assert (await client.post("/rerank", json={"query": QUERY, "documents": DOCS})).status_code == 200
+
+
+async def test_chunked_body_over_limit_without_content_length(client: httpx.AsyncClient) -> None:
+    async def stream() -> AsyncIterator[bytes]:
+        yield b'{"query": "q", "documents": ["'
+        for _ in range(100):
+            yield b"x" * 1024
+        yield b'"]}'
+    r = await client.post("/v1/rerank", content=stream(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+async def test_probes_and_metrics(client: httpx.AsyncClient) -> None:
+    await client.post("/rerank", json={"query": QUERY, "documents": DOCS})
+    health = (await client.get("/health")).json()
+    assert health["status"] == "healthy"
+    assert health["model"]["backend"] == "torch" and health["model"]["device"] == "cpu" and health["model"]["dtype"] == "fp32"
+    assert set(health["controller"]) >= {"waiting", "active", "available_slots", "max_parallel", "max_queue"}
+    assert (await client.get("/ready")).status_code == 200
+    text = (await client.get("/metrics")).text
+    for name in ("reranker_requests_total", "reranker_request_duration_seconds", "reranker_queue_wait_seconds",
+                 "reranker_inference_duration_seconds", "reranker_queue_depth", "reranker_inflight_requests",
+                 "reranker_batch_size", "reranker_batch_tokens", "reranker_pairs_scored_total", "reranker_tokens_total",
+                 "reranker_cache_hits_total", "reranker_cache_misses_total", "reranker_model_info"):
+        assert name in text, name
+    assert 'reranker_requests_total{route="/rerank",status="200"}' in text
+    summary = (await client.get("/metrics", headers={"accept": "application/json"})).json()
+    assert summary["total_requests"] >= 1
+    assert set(summary["queue_wait_ms"]) >= {"p50", "p95", "p99"}
+    assert set(summary["process_time_ms"]) >= {"p50", "p95", "p99"}
+    docs = (await client.get("/openapi.json")).json()
+    assert {"/rerank", "/v1/rerank", "/v2/rerank"} <= set(docs["paths"])
