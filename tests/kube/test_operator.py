@@ -1,0 +1,473 @@
+"""reranker-operator against a real control plane (etcd, kube-apiserver, controller-manager).
+
+The operator runs as a real subprocess (`reranker-operator --namespace NS`), driven through
+kubectl as a user would, once with the cluster-admin kubeconfig and once as a ServiceAccount
+bound to exactly the rules in operator/rbac/ (the `identity` parameter). There are no nodes,
+so pods never run: Ready must stay False, and the status must say why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "rerankerdeployments.reranker.dev.yaml"
+RBAC_DIR = REPO / "operator" / "rbac"
+OPERATOR_BIN = Path(sys.executable).parent / "reranker-operator"
+CHILD_KINDS = "configmaps,deployments,services,horizontalpodautoscalers,poddisruptionbudgets"
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Operator:
+    """One `reranker-operator` process; its log goes to a file."""
+
+    def __init__(self, cluster: Any, namespace: str, kubeconfig: str, log_path: Path) -> None:
+        self.cluster, self.namespace, self.kubeconfig = cluster, namespace, kubeconfig
+        self.log_path = log_path
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Operator:
+        self.port = free_port()
+        env = dict(os.environ, KUBECONFIG=self.kubeconfig)
+        log = open(self.log_path, "ab")
+        log.write(b"\n===== operator start =====\n")
+        log.flush()
+        self.proc = subprocess.Popen(
+            [str(OPERATOR_BIN), "--namespace", self.namespace,
+             "--liveness", f"http://127.0.0.1:{self.port}/healthz"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"operator exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                self.probe()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"operator not live after 60s:\n{self.log()}")
+                time.sleep(0.1)
+
+    def probe(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
+            return dict(json.loads(r.read()))
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        assert self.proc.returncode is not None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_log(self, text: str, *, count: int = 1, timeout: float = 30) -> None:
+        self.cluster.eventually(lambda: self.log().count(text) >= count, timeout=timeout,
+                                desc=f"{text!r} x{count} in the operator log")
+
+
+def rrd(name: str, **spec: Any) -> str:
+    body = {"apiVersion": "reranker.dev/v1alpha1", "kind": "RerankerDeployment",
+            "metadata": {"name": name},
+            "spec": {"model": {"id": "cross-encoder/ms-marco-MiniLM-L-6-v2"}, **spec}}
+    return json.dumps(body)
+
+
+def children(cluster: Any, ns: str, name: str) -> dict[tuple[str, str], dict[str, Any]]:
+    items = cluster.get_json(CHILD_KINDS, "-n", ns, "-l",
+                             f"app.kubernetes.io/instance={name}")["items"]
+    return {(i["kind"], i["metadata"]["name"]): i for i in items}
+
+
+def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or ()}
+
+
+def versions(cluster: Any, ns: str, name: str) -> dict[str, str]:
+    out = {f"{k}/{n}": o["metadata"]["resourceVersion"]
+           for (k, n), o in children(cluster, ns, name).items()}
+    out["RerankerDeployment"] = cluster.get_json("rrd", name, "-n", ns)["metadata"][
+        "resourceVersion"]
+    return out
+
+
+def settled_versions(cluster: Any, ns: str, name: str, quiet: float = 3.0,
+                     timeout: float = 60) -> dict[str, str]:
+    """Resource versions once nothing (controllers included) has changed for `quiet` s."""
+    deadline = time.monotonic() + timeout
+    last, since = versions(cluster, ns, name), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = versions(cluster, ns, name)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return now
+    raise AssertionError(f"objects kept changing for {timeout}s: {last}")
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def crd_installed(kube_cluster: Any) -> None:
+    kube_cluster.kubectl("apply", "-f", str(CRD))
+    kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
+                         "crd/rerankerdeployments.reranker.dev")
+
+
+def bind_rbac(cluster: Any, ns: str) -> tuple[str, Callable[[], None]]:
+    """operator/rbac/*.yaml, unchanged but for names (per test) and the namespace."""
+    suffix = f"reranker-operator-{ns}"
+    docs = []
+    for path in sorted(RBAC_DIR.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+            if doc["kind"] == "ServiceAccount":
+                doc["metadata"]["namespace"] = ns
+            elif doc["kind"] == "ClusterRole":
+                doc["metadata"]["name"] = suffix
+            elif doc["kind"] == "ClusterRoleBinding":
+                doc["metadata"]["name"] = suffix
+                doc["roleRef"]["name"] = suffix
+                for subject in doc["subjects"]:
+                    subject["namespace"] = ns
+            docs.append(doc)
+    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding",
+                                               "ServiceAccount"]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    kubeconfig = cluster.mint_kubeconfig(ns, "reranker-operator")
+
+    def cleanup() -> None:
+        cluster.kubectl("delete", "clusterrolebinding,clusterrole", suffix,
+                        "--ignore-not-found", check=False)
+    return kubeconfig, cleanup
+
+
+@pytest.fixture(params=["admin", "rbac"])
+def operator(request: pytest.FixtureRequest, kube_cluster: Any, kube_namespace: str,
+             crd_installed: None, tmp_path: Path) -> Iterator[Operator]:
+    """A running operator for `kube_namespace`: as cluster-admin, or as the ServiceAccount
+    bound to operator/rbac/."""
+    cleanup: Callable[[], None] = lambda: None  # noqa: E731
+    kubeconfig = kube_cluster.kubeconfig
+    if request.param == "rbac":
+        kubeconfig, cleanup = bind_rbac(kube_cluster, kube_namespace)
+        # The identity really is restricted.
+        denied = kube_cluster.kubectl("auth", "can-i", "get", "secrets", "-n", kube_namespace,
+                                      kubeconfig=kubeconfig, check=False)
+        assert denied.stdout.strip() == "no"
+    op = Operator(kube_cluster, kube_namespace, kubeconfig, tmp_path / "operator.log")
+    try:
+        yield op.start()
+    finally:
+        op.stop()
+        cleanup()
+        log = op.log()
+        print(f"----- operator log (tail) -----\n{log[-6000:]}")
+        assert "forbidden" not in log.lower(), "the operator hit an RBAC denial"
+        assert "Traceback" not in log, "the operator met an unexpected error"
+
+
+# --- tests ----------------------------------------------------------------------------------
+
+def test_apply_creates_owned_children_within_two_seconds(operator: Operator, kube_cluster: Any,
+                                                         kube_namespace: str) -> None:
+    ns, name = kube_namespace, "fleet"
+    kube_cluster.apply(rrd(name, device="cpu", quantization="int8",
+                           parallelism={"maxParallel": 3, "maxQueue": 128, "batchSize": 16,
+                                        "microBatching": {"enabled": True, "windowMs": 4}},
+                           autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 4}),
+                       namespace=ns)
+    t0 = time.monotonic()
+    expected = {("ConfigMap", f"{name}-config"), ("Deployment", name), ("Service", name),
+                ("HorizontalPodAutoscaler", name), ("PodDisruptionBudget", name)}
+    objs = kube_cluster.eventually(
+        lambda: (lambda got: got if set(got) == expected else None)(
+            children(kube_cluster, ns, name)),
+        timeout=2, interval=0.05, desc="all children")
+    elapsed = time.monotonic() - t0
+    assert elapsed < 2.0, f"children took {elapsed:.2f}s"
+
+    owner = kube_cluster.get_json("rrd", name, "-n", ns)
+    for key, obj in objs.items():
+        refs = obj["metadata"]["ownerReferences"]
+        assert refs == [{"apiVersion": "reranker.dev/v1alpha1", "kind": "RerankerDeployment",
+                         "name": name, "uid": owner["metadata"]["uid"], "controller": True,
+                         "blockOwnerDeletion": True}], key
+
+    # The pod template carries the settings (each from the ConfigMap) and the config hash.
+    data = objs[("ConfigMap", f"{name}-config")]["data"]
+    template = objs[("Deployment", name)]["spec"]["template"]
+    env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+    expected_settings = {"RERANKER_DEVICE": "cpu", "RERANKER_QUANTIZATION": "int8",
+                         "RERANKER_MAX_PARALLEL": "3", "RERANKER_MAX_QUEUE": "128",
+                         "RERANKER_BATCH_SIZE": "16", "MICRO_BATCH_ENABLED": "true",
+                         "MICRO_BATCH_WINDOW_MS": "4"}
+    for key, value in expected_settings.items():
+        assert data[key] == value
+        assert env[key]["valueFrom"]["configMapKeyRef"] == {"name": f"{name}-config",
+                                                           "key": key}
+    assert template["metadata"]["annotations"]["reranker.dev/config-hash"]
+
+    # No nodes: the pods never become ready, and the status says so.
+    def not_ready_status() -> dict[str, Any] | None:
+        obj = kube_cluster.get_json("rrd", name, "-n", ns)
+        ready = conditions(obj).get("Ready")
+        if ready and ready["reason"] == "ReplicasNotReady":
+            return obj
+        return None
+    obj = kube_cluster.eventually(not_ready_status, timeout=30, desc="Ready=False with reason")
+    st, c = obj["status"], conditions(obj)
+    assert c["Ready"]["status"] == "False"
+    assert "0/1 replicas ready" in c["Ready"]["message"]
+    assert c["Ready"]["observedGeneration"] == obj["metadata"]["generation"]
+    assert c["Available"]["status"] == "False"
+    assert c["Progressing"]["status"] == "True"
+    assert c["Degraded"]["status"] == "False"
+    assert st["observedGeneration"] == obj["metadata"]["generation"]
+    assert st["selector"] == (f"app.kubernetes.io/component=server,"
+                              f"app.kubernetes.io/instance={name},app.kubernetes.io/name=reranker")
+    assert st["url"] == f"http://{name}.{ns}.svc:8000"
+    assert (st["replicas"], st["readyReplicas"]) == (1, 0)
+    assert "phase" not in st
+
+    # kubectl shows the printer columns, the Ready condition included.
+    table = kube_cluster.kubectl("get", "rrd", name, "-n", ns).stdout.splitlines()
+    assert table[0].split() == ["NAME", "MODEL", "DEVICE", "QUANTIZATION", "REPLICAS", "READY",
+                                "EXTERNAL", "STATUS", "AGE"]
+    assert table[1].split()[:8] == [name, "cross-encoder/ms-marco-MiniLM-L-6-v2", "cpu", "int8",
+                                    "1", "0", "0", "False"]
+    # An Event records the creation of the children.
+    events = kube_cluster.get_json("events", "-n", ns,
+                                   "--field-selector", f"involvedObject.name={name},"
+                                   "involvedObject.kind=RerankerDeployment")["items"]
+    assert any(e["reason"] == "Created" and "Deployment" in e["message"] for e in events)
+
+
+def test_scale_goes_through_the_reranker_deployment(operator: Operator, kube_cluster: Any,
+                                                     kube_namespace: str) -> None:
+    ns, name = kube_namespace, "scaled"
+    kube_cluster.apply(rrd(name, autoscaling={"enabled": True, "minReplicas": 1,
+                                              "maxReplicas": 5}), namespace=ns)
+    kube_cluster.eventually(lambda: ("Deployment", name) in children(kube_cluster, ns, name),
+                            timeout=10, desc="Deployment")
+    hpa = kube_cluster.get_json("hpa", name, "-n", ns)
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "reranker.dev/v1alpha1",
+                                             "kind": "RerankerDeployment", "name": name}
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "reranker_queue_depth"
+
+    kube_cluster.kubectl("scale", "rrd", name, "-n", ns, "--replicas=3")
+    kube_cluster.eventually(
+        lambda: kube_cluster.get_json("deployment", name, "-n", ns)["spec"]["replicas"] == 3,
+        timeout=10, desc="Deployment replicas 3")
+    # The scale subresource reads back through the RerankerDeployment's status.
+    scale = json.loads(kube_cluster.kubectl(
+        "get", "--raw",
+        f"/apis/reranker.dev/v1alpha1/namespaces/{ns}/rerankerdeployments/{name}/scale").stdout)
+    assert scale["spec"]["replicas"] == 3
+    kube_cluster.eventually(
+        lambda: json.loads(kube_cluster.kubectl("get", "--raw",
+                                                f"/apis/reranker.dev/v1alpha1/namespaces/{ns}/"
+                                                f"rerankerdeployments/{name}/scale").stdout)
+        ["status"].get("replicas") == 3, timeout=20, desc="scale status replicas 3")
+    assert "app.kubernetes.io/instance=" + name in scale["status"]["selector"]
+    # The operator copied replicas down and never wrote them back up.
+    assert kube_cluster.get_json("rrd", name, "-n", ns)["spec"]["replicas"] == 3
+
+
+def test_settings_change_rolls_the_pods(operator: Operator, kube_cluster: Any,
+                                        kube_namespace: str) -> None:
+    ns, name = kube_namespace, "tuned"
+    kube_cluster.apply(rrd(name, parallelism={"maxParallel": 2}), namespace=ns)
+
+    def template_hash() -> str | None:
+        dep = children(kube_cluster, ns, name).get(("Deployment", name))
+        return dep and dep["spec"]["template"]["metadata"]["annotations"][
+            "reranker.dev/config-hash"]
+    before = kube_cluster.eventually(template_hash, timeout=10, desc="Deployment")
+    kube_cluster.kubectl("patch", "rrd", name, "-n", ns, "--type", "merge", "-p",
+                         json.dumps({"spec": {"parallelism": {"maxParallel": 6}}}))
+    after = kube_cluster.eventually(lambda: (h := template_hash()) != before and h,
+                                    timeout=10, desc="a new config hash")
+    assert after != before
+    cm = kube_cluster.get_json("configmap", f"{name}-config", "-n", ns)
+    assert cm["data"]["RERANKER_MAX_PARALLEL"] == "6"
+    # Scaling alone does not roll the pods.
+    kube_cluster.kubectl("scale", "rrd", name, "-n", ns, "--replicas=2")
+    kube_cluster.eventually(
+        lambda: kube_cluster.get_json("deployment", name, "-n", ns)["spec"]["replicas"] == 2,
+        timeout=10, desc="replicas 2")
+    assert template_hash() == after
+
+
+def test_deleted_or_edited_children_come_back(operator: Operator, kube_cluster: Any,
+                                              kube_namespace: str) -> None:
+    ns, name = kube_namespace, "drift"
+    kube_cluster.apply(rrd(name), namespace=ns)
+    objs = kube_cluster.eventually(
+        lambda: (lambda got: got if len(got) == 4 else None)(children(kube_cluster, ns, name)),
+        timeout=10, desc="children")
+    old_uids = {k: o["metadata"]["uid"] for k, o in objs.items()}
+
+    kube_cluster.kubectl("delete", "service", name, "-n", ns, "--ignore-not-found")
+    kube_cluster.kubectl("delete", "configmap", f"{name}-config", "-n", ns,
+                         "--ignore-not-found")
+    kube_cluster.kubectl("delete", "pdb", name, "-n", ns, "--ignore-not-found")
+
+    def restored() -> bool:
+        got = children(kube_cluster, ns, name)
+        return set(got) == set(old_uids) and all(
+            got[k]["metadata"]["uid"] != old_uids[k]
+            for k in [("Service", name), ("ConfigMap", f"{name}-config"),
+                      ("PodDisruptionBudget", name)])
+    kube_cluster.eventually(restored, timeout=10, desc="deleted children recreated")
+
+    # Hand edits of fields the operator owns are reverted.
+    kube_cluster.kubectl("patch", "deployment", name, "-n", ns, "--type", "merge", "-p",
+                         json.dumps({"spec": {"replicas": 5}}))
+    kube_cluster.kubectl("patch", "configmap", f"{name}-config", "-n", ns, "--type", "merge",
+                         "-p", json.dumps({"data": {"RERANKER_DEVICE": "cuda"}}))
+    kube_cluster.eventually(
+        lambda: kube_cluster.get_json("deployment", name, "-n", ns)["spec"]["replicas"] == 1
+        and kube_cluster.get_json("configmap", f"{name}-config", "-n", ns)["data"][
+            "RERANKER_DEVICE"] == "cpu",
+        timeout=10, desc="edits reverted")
+
+
+def test_deleting_the_resource_garbage_collects_everything(operator: Operator,
+                                                           kube_cluster: Any,
+                                                           kube_namespace: str) -> None:
+    ns, name = kube_namespace, "doomed"
+    kube_cluster.apply(rrd(name, autoscaling={"enabled": True}), namespace=ns)
+    kube_cluster.eventually(lambda: len(children(kube_cluster, ns, name)) == 5, timeout=10,
+                            desc="children")
+    assert not kube_cluster.get_json("rrd", name, "-n", ns)["metadata"].get("finalizers")
+    kube_cluster.kubectl("delete", "rrd", name, "-n", ns, "--timeout", "30s")
+    kube_cluster.eventually(lambda: children(kube_cluster, ns, name) == {}, timeout=60,
+                            desc="children garbage-collected")
+    pods = kube_cluster.get_json("pods", "-n", ns, "-l",
+                                 f"app.kubernetes.io/instance={name}")["items"]
+    kube_cluster.eventually(
+        lambda: not kube_cluster.get_json("replicasets,pods", "-n", ns, "-l",
+                                          f"app.kubernetes.io/instance={name}")["items"],
+        timeout=60, desc=f"ReplicaSets and {len(pods)} pods garbage-collected")
+    time.sleep(2)  # nothing is recreated behind the collector's back
+    assert children(kube_cluster, ns, name) == {}
+
+
+def test_restart_creates_nothing_and_writes_nothing(operator: Operator, kube_cluster: Any,
+                                                    kube_namespace: str) -> None:
+    ns, name = kube_namespace, "steady"
+    kube_cluster.apply(rrd(name, autoscaling={"enabled": True},
+                           cache={"redis": {"managed": {"enabled": True}}}), namespace=ns)
+    kube_cluster.eventually(
+        lambda: conditions(kube_cluster.get_json("rrd", name, "-n", ns)).get(
+            "Ready", {}).get("reason") == "ReplicasNotReady",
+        timeout=30, desc="converged status")
+    before = settled_versions(kube_cluster, ns, name)
+    assert len(before) == 8  # cm, deploy, svc, hpa, pdb, redis deploy + svc, the rrd
+    writes_before = operator.probe()["api_writes"]
+    assert writes_before >= 7
+
+    operator.stop()
+    operator.start()
+    operator.wait_log("Resuming is processed", timeout=30)
+    time.sleep(3)  # let any late write land
+    assert operator.probe()["api_writes"] == 0
+    assert versions(kube_cluster, ns, name) == before
+    kinds = [k for k, _ in children(kube_cluster, ns, name)]
+    assert sorted(kinds) == ["ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler",
+                             "PodDisruptionBudget", "Service", "Service"]
+
+
+def test_spec_the_schema_cannot_catch_becomes_degraded(operator: Operator, kube_cluster: Any,
+                                                       kube_namespace: str) -> None:
+    ns = kube_namespace
+    # requests > limits: valid for the CRD schema, refused by the operator's own checks.
+    kube_cluster.apply(rrd("greedy", resources={"requests": {"cpu": "2"},
+                                                "limits": {"cpu": "1"}}), namespace=ns)
+    # An affinity the CRD passes through but the Deployment API rejects.
+    kube_cluster.apply(rrd("lost", affinity={"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}),
+        namespace=ns)
+
+    def degraded(name: str) -> dict[str, Any] | None:
+        obj = kube_cluster.get_json("rrd", name, "-n", ns)
+        c = conditions(obj).get("Degraded")
+        return obj if c and c["status"] == "True" else None
+
+    greedy = kube_cluster.eventually(lambda: degraded("greedy"), timeout=15, desc="Degraded")
+    c = conditions(greedy)
+    assert c["Degraded"]["reason"] == "InvalidSpec"
+    assert "resources.requests.cpu must be less than or equal to" in c["Degraded"]["message"]
+    assert c["Ready"]["status"] == "False" and c["Ready"]["reason"] == "InvalidSpec"
+    assert children(kube_cluster, ns, "greedy") == {}
+
+    lost = kube_cluster.eventually(lambda: degraded("lost"), timeout=15, desc="Degraded")
+    c = conditions(lost)
+    assert c["Degraded"]["reason"] == "ChildRejected"
+    assert "Deployment lost rejected by the API server" in c["Degraded"]["message"]
+    assert "nodeSelectorTerms" in c["Degraded"]["message"]
+    assert ("Deployment", "lost") not in children(kube_cluster, ns, "lost")
+
+    # Permanent: no retry loop, so nothing changes any more.
+    operator.wait_log("failed permanently", count=2, timeout=15)
+    before = versions(kube_cluster, ns, "greedy"), versions(kube_cluster, ns, "lost")
+    time.sleep(5)
+    assert (versions(kube_cluster, ns, "greedy"), versions(kube_cluster, ns, "lost")) == before
+
+    # Fixing the spec recovers.
+    kube_cluster.kubectl("patch", "rrd", "greedy", "-n", ns, "--type", "merge", "-p",
+                         json.dumps({"spec": {"resources": {"limits": {"cpu": "4"}}}}))
+    kube_cluster.eventually(
+        lambda: conditions(kube_cluster.get_json("rrd", "greedy", "-n", ns))["Degraded"][
+            "status"] == "False" and ("Deployment", "greedy") in children(kube_cluster, ns,
+                                                                          "greedy"),
+        timeout=15, desc="recovered")
+
+
+def test_service_monitor_without_its_crd_is_reported(operator: Operator, kube_cluster: Any,
+                                                     kube_namespace: str) -> None:
+    served = kube_cluster.kubectl("api-resources", "--api-group=monitoring.coreos.com",
+                                  "-o", "name").stdout.strip()
+    assert served == "", "this test needs a cluster without the Prometheus Operator CRDs"
+    ns, name = kube_namespace, "watched"
+    kube_cluster.apply(rrd(name, monitoring={"serviceMonitor": {"enabled": True}}),
+                       namespace=ns)
+    obj = kube_cluster.eventually(
+        lambda: (lambda o: o if conditions(o).get("Degraded", {}).get("status") == "True"
+                 else None)(kube_cluster.get_json("rrd", name, "-n", ns)),
+        timeout=15, desc="Degraded")
+    c = conditions(obj)["Degraded"]
+    assert c["reason"] == "ServiceMonitorUnavailable"
+    assert "ServiceMonitor CRD (monitoring.coreos.com/v1) is not installed" in c["message"]
+    # The rest is reconciled normally.
+    assert len(children(kube_cluster, ns, name)) == 4
