@@ -19,12 +19,10 @@ import copy
 import hashlib
 import json
 from collections.abc import Mapping
-from decimal import Decimal
 from typing import Any
 
-from kubernetes.utils import parse_quantity
-
 from reranker import contract
+from reranker_operator.spec import quantity
 
 ANNOTATION_APPLIED_HASH = f"{contract.API_GROUP}/applied-hash"
 
@@ -61,7 +59,7 @@ def _empty(value: Any) -> bool:
 
 def _quantities_equal(a: Any, b: Any) -> bool:
     try:
-        return Decimal(parse_quantity(a)) == Decimal(parse_quantity(b))
+        return quantity(a) == quantity(b)
     except (ValueError, TypeError, ArithmeticError):
         return False
 

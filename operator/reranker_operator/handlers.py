@@ -29,6 +29,7 @@ from reranker_operator.settings import OperatorConfig, configure_kopf
 RRD = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL_DEPLOYMENT)
 MANAGED = {manifests.LABEL_MANAGED_BY: manifests.OPERATOR_NAME}
 CONFIG = OperatorConfig.from_env()  # the timer's interval is fixed at import
+Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
 def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,7 +38,7 @@ def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger,
+def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
             **_: Any) -> None:
     configure_kopf(settings)
     config = getattr(memo, "config", None) or CONFIG
@@ -49,7 +50,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Lo
 
 
 @kopf.on.probe(id="api_writes")
-def api_writes(memo: kopf.Memo, **_: Any) -> int:
+def api_writes(memo: Any, **_: Any) -> int:
     """Writes the reconciler has sent (the liveness endpoint shows it; idle means constant)."""
     return int(memo.kube.writes)
 
@@ -57,8 +58,8 @@ def api_writes(memo: kopf.Memo, **_: Any) -> int:
 # --- indices: the in-memory view of the RerankerDeployments and their children --------------
 
 @kopf.index(*RRD)
-def rerankers(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[OwnerKey, Any]:
-    return {(namespace, name): _snapshot(body)}
+def rerankers(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[OwnerKey, Any]:
+    return {(str(namespace), name): _snapshot(body)}
 
 
 def _child(body: kopf.Body, api_version: str, kind: str) -> dict[OwnerKey, Any] | None:
@@ -118,7 +119,7 @@ def _raise_for(outcome: Outcome) -> None:
 @kopf.on.resume(*RRD)
 @kopf.on.create(*RRD)
 @kopf.on.update(*RRD)
-async def reconcile_reranker(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+async def reconcile_reranker(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     owner = _snapshot(body)
     outcome = await memo.reconciler.reconcile(owner, _live(owner_key(owner), kwargs),
                                               thorough=True)
@@ -126,7 +127,7 @@ async def reconcile_reranker(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) ->
 
 
 @kopf.timer(*RRD, interval=CONFIG.resync_seconds, initial_delay=CONFIG.resync_seconds)
-async def resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
+async def resync(body: kopf.Body, memo: Any, logger: Logger,
                  **kwargs: Any) -> None:
     owner = _snapshot(body)
     outcome = await memo.reconciler.reconcile(owner, _live(owner_key(owner), kwargs),
@@ -137,14 +138,14 @@ async def resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
 
 
 @kopf.on.event(*RRD)
-def forget_deleted(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+def forget_deleted(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
     if type == "DELETED":
         memo.reconciler.forget(body.metadata.uid)
 
 
 # --- children: any change (or deletion) re-runs the owner's pass ----------------------------
 
-async def _child_changed(body: kopf.Body, memo: kopf.Memo, indices: Mapping[str, Any]) -> None:
+async def _child_changed(body: kopf.Body, memo: Any, indices: Mapping[str, Any]) -> None:
     key = owner_of(body)
     if key is None:
         return
@@ -155,25 +156,25 @@ async def _child_changed(body: kopf.Body, memo: kopf.Memo, indices: Mapping[str,
 
 
 @kopf.on.event("v1", "configmaps", labels=MANAGED)
-async def configmap_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+async def configmap_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     await _child_changed(body, memo, kwargs)
 
 
 @kopf.on.event("v1", "services", labels=MANAGED)
-async def service_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+async def service_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     await _child_changed(body, memo, kwargs)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=MANAGED)
-async def deployment_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+async def deployment_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     await _child_changed(body, memo, kwargs)
 
 
 @kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers", labels=MANAGED)
-async def hpa_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+async def hpa_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     await _child_changed(body, memo, kwargs)
 
 
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
-async def pdb_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+async def pdb_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     await _child_changed(body, memo, kwargs)

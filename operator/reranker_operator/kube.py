@@ -47,9 +47,11 @@ def load_config() -> kubernetes.client.ApiClient:
     """In a pod: its ServiceAccount; elsewhere: $KUBECONFIG or ~/.kube/config."""
     configuration = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_incluster_config(client_configuration=configuration)
+        kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=configuration)
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration)
     return kubernetes.client.ApiClient(configuration)
 
 
@@ -88,7 +90,7 @@ class Kube:
             header_params=headers, body=body, auth_settings=["BearerToken"])
         response = self.api.call_api(method, url, header_params=headers, body=body,
                                      _request_timeout=self.timeout)
-        data = response.read()
+        data = response.read()  # type: ignore[no-untyped-call]
         if not 200 <= response.status < 300:
             raise ApiException(http_resp=response)
         return json.loads(data) if data else None

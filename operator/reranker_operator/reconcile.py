@@ -18,7 +18,7 @@ import dataclasses
 import datetime
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -116,7 +116,8 @@ EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
 def post_event(owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
     """A Kubernetes Event on the RerankerDeployment (through Kopf's background poster)."""
     try:
-        kopf.event(kopf.Body(dict(owner)), type=type_, reason=reason, message=message)
+        kopf.event(kopf.Body(cast(kopf.RawBody, dict(owner))), type=type_, reason=reason,
+                   message=message)
     except LookupError:  # outside a Kopf context (unit tests): log only
         logger.info("event %s %s: %s", type_, reason, message)
 

@@ -30,6 +30,11 @@ DEFAULT_DRAIN_SECONDS = 30
 DEFAULT_SERVICE_PORT = 8000
 
 
+def quantity(value: Any) -> Decimal:
+    """A Kubernetes quantity ("500m", "2Gi", 3) as a number; ValueError if it is not one."""
+    return Decimal(parse_quantity(value))  # type: ignore[no-untyped-call]
+
+
 class InvalidSpec(ValueError):
     """The spec cannot be realised; the message says which field and why."""
 
@@ -167,8 +172,8 @@ def _check_quantities(where: str, resources: Mapping[str, Any] | None) -> None:
     for section in ("limits", "requests"):
         for name, value in ((resources or {}).get(section) or {}).items():
             try:
-                parse_quantity(value)
-            except ValueError:
+                quantity(value)
+            except (ValueError, ArithmeticError):
                 raise InvalidSpec(f"{where}.{section}.{name}: {value!r} is not a quantity") from None
 
 
@@ -177,7 +182,7 @@ def _check_resources(resources: Mapping[str, Any] | None) -> None:
     limits = (resources or {}).get("limits") or {}
     requests = (resources or {}).get("requests") or {}
     for name in set(limits) & set(requests):
-        if Decimal(parse_quantity(requests[name])) > Decimal(parse_quantity(limits[name])):
+        if quantity(requests[name]) > quantity(limits[name]):
             raise InvalidSpec(f"resources.requests.{name} must be less than or equal to "
                               f"resources.limits.{name}")
 

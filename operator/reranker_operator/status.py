@@ -38,22 +38,25 @@ def _condition(type_: str, ok: bool, reason: str, message: str, *, generation: i
                previous: Mapping[str, Mapping[str, Any]], now: str) -> dict[str, Any]:
     status = "True" if ok else "False"
     before = previous.get(type_)
-    changed = before is None or before.get("status") != status
+    if before is None or before.get("status") != status:
+        transition_time = now
+    else:
+        transition_time = str(before.get("lastTransitionTime") or now)
     return {
         "type": type_,
         "status": status,
         "reason": reason,
         "message": message,
         "observedGeneration": generation,
-        "lastTransitionTime": now if changed else before.get("lastTransitionTime", now),
+        "lastTransitionTime": transition_time,
     }
 
 
 def _deployment_condition(deployment: Mapping[str, Any] | None, type_: str
                           ) -> Mapping[str, Any] | None:
     for cond in ((deployment or {}).get("status") or {}).get("conditions") or ():
-        if cond.get("type") == type_:
-            return cond
+        if isinstance(cond, Mapping) and cond.get("type") == type_:
+            return dict(cond)
     return None
 
 
@@ -76,10 +79,10 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
     observed = deployment is not None and int(dstatus.get("observedGeneration") or 0) >= int(
         (deployment.get("metadata") or {}).get("generation") or 0)
 
-    progress = _deployment_condition(deployment, "Progressing")
-    deadline_exceeded = progress is not None and progress.get("reason") == "ProgressDeadlineExceeded"
-    replica_failure = _deployment_condition(deployment, "ReplicaFailure")
-    failing = replica_failure is not None and replica_failure.get("status") == "True"
+    progress = _deployment_condition(deployment, "Progressing") or {}
+    deadline_exceeded = progress.get("reason") == "ProgressDeadlineExceeded"
+    replica_failure = _deployment_condition(deployment, "ReplicaFailure") or {}
+    failing = replica_failure.get("status") == "True"
 
     blocking = [p for p in problems if p.blocking]
     rolled_out = observed and updated == desired and replicas == desired
