@@ -138,7 +138,7 @@ async def resync(body: kopf.Body, memo: Any, logger: Logger,
 
 
 @kopf.on.event(*RRD)
-def forget_deleted(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+async def forget_deleted(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
     if type == "DELETED":
         memo.reconciler.forget(body.metadata.uid)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -75,8 +76,13 @@ class Kube:
     def __init__(self, api: kubernetes.client.ApiClient, *, timeout: float = 30.0) -> None:
         self.api = api
         self.timeout = timeout
-        #: Write requests sent (apply, delete, status patch): the idle operator keeps it at 0.
-        self.writes = 0
+        self._writes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def writes(self) -> int:
+        """Write requests sent (apply, delete, status patch): an idle operator sends none."""
+        return self._writes
 
     def _request(self, method: str, path: str, *, query: list[tuple[str, str]] | None = None,
                  body: Any = None, content_type: str | None = None) -> Any:
@@ -84,7 +90,8 @@ class Kube:
         if content_type:
             headers["Content-Type"] = content_type
         if method != "GET":
-            self.writes += 1
+            with self._lock:
+                self._writes += 1
         method, url, headers, body, _ = self.api.param_serialize(
             method=method, resource_path=path, query_params=query or [],
             header_params=headers, body=body, auth_settings=["BearerToken"])

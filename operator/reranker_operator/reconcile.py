@@ -90,6 +90,10 @@ class Outcome:
     status_written: bool = False
     retry: str | None = None  # a transient failure: worth another try later
     deployment: Mapping[str, Any] | None = None  # the server Deployment as last applied
+    # (kind, name, applied hash, message) of manifests the API server refused, and
+    # (kind, name) of the ones it accepted: remembered by the reconciler after the pass.
+    rejected: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
+    accepted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def permanent(self) -> status.Problem | None:
@@ -143,9 +147,9 @@ class Reconciler:
         self._rejected: dict[tuple[str, str, str], tuple[str, str]] = {}
 
     def forget(self, uid: str | None) -> None:
-        """Drop the memory of a deleted RerankerDeployment."""
+        """Drop the memory of a deleted RerankerDeployment (call from the event loop)."""
         self._last_status.pop(str(uid), None)
-        for key in [k for k in self._rejected if k[0] == uid]:
+        for key in [k for k in self._rejected if k[0] == str(uid)]:
             del self._rejected[key]
 
     async def reconcile(self, owner: Mapping[str, Any], live: Live, *,
@@ -167,6 +171,11 @@ class Reconciler:
                 await asyncio.to_thread(self._execute, owner, plan, outcome,
                                         thorough=thorough,
                                         service_monitor_wanted=service_monitor_wanted)
+                uid = str(owner["metadata"].get("uid"))
+                for kind, name in outcome.accepted:
+                    self._rejected.pop((uid, kind, name), None)
+                for kind, name, digest, message in outcome.rejected:
+                    self._rejected[(uid, kind, name)] = (digest, message)
             elif service_monitor_wanted:
                 # Without a thorough pass the ServiceMonitor's state is unknown: keep
                 # reporting what the last thorough pass found.
@@ -217,7 +226,8 @@ class Reconciler:
 
     def _execute(self, owner: Mapping[str, Any], plan: _Plan, outcome: Outcome, *,
                  thorough: bool, service_monitor_wanted: bool) -> None:
-        uid = str(owner["metadata"].get("uid"))
+        """Runs in a worker thread: touches only `outcome` and the API, never `self`'s
+        memory (the event loop owns that)."""
         namespace = owner["metadata"]["namespace"]
         to_apply = list(plan.apply)
         if thorough and plan.spec is not None:
@@ -236,7 +246,7 @@ class Reconciler:
                 if e.status in (400, 422):
                     message = f"{_ref(obj)} rejected by the API server: {error_message(e)}"
                     digest = obj["metadata"]["annotations"][drift.ANNOTATION_APPLIED_HASH]
-                    self._rejected[(uid, obj["kind"], name)] = (digest, message)
+                    outcome.rejected.append((obj["kind"], name, digest, message))
                     outcome.problems.append(status.Problem("ChildRejected", message))
                 else:
                     message = f"cannot apply {_ref(obj)}: {error_message(e)}"
@@ -248,7 +258,7 @@ class Reconciler:
                                                        f"{_ref(obj)}: {e}"))
                 outcome.retry = str(e)
                 continue
-            self._rejected.pop((uid, obj["kind"], name), None)
+            outcome.accepted.append((obj["kind"], name))
             was_live = (obj["kind"], name) in plan.live_keys
             (outcome.updated if was_live else outcome.created).append(_ref(obj))
             if obj["kind"] == "Deployment" and name == owner["metadata"]["name"]:
