@@ -61,19 +61,21 @@ class Ranker:
         keys = [self.cache.key(pair) for pair in pairs]
         scores = await self.cache.get_many(keys)
 
-        unique_missing = [k for k in dict.fromkeys(keys) if k not in scores]
+        lengths = await asyncio.to_thread(self.backend.pair_lengths, pairs)
+        # No await from here until the jobs are queued: concurrent requests see each other's jobs.
+        length_of = dict(zip(keys, lengths))
         pair_of = dict(zip(keys, pairs))
         waiting: dict[str, Job] = {}
         new_keys: list[str] = []
-        for key in unique_missing:
+        for key in dict.fromkeys(keys):
+            if key in scores:
+                continue
             job = self.inflight.get(key)
             if job is not None and not job.cancelled:
                 waiting[key] = job
                 self.metrics.dedup.labels(scope="local").inc()
             else:
                 new_keys.append(key)
-        lengths = await asyncio.to_thread(self.backend.pair_lengths, pairs)
-        length_of = dict(zip(keys, lengths))
         if new_keys:
             self.admission.admit(len(new_keys))
             loop = asyncio.get_running_loop()

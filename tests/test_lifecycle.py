@@ -1,0 +1,116 @@
+"""The server process's life: readiness, graceful shutdown on SIGTERM, and disconnected clients.
+
+These run the real `reranker serve` under uvicorn in a subprocess, because signals and TCP
+disconnects are what they test.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from urllib.parse import urlparse
+
+import httpx
+
+from conftest import ServerProcess
+
+WORDS = "apple river data model kernel queue cache python paris token server batch query night fast".split()
+
+
+def docs(n: int, tag: str, words: int = 120) -> list[str]:
+    return [f"{tag} {i} " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words)) for i in range(n)]
+
+
+def post_in_thread(url: str, body: dict, out: list) -> threading.Thread:  # type: ignore[type-arg]
+    def run() -> None:
+        try:
+            r = httpx.post(url, json=body, timeout=120)
+            out.append((r.status_code, dict(r.headers), r.text))
+        except httpx.HTTPError as exc:  # recorded: the test asserts none happened
+            out.append((0, {}, repr(exc)))
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def summary(server: ServerProcess) -> dict:  # type: ignore[type-arg]
+    return httpx.get(server.url + "/metrics", headers={"accept": "application/json"}, timeout=10).json()
+
+
+def test_sigterm_drains_in_flight_work_and_exits_zero(uvicorn_server: Callable[..., ServerProcess]) -> None:
+    server = uvicorn_server({"ENABLE_PREDICTION_CACHE": "false", "RERANKER_BATCH_SIZE": "8", "RERANKER_DRAIN_SECONDS": "60"})
+    results: list = []  # type: ignore[type-arg]
+    threads = [post_in_thread(server.url + "/rerank", {"query": f"query {i}", "documents": docs(40, f"t{i}")}, results)
+               for i in range(6)]
+    deadline = time.monotonic() + 10
+    while summary(server)["controller"]["inflight_requests"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert summary(server)["controller"]["inflight_requests"] == 6
+    server.proc.send_signal(signal.SIGTERM)
+    saw_unready, refused = False, None
+    deadline = time.monotonic() + 60
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if httpx.get(server.url + "/ready", timeout=1).status_code == 503:
+                saw_unready = True
+                if refused is None:
+                    refused = httpx.post(server.url + "/rerank", json={"query": "late", "documents": ["x"]}, timeout=5)
+        except httpx.HTTPError:
+            pass  # the socket closes once drained
+        time.sleep(0.05)
+    for t in threads:
+        t.join(60)
+    assert server.proc.wait(30) == 0
+    assert saw_unready, "/ready never answered 503 while draining"
+    assert refused is not None and refused.status_code == 503 and "retry-after" in refused.headers
+    assert [status for status, _, _ in results] == [200] * 6, results
+    assert all(len(json.loads(text)["results"]) == 40 for _, _, text in results)
+
+
+def test_disconnected_client_pairs_are_not_computed(uvicorn_server: Callable[..., ServerProcess]) -> None:
+    server = uvicorn_server({"ENABLE_PREDICTION_CACHE": "false", "RERANKER_BATCH_SIZE": "4", "MICRO_BATCH_WINDOW_MS": "0"})
+    out: list = []  # type: ignore[type-arg]
+    busy = post_in_thread(server.url + "/rerank", {"query": "busy", "documents": docs(60, "busy")}, out)
+    time.sleep(0.3)
+    # The client that goes away: a raw socket, closed before its answer can come.
+    body = json.dumps({"query": "gone", "documents": docs(60, "gone")}).encode()
+    url = urlparse(server.url)
+    sock = socket.create_connection((url.hostname, url.port))
+    sock.sendall(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    time.sleep(0.2)
+    sock.close()
+    busy.join(120)
+    assert out and out[0][0] == 200
+    deadline = time.monotonic() + 30
+    while summary(server)["controller"]["waiting"] or summary(server)["controller"]["active"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'reranker_rejected_total{reason="client_gone"} 1.0' in metrics
+    scored = summary(server)["pairs_scored"]
+    assert 60 <= scored <= 60 + 4, scored  # at most one batch of the gone client's pairs had started
+
+
+def test_ready_is_503_until_loaded_and_warm(uvicorn_server: Callable[..., ServerProcess]) -> None:
+    server = uvicorn_server(wait=False)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(server.url + "/ready", timeout=1)
+            seen.add(r.status_code)
+            if r.status_code == 503:
+                assert httpx.get(server.url + "/health", timeout=1).json()["status"] == "loading"
+                early = httpx.post(server.url + "/rerank", json={"query": "q", "documents": ["d"]}, timeout=5)
+                assert early.status_code == 503 and early.json()["error"] == "not_ready"
+            if r.status_code == 200:
+                break
+        except httpx.ConnectError:
+            pass
+        time.sleep(0.02)
+    assert 200 in seen and 503 in seen, seen
