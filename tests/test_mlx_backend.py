@@ -136,12 +136,16 @@ def test_minilm_matches_torch_and_sentence_transformers(minilm_pair: tuple[Backe
     assert mlx.info.model == ref.info.model == "sentence-transformers/all-MiniLM-L6-v2"
     lengths = assert_same_tokens(ref, mlx, PAIRS)
     assert lengths[2] == mlx.info.max_length == 256, "the long document must be truncated to 256 tokens"
-    scores = mlx.score(PAIRS)
-    assert max_diff(scores, ref.score(PAIRS)) <= TOL
+    # Two batches, to keep the reference-BLAS CPU build quick: the truncated one on its own, and the
+    # others together (mixed lengths, so most rows are padded).
+    long_batch, mixed = [PAIRS[2]], [p for i, p in enumerate(PAIRS) if i != 2]
+    pairs = long_batch + mixed
+    scores = mlx.score(long_batch) + mlx.score(mixed)
+    assert max_diff(scores, ref.score(long_batch) + ref.score(mixed)) <= TOL
 
     st = SentenceTransformer(str(minilm), device="cpu")
-    q = st.encode([p[0] for p in PAIRS], normalize_embeddings=True, convert_to_numpy=True)
-    d = st.encode([p[1] for p in PAIRS], normalize_embeddings=True, convert_to_numpy=True)
+    q = st.encode([p[0] for p in pairs], normalize_embeddings=True, convert_to_numpy=True)
+    d = st.encode([p[1] for p in pairs], normalize_embeddings=True, convert_to_numpy=True)
     assert max_diff(scores, (q * d).sum(axis=1).tolist()) <= TOL
 
 
@@ -179,30 +183,46 @@ def test_info_reports_dtype_and_device(tiny_bert: Path) -> None:
     assert (fp32.info.device, fp32.info.dtype) == (expected_device, "fp32")
 
 
-def test_int8_on_dims_that_do_not_fit_the_group_stays_fp32(tiny_bert: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The tiny model's hidden size (32) is not a multiple of 64: nothing is quantized, and /health says so."""
-    with caplog.at_level(logging.WARNING, logger="reranker.backends.mlx"):
-        backend = load(tiny_bert, "mlx", quantization="int8")
-    assert backend.info.dtype == "fp32"
-    assert "int8 left it in fp32" in caplog.text
-    assert max_diff(backend.score(PAIRS), load(tiny_bert, "cpu").score(PAIRS)) <= TOL
-
-
-def test_int8_cross_encoder_quantizes(tmp_path: Path) -> None:
-    """A cross-encoder whose dims fit the group size gets 8-bit Linear layers, classifier included."""
+def build_bert(folder: Path, *, hidden: int, intermediate: int) -> Path:
+    """A random BERT cross-encoder of the given widths, with MiniLM's tokenizer."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(3)
-    folder = tmp_path / "bert-64"
-    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, max_position_embeddings=128, num_labels=1)
+    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=intermediate, max_position_embeddings=128, num_labels=1)
     BertForSequenceClassification(config).save_pretrained(str(folder))
     AutoTokenizer.from_pretrained(str(models.minilm_path())).save_pretrained(str(folder))
+    return folder
+
+
+def test_int8_on_dims_that_do_not_fit_the_group_stays_fp32(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No input dimension (32, 96) is a multiple of 64: nothing is quantized, and /health says fp32."""
+    folder = build_bert(tmp_path / "bert-32-96", hidden=32, intermediate=96)
+    with caplog.at_level(logging.WARNING, logger="reranker.backends.mlx"):
+        backend = load(folder, "mlx", quantization="int8")
+    assert backend.info.dtype == "fp32"
+    assert "int8 left it in fp32" in caplog.text
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in backend.model.named_modules())  # type: ignore[attr-defined]
+    assert max_diff(backend.score(PAIRS), load(folder, "cpu").score(PAIRS)) <= TOL
+
+
+def test_int8_quantizes_the_layers_that_fit(tiny_bert: Path, tmp_path: Path) -> None:
+    """tiny_bert (hidden 32, intermediate 64): only the FFN output layers (input 64) are quantized.
+    A model whose dims all fit gets every Linear quantized, the classifier included."""
+    partial = load(tiny_bert, "mlx", quantization="int8")
+    assert partial.info.dtype == "int8"
+    layer = partial.model.bert.encoder.layer[0]  # type: ignore[attr-defined]
+    assert isinstance(layer.output.dense, nn.QuantizedLinear)
+    assert not isinstance(layer.intermediate.dense, nn.QuantizedLinear)
+    assert max_diff(partial.score(PAIRS), load(tiny_bert, "mlx").score(PAIRS)) <= 0.05
+
+    folder = build_bert(tmp_path / "bert-64", hidden=64, intermediate=128)
     fp32, int8 = load(folder, "mlx"), load(folder, "mlx", quantization="int8")
     assert int8.info.dtype == "int8"
     assert isinstance(int8.model.classifier, nn.QuantizedLinear)  # type: ignore[attr-defined]
     assert isinstance(int8.model.bert.pooler.dense, nn.QuantizedLinear)  # type: ignore[attr-defined]
+    assert isinstance(int8.model.bert.embeddings.word_embeddings, nn.QuantizedEmbedding)  # type: ignore[attr-defined]
     diff = max_diff(int8.score(PAIRS), fp32.score(PAIRS))
     assert 0 < diff <= 0.02, diff
 
