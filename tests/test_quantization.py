@@ -1,0 +1,143 @@
+"""bf16 and int8 against fp32, per backend, measured on a ranking fixture with real weights.
+
+The fixture (tests/fixtures/ranking.json, written for this project) has 10 queries, each with 3
+relevant and 5 irrelevant documents; every query's 8 documents are scored as one batch with the
+embedded all-MiniLM-L6-v2. For each runtime and dtype the scores are compared with the same
+runtime's fp32 scores:
+
+- max abs: the largest score difference over the 80 pairs;
+- Spearman: rank correlation over all 80 scores, and the mean/min of the per-query correlations
+  (each over 8 documents: one swapped neighbour pair costs 0.024);
+- top-3: mean overlap of each query's top 3 documents with fp32's top 3.
+
+The floors asserted below are the measured figures with a margin (docs/mlx.md has the table);
+`pytest -s` prints the measurement. PyTorch int8 is dynamic quantization (int8 weights *and*
+activations, one activation scale per batch), so it moves scores far more than MLX int8, which
+quantizes weights only (8-bit, groups of 64) and keeps fp32 activations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from reranker.backends import Backend, load_backend
+from reranker.settings import Settings
+
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "ranking.json").read_text(encoding="utf-8"))["queries"]
+DEVICES = {"torch": "cpu", "mlx": "mlx"}
+
+
+def load(runtime: str, quantization: str) -> Backend:
+    return load_backend(Settings(device=DEVICES[runtime], quantization=quantization, warmup_on_start=False))
+
+
+def fixture_scores(backend: Backend) -> np.ndarray:
+    """(queries, 8) raw scores; the 3 relevant documents come first in each row."""
+    return np.array([backend.score([(q["query"], d) for d in q["relevant"] + q["irrelevant"]]) for q in FIXTURE])
+
+
+def top3(row: np.ndarray) -> set[int]:
+    return set(np.argsort(-row, kind="stable")[:3].tolist())
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    max_abs: float
+    spearman: float
+    spearman_query_mean: float
+    spearman_query_min: float
+    top3: float
+
+    @classmethod
+    def measure(cls, ref: np.ndarray, got: np.ndarray) -> "Fidelity":
+        per_query = [float(spearmanr(a, b).statistic) for a, b in zip(ref, got)]
+        return cls(
+            max_abs=float(np.abs(ref - got).max()),
+            spearman=float(spearmanr(ref.ravel(), got.ravel()).statistic),
+            spearman_query_mean=float(np.mean(per_query)), spearman_query_min=float(np.min(per_query)),
+            top3=float(np.mean([len(top3(a) & top3(b)) / 3 for a, b in zip(ref, got)])),
+        )
+
+    def row(self, name: str) -> str:
+        return (f"| {name} | {self.max_abs:.4f} | {self.spearman:.4f} | {self.spearman_query_mean:.4f} "
+                f"| {self.spearman_query_min:.4f} | {self.top3:.3f} |")
+
+
+#: Floors: (min Spearman over all pairs, min mean per-query Spearman, min top-3, max abs diff).
+#: Measured on this fixture (docs/mlx.md): bf16 both 0.9999 / 1.0 / 1.0 / ~0.004;
+#: torch int8 0.986 / 0.979 / 1.0 / 0.105; mlx int8 0.9997 / 1.0 / 1.0 / 0.004.
+FLOORS = {
+    ("torch", "bf16"): (0.99, 0.99, 0.9, 0.02),
+    ("mlx", "bf16"): (0.99, 0.99, 0.9, 0.02),
+    ("torch", "int8"): (0.97, 0.95, 0.9, 0.2),
+    ("mlx", "int8"): (0.99, 0.99, 0.9, 0.02),
+}
+
+MEASURED: dict[str, Fidelity] = {}
+SCORES: dict[tuple[str, str], np.ndarray] = {}
+
+
+def scores_of(runtime: str, quantization: str) -> np.ndarray:
+    """The fixture scored by one runtime at one dtype, once per test session."""
+    if (runtime, quantization) not in SCORES:
+        backend = load(runtime, quantization)
+        expected = "fp32" if quantization == "none" else quantization
+        assert (backend.info.backend, backend.info.dtype) == (runtime, expected)
+        SCORES[(runtime, quantization)] = fixture_scores(backend)
+        backend.close()
+    return SCORES[(runtime, quantization)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report() -> Iterator[None]:
+    yield
+    if MEASURED:
+        print("\n| compared (runtime dtype: vs its own fp32) | max abs | Spearman (80 pairs) | Spearman per query, mean "
+              "| per query, min | top-3 |\n|---|---|---|---|---|---|")
+        print("\n".join(f.row(name) for name, f in MEASURED.items()))
+
+
+@pytest.fixture(scope="module")
+def fp32() -> dict[str, np.ndarray]:
+    return {runtime: scores_of(runtime, "none") for runtime in DEVICES}
+
+
+def test_fixture_is_a_real_ranking_task(fp32: dict[str, np.ndarray]) -> None:
+    """fp32 MiniLM finds the relevant documents (else the fidelity figures would mean little),
+    and the two runtimes agree at fp32."""
+    assert len(FIXTURE) == 10 and all(len(q["relevant"]) == 3 and len(q["irrelevant"]) == 5 for q in FIXTURE)
+    for runtime, scores in fp32.items():
+        recall_at_3 = np.mean([len(top3(row) & {0, 1, 2}) / 3 for row in scores])
+        assert recall_at_3 >= 0.9, (runtime, recall_at_3)
+        # Every relevant document beats every irrelevant one for most queries.
+        separated = np.mean([row[:3].min() > row[3:].max() for row in scores])
+        assert separated >= 0.8, (runtime, separated)
+    assert float(np.abs(fp32["torch"] - fp32["mlx"]).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("runtime,quantization", list(FLOORS))
+def test_quantized_scores_stay_close_to_fp32(runtime: str, quantization: str, fp32: dict[str, np.ndarray]) -> None:
+    scores = scores_of(runtime, quantization)
+    fidelity = MEASURED[f"{runtime} {quantization}"] = Fidelity.measure(fp32[runtime], scores)
+    print(f"\n{runtime} {quantization}: {fidelity}")
+    min_spearman, min_query_spearman, min_top3, max_abs = FLOORS[(runtime, quantization)]
+    assert fidelity.spearman >= min_spearman
+    assert fidelity.spearman_query_mean >= min_query_spearman
+    assert fidelity.top3 >= min_top3
+    assert 0 < fidelity.max_abs <= max_abs  # > 0: the dtype really changed the arithmetic
+
+
+@pytest.mark.parametrize("quantization", ["bf16", "int8"])
+def test_runtimes_compared_at_the_same_dtype(quantization: str) -> None:
+    """torch and MLX at the same dtype: how far apart their scores are (they share cache keys)."""
+    fidelity = Fidelity.measure(scores_of("torch", quantization), scores_of("mlx", quantization))
+    MEASURED[f"torch vs mlx {quantization}"] = fidelity
+    print(f"\ntorch vs mlx {quantization}: {fidelity}")
+    assert fidelity.top3 >= 0.9 and fidelity.spearman >= 0.97
