@@ -134,8 +134,43 @@ def _hack(args: list, state_dir: Path, **kw) -> subprocess.CompletedProcess:
                           text=True, **kw)
 
 
+def _hack_live(args: list, state_dir: Path) -> tuple:
+    """Run hack/cluster, echoing its progress (stderr) live; return (exit code, stderr)."""
+    p = subprocess.Popen([sys.executable, str(HACK_CLUSTER), *args], env=_cluster_env(state_dir),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stderr:
+        lines.append(line)
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    return p.wait(), "".join(lines)
+
+
+_build_error: list = []
+
+
+def pytest_collection_finish(session) -> None:
+    """Build (or find cached) binaries once, before any test runs, when a collected test uses
+    kube_cluster: a cold build takes minutes and must not count against a per-test timeout
+    (pytest-timeout). A failure is recorded and reported by the fixture as a test failure."""
+    if session.config.option.collectonly or os.environ.get("KUBEBUILDER_ASSETS"):
+        return
+    if not any("kube_cluster" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    capman = session.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman else _nullcontext():
+        rc, err = _hack_live(["build"], _state_dir())
+    if rc != 0:
+        _build_error.append(f"hack/cluster build exited {rc}:\n"
+                            + "\n".join(err.splitlines()[-40:]))
+
+
 @pytest.fixture(scope="session")
 def kube_cluster(pytestconfig) -> KubeCluster:
+    if _build_error:
+        pytest.fail("could not build the Kubernetes control plane; see docs/cluster.md.\n"
+                    + _build_error[0], pytrace=False)
     state_dir = _state_dir()
     status = _hack(["status"], state_dir, capture_output=True)
     owned = status.returncode != 0
@@ -146,13 +181,11 @@ def kube_cluster(pytestconfig) -> KubeCluster:
         with capman.global_and_fixture_disabled() if capman else _nullcontext():
             print(f"\n[kube_cluster] hack/cluster up (state in {state_dir})", file=sys.stderr,
                   flush=True)
-            r = _hack(["up"], state_dir, stdout=sys.stderr, stderr=subprocess.PIPE)
-            sys.stderr.write(r.stderr)
-            sys.stderr.flush()
-        if r.returncode != 0:
-            tail = "\n".join(r.stderr.splitlines()[-40:])
+            rc, err = _hack_live(["up"], state_dir)
+        if rc != 0:
+            tail = "\n".join(err.splitlines()[-40:])
             pytest.fail(f"could not build/start the Kubernetes control plane "
-                        f"(hack/cluster up exited {r.returncode}); see docs/cluster.md.\n{tail}",
+                        f"(hack/cluster up exited {rc}); see docs/cluster.md.\n{tail}",
                         pytrace=False)
         print(f"[kube_cluster] up in {time.monotonic() - t0:.1f}s", file=sys.stderr)
     info = json.loads((state_dir / "cluster.json").read_text())

@@ -109,7 +109,7 @@ def test_schema_violation_is_rejected_with_server_message(kube_cluster,
     r = kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-",
                              input=widget("too-big", size="small", replicas=50), check=False)
     assert r.returncode != 0
-    assert 'Widget.clustertest.reranker.dev "too-big" is invalid' in r.stderr, r.stderr
+    assert 'Widget "too-big" is invalid' in r.stderr, r.stderr
     assert "spec.replicas: Invalid value: 50" in r.stderr, r.stderr
     assert "should be less than or equal to 10" in r.stderr, r.stderr
 
