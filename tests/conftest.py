@@ -131,3 +131,13 @@ def module_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     factory = ServerFactory(tmp_path_factory.mktemp("servers"))
     yield factory
     factory.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator["object"]:
+    """A real redis-server on a free loopback port (stopped at the end)."""
+    from redis_fixture import RedisServer
+
+    server = RedisServer(free_port(), tmp_path).start()
+    yield server
+    server.stop()

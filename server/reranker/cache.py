@@ -19,11 +19,21 @@ from .metrics import Metrics
 
 
 class RemoteTier(Protocol):
-    """A cache shared by the fleet (Redis). Must never raise: failures read as misses."""
+    """A cache shared by the fleet (Redis). Must never raise: failures read as misses.
+
+    `claim` and `wait_for` de-duplicate work across servers: pairs another server is computing
+    are waited for rather than computed (see redis_tier.py).
+    """
 
     async def get_many(self, keys: list[str]) -> dict[str, float]: ...
 
     async def put_many(self, items: dict[str, float]) -> None: ...
+
+    async def claim(self, keys: list[str]) -> tuple[list[str], list[str]]: ...
+
+    async def wait_for(self, keys: list[str], *, timeout: float) -> dict[str, float]: ...
+
+    async def close(self) -> None: ...
 
 
 def pair_key(fingerprint: str, pair: Pair) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from .admission import Admission
 from .backends import Backend, Pair
 from .batcher import Batcher, Job, Ticket
-from .cache import ScoreCache
+from .cache import RemoteTier, ScoreCache
 from .chunking import Split, split_documents
 from .errors import ClientGone, QueueTimeout
 from .metrics import Metrics
@@ -54,6 +54,39 @@ class Ranker:
             self._fills.add(task)
             task.add_done_callback(self._fills.discard)
 
+    async def _dispatch(self, jobs: list[Job]) -> None:
+        """Queue new jobs here, except pairs another server of the fleet is computing right now."""
+        remote = self.cache.remote if self.cache.enabled else None
+        if remote is None:
+            self.batcher.submit(jobs)
+            return
+        ours, theirs = await remote.claim([job.key for job in jobs])
+        by_key = {job.key: job for job in jobs}
+        self.batcher.submit([by_key[k] for k in ours])
+        if theirs:
+            waiting = [by_key[k] for k in theirs]
+            for job in waiting:
+                job.started = True  # started elsewhere: the local queue timeout does not apply
+            task = asyncio.get_running_loop().create_task(self._await_fleet(remote, waiting))
+            self._fills.add(task)
+            task.add_done_callback(self._fills.discard)
+
+    async def _await_fleet(self, remote: "RemoteTier", jobs: list[Job]) -> None:
+        found = await remote.wait_for([job.key for job in jobs], timeout=self.queue_timeout + self.worker_timeout)
+        self.metrics.dedup.labels(scope="fleet").inc(len(found))
+        missing = []
+        for job in jobs:
+            if job.key in found:
+                self.cache.local[job.key] = found[job.key]
+                if self.inflight.get(job.key) is job:
+                    del self.inflight[job.key]
+                if not job.future.done():
+                    job.future.set_result(found[job.key])
+            else:
+                missing.append(job)
+        if missing:  # the other server died or failed: compute here
+            self.batcher.submit(missing)
+
     async def rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket) -> Ranked:
         self.admission.check_serving()
         chunks = await asyncio.to_thread(split_documents, self.backend, query, documents, split)
@@ -83,7 +116,7 @@ class Ranker:
             for job in jobs:
                 self.inflight[job.key] = job
                 waiting[job.key] = job
-            self.batcher.submit(jobs)
+            await self._dispatch(jobs)
         for job in waiting.values():
             ticket.track(job)
 

@@ -59,6 +59,8 @@ class Runtime:
                 self.backend = await asyncio.to_thread(load_backend, self.settings)
             info = self.backend.info
             self.metrics.model_info.labels(model=info.model, backend=info.backend, device=info.device, dtype=info.dtype).set(1)
+            if self.settings.redis_enabled and self.settings.enable_prediction_cache:
+                self.remote = await self._connect_redis(info.fingerprint)
             self._build_engine(self.backend)
             if self.settings.warmup_on_start:
                 await asyncio.to_thread(self.backend.warmup)
@@ -70,6 +72,15 @@ class Runtime:
         self.loaded.set()
         log.info("serving %s (%s on %s, %s, max_length %d) after %.1fs", info.model, info.backend, info.device,
                  info.dtype, info.max_length, time.monotonic() - started)
+
+    async def _connect_redis(self, fingerprint: str) -> RemoteTier:
+        from .redis_tier import RedisTier
+
+        s = self.settings
+        tier = RedisTier(s.redis_url, prefix=s.redis_prefix, fingerprint=fingerprint, ttl=s.cache_ttl_seconds,
+                         metrics=self.metrics, timeout=s.redis_timeout, lease_seconds=s.redis_lease_seconds)
+        await tier.check()
+        return tier
 
     def _build_engine(self, backend: Backend) -> None:
         s = self.settings
@@ -98,6 +109,8 @@ class Runtime:
             task.cancel()
         if self.batcher is not None:
             await self.batcher.stop()
+        if self.remote is not None:
+            await self.remote.close()
         if self.backend is not None:
             self.backend.close()
 

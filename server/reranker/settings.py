@@ -159,6 +159,15 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL"),
         description="redis:// or rediss:// URL, password included (never logged).",
     )
+    redis_timeout: float = Field(
+        0.25, gt=0, le=10, validation_alias=_env("RERANKER_REDIS_TIMEOUT"),
+        description="Bound on each Redis call in seconds; a slower or failed call reads as a miss.",
+    )
+    redis_lease_seconds: float = Field(
+        10.0, gt=0, validation_alias=_env("RERANKER_REDIS_LEASE_SECONDS"),
+        description="How long a server's claim on pairs it is computing keeps other servers waiting "
+        "for it; if it dies, others compute the pairs after this.",
+    )
     redis_prefix: str = Field(
         "reranker", validation_alias=_env("RERANKER_REDIS_PREFIX"),
         description="Key prefix in Redis.",

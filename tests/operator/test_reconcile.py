@@ -30,12 +30,11 @@ class FakeResponse:
 class FakeKube:
     """Stores applied objects like an API server would (minus validation)."""
 
-    def __init__(self, *, serves_service_monitors: bool = False) -> None:
+    def __init__(self) -> None:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.calls: list[tuple[str, str]] = []
         self.status: dict[str, Any] = {}
         self.reject: dict[str, str] = {}  # kind -> message (422)
-        self.serves_service_monitors = serves_service_monitors
         self.version = 0
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
@@ -65,11 +64,8 @@ class FakeKube:
             else:
                 self.status[k] = v
 
-    def serves(self, group_version: str, plural: str) -> bool:
-        return self.serves_service_monitors
-
     def live(self) -> dict[tuple[str, str], dict[str, Any]]:
-        return {k: copy.deepcopy(v) for k, v in self.objects.items() if k[0] != "ServiceMonitor"}
+        return {k: copy.deepcopy(v) for k, v in self.objects.items()}
 
     def writes(self) -> list[tuple[str, str]]:
         return [c for c in self.calls if c[0] != "get"]
@@ -87,9 +83,11 @@ def owner(spec: dict[str, Any], status: dict | None = None, generation: int = 1)
             "spec": spec, "status": status or {}}
 
 
-def reconciler(kube: FakeKube, events: Events | None = None) -> Reconciler:
+def reconciler(kube: FakeKube, events: Events | None = None, *,
+               service_monitors: bool = False) -> Reconciler:
     return Reconciler(kube, DEFAULTS, clock=lambda: "2024-01-01T00:00:00Z",  # type: ignore[arg-type]
-                      events=events if events is not None else Events())
+                      events=events if events is not None else Events(),
+                      service_monitors=service_monitors)
 
 
 SPEC = {"model": {"id": "m"}, "autoscaling": {"enabled": True}}
@@ -98,7 +96,7 @@ SPEC = {"model": {"id": "m"}, "autoscaling": {"enabled": True}}
 async def test_first_pass_creates_children_then_idle_passes_write_nothing() -> None:
     kube, events = FakeKube(), Events()
     r = reconciler(kube, events)
-    outcome = await r.reconcile(owner(SPEC), {}, thorough=True)
+    outcome = await r.reconcile(owner(SPEC), {})
     assert sorted(outcome.created) == ["ConfigMap rr-config", "Deployment rr",
                                        "HorizontalPodAutoscaler rr", "PodDisruptionBudget rr",
                                        "Service rr"]
@@ -108,14 +106,12 @@ async def test_first_pass_creates_children_then_idle_passes_write_nothing() -> N
     assert ready["status"] == "False"  # nothing is running yet
 
     kube.calls.clear()
-    for thorough in (False, True):
-        again = await r.reconcile(owner(SPEC, status=kube.status), kube.live(),
-                                  thorough=thorough)
+    for _ in range(2):
+        again = await r.reconcile(owner(SPEC, status=kube.status), kube.live())
         assert again.writes == 0
     assert kube.writes() == []
     # A fresh reconciler (an operator restart) agrees: nothing to write.
-    again = await reconciler(kube).reconcile(owner(SPEC, status=kube.status), kube.live(),
-                                             thorough=True)
+    again = await reconciler(kube).reconcile(owner(SPEC, status=kube.status), kube.live())
     assert again.writes == 0 and kube.writes() == []
 
 
@@ -125,7 +121,9 @@ async def test_deleted_and_edited_children_are_restored() -> None:
     await r.reconcile(owner(SPEC), {})
     live = kube.live()
     del live[("Service", "rr")]
+    r.child_deleted("u-1", "Service", "rr")  # as the handler does on the DELETED event
     live[("Deployment", "rr")]["spec"]["replicas"] = 9
+    live[("Deployment", "rr")]["metadata"]["resourceVersion"] = "100"  # someone's edit
     kube.calls.clear()
     outcome = await r.reconcile(owner(SPEC, status=kube.status), live)
     assert outcome.created == ["Service rr"] and outcome.updated == ["Deployment rr"]
@@ -160,8 +158,7 @@ async def test_invalid_spec_touches_nothing_and_is_permanent() -> None:
     kube.calls.clear()
     bad = {"model": {"id": "m"}, "resources": {"requests": {"cpu": "2"},
                                                "limits": {"cpu": "1"}}}
-    outcome = await r.reconcile(owner(bad, status=kube.status, generation=2), kube.live(),
-                                thorough=True)
+    outcome = await r.reconcile(owner(bad, status=kube.status, generation=2), kube.live())
     assert outcome.permanent is not None and outcome.permanent.reason == "InvalidSpec"
     assert kube.writes() == [("status", "rr")]
     degraded = next(c for c in kube.status["conditions"] if c["type"] == "Degraded")
@@ -172,11 +169,11 @@ async def test_rejected_child_is_not_retried_with_the_same_manifest() -> None:
     kube = FakeKube()
     kube.reject["Deployment"] = "spec.template.spec.affinity: Invalid value"
     r = reconciler(kube)
-    outcome = await r.reconcile(owner(SPEC), {}, thorough=True)
+    outcome = await r.reconcile(owner(SPEC), {})
     assert outcome.permanent is not None and outcome.permanent.reason == "ChildRejected"
     assert "Invalid value" in outcome.permanent.message
     kube.calls.clear()
-    again = await r.reconcile(owner(SPEC, status=kube.status), kube.live(), thorough=True)
+    again = await r.reconcile(owner(SPEC, status=kube.status), kube.live())
     assert ("apply", "Deployment/rr") not in kube.calls
     assert again.permanent is not None and again.writes == 0
     # A new spec is a new manifest: it is tried.
@@ -188,9 +185,10 @@ async def test_rejected_child_is_not_retried_with_the_same_manifest() -> None:
 
 @pytest.mark.parametrize("served", [False, True])
 async def test_service_monitor_only_when_its_crd_is_served(served: bool) -> None:
-    kube = FakeKube(serves_service_monitors=served)
+    kube = FakeKube()
     spec = {"model": {"id": "m"}, "monitoring": {"serviceMonitor": {"enabled": True}}}
-    outcome = await reconciler(kube).reconcile(owner(spec), {}, thorough=True)
+    r = reconciler(kube, service_monitors=served)
+    outcome = await r.reconcile(owner(spec), {})
     degraded = next(c for c in kube.status["conditions"] if c["type"] == "Degraded")
     ready_blockers = [p for p in outcome.problems if p.blocking]
     assert not ready_blockers
@@ -201,11 +199,37 @@ async def test_service_monitor_only_when_its_crd_is_served(served: bool) -> None
         assert ("ServiceMonitor", "rr") not in kube.objects
         assert degraded["status"] == "True"
         assert "ServiceMonitor CRD" in degraded["message"]
+    # Stable: the next pass reports the same and writes nothing.
+    kube.calls.clear()
+    again = await r.reconcile(owner(spec, status=kube.status), kube.live())
+    assert again.writes == 0 and kube.writes() == []
 
 
 async def test_deleting_owner_is_left_to_garbage_collection() -> None:
     kube = FakeKube()
     o = owner(SPEC)
     o["metadata"]["deletionTimestamp"] = "2024-01-01T00:00:00Z"
-    outcome = await reconciler(kube).reconcile(o, {}, thorough=True)
+    outcome = await reconciler(kube).reconcile(o, {})
     assert outcome.writes == 0 and kube.calls == []
+
+
+async def test_own_writes_count_before_the_watch_stream_delivers_them() -> None:
+    # While the index still lags behind (children missing, or older), a pass triggered by
+    # one child's event must not apply the siblings again.
+    kube = FakeKube()
+    r = reconciler(kube)
+    await r.reconcile(owner(SPEC), {})
+    kube.calls.clear()
+    lagging = {k: v for k, v in kube.live().items() if k == ("ConfigMap", "rr-config")}
+    stale = copy.deepcopy(kube.objects[("Deployment", "rr")])
+    stale["metadata"]["resourceVersion"] = "0"
+    stale["spec"]["replicas"] = 7
+    lagging[("Deployment", "rr")] = stale
+    outcome = await r.reconcile(owner(SPEC, status=kube.status), lagging)
+    assert outcome.writes == 0 and kube.writes() == []
+    # Once the index has caught up, it is the truth again (here: someone deleted the PDB).
+    caught_up = kube.live()
+    del caught_up[("PodDisruptionBudget", "rr")]
+    r.child_deleted("u-1", "PodDisruptionBudget", "rr")
+    outcome = await r.reconcile(owner(SPEC, status=kube.status), caught_up)
+    assert outcome.created == ["PodDisruptionBudget rr"]

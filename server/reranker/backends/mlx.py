@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Pair
 from .model_files import ModelFiles
@@ -48,6 +48,7 @@ try:
     import mlx.core as mx
     import mlx.nn as nn
     import numpy as np
+    from mlx.utils import tree_flatten
     from transformers import AutoTokenizer
 except ImportError as exc:  # pragma: no cover - the `mlx` extra brings it
     raise DeviceUnavailable(
@@ -331,7 +332,7 @@ def read_weights(path: Path, name: str) -> dict[str, mx.array]:
 
 def load_weights(model: nn.Module, weights: dict[str, mx.array], *, prefix: str, name: str) -> None:
     """Load the checkpoint into the model; every model parameter must come from it."""
-    wanted = {k for k, _ in _flatten(model.parameters())}
+    wanted = {k for k, _ in cast(list[tuple[str, Any]], tree_flatten(model.parameters()))}
     mapped = {checkpoint_names(k, prefix=prefix): v for k, v in weights.items()}
     missing = sorted(wanted - mapped.keys())
     if missing:
@@ -341,12 +342,6 @@ def load_weights(model: nn.Module, weights: dict[str, mx.array], *, prefix: str,
     if unused:
         log.debug("%s: %d checkpoint tensors unused (%s...)", name, len(unused), unused[:4])
     model.load_weights([(k, mapped[k].astype(mx.float32)) for k in sorted(wanted)], strict=True)
-
-
-def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    from mlx.utils import tree_flatten
-
-    return list(tree_flatten(tree, prefix=prefix))
 
 
 def _quantizable(path: str, module: nn.Module) -> bool:
@@ -372,6 +367,9 @@ class MLXBackend(Backend):
             raise BackendError(f"{files.name} has {self.config.num_labels} labels; a reranker needs "
                                "1 (relevance logit) or 2 (no/yes)")
         self.num_labels = self.config.num_labels
+        if settings.enable_torch_compile or settings.enable_mixed_precision:
+            log.warning("ENABLE_TORCH_COMPILE and ENABLE_MIXED_PRECISION are PyTorch options; the MLX backend "
+                        "ignores them (use RERANKER_QUANTIZATION=bf16/fp16 for lower precision)")
         self._tokenizer = AutoTokenizer.from_pretrained(str(files.path))
         if not getattr(self._tokenizer, "is_fast", False):
             log.warning("%s has no fast tokenizer: chunking falls back to whitespace offsets", files.name)
@@ -380,7 +378,7 @@ class MLXBackend(Backend):
         # The one thread that touches MLX (see the module docstring).
         self._mlx = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
         dtype_name, self.model = self._on_mlx(lambda: self._load_model(settings.quantization))
-        activation = "sigmoid" if files.kind == "cross-encoder" else "identity"
+        activation: Literal["sigmoid", "identity"] = "sigmoid" if files.kind == "cross-encoder" else "identity"
         self.info = BackendInfo(
             model=files.name, revision=files.revision, kind=files.kind, backend="mlx",
             device=device_name(), dtype=dtype_name, max_length=self.max_length, activation=activation,
@@ -491,8 +489,11 @@ class MLXBackend(Backend):
         return np.array(cosine).tolist()  # type: ignore[no-any-return]
 
     def close(self) -> None:
+        if getattr(self, "model", None) is None:
+            return
+
         def free() -> None:
-            del self.model
+            self.model = None  # type: ignore[assignment]
             mx.clear_cache()
         self._on_mlx(free)
         self._mlx.shutdown(wait=True)
