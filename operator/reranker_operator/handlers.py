@@ -1,13 +1,15 @@
 """The Kopf handlers: thin entry points that all run one `Reconciler.reconcile` pass.
 
-- create / update / resume of a RerankerDeployment: a thorough pass; an invalid spec becomes
+- create / update / resume of a RerankerDeployment: a pass; an invalid spec becomes
   `kopf.PermanentError` (reported as Degraded, not retried), an API hiccup a `TemporaryError`.
-- an event of any child (ConfigMap, Deployment, Service, HPA, PDB): a pass for its owner, so a
-  deleted or edited child is restored at once and the Deployment's progress reaches the status.
-- a resync timer: a thorough pass now and then, as a backstop behind the watch streams.
+- an event of any child (ConfigMap, Deployment, Service, HPA, PDB, ServiceMonitor): a pass for
+  its owner, so a deleted or edited child is restored at once and the Deployment's progress
+  reaches the status.
 
 The live state comes from Kopf indices (in-memory, fed by the watch streams), so a pass reads
 nothing from the API server and an idle operator makes no requests beyond its watches.
+There is deliberately no timer or daemon: Kopf puts a finalizer on objects that have one, and
+deletion must stay plain garbage collection (it must work while the operator is down).
 Importing this module registers the handlers (`kopf run -m reranker_operator.handlers`).
 """
 
@@ -23,12 +25,20 @@ import kopf
 from reranker import contract
 from reranker_operator import manifests
 from reranker_operator.kube import Kube, load_config
-from reranker_operator.reconcile import ChildKey, Outcome, OwnerKey, Reconciler, owner_key, owner_of
+from reranker_operator.reconcile import (
+    SERVICE_MONITOR_GV,
+    SERVICE_MONITOR_PLURAL,
+    ChildKey,
+    Outcome,
+    OwnerKey,
+    Reconciler,
+    owner_key,
+    owner_of,
+)
 from reranker_operator.settings import OperatorConfig, configure_kopf
 
 RRD = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL_DEPLOYMENT)
 MANAGED = {manifests.LABEL_MANAGED_BY: manifests.OPERATOR_NAME}
-CONFIG = OperatorConfig.from_env()  # the timer's interval is fixed at import
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
@@ -41,12 +51,15 @@ def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
 def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
             **_: Any) -> None:
     configure_kopf(settings)
-    config = getattr(memo, "config", None) or CONFIG
+    config = getattr(memo, "config", None) or OperatorConfig.from_env()
     kube = Kube(load_config())
+    # Resources are discovered once (Kopf's scanning is off): a ServiceMonitor CRD installed
+    # later is used after a restart, and the status says so meanwhile.
+    service_monitors = kube.serves(SERVICE_MONITOR_GV, SERVICE_MONITOR_PLURAL)
     memo.kube = kube
-    memo.reconciler = Reconciler(kube, config.defaults())
-    logger.info("reranker-operator: %r, resync every %ss", config.defaults(),
-                config.resync_seconds)
+    memo.reconciler = Reconciler(kube, config.defaults(), service_monitors=service_monitors)
+    logger.info("reranker-operator: %r; ServiceMonitors %s", config.defaults(),
+                "served" if service_monitors else "not served (no monitoring.coreos.com CRD)")
 
 
 @kopf.on.probe(id="api_writes")
@@ -94,14 +107,22 @@ def reranker_pdbs(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
     return _child(body, "policy/v1", "PodDisruptionBudget")
 
 
+# Served only where the Prometheus Operator's CRD is installed; elsewhere the index stays
+# empty and the reconciler does not ask for ServiceMonitors.
+@kopf.index("monitoring.coreos.com", "v1", "servicemonitors", labels=MANAGED)
+def reranker_servicemonitors(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
+    return _child(body, "monitoring.coreos.com/v1", "ServiceMonitor")
+
+
 CHILD_INDICES = ("reranker_configmaps", "reranker_services", "reranker_deployments",
-                 "reranker_hpas", "reranker_pdbs")
+                 "reranker_hpas", "reranker_pdbs", "reranker_servicemonitors")
 
 
 def _live(key: OwnerKey, indices: Mapping[str, Any]) -> dict[ChildKey, Mapping[str, Any]]:
     live: dict[ChildKey, Mapping[str, Any]] = {}
     for index_name in CHILD_INDICES:
-        for child in indices[index_name].get(key, ()):
+        index = indices.get(index_name)
+        for child in (index.get(key, ()) if index is not None else ()):
             live[(child["kind"], child["metadata"]["name"])] = child
     return live
 
@@ -121,20 +142,8 @@ def _raise_for(outcome: Outcome) -> None:
 @kopf.on.update(*RRD)
 async def reconcile_reranker(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     owner = _snapshot(body)
-    outcome = await memo.reconciler.reconcile(owner, _live(owner_key(owner), kwargs),
-                                              thorough=True)
+    outcome = await memo.reconciler.reconcile(owner, _live(owner_key(owner), kwargs))
     _raise_for(outcome)
-
-
-@kopf.timer(*RRD, interval=CONFIG.resync_seconds, initial_delay=CONFIG.resync_seconds)
-async def resync(body: kopf.Body, memo: Any, logger: Logger,
-                 **kwargs: Any) -> None:
-    owner = _snapshot(body)
-    outcome = await memo.reconciler.reconcile(owner, _live(owner_key(owner), kwargs),
-                                              thorough=True)
-    if outcome.writes:
-        logger.info("resync repaired: %s", ", ".join(
-            outcome.created + outcome.updated + outcome.deleted) or "status")
 
 
 @kopf.on.event(*RRD)
@@ -145,14 +154,18 @@ async def forget_deleted(type: str, body: kopf.Body, memo: Any, **_: Any) -> Non
 
 # --- children: any change (or deletion) re-runs the owner's pass ----------------------------
 
-async def _child_changed(body: kopf.Body, memo: Any, indices: Mapping[str, Any]) -> None:
+async def _child_changed(body: kopf.Body, memo: Any, kwargs: Mapping[str, Any]) -> None:
+    """A pass for the owner of a changed child (`kwargs`: the handler's, indices included)."""
     key = owner_of(body)
     if key is None:
         return
-    owner = next(iter(indices["rerankers"].get(key, ())), None)
+    owner = next(iter(kwargs["rerankers"].get(key, ())), None)
     if owner is None:
         return  # the owner is gone: garbage collection handles its children
-    await memo.reconciler.reconcile(owner, _live(key, indices))
+    if kwargs.get("type") == "DELETED":
+        memo.reconciler.child_deleted(owner["metadata"].get("uid"), body.get("kind"),
+                                      body.metadata.name)
+    await memo.reconciler.reconcile(owner, _live(key, kwargs))
 
 
 @kopf.on.event("v1", "configmaps", labels=MANAGED)
@@ -177,4 +190,9 @@ async def hpa_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
 
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
 async def pdb_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    await _child_changed(body, memo, kwargs)
+
+
+@kopf.on.event("monitoring.coreos.com", "v1", "servicemonitors", labels=MANAGED)
+async def servicemonitor_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     await _child_changed(body, memo, kwargs)

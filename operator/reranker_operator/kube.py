@@ -1,7 +1,8 @@
 """The Kubernetes API calls the operator makes, and nothing else.
 
-Reads come from Kopf's watch streams (indices), so the calls here are almost all writes:
-server-side apply of a child, delete of a child, a merge patch of the status subresource.
+Reads come from Kopf's watch streams (indices), so the calls here are writes (server-side
+apply of a child, delete of a child, a merge patch of the status subresource, each logged)
+and one discovery request at startup.
 Bodies are plain dicts in and out: the builders produce dicts and the comparison reads dicts,
 so the typed models of the kubernetes client would only add conversions. The client's
 `ApiClient` still does the authentication (kubeconfig, in-cluster token, exec plugins).
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -92,6 +92,8 @@ class Kube:
         if method != "GET":
             with self._lock:
                 self._writes += 1
+            logger.info("API write: %s %s", "apply" if content_type == APPLY_CONTENT_TYPE
+                        else method, path)
         method, url, headers, body, _ = self.api.param_serialize(
             method=method, resource_path=path, query_params=query or [],
             header_params=headers, body=body, auth_settings=["BearerToken"])
@@ -143,25 +145,6 @@ class Kube:
                 return False
             raise
         return any(r.get("name") == plural for r in (doc or {}).get("resources", ()))
-
-
-class Discovery:
-    """Caches `Kube.serves` so that the reconciler does not ask on every pass."""
-
-    def __init__(self, kube: Kube, *, ttl: float = 60.0) -> None:
-        self.kube = kube
-        self.ttl = ttl
-        self._cache: dict[tuple[str, str], tuple[bool, float]] = {}
-
-    def serves(self, group_version: str, plural: str) -> bool:
-        key = (group_version, plural)
-        hit = self._cache.get(key)
-        now = time.monotonic()
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        served = self.kube.serves(group_version, plural)
-        self._cache[key] = (served, now + self.ttl)
-        return served
 
 
 def error_message(error: ApiException) -> str:

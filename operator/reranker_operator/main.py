@@ -9,7 +9,9 @@ Image and resync settings come from the environment (see `settings.OperatorConfi
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import secrets
 from collections.abc import Sequence
 
@@ -17,6 +19,16 @@ import kopf
 
 from reranker_operator import __version__
 from reranker_operator.settings import OperatorConfig
+
+
+class QuietEventHandlers(logging.Filter):
+    """Drops Kopf's "Handler 'x' succeeded." for the per-event handlers (children's events,
+    status churn): one line per watch event says nothing, and a fleet makes many."""
+
+    NOISE = re.compile(r"^Handler '(\w+_changed|forget_deleted)' succeeded\.$")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.NOISE.match(record.getMessage())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     kopf.configure(verbose=args.verbose, debug=args.debug, quiet=args.quiet)
+    if not (args.verbose or args.debug):
+        logging.getLogger("kopf.objects").addFilter(QuietEventHandlers())
     import reranker_operator.handlers  # noqa: F401  (registers the handlers)
 
     standalone = args.peering is None

@@ -26,7 +26,7 @@ from urllib3.exceptions import HTTPError
 
 from reranker import contract
 from reranker_operator import drift, manifests, status
-from reranker_operator.kube import Discovery, Kube, error_message
+from reranker_operator.kube import Kube, error_message
 from reranker_operator.spec import DEFAULT_SERVICE_PORT, InvalidSpec, RerankerSpec, parse
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ OwnerKey = tuple[str, str]  # (namespace, name) of a RerankerDeployment
 ChildKey = tuple[str, str]  # (kind, name) of a child
 Live = Mapping[ChildKey, Mapping[str, Any]]
 
-SERVICE_MONITOR = ("monitoring.coreos.com/v1", "ServiceMonitor")
 SERVICE_MONITOR_GV, SERVICE_MONITOR_PLURAL = "monitoring.coreos.com/v1", "servicemonitors"
 
 #: Problems that another attempt with the same spec cannot fix (no retry loop).
@@ -66,6 +65,15 @@ def _owned_by(child: Mapping[str, Any], uid: str | None) -> bool:
     return any(ref.get("uid") == uid for ref in refs)
 
 
+def _older(seen: Mapping[str, Any], mine: Mapping[str, Any]) -> bool:
+    """Whether the indexed object predates the operator's write. Resource versions are
+    etcd revisions (integers) on every API server the operator targets; anything else is
+    treated as up to date (the index wins)."""
+    a = str((seen.get("metadata") or {}).get("resourceVersion", ""))
+    b = str((mine.get("metadata") or {}).get("resourceVersion", ""))
+    return a.isdigit() and b.isdigit() and int(a) < int(b)
+
+
 def _raw_port(owner: Mapping[str, Any]) -> int:
     """The Service port of a spec that did not parse (for the status URL only)."""
     try:
@@ -93,7 +101,8 @@ class Outcome:
     # (kind, name, applied hash, message) of manifests the API server refused, and
     # (kind, name) of the ones it accepted: remembered by the reconciler after the pass.
     rejected: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
-    accepted: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    accepted: list[tuple[str, str, Mapping[str, Any]]] = dataclasses.field(default_factory=list)
+    removed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def permanent(self) -> status.Problem | None:
@@ -127,16 +136,20 @@ def post_event(owner: Mapping[str, Any], type_: str, reason: str, message: str) 
 
 
 class Reconciler:
-    """Holds what must outlive one pass: the locks, the last written statuses, the rejected
-    manifests, and the discovery cache."""
+    """Holds what must outlive one pass: the locks, the last written statuses and the
+    rejected manifests.
+
+    `service_monitors` says whether the API server served ServiceMonitors when the operator
+    started (and so whether their watch stream, and their index, exist).
+    """
 
     def __init__(self, kube: Kube, defaults: manifests.Defaults, *,
-                 discovery: Discovery | None = None,
+                 service_monitors: bool = False,
                  clock: Callable[[], str] = utcnow,
                  events: EventPoster = post_event) -> None:
         self.kube = kube
         self.defaults = defaults
-        self.discovery = discovery or Discovery(kube)
+        self.service_monitors = service_monitors
         self.clock = clock
         self.events = events
         self._locks: dict[OwnerKey, asyncio.Lock] = {}
@@ -145,41 +158,60 @@ class Reconciler:
         self._last_status: dict[str, dict[str, Any]] = {}
         # (owner uid, kind, name) -> (applied hash, message) of a manifest the API refused.
         self._rejected: dict[tuple[str, str, str], tuple[str, str]] = {}
+        # owner uid -> child -> what the API server returned for the operator's last write
+        # (None: deleted), until the watch stream delivers it. Without this, each child's
+        # event during a creation would see its siblings missing and apply them again.
+        self._written: dict[str, dict[ChildKey, Mapping[str, Any] | None]] = {}
 
     def forget(self, uid: str | None) -> None:
         """Drop the memory of a deleted RerankerDeployment (call from the event loop)."""
         self._last_status.pop(str(uid), None)
+        self._written.pop(str(uid), None)
         for key in [k for k in self._rejected if k[0] == str(uid)]:
             del self._rejected[key]
 
-    async def reconcile(self, owner: Mapping[str, Any], live: Live, *,
-                        thorough: bool = False) -> Outcome:
-        """One pass. `owner` is the RerankerDeployment, `live` its indexed children.
+    def child_deleted(self, owner_uid: str | None, kind: str, name: str) -> None:
+        """A child's deletion reached the watch stream: whatever was written before is gone."""
+        self._written.get(str(owner_uid), {}).pop((kind, name), None)
 
-        `thorough` also checks the children that are not indexed (the ServiceMonitor), which
-        costs API reads; the create/update/resume handlers and the resync timer ask for it.
-        """
+    def _fresh(self, uid: str, live: Live) -> dict[ChildKey, Mapping[str, Any]]:
+        """The indexed children, with the operator's own writes the index has not seen yet."""
+        out = dict(live)
+        written = self._written.get(uid, {})
+        for child_key, mine in list(written.items()):
+            seen = live.get(child_key)
+            if mine is None:  # deleted by the operator
+                if seen is None:
+                    del written[child_key]
+                else:
+                    out.pop(child_key)
+            elif seen is not None and not _older(seen, mine):
+                del written[child_key]  # the index caught up
+            else:
+                out[child_key] = mine
+        return out
+
+    async def reconcile(self, owner: Mapping[str, Any], live: Live) -> Outcome:
+        """One pass. `owner` is the RerankerDeployment, `live` its indexed children."""
         if (owner.get("metadata") or {}).get("deletionTimestamp"):
             return Outcome()  # garbage collection removes the children
         key = owner_key(owner)
+        uid = str(owner["metadata"].get("uid"))
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
+            live = self._fresh(uid, live)
             plan = self._plan(owner, live)
             outcome = Outcome(problems=list(plan.problems))
-            service_monitor_wanted = bool(plan.spec and plan.spec.service_monitor.enabled)
-            if plan.apply or plan.delete or (thorough and plan.spec is not None):
-                await asyncio.to_thread(self._execute, owner, plan, outcome,
-                                        thorough=thorough,
-                                        service_monitor_wanted=service_monitor_wanted)
-                uid = str(owner["metadata"].get("uid"))
-                for kind, name in outcome.accepted:
+            if plan.apply or plan.delete:
+                await asyncio.to_thread(self._execute, owner, plan, outcome)
+                written = self._written.setdefault(uid, {})
+                for kind, name, result in outcome.accepted:
                     self._rejected.pop((uid, kind, name), None)
+                    written[(kind, name)] = result
+                for kind, name in outcome.removed:
+                    written[(kind, name)] = None
                 for kind, name, digest, message in outcome.rejected:
                     self._rejected[(uid, kind, name)] = (digest, message)
-            elif service_monitor_wanted:
-                # Without a thorough pass the ServiceMonitor's state is unknown: keep
-                # reporting what the last thorough pass found.
-                outcome.problems += self._remembered_problems(owner)
             await self._report(owner, plan, live, outcome)
             return outcome
 
@@ -194,10 +226,15 @@ class Reconciler:
             return _Plan(None, [], [], [], [status.Problem("InvalidSpec", f"invalid spec: {e}")])
         desired = [drift.stamp(obj) for obj in manifests.children(owner, spec, self.defaults)]
         problems: list[status.Problem] = []
+        if spec.service_monitor.enabled and not self.service_monitors:
+            desired = [obj for obj in desired if obj["apiVersion"] != SERVICE_MONITOR_GV]
+            problems.append(status.Problem(
+                "ServiceMonitorUnavailable",
+                "spec.monitoring.serviceMonitor.enabled, but the ServiceMonitor CRD "
+                f"({SERVICE_MONITOR_GV}) is not installed: no ServiceMonitor created (restart "
+                "the operator after installing it)", blocking=False))
         to_apply = []
         for obj in desired:
-            if (obj["apiVersion"], obj["kind"]) == SERVICE_MONITOR:
-                continue  # not indexed: handled by a thorough pass
             if not drift.needs_apply(obj, live.get((obj["kind"], obj["metadata"]["name"]))):
                 continue
             rejected = self._rejected.get((str(uid), obj["kind"], obj["metadata"]["name"]))
@@ -212,33 +249,13 @@ class Reconciler:
                      if child_key not in wanted and _owned_by(child, uid)]
         return _Plan(spec, desired, to_apply, to_delete, problems, frozenset(live))
 
-    def _remembered_problems(self, owner: Mapping[str, Any]) -> list[status.Problem]:
-        previous = self._last_status.get(str(owner["metadata"].get("uid"))) or (
-            owner.get("status") or {})
-        for cond in previous.get("conditions") or ():
-            if (cond.get("type") == status.DEGRADED and cond.get("status") == "True"
-                    and cond.get("reason") == "ServiceMonitorUnavailable"):
-                return [status.Problem("ServiceMonitorUnavailable", cond.get("message", ""),
-                                       blocking=False)]
-        return []
-
     # --- execution (blocking, in a worker thread) -----------------------------------------
 
-    def _execute(self, owner: Mapping[str, Any], plan: _Plan, outcome: Outcome, *,
-                 thorough: bool, service_monitor_wanted: bool) -> None:
+    def _execute(self, owner: Mapping[str, Any], plan: _Plan, outcome: Outcome) -> None:
         """Runs in a worker thread: touches only `outcome` and the API, never `self`'s
         memory (the event loop owns that)."""
         namespace = owner["metadata"]["namespace"]
-        to_apply = list(plan.apply)
-        if thorough and plan.spec is not None:
-            try:
-                to_apply += self._service_monitor(owner, plan, outcome,
-                                                  wanted=service_monitor_wanted)
-            except (ApiException, HTTPError) as e:
-                message = f"cannot reconcile the ServiceMonitor: {e}"
-                outcome.problems.append(status.Problem("ApplyFailed", message, blocking=False))
-                outcome.retry = message
-        for obj in to_apply:
+        for obj in plan.apply:
             name = obj["metadata"]["name"]
             try:
                 result = self.kube.apply(obj)
@@ -258,7 +275,7 @@ class Reconciler:
                                                        f"{_ref(obj)}: {e}"))
                 outcome.retry = str(e)
                 continue
-            outcome.accepted.append((obj["kind"], name))
+            outcome.accepted.append((obj["kind"], name, result))
             was_live = (obj["kind"], name) in plan.live_keys
             (outcome.updated if was_live else outcome.created).append(_ref(obj))
             if obj["kind"] == "Deployment" and name == owner["metadata"]["name"]:
@@ -268,39 +285,11 @@ class Reconciler:
             try:
                 self.kube.delete(child["apiVersion"], child["kind"], namespace, meta["name"])
                 outcome.deleted.append(_ref(child))
+                outcome.removed.append((child["kind"], meta["name"]))
             except (ApiException, HTTPError) as e:
                 message = f"cannot delete {_ref(child)}: {e}"
                 outcome.problems.append(status.Problem("DeleteFailed", message, blocking=False))
                 outcome.retry = message
-
-    def _service_monitor(self, owner: Mapping[str, Any], plan: _Plan, outcome: Outcome, *,
-                         wanted: bool) -> list[dict[str, Any]]:
-        """The ServiceMonitor to apply, if any (a few reads: it is not indexed)."""
-        namespace, name = owner_key(owner)
-        try:
-            served = self.discovery.serves(SERVICE_MONITOR_GV, SERVICE_MONITOR_PLURAL)
-        except (ApiException, HTTPError) as e:
-            outcome.problems.append(status.Problem(
-                "ServiceMonitorUnavailable", f"cannot discover ServiceMonitor support: {e}",
-                blocking=False))
-            return []
-        if not wanted:
-            if served:
-                live = self.kube.get(*SERVICE_MONITOR, namespace, name)
-                if live is not None and _owned_by(live, owner["metadata"].get("uid")):
-                    self.kube.delete(*SERVICE_MONITOR, namespace, name)
-                    outcome.deleted.append(f"ServiceMonitor {name}")
-            return []
-        if not served:
-            outcome.problems.append(status.Problem(
-                "ServiceMonitorUnavailable",
-                "spec.monitoring.serviceMonitor.enabled, but the ServiceMonitor CRD "
-                "(monitoring.coreos.com/v1) is not installed: no ServiceMonitor created",
-                blocking=False))
-            return []
-        desired = next(obj for obj in plan.desired if obj["kind"] == "ServiceMonitor")
-        live = self.kube.get(*SERVICE_MONITOR, namespace, name)
-        return [desired] if drift.needs_apply(desired, live) else []
 
     # --- status and events ----------------------------------------------------------------
 

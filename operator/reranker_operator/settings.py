@@ -30,18 +30,9 @@ CHILD_RESOURCES = (
     ("apps", "v1", "deployments"),
     ("autoscaling", "v2", "horizontalpodautoscalers"),
     ("policy", "v1", "poddisruptionbudgets"),
+    ("monitoring.coreos.com", "v1", "servicemonitors"),
 )
 MANAGED_SELECTOR = f"{manifests.LABEL_MANAGED_BY}={manifests.OPERATOR_NAME}"
-
-
-def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a number") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +41,6 @@ class OperatorConfig:
     server_image: str = DEFAULT_SERVER_IMAGE
     #: Image of the operator-managed Redis.
     redis_image: str = DEFAULT_REDIS_IMAGE
-    #: Every RerankerDeployment is re-checked this often (no writes if nothing changed),
-    #: a backstop behind the watch events for anything they missed.
-    resync_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -60,7 +48,6 @@ class OperatorConfig:
         return cls(
             server_image=env.get("RERANKER_OPERATOR_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
             redis_image=env.get("RERANKER_OPERATOR_REDIS_IMAGE") or DEFAULT_REDIS_IMAGE,
-            resync_seconds=_env_float(env, "RERANKER_OPERATOR_RESYNC_SECONDS", 60.0),
         )
 
     def defaults(self) -> manifests.Defaults:

@@ -482,3 +482,55 @@ def test_service_monitor_without_its_crd_is_reported(operator: Operator, kube_cl
     assert "ServiceMonitor CRD (monitoring.coreos.com/v1) is not installed" in c["message"]
     # The rest is reconciled normally.
     assert len(children(kube_cluster, ns, name)) == 4
+
+
+# The Prometheus Operator's own CRD is thousands of lines; the operator only needs the API
+# to serve the kind, so a minimal CRD of the same group, version and names stands in for it.
+SERVICE_MONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+             "names": {"kind": "ServiceMonitor", "plural": "servicemonitors",
+                       "singular": "servicemonitor", "listKind": "ServiceMonitorList"},
+             "versions": [{"name": "v1", "served": True, "storage": True, "schema": {
+                 "openAPIV3Schema": {"type": "object", "properties": {"spec": {
+                     "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}}}]},
+}
+
+
+def test_service_monitor_with_its_crd(operator: Operator, kube_cluster: Any,
+                                      kube_namespace: str) -> None:
+    ns, name = kube_namespace, "scraped"
+    kube_cluster.apply(json.dumps(SERVICE_MONITOR_CRD))
+    try:
+        kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
+                             "crd/servicemonitors.monitoring.coreos.com")
+        operator.stop()  # resources are discovered at startup
+        operator.start()
+        kube_cluster.apply(rrd(name, monitoring={"serviceMonitor": {
+            "enabled": True, "labels": {"release": "prom"}}}), namespace=ns)
+
+        def service_monitor() -> dict[str, Any] | None:
+            r = kube_cluster.kubectl("get", "servicemonitor", name, "-n", ns, "-o", "json",
+                                     check=False)
+            return json.loads(r.stdout) if r.returncode == 0 else None
+        sm = kube_cluster.eventually(service_monitor, timeout=10, desc="ServiceMonitor")
+        assert sm["metadata"]["labels"]["release"] == "prom"
+        assert sm["metadata"]["ownerReferences"][0]["kind"] == "RerankerDeployment"
+        assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics",
+                                            "interval": "30s"}]
+        old_uid = sm["metadata"]["uid"]
+        kube_cluster.kubectl("delete", "servicemonitor", name, "-n", ns)
+        kube_cluster.eventually(lambda: (s := service_monitor()) and s["metadata"]["uid"]
+                                != old_uid, timeout=10, desc="ServiceMonitor recreated")
+        assert conditions(kube_cluster.get_json("rrd", name, "-n", ns))["Degraded"][
+            "status"] == "False"
+        kube_cluster.kubectl("patch", "rrd", name, "-n", ns, "--type", "merge", "-p",
+                             json.dumps({"spec": {"monitoring": {"serviceMonitor": {
+                                 "enabled": False}}}}))
+        kube_cluster.eventually(lambda: service_monitor() is None, timeout=10,
+                                desc="ServiceMonitor removed")
+    finally:
+        operator.stop()
+        kube_cluster.kubectl("delete", "crd", "servicemonitors.monitoring.coreos.com",
+                             "--ignore-not-found", "--timeout", "60s", check=False)
