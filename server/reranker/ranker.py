@@ -25,7 +25,7 @@ from .metrics import Metrics
 @dataclass
 class Ranked:
     raw: list[float]  # one raw score per document (max over its chunks)
-    tokens: int  # tokens of every pair of the request, as the model sees them
+    tokens: int  # tokens of the pairs this request sent to the model (cache hits are free)
 
 
 class Ranker:
@@ -89,20 +89,23 @@ class Ranker:
 
     async def rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket) -> Ranked:
         self.admission.check_serving()
-        chunks = await asyncio.to_thread(split_documents, self.backend, query, documents, split)
+        if split.trivial:
+            chunks = [[doc] for doc in documents]  # no tokenizer needed: skip the thread hop
+        else:
+            chunks = await asyncio.to_thread(split_documents, self.backend, query, documents, split)
         pairs: list[Pair] = [(query, text) for doc_chunks in chunks for text in doc_chunks]
         keys = [self.cache.key(pair) for pair in pairs]
         scores = await self.cache.get_many(keys)
 
-        lengths = await asyncio.to_thread(self.backend.pair_lengths, pairs)
-        # No await from here until the jobs are queued: concurrent requests see each other's jobs.
-        length_of = dict(zip(keys, lengths))
         pair_of = dict(zip(keys, pairs))
+        missing = [k for k in pair_of if k not in scores]
+        # Only pairs the model may see are tokenized: cache hits cost no tokenizer time.
+        lengths = await asyncio.to_thread(self.backend.pair_lengths, [pair_of[k] for k in missing]) if missing else []
+        length_of = dict(zip(missing, lengths))
+        # No await from here until the jobs are registered: concurrent requests see each other's jobs.
         waiting: dict[str, Job] = {}
         new_keys: list[str] = []
-        for key in dict.fromkeys(keys):
-            if key in scores:
-                continue
+        for key in missing:
             job = self.inflight.get(key)
             if job is not None and not job.cancelled:
                 waiting[key] = job
@@ -139,4 +142,4 @@ class Ranker:
         for doc_chunks in chunks:
             raw.append(max(scores[k] for k in keys[cursor: cursor + len(doc_chunks)]))
             cursor += len(doc_chunks)
-        return Ranked(raw=raw, tokens=sum(lengths))
+        return Ranked(raw=raw, tokens=sum(lengths))  # tokens this request sent to the model
