@@ -27,6 +27,7 @@ class RedisServer:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed: run `make system-deps` (hack/install-system-deps)"
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--enable-debug-command", "local",
                 "--dir", str(self.folder)]
         if self.password:
             args += ["--requirepass", self.password]

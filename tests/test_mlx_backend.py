@@ -190,7 +190,8 @@ def build_bert(folder: Path, *, hidden: int, intermediate: int) -> Path:
 
     torch.manual_seed(3)
     config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=intermediate, max_position_embeddings=128, num_labels=1)
+                        intermediate_size=intermediate, max_position_embeddings=128,
+                        num_labels=1)  # type: ignore[call-arg]
     BertForSequenceClassification(config).save_pretrained(str(folder))
     AutoTokenizer.from_pretrained(str(models.minilm_path())).save_pretrained(str(folder))
     return folder

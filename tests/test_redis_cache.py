@@ -6,6 +6,7 @@ What counts is what the servers export: pairs that went through the model
 
 from __future__ import annotations
 
+import asyncio
 import re
 import struct
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ServerProcess, free_port
+from conftest import ServerProcess, free_port, running_app
 from redis_fixture import RedisServer
 
 QUERY = "which river flows through paris"
@@ -126,66 +127,83 @@ def test_redis_killed_mid_load_fails_nothing_and_sharing_resumes(
     redis.stop()
 
 
-def test_ttl_expiry(redis_server: RedisServer, uvicorn_server: Callable[..., ServerProcess]) -> None:
-    a = uvicorn_server(env_for(redis_server, CACHE_TTL_SECONDS="1"))
-    httpx.post(a.url + "/rerank", json={"query": QUERY, "documents": DOCS[:3]}, timeout=60)
-    time.sleep(0.2)
-    client = redis_server.client()
-    keys = client.keys("reranker:*:s:*")
-    assert len(keys) == 3 and 0 < client.pttl(keys[0]) <= 1000
-    time.sleep(1.3)
-    assert client.keys("reranker:*:s:*") == []
-    b = uvicorn_server(env_for(redis_server, CACHE_TTL_SECONDS="1"))
-    httpx.post(b.url + "/rerank", json={"query": QUERY, "documents": DOCS[:3]}, timeout=60)
-    assert scored(b) == 3  # expired: computed again
+def app_metric(client: httpx.AsyncClient, name: str, labels: dict[str, str] | None = None) -> float:
+    return client.app.state.runtime.metrics.value(name, labels)  # type: ignore[attr-defined]
 
 
-def test_different_fingerprints_never_share(redis_server: RedisServer, uvicorn_server: Callable[..., ServerProcess],
-                                            tiny_bert: Path) -> None:
-    fp32 = uvicorn_server(env_for(redis_server))
-    bf16 = uvicorn_server(env_for(redis_server, RERANKER_QUANTIZATION="bf16"))
-    other = uvicorn_server(env_for(redis_server, RERANKER_MODEL=str(tiny_bert)))
-    body = {"query": QUERY, "documents": DOCS[:4]}
-    for server in (fp32, bf16, other):
-        assert httpx.post(server.url + "/rerank", json=body, timeout=60).status_code == 200
-        time.sleep(0.2)
-        assert scored(server) == 4
-        assert metric(server, "reranker_cache_hits_total", 'tier="redis"') == 0
-    prefixes = {k.split(b":")[1] for k in redis_server.client().keys("reranker:*:s:*")}
-    assert len(prefixes) == 3
-    fingerprints = {httpx.get(s.url + "/health").json()["model"]["fingerprint"].encode() for s in (fp32, bf16, other)}
-    assert prefixes == fingerprints
-
-
-def test_garbage_values_read_as_misses(redis_server: RedisServer, uvicorn_server: Callable[..., ServerProcess]) -> None:
-    a = uvicorn_server(env_for(redis_server))
+async def test_ttl_expiry(redis_server: RedisServer) -> None:
     body = {"query": QUERY, "documents": DOCS[:3]}
-    good = httpx.post(a.url + "/rerank", json=body, timeout=60).json()
-    time.sleep(0.2)
+    async with running_app(redis_enabled=True, redis_url=redis_server.url, cache_ttl_seconds=1) as a:
+        await a.post("/rerank", json=body)
+        await asyncio.sleep(0.2)
+        client = redis_server.client()
+        keys = client.keys("reranker:*:s:*")
+        assert len(keys) == 3 and 0 < client.pttl(keys[0]) <= 1000
+        await asyncio.sleep(1.3)
+        assert client.keys("reranker:*:s:*") == []
+    async with running_app(redis_enabled=True, redis_url=redis_server.url, cache_ttl_seconds=1) as b:
+        await b.post("/rerank", json=body)
+        assert app_metric(b, "reranker_pairs_scored_total") == 3  # expired: computed again
+
+
+async def test_different_fingerprints_never_share(redis_server: RedisServer, tiny_bert: Path) -> None:
+    body = {"query": QUERY, "documents": DOCS[:4]}
+    fingerprints = set()
+    for settings in ({}, {"quantization": "bf16"}, {"model": str(tiny_bert)}, {"max_length": 128}):
+        async with running_app(redis_enabled=True, redis_url=redis_server.url, **settings) as server:
+            assert (await server.post("/rerank", json=body)).status_code == 200
+            await asyncio.sleep(0.2)
+            assert app_metric(server, "reranker_pairs_scored_total") == 4
+            assert app_metric(server, "reranker_cache_hits_total", {"tier": "redis"}) == 0
+            fingerprints.add((await server.get("/health")).json()["model"]["fingerprint"].encode())
+    prefixes = {k.split(b":")[1] for k in redis_server.client().keys("reranker:*:s:*")}
+    assert len(prefixes) == 4 and prefixes == fingerprints
+
+
+async def test_garbage_values_read_as_misses(redis_server: RedisServer) -> None:
+    body = {"query": QUERY, "documents": DOCS[:3]}
+    async with running_app(redis_enabled=True, redis_url=redis_server.url) as a:
+        good = (await a.post("/rerank", json=body)).json()
+        await asyncio.sleep(0.2)
     client = redis_server.client()
     for i, key in enumerate(client.keys("reranker:*:s:*")):
         client.set(key, [b"not a float", struct.pack("<d", float("nan")), b"\x00" * 3][i])
-    b = uvicorn_server(env_for(redis_server))
-    again = httpx.post(b.url + "/rerank", json=body, timeout=60).json()
-    assert scored(b) == 3
-    assert again["results"] == good["results"]
-    assert metric(b, "reranker_redis_errors_total", 'op="decode"') == 3
+    async with running_app(redis_enabled=True, redis_url=redis_server.url) as b:
+        again = (await b.post("/rerank", json=body)).json()
+        assert app_metric(b, "reranker_pairs_scored_total") == 3
+        assert [r["index"] for r in again["results"]] == [r["index"] for r in good["results"]]
+        assert app_metric(b, "reranker_redis_errors_total", {"op": "decode"}) == 3
 
 
-def test_password_protected_redis(tmp_path: Path, uvicorn_server: Callable[..., ServerProcess]) -> None:
+async def test_slow_redis_is_bounded(redis_server: RedisServer) -> None:
+    """A Redis that stalls (DEBUG SLEEP) costs at most the call timeout, and fails nothing."""
+    body = {"query": QUERY, "documents": DOCS[:3]}
+    async with running_app(redis_enabled=True, redis_url=redis_server.url, redis_timeout=0.1) as a:
+        stall = asyncio.get_running_loop().run_in_executor(None, lambda: redis_server.client().execute_command("DEBUG", "SLEEP", "1.5"))
+        await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        r = await a.post("/rerank", json=body)
+        assert r.status_code == 200
+        assert time.perf_counter() - started < 1.2
+        assert app_metric(a, "reranker_redis_errors_total", {"op": "get"}) >= 1
+        await stall
+
+
+async def test_password_protected_redis(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     redis = RedisServer(free_port(), tmp_path, password="s3cret-pass").start()
     try:
-        good = uvicorn_server(env_for(redis))
-        assert httpx.post(good.url + "/rerank", json={"query": QUERY, "documents": DOCS[:2]}, timeout=60).status_code == 200
-        time.sleep(0.2)
-        assert len(redis.client().keys("reranker:*")) == 2
+        body = {"query": QUERY, "documents": DOCS[:2]}
+        async with running_app(redis_enabled=True, redis_url=redis.url) as good:
+            assert (await good.post("/rerank", json=body)).status_code == 200
+            await asyncio.sleep(0.2)
+            assert len(redis.client().keys("reranker:*")) == 2
         wrong = f"redis://:wrong-pass@127.0.0.1:{redis.port}/0"
-        bad = uvicorn_server({"REDIS_ENABLED": "true", "REDIS_URL": wrong})
-        r = httpx.post(bad.url + "/rerank", json={"query": QUERY, "documents": DOCS[:2]}, timeout=60)
-        assert r.status_code == 200  # still serves, from the model
-        log = bad.log.read_text()
-        assert "refused our credentials" in log
-        assert "wrong-pass" not in log and "s3cret-pass" not in good.log.read_text()
+        with caplog.at_level("WARNING"):
+            async with running_app(redis_enabled=True, redis_url=wrong) as bad:
+                r = await bad.post("/rerank", json=body)
+                assert r.status_code == 200  # still serves, from the model
+        assert "refused our credentials" in caplog.text
+        assert "wrong-pass" not in caplog.text and "s3cret-pass" not in caplog.text
     finally:
         redis.stop()
 
