@@ -1,0 +1,75 @@
+"""Render the Helm chart with Helm's own Go SDK (helm-python-sdk: no helm binary), as
+`helm template` would, and split the result into Kubernetes objects.
+
+Shared by tests/ship/test_helm_chart.py (lint, schemas, copies) and tests/kube/test_chart.py
+(install into a real control plane).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "reranker-operator"
+
+#: Every optional part of the chart switched on (operator HA included).
+EVERYTHING: dict[str, Any] = {
+    "redis": {"enabled": True},
+    "serviceMonitor": {"enabled": True},
+    "dashboards": {"enabled": True},
+    "prometheusRule": {"enabled": True},
+    "prometheusAdapter": {"rulesConfigMap": True},
+    "macs": {"enabled": True},
+    "peering": {"enabled": True},
+    "replicaCount": 2,
+}
+#: The value sets the static tests render: defaults, everything cluster-wide, everything
+#: limited to two namespaces.
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "everything": EVERYTHING,
+    "everything-namespaced": {**EVERYTHING, "watchNamespaces": ["search", "ranking"],
+                              "macs": {"enabled": True, "namespaces": ["search"]}},
+}
+
+
+def render(values: dict[str, Any] | None = None, *, release: str = "rel",
+           namespace: str = "reranker-system") -> dict[str, str]:
+    """Template path -> rendered text (NOTES.txt included), like `helm template`."""
+    chart = helm.Chart.load(str(CHART))
+    try:
+        return chart.render(values or None, name=release, namespace=namespace, is_install=True)
+    finally:
+        chart.close()
+
+
+def objects(values: dict[str, Any] | None = None, **kw: Any) -> list[dict[str, Any]]:
+    """The rendered Kubernetes objects (hooks included), in template order."""
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(render(values, **kw).items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def manifest_text(values: dict[str, Any] | None = None, **kw: Any) -> str:
+    """All objects as one multi-document YAML stream (for kubectl apply)."""
+    return yaml.safe_dump_all(objects(values, **kw), sort_keys=False)
+
+
+def notes(values: dict[str, Any] | None = None, **kw: Any) -> str:
+    return next(t for p, t in render(values, **kw).items() if p.endswith("NOTES.txt"))
+
+
+def notes_sample(values: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    """The sample RerankerDeployment that NOTES.txt shows (between <<'YAML' and YAML)."""
+    text = notes(values, **kw)
+    body = text.split("<<'YAML'\n", 1)[1].split("\n  YAML\n", 1)[0]
+    sample = yaml.safe_load("\n".join(line[2:] for line in body.splitlines()))
+    assert isinstance(sample, dict)
+    return sample
