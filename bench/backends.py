@@ -111,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {platform.machine()} {platform.system()}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)", end="")
     try:
+        from importlib.metadata import version
+
         import mlx.core as mx
 
-        print(f", mlx {mx.__version__} ({mx.default_device()})")
+        print(f", mlx {version('mlx')} ({mx.default_device()})")
     except ImportError:
         print(", mlx not installed")
         variants = [v for v in variants if v[0] != "mlx"]
