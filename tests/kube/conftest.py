@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Iterator, Optional, TypeVar
 
 import pytest
 
@@ -140,6 +140,7 @@ def _hack_live(args: list, state_dir: Path) -> tuple:
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     lines = []
+    assert p.stderr is not None
     for line in p.stderr:
         lines.append(line)
         sys.stderr.write(line)
@@ -167,7 +168,7 @@ def pytest_collection_finish(session) -> None:
 
 
 @pytest.fixture(scope="session")
-def kube_cluster(pytestconfig) -> KubeCluster:
+def kube_cluster(pytestconfig) -> Iterator[KubeCluster]:
     if _build_error:
         pytest.fail("could not build the Kubernetes control plane; see docs/cluster.md.\n"
                     + _build_error[0], pytrace=False)
@@ -208,7 +209,7 @@ class _nullcontext:
 
 
 @pytest.fixture
-def kube_namespace(kube_cluster: KubeCluster, request) -> str:
+def kube_namespace(kube_cluster: KubeCluster, request) -> Iterator[str]:
     """A fresh namespace for one test; deleted (without waiting) afterwards."""
     stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"t-{stem}-{secrets.token_hex(3)}"
