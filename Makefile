@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PORT   ?= 8000
 
-.PHONY: serve test bench bench-quick system-deps lint clean
+.PHONY: serve test bench bench-quick system-deps cluster-binaries clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,7 +28,12 @@ serve: $(VENV)/.installed-server
 system-deps:
 	bash hack/install-system-deps
 
-test: $(VENV)/.installed-dev system-deps
+# The Kubernetes control plane for the operator tests is built from the Kubernetes Go modules
+# once (cached under ~/.cache/reranker-fleet; 6-23 min cold on 2 cores), see docs/cluster.md.
+cluster-binaries:
+	hack/cluster build
+
+test: $(VENV)/.installed-dev system-deps cluster-binaries
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench-quick: $(VENV)/.installed-dev
