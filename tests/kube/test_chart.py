@@ -1,0 +1,298 @@
+"""The Helm chart installed into a real control plane (etcd, kube-apiserver, controller-manager)
+with Helm's own Go SDK (helm-python-sdk), then the operator run as the chart deploys it.
+
+There are no kubelets, so the chart's operator pod never starts: the test runs the same
+program (`reranker-operator` with the container's command, args and env from the installed
+release) as a local subprocess, authenticated as the chart's ServiceAccount (a token minted for
+it), and checks that it reconciles the RerankerDeployment that NOTES.txt shows: the RBAC the
+chart grants is enough. `kubectl auth can-i` checks that it is no more than that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ship"))
+from helm_render import CHART, notes_sample  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+CRDS = ("rerankerdeployments.reranker.dev", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev")
+CHILD_KINDS = "configmaps,deployments,services,horizontalpodautoscalers,poddisruptionbudgets"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def adopt_crds(cluster: Any, release: str, namespace: str) -> None:
+    """CRDs outlive releases (helm.sh/resource-policy: keep) and other tests apply them with
+    kubectl: mark existing ones as this release's, as Helm documents for adopting objects."""
+    for crd in CRDS:
+        if cluster.kubectl("get", "crd", crd, check=False).returncode != 0:
+            continue
+        cluster.kubectl("annotate", "crd", crd, "--overwrite",
+                        f"meta.helm.sh/release-name={release}",
+                        f"meta.helm.sh/release-namespace={namespace}")
+        cluster.kubectl("label", "crd", crd, "--overwrite", "app.kubernetes.io/managed-by=Helm")
+
+
+class Release:
+    """One installed release of the chart, and the operator process it describes."""
+
+    def __init__(self, cluster: Any, namespace: str, values: dict[str, Any], log: Path) -> None:
+        self.cluster, self.namespace, self.values, self.log_path = cluster, namespace, values, log
+        self.name = f"rop-{secrets.token_hex(3)}"
+        self.config = helm.Config(kubeconfig_path=cluster.kubeconfig, namespace=namespace)
+        self.summary: dict[str, Any] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def install(self) -> Release:
+        adopt_crds(self.cluster, self.name, self.namespace)
+        self.summary = self.config.install(str(CHART), self.name, self.values,
+                                           namespace=self.namespace, timeout=120)
+        return self
+
+    def uninstall(self) -> None:
+        self.config.uninstall(self.name, ignore_not_found=True, timeout=60)
+
+    def objects(self) -> list[dict[str, Any]]:
+        return [d for d in yaml.safe_load_all(self.summary["manifest"]) if d]
+
+    def operator_deployment(self) -> dict[str, Any]:
+        (dep,) = [d for d in self.objects() if d["kind"] == "Deployment"
+                  and d["metadata"]["name"] == f"{self.name}-reranker-operator"]
+        return dep
+
+    def service_account(self) -> str:
+        return str(self.operator_deployment()["spec"]["template"]["spec"]["serviceAccountName"])
+
+    def start_operator(self, kubeconfig: str) -> None:
+        """The operator container, as a local process: its command, args and env, with the
+        liveness endpoint moved to a free loopback port."""
+        (container,) = self.operator_deployment()["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert env["RERANKER_OPERATOR_LIVENESS"] == "http://0.0.0.0:8080/healthz"
+        self.port = free_port()
+        env["RERANKER_OPERATOR_LIVENESS"] = f"http://127.0.0.1:{self.port}/healthz"
+        command = [str(VENV_BIN / container["command"][0]), *container["command"][1:],
+                   *container.get("args", [])]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env, "KUBECONFIG": kubeconfig},
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.proc.poll() is None, f"operator exited {self.proc.returncode}:\n{self.log()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2):
+                    return
+            except OSError:
+                assert time.monotonic() < deadline, f"operator not live after 60s:\n{self.log()}"
+                time.sleep(0.2)
+
+    def stop_operator(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture(params=["cluster-wide", "namespaced"])
+def release(request: pytest.FixtureRequest, kube_cluster: Any, kube_namespace: str,
+            tmp_path: Path) -> Iterator[Release]:
+    """The chart with every part the API server can take without other projects' CRDs
+    (no ServiceMonitor, PrometheusRule): operator, CRDs, RBAC, shared Redis, dashboards,
+    adapter rules, the Macs' Role. `namespaced`: watchNamespaces = [the release namespace]."""
+    values: dict[str, Any] = {"redis": {"enabled": True}, "dashboards": {"enabled": True},
+                              "prometheusAdapter": {"rulesConfigMap": True},
+                              "macs": {"enabled": True}}
+    if request.param == "namespaced":
+        values["watchNamespaces"] = [kube_namespace]
+    rel = Release(kube_cluster, kube_namespace, values, tmp_path / "operator.log")
+    try:
+        yield rel.install()
+    finally:
+        rel.stop_operator()
+        print(f"----- operator log (tail) -----\n{rel.log()[-6000:]}")
+        rel.uninstall()
+        kube_cluster.kubectl("delete", "rrd", "--all", "-n", kube_namespace, "--wait=false",
+                             check=False)
+
+
+def can_i(cluster: Any, kubeconfig: str, verb: str, resource: str, *flags: str) -> bool:
+    """`kubectl auth can-i VERB RESOURCE[.GROUP][/SUB] [-n NS | --all-namespaces]
+    [--subresource=SUB]`, asked as a SelfSubjectAccessReview: kubectl's own can-i answers "no"
+    for resources whose CRD is not installed yet (RerankerEndpoint), whatever RBAC says."""
+    resource, _, sub = resource.partition("/")
+    name, _, group = resource.partition(".")
+    attrs = {"verb": verb, "resource": name, "group": group}
+    args = list(flags)
+    while args:
+        flag = args.pop(0)
+        if flag == "-n":
+            attrs["namespace"] = args.pop(0)
+        elif flag.startswith("--subresource="):
+            sub = flag.split("=", 1)[1]
+        else:
+            assert flag == "--all-namespaces", flag
+    if sub:
+        attrs["subresource"] = sub
+    review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+              "spec": {"resourceAttributes": attrs}}
+    out = cluster.kubectl("create", "--validate=false", "-f", "-", "-o", "json", input=json.dumps(review),
+                          kubeconfig=kubeconfig).stdout
+    return bool(json.loads(out)["status"].get("allowed"))
+
+
+def test_chart_installs_an_operator_that_reconciles_the_notes_sample(
+        release: Release, kube_cluster: Any, kube_namespace: str) -> None:
+    ns = kube_namespace
+    namespaced = bool(release.values.get("watchNamespaces"))
+    for crd in CRDS:
+        kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
+                             f"crd/{crd}")
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in release.objects()}
+    full = f"{release.name}-reranker-operator"
+    assert {("ServiceAccount", full), ("ClusterRole", full), ("Deployment", full),
+            ("Deployment", f"{full}-redis"), ("Secret", f"{full}-redis"),
+            ("Role", f"{full}-macs")} <= kinds
+    assert (("RoleBinding" if namespaced else "ClusterRoleBinding"), full) in kinds
+    live = kube_cluster.get_json("deployment", full, "-n", ns)
+    assert live["spec"]["template"]["spec"]["containers"][0]["securityContext"][
+        "readOnlyRootFilesystem"] is True
+
+    # The chart's ServiceAccount: what it may and may not do.
+    kubeconfig = kube_cluster.mint_kubeconfig(ns, release.service_account())
+    allowed = [
+        ("list", "rerankerdeployments.reranker.dev", "-n", ns),
+        ("watch", "rerankerdeployments.reranker.dev", "-n", ns),
+        ("patch", "rerankerdeployments.reranker.dev", "-n", ns),
+        ("patch", "rerankerdeployments.reranker.dev", "--subresource=status", "-n", ns),
+        ("create", "deployments.apps", "-n", ns), ("delete", "services", "-n", ns),
+        ("patch", "configmaps", "-n", ns), ("create", "horizontalpodautoscalers.autoscaling", "-n", ns),
+        ("create", "poddisruptionbudgets.policy", "-n", ns), ("create", "events", "-n", ns),
+    ]
+    denied = [
+        ("get", "secrets", "-n", ns), ("list", "secrets", "--all-namespaces"),
+        ("delete", "namespaces"), ("create", "namespaces"), ("create", "pods", "-n", ns),
+        ("create", "pods/exec", "-n", ns), ("get", "nodes"), ("delete", "nodes"),
+        ("create", "rerankerdeployments.reranker.dev", "-n", ns),
+        ("delete", "rerankerdeployments.reranker.dev", "-n", ns),
+        ("update", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+        ("create", "rolebindings.rbac.authorization.k8s.io", "-n", ns),
+        ("bind", "clusterroles.rbac.authorization.k8s.io"),
+        ("escalate", "clusterroles.rbac.authorization.k8s.io"),
+        ("impersonate", "serviceaccounts", "-n", ns), ("create", "serviceaccounts/token", "-n", ns),
+        ("get", "deployments.apps", "-n", ns),  # reads come from watches only
+        ("create", "rerankerendpoints.reranker.dev", "-n", ns),  # the Macs' right, not its own
+    ]
+    if namespaced:  # nothing outside the watched namespace
+        denied += [("list", "rerankerdeployments.reranker.dev", "-n", "default"),
+                   ("create", "deployments.apps", "-n", "default"),
+                   ("list", "rerankerdeployments.reranker.dev", "--all-namespaces")]
+    else:
+        allowed += [("list", "rerankerdeployments.reranker.dev", "--all-namespaces")]
+    assert [a for a in allowed if not can_i(kube_cluster, kubeconfig, *a)] == []
+    assert [d for d in denied if can_i(kube_cluster, kubeconfig, *d)] == []
+
+    # The Macs' ServiceAccount: RerankerEndpoints in its namespace, nothing else.
+    macs = kube_cluster.mint_kubeconfig(ns, "reranker-mac")
+    assert can_i(kube_cluster, macs, "create", "rerankerendpoints.reranker.dev", "-n", ns)
+    assert can_i(kube_cluster, macs, "delete", "rerankerendpoints.reranker.dev", "-n", ns)
+    for d in [("list", "rerankerendpoints.reranker.dev", "-n", ns),
+              ("create", "rerankerendpoints.reranker.dev", "-n", "default"),
+              ("get", "rerankerdeployments.reranker.dev", "-n", ns),
+              ("get", "secrets", "-n", ns), ("get", "configmaps", "-n", ns)]:
+        assert not can_i(kube_cluster, macs, *d), d
+
+    # The operator as the chart runs it, under that identity, reconciles the NOTES sample.
+    release.start_operator(kubeconfig)
+    sample = notes_sample(release.values, release=release.name, namespace=ns)
+    kube_cluster.apply(json.dumps(sample), namespace=ns)
+    name = sample["metadata"]["name"]
+
+    def children() -> dict[tuple[str, str], dict[str, Any]]:
+        items = kube_cluster.get_json(CHILD_KINDS, "-n", ns, "-l",
+                                      f"app.kubernetes.io/instance={name}")["items"]
+        return {(i["kind"], i["metadata"]["name"]): i for i in items}
+
+    expected = {("ConfigMap", f"{name}-config"), ("Deployment", name), ("Service", name),
+                ("PodDisruptionBudget", name)}
+    objs = kube_cluster.eventually(lambda: (lambda got: got if set(got) == expected else None)(
+        children()), timeout=30, desc="the sample's children")
+    uid = kube_cluster.get_json("rrd", name, "-n", ns)["metadata"]["uid"]
+    for obj in objs.values():
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == uid
+    dep = objs[("Deployment", name)]
+    assert dep["spec"]["replicas"] == sample["spec"]["replicas"]
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    # The shared Redis of the chart, through its Secret (never in the ConfigMap).
+    assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": f"{full}-redis", "key": "url"}
+    # The status is written (no nodes: never Ready).
+    obj = kube_cluster.eventually(
+        lambda: (lambda o: o if any(c["type"] == "Ready" for c in
+                                    (o.get("status") or {}).get("conditions", ())) else None)(
+            kube_cluster.get_json("rrd", name, "-n", ns)),
+        timeout=30, desc="status conditions")
+    ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False"
+
+    release.stop_operator()
+    log = release.log()
+    assert "forbidden" not in log.lower(), "the chart's RBAC denied the operator something"
+    assert "Traceback" not in log
+
+    # Uninstall removes the operator and its permissions, and keeps the CRDs (and with them,
+    # every fleet).
+    release.uninstall()
+    assert kube_cluster.kubectl("get", "deployment", full, "-n", ns, check=False).returncode != 0
+    assert kube_cluster.kubectl("get", "clusterrole", full, check=False).returncode != 0
+    for crd in CRDS:
+        kube_cluster.kubectl("get", "crd", crd)
+    kube_cluster.get_json("rrd", name, "-n", ns)
+
+
+def test_peering_objects_are_created_after_the_crds(kube_cluster: Any, kube_namespace: str,
+                                                    tmp_path: Path) -> None:
+    """HA: the peering object is a post-install hook, so its CRD (same release) exists first."""
+    rel = Release(kube_cluster, kube_namespace,
+                  {"peering": {"enabled": True}, "replicaCount": 2,
+                   "watchNamespaces": [kube_namespace]}, tmp_path / "operator.log")
+    try:
+        rel.install()
+        peering = kube_cluster.get_json("kopfpeering", "reranker-operator", "-n", kube_namespace)
+        assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+        dep = kube_cluster.get_json("deployment", f"{rel.name}-reranker-operator", "-n",
+                                    kube_namespace)
+        assert dep["spec"]["replicas"] == 2
+        env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["RERANKER_OPERATOR_PEERING"] == "reranker-operator"
+    finally:
+        rel.uninstall()
