@@ -52,12 +52,13 @@ def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
             **_: Any) -> None:
     configure_kopf(settings)
     config = getattr(memo, "config", None) or OperatorConfig.from_env()
-    kube = Kube(load_config())
+    kube = Kube(load_config(connections=config.api_workers))
     # Resources are discovered once (Kopf's scanning is off): a ServiceMonitor CRD installed
     # later is used after a restart, and the status says so meanwhile.
     service_monitors = kube.serves(SERVICE_MONITOR_GV, SERVICE_MONITOR_PLURAL)
     memo.kube = kube
-    memo.reconciler = Reconciler(kube, config.defaults(), service_monitors=service_monitors)
+    memo.reconciler = Reconciler(kube, config.defaults(), service_monitors=service_monitors,
+                                 api_workers=config.api_workers)
     logger.info("reranker-operator: %r; ServiceMonitors %s", config.defaults(),
                 "served" if service_monitors else "not served (no monitoring.coreos.com CRD)")
 

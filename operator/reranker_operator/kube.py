@@ -44,9 +44,10 @@ RESOURCES: Mapping[tuple[str, str], tuple[str, str]] = {
 }
 
 
-def load_config() -> kubernetes.client.ApiClient:
+def load_config(*, connections: int = 16) -> kubernetes.client.ApiClient:
     """In a pod: its ServiceAccount; elsewhere: $KUBECONFIG or ~/.kube/config."""
     configuration = kubernetes.client.Configuration()
+    configuration.connection_pool_maxsize = connections  # one per API worker thread
     try:
         kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
             client_configuration=configuration)

@@ -14,11 +14,14 @@ calls run in a worker thread so that the event loop keeps serving the watch stre
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import datetime
+import functools
 import logging
+import time
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -31,6 +34,7 @@ from reranker_operator.spec import DEFAULT_SERVICE_PORT, InvalidSpec, RerankerSp
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 OwnerKey = tuple[str, str]  # (namespace, name) of a RerankerDeployment
 ChildKey = tuple[str, str]  # (kind, name) of a child
 Live = Mapping[ChildKey, Mapping[str, Any]]
@@ -39,6 +43,8 @@ SERVICE_MONITOR_GV, SERVICE_MONITOR_PLURAL = "monitoring.coreos.com/v1", "servic
 
 #: Problems that another attempt with the same spec cannot fix (no retry loop).
 PERMANENT_REASONS = frozenset({"InvalidSpec", "ChildRejected"})
+#: After a transient failure, a child is not applied again for this long.
+RETRY_SECONDS = 10.0
 
 
 def utcnow() -> str:
@@ -103,6 +109,7 @@ class Outcome:
     rejected: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
     accepted: list[tuple[str, str, Mapping[str, Any]]] = dataclasses.field(default_factory=list)
     removed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    failed: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def permanent(self) -> status.Problem | None:
@@ -121,6 +128,7 @@ class _Plan:
     delete: list[Mapping[str, Any]]
     problems: list[status.Problem]
     live_keys: frozenset[ChildKey] = frozenset()
+    retry: str | None = None
 
 
 EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
@@ -145,9 +153,14 @@ class Reconciler:
 
     def __init__(self, kube: Kube, defaults: manifests.Defaults, *,
                  service_monitors: bool = False,
+                 api_workers: int = 16,
                  clock: Callable[[], str] = utcnow,
                  events: EventPoster = post_event) -> None:
         self.kube = kube
+        # Blocking API calls run here, not in the loop's default executor, so that a burst
+        # of creations cannot starve (or be starved by) anything else.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=api_workers, thread_name_prefix="reranker-api")
         self.defaults = defaults
         self.service_monitors = service_monitors
         self.clock = clock
@@ -158,6 +171,10 @@ class Reconciler:
         self._last_status: dict[str, dict[str, Any]] = {}
         # (owner uid, kind, name) -> (applied hash, message) of a manifest the API refused.
         self._rejected: dict[tuple[str, str, str], tuple[str, str]] = {}
+        # (owner uid, kind, name) -> (applied hash, retry after (monotonic), message) of a
+        # manifest whose apply failed for a transient reason: not retried by every event
+        # before then (Kopf's TemporaryError retries the pass after the same delay).
+        self._failing: dict[tuple[str, str, str], tuple[str, float, str]] = {}
         # owner uid -> child -> what the API server returned for the operator's last write
         # (None: deleted), until the watch stream delivers it. Without this, each child's
         # event during a creation would see its siblings missing and apply them again.
@@ -169,6 +186,8 @@ class Reconciler:
         self._written.pop(str(uid), None)
         for key in [k for k in self._rejected if k[0] == str(uid)]:
             del self._rejected[key]
+        for key in [k for k in self._failing if k[0] == str(uid)]:
+            del self._failing[key]
 
     def child_deleted(self, owner_uid: str | None, kind: str, name: str) -> None:
         """A child's deletion reached the watch stream: whatever was written before is gone."""
@@ -201,19 +220,36 @@ class Reconciler:
         async with lock:
             live = self._fresh(uid, live)
             plan = self._plan(owner, live)
-            outcome = Outcome(problems=list(plan.problems))
+            outcome = Outcome(problems=list(plan.problems), retry=plan.retry)
+            current = self._last_status.get(uid) or dict(owner.get("status") or {})
             if plan.apply or plan.delete:
-                await asyncio.to_thread(self._execute, owner, plan, outcome)
+                # One trip to a worker thread: the children, then the status they produce.
+                new = await self._in_thread(self._execute, owner, plan, live, outcome, current)
                 written = self._written.setdefault(uid, {})
                 for kind, name, result in outcome.accepted:
                     self._rejected.pop((uid, kind, name), None)
+                    self._failing.pop((uid, kind, name), None)
                     written[(kind, name)] = result
+                retry_at = time.monotonic() + RETRY_SECONDS
+                for kind, name, digest, message in outcome.failed:
+                    self._failing[(uid, kind, name)] = (digest, retry_at, message)
                 for kind, name in outcome.removed:
                     written[(kind, name)] = None
                 for kind, name, digest, message in outcome.rejected:
                     self._rejected[(uid, kind, name)] = (digest, message)
-            await self._report(owner, plan, live, outcome)
+            else:
+                new = self._status(owner, plan, live, outcome, current)
+                patch = status.status_patch(current, new)
+                if patch is not None:
+                    await self._in_thread(self._write_status, owner, patch, outcome)
+            if outcome.status_written:
+                self._last_status[uid] = new
+            self._post_events(owner, outcome, current, new)
             return outcome
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     # --- planning (pure) ------------------------------------------------------------------
 
@@ -234,6 +270,7 @@ class Reconciler:
                 f"({SERVICE_MONITOR_GV}) is not installed: no ServiceMonitor created (restart "
                 "the operator after installing it)", blocking=False))
         to_apply = []
+        retry: str | None = None
         for obj in desired:
             if not drift.needs_apply(obj, live.get((obj["kind"], obj["metadata"]["name"]))):
                 continue
@@ -243,37 +280,42 @@ class Reconciler:
                 # The API server refused exactly this manifest: do not ask again.
                 problems.append(status.Problem("ChildRejected", rejected[1]))
                 continue
+            failing = self._failing.get((str(uid), obj["kind"], obj["metadata"]["name"]))
+            if failing is not None and failing[0] == digest and failing[1] > time.monotonic():
+                problems.append(status.Problem("ApplyFailed", failing[2]))
+                retry = failing[2]
+                continue
             to_apply.append(obj)
         wanted = {(obj["kind"], obj["metadata"]["name"]) for obj in desired}
         to_delete = [child for child_key, child in live.items()
                      if child_key not in wanted and _owned_by(child, uid)]
-        return _Plan(spec, desired, to_apply, to_delete, problems, frozenset(live))
+        return _Plan(spec, desired, to_apply, to_delete, problems, frozenset(live), retry)
 
     # --- execution (blocking, in a worker thread) -----------------------------------------
 
-    def _execute(self, owner: Mapping[str, Any], plan: _Plan, outcome: Outcome) -> None:
-        """Runs in a worker thread: touches only `outcome` and the API, never `self`'s
-        memory (the event loop owns that)."""
+    def _execute(self, owner: Mapping[str, Any], plan: _Plan, live: Live, outcome: Outcome,
+                 current: Mapping[str, Any]) -> dict[str, Any]:
+        """Applies and deletes children, then writes the status; returns the new status.
+
+        Runs in a worker thread: touches only `outcome` and the API, never `self`'s memory
+        (the event loop owns that)."""
         namespace = owner["metadata"]["namespace"]
         for obj in plan.apply:
             name = obj["metadata"]["name"]
             try:
                 result = self.kube.apply(obj)
-            except ApiException as e:
-                if e.status in (400, 422):
+            except (ApiException, HTTPError) as e:
+                digest = obj["metadata"]["annotations"][drift.ANNOTATION_APPLIED_HASH]
+                if isinstance(e, ApiException) and e.status in (400, 422):
                     message = f"{_ref(obj)} rejected by the API server: {error_message(e)}"
-                    digest = obj["metadata"]["annotations"][drift.ANNOTATION_APPLIED_HASH]
                     outcome.rejected.append((obj["kind"], name, digest, message))
                     outcome.problems.append(status.Problem("ChildRejected", message))
                 else:
-                    message = f"cannot apply {_ref(obj)}: {error_message(e)}"
+                    detail = error_message(e) if isinstance(e, ApiException) else str(e)
+                    message = f"cannot apply {_ref(obj)}: {detail}"
+                    outcome.failed.append((obj["kind"], name, digest, message))
                     outcome.problems.append(status.Problem("ApplyFailed", message))
                     outcome.retry = message
-                continue
-            except HTTPError as e:
-                outcome.problems.append(status.Problem("ApplyFailed", f"cannot apply "
-                                                       f"{_ref(obj)}: {e}"))
-                outcome.retry = str(e)
                 continue
             outcome.accepted.append((obj["kind"], name, result))
             was_live = (obj["kind"], name) in plan.live_keys
@@ -290,47 +332,56 @@ class Reconciler:
                 message = f"cannot delete {_ref(child)}: {e}"
                 outcome.problems.append(status.Problem("DeleteFailed", message, blocking=False))
                 outcome.retry = message
+        new = self._status(owner, plan, live, outcome, current)
+        patch = status.status_patch(current, new)
+        if patch is not None:
+            self._write_status(owner, patch, outcome)
+        return new
 
     # --- status and events ----------------------------------------------------------------
 
-    async def _report(self, owner: Mapping[str, Any], plan: _Plan, live: Live,
-                      outcome: Outcome) -> None:
-        meta = owner["metadata"]
-        namespace, name = owner_key(owner)
-        uid = str(meta.get("uid"))
-        current = self._last_status.get(uid) or dict(owner.get("status") or {})
-        deployment = outcome.deployment or live.get(("Deployment", name))
+    def _status(self, owner: Mapping[str, Any], plan: _Plan, live: Live, outcome: Outcome,
+                current: Mapping[str, Any]) -> dict[str, Any]:
+        name = owner["metadata"]["name"]
         spec = plan.spec
-        new = status.build(
+        return status.build(
             {**owner, "status": current},
-            deployment=deployment,
+            deployment=outcome.deployment or live.get(("Deployment", name)),
             problems=outcome.problems,
             config_hash=(manifests.config_hash(name, spec) if spec is not None
                          else current.get("configHash")),
             service_port=spec.service.port if spec is not None else _raw_port(owner),
             now=self.clock(),
         )
-        for ref in outcome.created:
-            self.events(owner, "Normal", "Created", f"created {ref}")
-        for ref in outcome.updated:
-            self.events(owner, "Normal", "Applied", f"applied {ref} (spec change or drift)")
-        for ref in outcome.deleted:
-            self.events(owner, "Normal", "Deleted", f"deleted {ref} (no longer in the spec)")
-        patch = status.status_patch(current, new)
-        if patch is None:
-            return
+
+    def _write_status(self, owner: Mapping[str, Any], patch: Mapping[str, Any],
+                      outcome: Outcome) -> None:
+        """Blocking: in a worker thread."""
+        namespace, name = owner_key(owner)
         try:
-            await asyncio.to_thread(self.kube.patch_status, namespace, name, patch)
+            self.kube.patch_status(namespace, name, patch)
         except ApiException as e:
-            if e.status == 404:  # deleted meanwhile
-                return
-            outcome.retry = f"cannot write status: {error_message(e)}"
+            if e.status != 404:  # 404: deleted meanwhile
+                outcome.retry = f"cannot write status: {error_message(e)}"
             return
         except HTTPError as e:
             outcome.retry = f"cannot write status: {e}"
             return
         outcome.status_written = True
-        self._last_status[uid] = new
+
+    def _post_events(self, owner: Mapping[str, Any], outcome: Outcome,
+                     current: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+        # One Event per kind of change and pass (Events are API writes too).
+        if outcome.created:
+            self.events(owner, "Normal", "Created", "created " + ", ".join(outcome.created))
+        if outcome.updated:
+            self.events(owner, "Normal", "Applied",
+                        "applied " + ", ".join(outcome.updated) + " (spec change or drift)")
+        if outcome.deleted:
+            self.events(owner, "Normal", "Deleted",
+                        "deleted " + ", ".join(outcome.deleted) + " (no longer in the spec)")
+        if not outcome.status_written:
+            return
         for type_, cond_status, reason, message in status.transitions(current, new):
             if type_ == status.READY or (type_ == status.DEGRADED and cond_status == "True"):
                 warn = (type_ == status.DEGRADED) or (

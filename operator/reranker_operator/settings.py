@@ -35,12 +35,23 @@ CHILD_RESOURCES = (
 MANAGED_SELECTOR = f"{manifests.LABEL_MANAGED_BY}={manifests.OPERATOR_NAME}"
 
 
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name) or ""
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise SystemExit(f"{name}={raw!r} must be a positive integer")
+    return int(raw)
+
+
 @dataclasses.dataclass(frozen=True)
 class OperatorConfig:
     #: Server image for RerankerDeployments without spec.image.
     server_image: str = DEFAULT_SERVER_IMAGE
     #: Image of the operator-managed Redis.
     redis_image: str = DEFAULT_REDIS_IMAGE
+    #: Threads making the (blocking) API writes: passes for different resources in parallel.
+    api_workers: int = 16
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -48,6 +59,7 @@ class OperatorConfig:
         return cls(
             server_image=env.get("RERANKER_OPERATOR_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
             redis_image=env.get("RERANKER_OPERATOR_REDIS_IMAGE") or DEFAULT_REDIS_IMAGE,
+            api_workers=_positive_int(env, "RERANKER_OPERATOR_API_WORKERS", 16),
         )
 
     def defaults(self) -> manifests.Defaults:

@@ -234,3 +234,31 @@ async def test_own_writes_count_before_the_watch_stream_delivers_them() -> None:
     r.child_deleted("u-1", "PodDisruptionBudget", "rr")
     outcome = await r.reconcile(owner(SPEC, status=kube.status), caught_up)
     assert outcome.created == ["PodDisruptionBudget rr"]
+
+
+async def test_transient_failure_is_retried_after_a_delay_not_on_every_event(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from reranker_operator import reconcile as rec
+
+    clock = [1000.0]
+    monkeypatch.setattr(rec.time, "monotonic", lambda: clock[0])
+    kube = FakeKube()
+    original = kube.apply
+
+    def flaky(obj: dict[str, Any]) -> dict[str, Any]:
+        if obj["kind"] == "Service" and clock[0] < 1005:
+            kube.calls.append(("apply", "Service/rr"))
+            raise ApiException(status=500, reason="range is full")
+        return original(obj)
+    kube.apply = flaky  # type: ignore[method-assign]
+    r = reconciler(kube)
+    first = await r.reconcile(owner(SPEC), {})
+    assert first.retry is not None and "Service rr" in first.retry
+    assert any(p.reason == "ApplyFailed" for p in first.problems)
+    kube.calls.clear()
+    clock[0] += 1  # another child's event, soon after: no new attempt
+    again = await r.reconcile(owner(SPEC, status=kube.status), kube.live())
+    assert ("apply", "Service/rr") not in kube.calls and again.retry is not None
+    clock[0] += rec.RETRY_SECONDS  # Kopf's retry, after the delay: it works now
+    later = await r.reconcile(owner(SPEC, status=kube.status), kube.live())
+    assert later.created == ["Service rr"] and later.retry is None
