@@ -1,14 +1,16 @@
 """One reconciliation pass for one RerankerDeployment: build, compare, apply, report.
 
-Every handler (create, update, resume, a child's event, the resync timer) ends here, so the
-operator has one behaviour however it was woken up. The pass is level-triggered and
+Every handler (create, update, resume, a child's event) ends here, so the operator has one
+behaviour however it was woken up. The pass is level-triggered and
 idempotent: it builds all desired children (`manifests`), compares each with the live object
 from Kopf's in-memory indices (`drift`), writes only the differences (server-side apply,
 delete), then writes the status only if it changed. An idle operator therefore makes no API
 writes, and a restart re-checks everything without touching anything.
 
 Passes for the same RerankerDeployment are serialised by a per-owner lock; the blocking API
-calls run in a worker thread so that the event loop keeps serving the watch streams.
+calls run in a worker thread so that the event loop keeps serving the watch streams. The
+indices lag behind the operator's own writes by one watch event, so the reconciler remembers
+what it wrote until the index has caught up (`Reconciler._fresh`).
 """
 
 from __future__ import annotations
@@ -144,8 +146,8 @@ def post_event(owner: Mapping[str, Any], type_: str, reason: str, message: str) 
 
 
 class Reconciler:
-    """Holds what must outlive one pass: the locks, the last written statuses and the
-    rejected manifests.
+    """Holds what must outlive one pass: the locks, the last written statuses, the writes
+    the indices have not seen yet, and the manifests that failed.
 
     `service_monitors` says whether the API server served ServiceMonitors when the operator
     started (and so whether their watch stream, and their index, exist).

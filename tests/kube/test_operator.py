@@ -284,6 +284,31 @@ def test_apply_creates_owned_children_within_two_seconds(operator: Operator, kub
     assert any(e["reason"] == "Created" and "Deployment" in e["message"] for e in events)
 
 
+def test_cuda_example_gets_gpus_placement_and_secrets(operator: Operator, kube_cluster: Any,
+                                                      kube_namespace: str) -> None:
+    ns = kube_namespace
+    kube_cluster.kubectl("apply", "-n", ns, "-f", str(REPO / "examples" / "cuda-bf16.yaml"))
+    name = "bge-large-gpu"
+    dep = kube_cluster.eventually(
+        lambda: children(kube_cluster, ns, name).get(("Deployment", name)), timeout=10,
+        desc="Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    env = {e["name"]: e for e in c["env"]}
+    assert env["RERANKER_API_KEYS"]["valueFrom"]["secretKeyRef"] == {
+        "name": "reranker-api-keys", "key": "api-keys"}
+    assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "reranker-redis",
+                                                            "key": "url"}
+    data = kube_cluster.get_json("configmap", f"{name}-config", "-n", ns)["data"]
+    assert (data["RERANKER_DEVICE"], data["RERANKER_QUANTIZATION"]) == ("cuda", "bf16")
+    assert "REDIS_URL" not in data and data["REDIS_ENABLED"] == "true"
+    assert dep["spec"]["replicas"] == 2
+
+
 def test_scale_goes_through_the_reranker_deployment(operator: Operator, kube_cluster: Any,
                                                      kube_namespace: str) -> None:
     ns, name = kube_namespace, "scaled"
