@@ -28,10 +28,11 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ship"))
-from helm_render import CHART, notes_sample  # noqa: E402
+from helm_render import CHART, notes_sample, objects  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-CRDS = ("rerankerdeployments.reranker.dev", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev")
+#: The CRDs the chart ships (every file of crds/).
+CRDS = tuple(d["metadata"]["name"] for d in objects() if d["kind"] == "CustomResourceDefinition")
 CHILD_KINDS = "configmaps,deployments,services,horizontalpodautoscalers,poddisruptionbudgets"
 
 
