@@ -59,7 +59,8 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
-            runtime: Runtime | None = getattr(scope.get("app").state, "runtime", None) if scope.get("app") else None
+            app = scope.get("app")
+            runtime: Runtime | None = getattr(app.state, "runtime", None) if app is not None else None
             if runtime is not None and route not in ("/metrics", "/health", "/ready"):
                 runtime.metrics.requests.labels(route=route, status=str(status)).inc()
                 runtime.metrics.request_duration.labels(route=route).observe(elapsed)

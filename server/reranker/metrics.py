@@ -85,7 +85,7 @@ class Metrics:
             "total_requests": self.total_requests,
             "failed_requests": self.failed_requests,
             "pairs_scored": int(self.value(c.METRIC_PAIRS_SCORED)),
-            "tokens_scored": int(self.value(c.METRIC_TOKENS + "")),
+            "tokens_scored": int(self.value(c.METRIC_TOKENS)),
             "cache": {"hits_local": int(hits_local), "hits_redis": int(hits_redis), "misses": int(misses),
                       "hit_rate": round((hits_local + hits_redis) / looked_up, 4) if looked_up else 0.0},
             "queue_wait_ms": self.wait_window.summary_ms(),

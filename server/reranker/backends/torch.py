@@ -18,7 +18,7 @@ import copy
 import logging
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Pair
 from .model_files import ModelFiles
@@ -80,7 +80,7 @@ class TorchBackend(Backend):
         self.model = self._load_model(files, settings.quantization)
         if settings.enable_torch_compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
-        activation = "sigmoid" if files.kind == "cross-encoder" else "identity"
+        activation: Literal["sigmoid", "identity"] = "sigmoid" if files.kind == "cross-encoder" else "identity"
         self.info = BackendInfo(
             model=files.name, revision=files.revision, kind=files.kind, backend="torch",
             device=self.device, dtype=dtype_name, max_length=self.max_length, activation=activation,
