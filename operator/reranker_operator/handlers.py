@@ -6,15 +6,20 @@
   its owner, so a deleted or edited child is restored at once and the Deployment's progress
   reaches the status.
 
+- an event of a RerankerEndpoint (a Mac registered, renewed or left): wakes the prober.
+
 The live state comes from Kopf indices (in-memory, fed by the watch streams), so a pass reads
 nothing from the API server and an idle operator makes no requests beyond its watches.
 There is deliberately no timer or daemon: Kopf puts a finalizer on objects that have one, and
-deletion must stay plain garbage collection (it must work while the operator is down).
+deletion must stay plain garbage collection (it must work while the operator is down). The
+external endpoints' probes run in one operator-wide task started here (`prober`), reading the
+same indices.
 Importing this module registers the handlers (`kopf run -m reranker_operator.handlers`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 from collections.abc import Mapping
@@ -25,6 +30,7 @@ import kopf
 from reranker import contract
 from reranker_operator import manifests
 from reranker_operator.kube import Kube, load_config
+from reranker_operator.prober import ENDPOINTS_INDEX, RERANKERS_INDEX, Prober
 from reranker_operator.reconcile import (
     SERVICE_MONITOR_GV,
     SERVICE_MONITOR_PLURAL,
@@ -38,7 +44,9 @@ from reranker_operator.reconcile import (
 from reranker_operator.settings import OperatorConfig, configure_kopf
 
 RRD = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL_DEPLOYMENT)
+RRE = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL_ENDPOINT)
 MANAGED = {manifests.LABEL_MANAGED_BY: manifests.OPERATOR_NAME}
+SLICES = {manifests.LABEL_SLICE_MANAGED_BY: manifests.SLICE_MANAGER}
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
@@ -48,19 +56,51 @@ def _snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
-            **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
+                  **kwargs: Any) -> None:
     configure_kopf(settings)
     config = getattr(memo, "config", None) or OperatorConfig.from_env()
     kube = Kube(load_config(connections=config.api_workers))
     # Resources are discovered once (Kopf's scanning is off): a ServiceMonitor CRD installed
     # later is used after a restart, and the status says so meanwhile.
     service_monitors = kube.serves(SERVICE_MONITOR_GV, SERVICE_MONITOR_PLURAL)
+    # The indices are live views: the prober and its passes read them as the watches fill them.
+    indices = {name: kwargs[name] for name in (RERANKERS_INDEX, ENDPOINTS_INDEX, *CHILD_INDICES)
+               if name in kwargs}
+
+    async def external_changed(key: OwnerKey) -> bool:
+        """A pass for a fleet whose external endpoints changed; False: try again later."""
+        owner = next(iter(indices[RERANKERS_INDEX].get(key, ())), None)
+        if owner is None:
+            return True
+        outcome = await memo.reconciler.reconcile(owner, _live(key, indices))
+        return outcome.retry is None
+
+    prober = Prober(kube, config.probe, on_change=external_changed)
     memo.kube = kube
+    memo.prober = prober
     memo.reconciler = Reconciler(kube, config.defaults(), service_monitors=service_monitors,
-                                 api_workers=config.api_workers)
-    logger.info("reranker-operator: %r; ServiceMonitors %s", config.defaults(),
-                "served" if service_monitors else "not served (no monitoring.coreos.com CRD)")
+                                 api_workers=config.api_workers, external=prober.summary)
+    memo.prober_task = asyncio.get_running_loop().create_task(prober.run(indices),
+                                                              name="external-endpoint prober")
+    memo.prober_task.add_done_callback(_prober_ended)
+    logger.info("reranker-operator: %r; ServiceMonitors %s; external endpoints probed every "
+                "%gs", config.defaults(),
+                "served" if service_monitors else "not served (no monitoring.coreos.com CRD)",
+                config.probe.period)
+
+
+def _prober_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger(__name__).error("the external-endpoint prober stopped",
+                                          exc_info=task.exception())
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: Any, **_: Any) -> None:
+    task = getattr(memo, "prober_task", None)
+    if task is not None:
+        task.cancel()
 
 
 @kopf.on.probe(id="api_writes")
@@ -74,6 +114,13 @@ def api_writes(memo: Any, **_: Any) -> int:
 @kopf.index(*RRD)
 def rerankers(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[OwnerKey, Any]:
     return {(str(namespace), name): _snapshot(body)}
+
+
+# Keyed by the RerankerDeployment they serve.
+@kopf.index(*RRE)
+def reranker_endpoints(namespace: str | None, body: kopf.Body, **_: Any) -> dict[OwnerKey, Any]:
+    return {(str(namespace), str((body.get("spec") or {}).get("deployment") or "")):
+            _snapshot(body)}
 
 
 def _child(body: kopf.Body, api_version: str, kind: str) -> dict[OwnerKey, Any] | None:
@@ -115,8 +162,16 @@ def reranker_servicemonitors(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] |
     return _child(body, "monitoring.coreos.com/v1", "ServiceMonitor")
 
 
+# The operator's own EndpointSlices (external endpoints); the built-in controller's slices of
+# the same Service carry other managed-by values and are not watched.
+@kopf.index("discovery.k8s.io", "v1", "endpointslices", labels=SLICES)
+def reranker_endpointslices(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
+    return _child(body, "discovery.k8s.io/v1", "EndpointSlice")
+
+
 CHILD_INDICES = ("reranker_configmaps", "reranker_services", "reranker_deployments",
-                 "reranker_hpas", "reranker_pdbs", "reranker_servicemonitors")
+                 "reranker_hpas", "reranker_pdbs", "reranker_servicemonitors",
+                 "reranker_endpointslices")
 
 
 def _live(key: OwnerKey, indices: Mapping[str, Any]) -> dict[ChildKey, Mapping[str, Any]]:
@@ -142,6 +197,7 @@ def _raise_for(outcome: Outcome) -> None:
 @kopf.on.create(*RRD)
 @kopf.on.update(*RRD)
 async def reconcile_reranker(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    memo.prober.indexed.set()  # Kopf calls this only once every index is filled
     owner = _snapshot(body)
     outcome = await memo.reconciler.reconcile(owner, _live(owner_key(owner), kwargs))
     _raise_for(outcome)
@@ -151,6 +207,17 @@ async def reconcile_reranker(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
 async def forget_deleted(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
     if type == "DELETED":
         memo.reconciler.forget(body.metadata.uid)
+    memo.prober.wake()  # spec.externalEndpoints may have changed
+
+
+# --- external endpoints: the prober does the work -------------------------------------------
+
+@kopf.on.event(*RRE)
+async def endpoint_changed(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+    memo.prober.indexed.set()
+    if type == "DELETED":
+        memo.prober.forget_endpoint(body.metadata.uid)
+    memo.prober.wake()
 
 
 # --- children: any change (or deletion) re-runs the owner's pass ----------------------------
@@ -196,4 +263,9 @@ async def pdb_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
 
 @kopf.on.event("monitoring.coreos.com", "v1", "servicemonitors", labels=MANAGED)
 async def servicemonitor_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    await _child_changed(body, memo, kwargs)
+
+
+@kopf.on.event("discovery.k8s.io", "v1", "endpointslices", labels=SLICES)
+async def endpointslice_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     await _child_changed(body, memo, kwargs)

@@ -1,8 +1,8 @@
 """The Kubernetes API calls the operator makes, and nothing else.
 
 Reads come from Kopf's watch streams (indices), so the calls here are writes (server-side
-apply of a child, delete of a child, a merge patch of the status subresource, each logged)
-and one discovery request at startup.
+apply of a child, delete of a child, a merge patch of a RerankerDeployment's or
+RerankerEndpoint's status subresource, each logged) and one discovery request at startup.
 Bodies are plain dicts in and out: the builders produce dicts and the comparison reads dicts,
 so the typed models of the kubernetes client would only add conversions. The client's
 `ApiClient` still does the authentication (kubeconfig, in-cluster token, exec plugins).
@@ -39,8 +39,11 @@ RESOURCES: Mapping[tuple[str, str], tuple[str, str]] = {
     ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"): ("/apis/monitoring.coreos.com/v1",
                                                      "servicemonitors"),
+    ("discovery.k8s.io/v1", "EndpointSlice"): ("/apis/discovery.k8s.io/v1", "endpointslices"),
     (f"{contract.API_GROUP}/{contract.API_VERSION}", contract.KIND_DEPLOYMENT): (
         f"/apis/{contract.API_GROUP}/{contract.API_VERSION}", contract.PLURAL_DEPLOYMENT),
+    (f"{contract.API_GROUP}/{contract.API_VERSION}", contract.KIND_ENDPOINT): (
+        f"/apis/{contract.API_GROUP}/{contract.API_VERSION}", contract.PLURAL_ENDPOINT),
 }
 
 
@@ -132,9 +135,11 @@ class Kube:
             if e.status != 404:
                 raise
 
-    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+    def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any], *,
+                     kind: str = contract.KIND_DEPLOYMENT) -> None:
+        """Merge patch of the status of a RerankerDeployment (or `kind` RerankerEndpoint)."""
         api_version = f"{contract.API_GROUP}/{contract.API_VERSION}"
-        path = _path(api_version, contract.KIND_DEPLOYMENT, namespace, name, "status")
+        path = _path(api_version, kind, namespace, name, "status")
         self._request("PATCH", path, body={"status": dict(patch)}, content_type=MERGE_PATCH)
 
     def serves(self, group_version: str, plural: str) -> bool:

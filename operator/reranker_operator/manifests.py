@@ -23,6 +23,7 @@ from typing import Any
 import kopf
 
 from reranker import contract
+from reranker_operator import external
 from reranker_operator.spec import RerankerSpec
 
 Manifest = dict[str, Any]
@@ -39,6 +40,14 @@ LABEL_PART_OF = "app.kubernetes.io/part-of"
 LABEL_VERSION = "app.kubernetes.io/version"
 
 ANNOTATION_CONFIG_HASH = f"{contract.API_GROUP}/config-hash"
+
+#: EndpointSlices of a Service carry its name; the managed-by label says which controller owns
+#: a slice. The built-in EndpointSlice controller manages only slices labelled with its own
+#: value (endpointslice-controller.k8s.io) and leaves this one alone (docs/macs.md).
+LABEL_SERVICE_NAME = "kubernetes.io/service-name"
+LABEL_SLICE_MANAGED_BY = "endpointslice.kubernetes.io/managed-by"
+SLICE_MANAGER = f"{OPERATOR_NAME}.{contract.API_GROUP}"
+EXTERNAL_COMPONENT = "external-endpoints"
 
 CONTAINER_NAME = "reranker"
 PORT_NAME = "http"
@@ -322,9 +331,9 @@ def service(name: str, spec: RerankerSpec) -> Manifest:
     meta = _child_meta(name, name)
     if spec.service.annotations:
         meta["annotations"] = dict(spec.service.annotations)
-    # A selector Service: the EndpointSlice controller adds the pods; external endpoints can
-    # later join through extra EndpointSlices labelled kubernetes.io/service-name=NAME with
-    # the operator's own endpointslice.kubernetes.io/managed-by value.
+    # A selector Service: the EndpointSlice controller lists the pods; external endpoints join
+    # through the operator's own EndpointSlices (external_endpoint_slices), labelled
+    # kubernetes.io/service-name=NAME and managed-by the operator (docs/macs.md).
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -454,11 +463,57 @@ def redis_service(name: str) -> Manifest:
     }
 
 
-def children(owner: Mapping[str, Any], spec: RerankerSpec, defaults: Defaults) -> list[Manifest]:
+def endpoint_slice_name(name: str, address_type: str, port: int) -> str:
+    return f"{name}-external-{address_type.lower()}-{port}"
+
+
+def external_endpoint_slices(name: str, summary: external.Summary) -> list[Manifest]:
+    """The EndpointSlices that add the external endpoints to the Service `name`.
+
+    One slice per address family and port (a slice has one addressType and one port list).
+    Every endpoint with a valid address is listed, ready or not, with the conditions its
+    probes earned (ready = serving; never terminating: a Mac that shuts down deregisters).
+    The port is named like the Service's, so that the Service's targetPort reaches it.
+    """
+    groups: dict[tuple[str, int], dict[str, Manifest]] = {}
+    for ep in summary.endpoints:
+        if not ep.listable:
+            continue
+        family = external.address_type(ep.address)
+        listed = groups.setdefault((family, ep.port), {}).get(ep.address)
+        if listed is not None:  # the same host twice (renamed): ready if either is
+            listed["conditions"]["ready"] = listed["conditions"]["serving"] = (
+                listed["conditions"]["ready"] or ep.ready)
+            continue
+        entry: Manifest = {"addresses": [ep.address],
+                           "conditions": {"ready": ep.ready, "serving": ep.ready,
+                                          "terminating": False}}
+        if ep.source == external.SOURCE_REGISTERED:
+            entry["targetRef"] = {"apiVersion": API_VERSION, "kind": contract.KIND_ENDPOINT,
+                                  "name": ep.name}
+        groups[(family, ep.port)][ep.address] = entry
+    slices = []
+    for (family, port), entries in sorted(groups.items()):
+        meta = _child_meta(name, endpoint_slice_name(name, family, port), EXTERNAL_COMPONENT)
+        meta["labels"].update({LABEL_SERVICE_NAME: name, LABEL_SLICE_MANAGED_BY: SLICE_MANAGER})
+        slices.append({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": meta,
+            "addressType": family,
+            "ports": [{"name": PORT_NAME, "port": port, "protocol": "TCP"}],
+            "endpoints": [entries[address] for address in sorted(entries)],
+        })
+    return slices
+
+
+def children(owner: Mapping[str, Any], spec: RerankerSpec, defaults: Defaults,
+             summary: external.Summary | None = None) -> list[Manifest]:
     """Every child the spec asks for, adopted by `owner` (the RerankerDeployment body).
 
     The ServiceMonitor is included when asked for; the reconciler drops it when the
-    monitoring.coreos.com CRD is not installed (and says so in the status).
+    monitoring.coreos.com CRD is not installed (and says so in the status). The external
+    endpoints' EndpointSlices come from `summary` (what the probes found).
     """
     name = owner["metadata"]["name"]
     objs = [config_map(name, spec), deployment(name, spec, defaults), service(name, spec)]
@@ -470,6 +525,8 @@ def children(owner: Mapping[str, Any], spec: RerankerSpec, defaults: Defaults) -
         objs.append(service_monitor(name, spec))
     if spec.cache.managed_redis.enabled:
         objs += [redis_deployment(name, spec, defaults), redis_service(name)]
+    if summary is not None:
+        objs += external_endpoint_slices(name, summary)
     kopf.adopt(objs, owner=_owner_view(owner))
     return objs
 

@@ -30,7 +30,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from reranker import contract
-from reranker_operator import drift, manifests, status
+from reranker_operator import drift, external, manifests, status
 from reranker_operator.kube import Kube, error_message
 from reranker_operator.spec import DEFAULT_SERVICE_PORT, InvalidSpec, RerankerSpec, parse
 
@@ -134,6 +134,12 @@ class _Plan:
 
 
 EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
+#: The prober's view of a fleet's external endpoints (None: not judged yet).
+ExternalView = Callable[[OwnerKey], external.Summary | None]
+
+
+def _no_external(_key: OwnerKey) -> external.Summary | None:
+    return None
 
 
 def post_event(owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
@@ -150,15 +156,18 @@ class Reconciler:
     the indices have not seen yet, and the manifests that failed.
 
     `service_monitors` says whether the API server served ServiceMonitors when the operator
-    started (and so whether their watch stream, and their index, exist).
+    started (and so whether their watch stream, and their index, exist). `external` gives the
+    prober's summary of a fleet's external endpoints: their EndpointSlices and status.
     """
 
     def __init__(self, kube: Kube, defaults: manifests.Defaults, *,
                  service_monitors: bool = False,
                  api_workers: int = 16,
                  clock: Callable[[], str] = utcnow,
-                 events: EventPoster = post_event) -> None:
+                 events: EventPoster = post_event,
+                 external: ExternalView = _no_external) -> None:
         self.kube = kube
+        self.external = external
         # Blocking API calls run here, not in the loop's default executor, so that a burst
         # of creations cannot starve (or be starved by) anything else.
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -262,7 +271,9 @@ class Reconciler:
         except InvalidSpec as e:
             # Touch nothing: the children keep running the last valid spec.
             return _Plan(None, [], [], [], [status.Problem("InvalidSpec", f"invalid spec: {e}")])
-        desired = [drift.stamp(obj) for obj in manifests.children(owner, spec, self.defaults)]
+        summary = self.external(owner_key(owner))
+        desired = [drift.stamp(obj)
+                   for obj in manifests.children(owner, spec, self.defaults, summary)]
         problems: list[status.Problem] = []
         if spec.service_monitor.enabled and not self.service_monitors:
             desired = [obj for obj in desired if obj["apiVersion"] != SERVICE_MONITOR_GV]
@@ -289,8 +300,11 @@ class Reconciler:
                 continue
             to_apply.append(obj)
         wanted = {(obj["kind"], obj["metadata"]["name"]) for obj in desired}
+        # Until the prober has judged the external endpoints, their slices stay as they are.
+        keep = {"EndpointSlice"} if summary is None else set()
         to_delete = [child for child_key, child in live.items()
-                     if child_key not in wanted and _owned_by(child, uid)]
+                     if child_key not in wanted and child_key[0] not in keep
+                     and _owned_by(child, uid)]
         return _Plan(spec, desired, to_apply, to_delete, problems, frozenset(live), retry)
 
     # --- execution (blocking, in a worker thread) -----------------------------------------
@@ -354,6 +368,7 @@ class Reconciler:
                          else current.get("configHash")),
             service_port=spec.service.port if spec is not None else _raw_port(owner),
             now=self.clock(),
+            external=self.external(owner_key(owner)),
         )
 
     def _write_status(self, owner: Mapping[str, Any], patch: Mapping[str, Any],
@@ -373,18 +388,28 @@ class Reconciler:
 
     def _post_events(self, owner: Mapping[str, Any], outcome: Outcome,
                      current: Mapping[str, Any], new: Mapping[str, Any]) -> None:
-        # One Event per kind of change and pass (Events are API writes too).
-        if outcome.created:
-            self.events(owner, "Normal", "Created", "created " + ", ".join(outcome.created))
-        if outcome.updated:
+        # One Event per kind of change and pass (Events are API writes too). The external
+        # endpoints' slices follow the probes: their changes show as ExternalEndpointsReady
+        # transitions instead.
+        def children(refs: list[str]) -> list[str]:
+            return [ref for ref in refs if not ref.startswith("EndpointSlice ")]
+        if created := children(outcome.created):
+            self.events(owner, "Normal", "Created", "created " + ", ".join(created))
+        if updated := children(outcome.updated):
             self.events(owner, "Normal", "Applied",
-                        "applied " + ", ".join(outcome.updated) + " (spec change or drift)")
-        if outcome.deleted:
+                        "applied " + ", ".join(updated) + " (spec change or drift)")
+        if deleted := children(outcome.deleted):
             self.events(owner, "Normal", "Deleted",
-                        "deleted " + ", ".join(outcome.deleted) + " (no longer in the spec)")
+                        "deleted " + ", ".join(deleted) + " (no longer in the spec)")
         if not outcome.status_written:
             return
+        known = {c.get("type") for c in current.get("conditions") or () if isinstance(c, Mapping)}
         for type_, cond_status, reason, message in status.transitions(current, new):
+            if type_ == status.EXTERNAL_ENDPOINTS_READY:
+                if type_ in known:  # not on the first report
+                    self.events(owner, "Normal" if cond_status == "True" else "Warning", reason,
+                                f"{type_}={cond_status}: {message}")
+                continue
             if type_ == status.READY or (type_ == status.DEGRADED and cond_status == "True"):
                 warn = (type_ == status.DEGRADED) or (
                     type_ == status.READY and cond_status == "False" and

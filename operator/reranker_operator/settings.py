@@ -1,7 +1,8 @@
 """Operator configuration: the operator's own settings and how Kopf is tuned.
 
-`OperatorConfig` holds what a deployment of the operator decides (default images, resync
-period), read from the environment so the Helm chart sets them as env vars. `configure_kopf`
+`OperatorConfig` holds what a deployment of the operator decides (default images, API
+workers, how external endpoints are probed), read from the environment so the Helm chart sets
+them as env vars. `configure_kopf`
 applies the choices that keep the operator quiet and safe: state in annotations under the
 `reranker.dev` prefix (the status schema is structural, so Kopf may not keep its state there),
 explicit Events only, server-side label selectors for the children's watch streams, no
@@ -19,6 +20,7 @@ import kopf
 
 from reranker import contract
 from reranker_operator import manifests
+from reranker_operator.external import ProbeConfig
 
 DEFAULT_SERVER_IMAGE = "ghcr.io/reranker-fleet/reranker:0.1.0"
 DEFAULT_REDIS_IMAGE = "redis:7.4-alpine"
@@ -33,6 +35,10 @@ CHILD_RESOURCES = (
     ("monitoring.coreos.com", "v1", "servicemonitors"),
 )
 MANAGED_SELECTOR = f"{manifests.LABEL_MANAGED_BY}={manifests.OPERATOR_NAME}"
+#: EndpointSlices: only the operator's own (the built-in controller's slices copy the
+#: Service's labels, app.kubernetes.io/managed-by included).
+ENDPOINT_SLICES = ("discovery.k8s.io", "v1", "endpointslices")
+SLICE_SELECTOR = f"{manifests.LABEL_SLICE_MANAGED_BY}={manifests.SLICE_MANAGER}"
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -44,6 +50,19 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(raw)
 
 
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name) or ""
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise SystemExit(f"{name}={raw!r} must be a positive number of seconds")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class OperatorConfig:
     #: Server image for RerankerDeployments without spec.image.
@@ -52,6 +71,10 @@ class OperatorConfig:
     redis_image: str = DEFAULT_REDIS_IMAGE
     #: Threads making the (blocking) API writes: passes for different resources in parallel.
     api_workers: int = 16
+    #: How external endpoints (Macs) are probed: GET /ready every `period` seconds, each
+    #: within `timeout`; not ready after `failure_threshold` failures in a row, ready after
+    #: `success_threshold` successes.
+    probe: ProbeConfig = ProbeConfig()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -60,6 +83,14 @@ class OperatorConfig:
             server_image=env.get("RERANKER_OPERATOR_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
             redis_image=env.get("RERANKER_OPERATOR_REDIS_IMAGE") or DEFAULT_REDIS_IMAGE,
             api_workers=_positive_int(env, "RERANKER_OPERATOR_API_WORKERS", 16),
+            probe=ProbeConfig(
+                period=_positive_float(env, "RERANKER_OPERATOR_PROBE_PERIOD_SECONDS", 5.0),
+                timeout=_positive_float(env, "RERANKER_OPERATOR_PROBE_TIMEOUT_SECONDS", 2.0),
+                failure_threshold=_positive_int(env, "RERANKER_OPERATOR_PROBE_FAILURE_THRESHOLD",
+                                                3),
+                success_threshold=_positive_int(env, "RERANKER_OPERATOR_PROBE_SUCCESS_THRESHOLD",
+                                                1),
+            ),
         )
 
     def defaults(self) -> manifests.Defaults:
@@ -89,6 +120,7 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.watching.connect_timeout = 10
     for resource in CHILD_RESOURCES:
         settings.watching.label_selectors[resource] = MANAGED_SELECTOR
+    settings.watching.label_selectors[ENDPOINT_SLICES] = SLICE_SELECTOR
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10
 

@@ -122,6 +122,15 @@ class PDBSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class StaticEndpoint:
+    """A host listed in spec.externalEndpoints.static (no heartbeat: it stays until removed)."""
+
+    name: str
+    address: str
+    port: int = DEFAULT_SERVICE_PORT
+
+
+@dataclasses.dataclass(frozen=True)
 class RerankerSpec:
     model: ModelSpec
     replicas: int = DEFAULT_REPLICAS
@@ -151,6 +160,7 @@ class RerankerSpec:
     pdb: PDBSpec = PDBSpec()
     api_key_secret: SecretKeyRef | None = None
     env: tuple[Mapping[str, Any], ...] = ()
+    static_endpoints: tuple[StaticEndpoint, ...] = ()
 
 
 def _obj(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -185,6 +195,25 @@ def _check_resources(resources: Mapping[str, Any] | None) -> None:
         if quantity(requests[name]) > quantity(limits[name]):
             raise InvalidSpec(f"resources.requests.{name} must be less than or equal to "
                               f"resources.limits.{name}")
+
+
+def static_endpoints(raw: Mapping[str, Any]) -> tuple[StaticEndpoint, ...]:
+    """spec.externalEndpoints.static alone (the prober reads it even from a spec that does not
+    parse otherwise). Addresses are checked per endpoint, not here: one bad address must not
+    stop the fleet's reconciliation."""
+    entries = _obj(raw, "externalEndpoints").get("static") or ()
+    if not isinstance(entries, (list, tuple)):
+        raise InvalidSpec("externalEndpoints.static must be a list")
+    out: list[StaticEndpoint] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping) or not entry.get("name") or not entry.get("address"):
+            raise InvalidSpec(f"externalEndpoints.static[{i}] needs a name and an address")
+        out.append(StaticEndpoint(name=str(entry["name"]), address=str(entry["address"]),
+                                  port=int(entry.get("port") or DEFAULT_SERVICE_PORT)))
+    names = [e.name for e in out]
+    if len(set(names)) != len(names):
+        raise InvalidSpec("externalEndpoints.static names must be unique")
+    return tuple(out)
 
 
 def parse(raw: Mapping[str, Any]) -> RerankerSpec:
@@ -276,6 +305,7 @@ def parse(raw: Mapping[str, Any]) -> RerankerSpec:
         ),
         api_key_secret=_secret_ref(raw.get("apiKeySecretRef"), "api-keys"),
         env=tuple(raw.get("env") or ()),
+        static_endpoints=static_endpoints(raw),
     )
     validate(spec)
     return spec

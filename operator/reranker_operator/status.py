@@ -7,6 +7,12 @@ so rebuilding an unchanged status gives an identical dict and the operator write
 
 The status never claims more than the Deployment reports: Ready is True only when every
 desired replica of the current spec is ready. There is no `phase` string.
+
+External endpoints (Macs) are reported from the prober's `external.Summary`: counts, one entry
+per endpoint, and ExternalEndpointsReady. Ready stays about the pods (spec.replicas); Available
+counts whatever serves through the Service, Macs included. While the prober has not judged a
+fleet yet (`external=None`, e.g. right after the operator starts), the last reported external
+part is kept as it is, so a restart rewrites nothing.
 """
 
 from __future__ import annotations
@@ -15,13 +21,15 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from reranker_operator import external as ext
 from reranker_operator import manifests
 
 READY = "Ready"
 AVAILABLE = "Available"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
-CONDITION_TYPES = (READY, AVAILABLE, PROGRESSING, DEGRADED)
+EXTERNAL_ENDPOINTS_READY = "ExternalEndpointsReady"
+CONDITION_TYPES = (READY, AVAILABLE, PROGRESSING, DEGRADED, EXTERNAL_ENDPOINTS_READY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +68,20 @@ def _deployment_condition(deployment: Mapping[str, Any] | None, type_: str
     return None
 
 
+def external_condition(summary: ext.Summary) -> tuple[bool, str, str]:
+    """(ok, reason, message) of ExternalEndpointsReady. No external endpoint is not a fault."""
+    if summary.total == 0:
+        return (True, "NoExternalEndpoints", "no external endpoints")
+    counts = f"{summary.ready}/{summary.total} external endpoints ready"
+    if summary.ready == summary.total:
+        return (True, "AllExternalEndpointsReady", counts)
+    waiting = "; ".join(f"{e.name}: {e.message}" for e in summary.endpoints if not e.ready)
+    return (False, "ExternalEndpointsNotReady", f"{counts}; {waiting}")
+
+
 def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
           problems: Sequence[Problem], config_hash: str | None, service_port: int,
-          now: str) -> dict[str, Any]:
+          now: str, external: ext.Summary | None = None) -> dict[str, Any]:
     """The full status for `owner` (a RerankerDeployment body)."""
     meta = owner["metadata"]
     name, namespace = meta["name"], meta.get("namespace", "default")
@@ -70,6 +89,19 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
     desired = int((owner.get("spec") or {}).get("replicas", 1))
     previous = {c["type"]: c for c in ((owner.get("status") or {}).get("conditions") or ())
                 if isinstance(c, Mapping) and "type" in c}
+
+    # External endpoints: as the prober judged them, else as last reported.
+    if external is not None:
+        external_status = external.as_status()
+        external_c = external_condition(external)
+    else:
+        external_status = dict((owner.get("status") or {}).get("externalEndpoints")
+                               or {"ready": 0, "total": 0})
+        before = previous.get(EXTERNAL_ENDPOINTS_READY)
+        external_c = ((before.get("status") == "True", str(before.get("reason")),
+                       str(before.get("message"))) if before
+                      else external_condition(ext.Summary()))
+    external_ready = int(external_status.get("ready") or 0)
 
     dstatus = (deployment or {}).get("status") or {}
     replicas = int(dstatus.get("replicas") or 0)
@@ -103,9 +135,16 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
     else:
         ready_c = (False, "ReplicasNotReady", f"{counts}; waiting for pods to pass /ready")
 
-    # Available: at least one pod serves through the Service.
-    if ready > 0:
+    # Available: at least one pod or external endpoint serves through the Service.
+    if ready > 0 and external_ready > 0:
+        available_c = (True, "ReplicasAvailable",
+                       f"{ready} replicas and {external_ready} external endpoints serving")
+    elif ready > 0:
         available_c = (True, "ReplicasAvailable", f"{ready} replicas serving")
+    elif external_ready > 0:
+        available_c = (True, "ExternalEndpointsAvailable",
+                       f"{external_ready} external endpoints serving; no server pod is ready "
+                       f"({counts})")
     else:
         available_c = (False, "NoReplicasReady", f"no server pod is ready ({counts})")
 
@@ -133,7 +172,8 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
         _condition(type_, ok, reason, message, generation=generation, previous=previous, now=now)
         for type_, (ok, reason, message) in (
             (READY, ready_c), (AVAILABLE, available_c),
-            (PROGRESSING, progressing_c), (DEGRADED, degraded_c))
+            (PROGRESSING, progressing_c), (DEGRADED, degraded_c),
+            (EXTERNAL_ENDPOINTS_READY, external_c))
     ]
     status: dict[str, Any] = {
         "observedGeneration": generation,
@@ -143,7 +183,7 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
         "availableReplicas": available,
         "selector": manifests.selector_string(name),
         "url": manifests.service_url(name, namespace, service_port),
-        "externalEndpoints": {"ready": 0, "total": 0},
+        "externalEndpoints": external_status,
         "conditions": conditions,
     }
     if config_hash is not None:
