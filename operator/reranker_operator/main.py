@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     kopf.configure(verbose=args.verbose, debug=args.debug, quiet=args.quiet)
     if not (args.verbose or args.debug):
         logging.getLogger("kopf.objects").addFilter(QuietEventHandlers())
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per probe otherwise
     import reranker_operator.handlers  # noqa: F401  (registers the handlers)
 
     standalone = args.peering is None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .admission import Admission
@@ -21,6 +21,9 @@ from .cache import RemoteTier, ScoreCache
 from .metrics import Metrics
 from .ranker import Ranker
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .registration import Registration
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class Runtime:
         self.admission = Admission(metrics=self.metrics, max_queue=settings.max_queue, max_parallel=settings.max_parallel)
         self.dropped_pairs = 0
         self.loaded = asyncio.Event()
+        self.registration: Registration | None = None
         self._tasks: list[asyncio.Task[Any]] = []
 
     @property
@@ -72,6 +76,14 @@ class Runtime:
         self.loaded.set()
         log.info("serving %s (%s on %s, %s, max_length %d) after %.1fs", info.model, info.backend, info.device,
                  info.dtype, info.max_length, time.monotonic() - started)
+        if self.settings.register_deployment:
+            # Join the fleet's Service from outside the cluster (a Mac): in the background, and
+            # nothing it meets can stop the serving.
+            from .registration import Registration
+
+            self.registration = Registration(self.settings, info=info,
+                                             draining=lambda: self.admission.draining)
+            self.registration.start()
 
     async def _connect_redis(self, fingerprint: str) -> RemoteTier:
         from .redis_tier import RedisTier
@@ -105,6 +117,8 @@ class Runtime:
                 self.cache.clear()
 
     async def stop(self) -> None:
+        if self.registration is not None:  # first: out of the Service before the model goes
+            await self.registration.close()
         for task in self._tasks:
             task.cancel()
         if self.batcher is not None:

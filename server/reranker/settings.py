@@ -8,6 +8,8 @@ setting is documented exactly once.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -186,6 +188,60 @@ class Settings(BaseSettings):
         None, validation_alias=_env("RERANKER_API_KEYS_FILE"),
         description="File with one API key per line (joined with RERANKER_API_KEYS).",
     )
+
+    # --- registration as an external endpoint (Apple-silicon Macs) ------------------------
+    register_deployment: str | None = Field(
+        None, validation_alias=_env("RERANKER_REGISTER_DEPLOYMENT"),
+        description="Join this RerankerDeployment's Service from outside the cluster: once ready, "
+        "create a RerankerEndpoint, renew its heartbeat, delete it on shutdown (docs/macs.md). "
+        "Unset: no registration.",
+    )
+    register_namespace: str | None = Field(
+        None, validation_alias=_env("RERANKER_REGISTER_NAMESPACE"),
+        description="Namespace of that RerankerDeployment. Unset: the kubeconfig context's "
+        "namespace, else default.",
+    )
+    register_kubeconfig: Path | None = Field(
+        None, validation_alias=_env("RERANKER_REGISTER_KUBECONFIG"),
+        description="Kubeconfig to register with: an identity allowed only rerankerendpoints "
+        "(deploy/mac/rbac.yaml). Unset: $KUBECONFIG, else ~/.kube/config.",
+    )
+    register_name: str | None = Field(
+        None, validation_alias=_env("RERANKER_REGISTER_NAME"),
+        description="Name of the RerankerEndpoint. Unset: HOSTNAME-PORT (lowercased).",
+    )
+    register_address: str | None = Field(
+        None, validation_alias=_env("RERANKER_REGISTER_ADDRESS"),
+        description="IP address at which the cluster reaches this server (not loopback: "
+        "EndpointSlices refuse it). Unset: this host's address on the route to the API server.",
+    )
+    register_port: int | None = Field(
+        None, ge=1, le=65535, validation_alias=_env("RERANKER_REGISTER_PORT"),
+        description="Port at which the cluster reaches this server. Unset: PORT.",
+    )
+    register_lease_seconds: int = Field(
+        30, ge=3, le=3600, validation_alias=_env("RERANKER_REGISTER_LEASE_SECONDS"),
+        description="Heartbeat lease: renewed every third of it; the operator drops the endpoint "
+        "from the Service when no renewal came for this long (e.g. after a crash).",
+    )
+
+    @field_validator("register_address")
+    @classmethod
+    def _ip_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+
+    @field_validator("register_name")
+    @classmethod
+    def _object_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", value):
+            raise ValueError(f"{value!r} is not a Kubernetes object name (lowercase letters, digits "
+                             "and '-', at most 63)")
+        return value
 
     @field_validator("log_level")
     @classmethod

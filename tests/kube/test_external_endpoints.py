@@ -1,0 +1,440 @@
+"""External endpoints (Apple-silicon Macs) against a real control plane.
+
+Real `reranker serve` processes with the MLX backend (mlx[cpu] here, a tiny random BERT to
+keep it fast) stand in for Macs: they register themselves as RerankerEndpoints with a
+kubeconfig of the ServiceAccount in deploy/mac/rbac.yaml, and a real `reranker-operator`,
+running as the ServiceAccount bound to operator/rbac/, probes them and lists them in the
+fleet's Service through its own EndpointSlice.
+
+The servers listen on addresses of the loopback interface, not on 127.0.0.1: the API server
+refuses loopback addresses in EndpointSlices (`test_the_api_server_refuses_loopback_endpoints`
+shows it), so the `mac_addresses` fixture adds two /32 addresses from 198.18.0.0/15 (reserved
+for network tests, never routed) to `lo` and removes them afterwards. That needs
+CAP_NET_ADMIN, which the test machines have; the fixture fails with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from test_operator import Operator, bind_rbac, conditions
+
+REPO = Path(__file__).resolve().parents[2]
+CRDS = [REPO / "crds" / "rerankerdeployments.reranker.dev.yaml",
+        REPO / "crds" / "rerankerendpoints.reranker.dev.yaml"]
+MAC_RBAC = REPO / "deploy" / "mac" / "rbac.yaml"
+SLICE_MANAGER = "reranker-operator.reranker.dev"
+
+# Short periods, so that each behaviour shows within seconds: a dead endpoint is not ready
+# after 2 failed probes 0.5 s apart (each given 1 s), and dropped 4 s after its last renewal.
+PROBE_ENV = {"RERANKER_OPERATOR_PROBE_PERIOD_SECONDS": "0.5",
+             "RERANKER_OPERATOR_PROBE_TIMEOUT_SECONDS": "1",
+             "RERANKER_OPERATOR_PROBE_FAILURE_THRESHOLD": "2",
+             "RERANKER_OPERATOR_PROBE_SUCCESS_THRESHOLD": "1"}
+LEASE_SECONDS = 4
+PROBE_BOUND = 0.5 * 2 + 1 + 1.5  # period x failures + timeout + a pass and a watch event
+
+
+# --- fixtures -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def crds(kube_cluster: Any) -> None:
+    for path in CRDS:
+        kube_cluster.kubectl("apply", "-f", str(path))
+    kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
+                         "crd/rerankerdeployments.reranker.dev",
+                         "crd/rerankerendpoints.reranker.dev")
+
+
+@pytest.fixture(scope="module")
+def mac_addresses() -> Iterator[list[str]]:
+    """Two addresses on the loopback interface that an EndpointSlice may list."""
+    added: list[str] = []
+    rng = random.Random()
+    try:
+        while len(added) < 2:
+            address = f"198.{rng.randint(18, 19)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+            r = subprocess.run(["ip", "address", "add", f"{address}/32", "dev", "lo"],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                added.append(address)
+            elif "exists" not in r.stderr:
+                pytest.fail("cannot add a test address to the loopback interface (needs "
+                            f"CAP_NET_ADMIN; EndpointSlices refuse 127.0.0.1): {r.stderr}",
+                            pytrace=False)
+        yield added
+    finally:
+        for address in added:
+            subprocess.run(["ip", "address", "del", f"{address}/32", "dev", "lo"],
+                           capture_output=True)
+
+
+@pytest.fixture
+def operator(kube_cluster: Any, kube_namespace: str, crds: None, tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> Iterator[Operator]:
+    """The operator for `kube_namespace`, as the ServiceAccount bound to operator/rbac/."""
+    for key, value in PROBE_ENV.items():
+        monkeypatch.setenv(key, value)
+    kubeconfig, cleanup = bind_rbac(kube_cluster, kube_namespace)
+    op = Operator(kube_cluster, kube_namespace, kubeconfig, tmp_path / "operator.log")
+    try:
+        yield op.start()
+    finally:
+        op.stop()
+        cleanup()
+        log = op.log()
+        print(f"----- operator log (tail) -----\n{log[-8000:]}")
+        assert "forbidden" not in log.lower(), "the operator hit an RBAC denial"
+        assert "Traceback" not in log, "the operator met an unexpected error"
+
+
+@pytest.fixture
+def mac_kubeconfig(kube_cluster: Any, kube_namespace: str, crds: None) -> str:
+    """A kubeconfig of the Macs' ServiceAccount (deploy/mac/rbac.yaml, applied as shipped)."""
+    kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", str(MAC_RBAC))
+    return str(kube_cluster.mint_kubeconfig(kube_namespace, "reranker-mac"))
+
+
+class Mac:
+    """A `reranker serve` process standing in for a Mac: MLX backend, registering itself."""
+
+    def __init__(self, factory: Any, *, address: str, port: int, env: dict[str, str]) -> None:
+        self.factory, self.address, self.port, self.env = factory, address, port, env
+        self.server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}"
+
+    def start(self) -> Mac:
+        self.server = self.factory({**self.env, "HOST": self.address, "PORT": str(self.port)},
+                                   wait=False)
+        self.server.url = self.url
+        self.server.wait_ready()
+        return self
+
+    def signal(self, sig: int) -> int:
+        self.server.proc.send_signal(sig)
+        return int(self.server.proc.wait(30))
+
+    def log(self) -> str:
+        return str(self.server.log.read_text(errors="replace"))
+
+
+def free_port_on(*addresses: str) -> int:
+    """A port free on every address (each Mac listens on the same port, like real Macs)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((addresses[0], 0))
+            port = int(s.getsockname()[1])
+        try:
+            for address in addresses[1:]:
+                with socket.socket() as s:
+                    s.bind((address, port))
+            return port
+        except OSError:
+            continue
+    raise AssertionError("no common free port")
+
+
+def mac_env(tiny_bert: Path, namespace: str, kubeconfig: str, name: str,
+            address: str) -> dict[str, str]:
+    return {"RERANKER_DEVICE": "mlx", "RERANKER_MODEL": str(tiny_bert),
+            "RERANKER_MODEL_KIND": "cross-encoder", "RERANKER_DRAIN_SECONDS": "5",
+            "RERANKER_REGISTER_DEPLOYMENT": "fleet", "RERANKER_REGISTER_NAMESPACE": namespace,
+            "RERANKER_REGISTER_KUBECONFIG": kubeconfig, "RERANKER_REGISTER_NAME": name,
+            "RERANKER_REGISTER_ADDRESS": address,
+            "RERANKER_REGISTER_LEASE_SECONDS": str(LEASE_SECONDS)}
+
+
+def rrd(name: str, **spec: Any) -> str:
+    return json.dumps({"apiVersion": "reranker.dev/v1alpha1", "kind": "RerankerDeployment",
+                       "metadata": {"name": name},
+                       "spec": {"model": {"id": "cross-encoder/ms-marco-MiniLM-L-6-v2"},
+                                "replicas": 0, **spec}})
+
+
+def slice_endpoints(cluster: Any, ns: str, service: str) -> dict[str, dict[str, Any]]:
+    """address -> {ready, serving, port} over the operator's EndpointSlices of a Service."""
+    slices = cluster.get_json("endpointslices", "-n", ns, "-l",
+                              f"kubernetes.io/service-name={service},"
+                              f"endpointslice.kubernetes.io/managed-by={SLICE_MANAGER}")["items"]
+    out = {}
+    for s in slices:
+        (port,) = s["ports"]
+        assert port["name"] == "http"
+        for ep in s.get("endpoints") or ():
+            for address in ep["addresses"]:
+                out[address] = {"ready": ep["conditions"]["ready"],
+                                "serving": ep["conditions"]["serving"], "port": port["port"]}
+    return out
+
+
+def external_status(cluster: Any, ns: str, name: str) -> dict[str, Any]:
+    return dict(cluster.get_json("rrd", name, "-n", ns)["status"].get("externalEndpoints") or {})
+
+
+def rre_status(cluster: Any, ns: str, name: str) -> dict[str, Any] | None:
+    r = cluster.kubectl("get", "rre", name, "-n", ns, "-o", "json", check=False)
+    return dict(json.loads(r.stdout).get("status") or {}) if r.returncode == 0 else None
+
+
+# --- the API server's rules (why the design is what it is) ----------------------------------
+
+def test_endpointslice_controllers_leave_the_operators_slice_alone(kube_cluster: Any,
+                                                                   kube_namespace: str) -> None:
+    """A selector Service keeps its pods in the controller's slices, and an extra slice with
+    another managed-by value is neither deleted nor rewritten by the EndpointSlice or the
+    EndpointSlice mirroring controller (docs/macs.md, "Architecture")."""
+    ns = kube_namespace
+    node = f"node-{ns}"[:63]
+    kube_cluster.apply(json.dumps({"apiVersion": "v1", "kind": "Node",
+                                   "metadata": {"name": node}}))
+    try:
+        kube_cluster.apply(json.dumps({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "fleet"},
+            "spec": {"selector": {"app": "fleet"},
+                     "ports": [{"name": "http", "port": 8000, "targetPort": "http"}]}}),
+            namespace=ns)
+        kube_cluster.apply(json.dumps({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "fleet-pod", "labels": {"app": "fleet"}},
+            "spec": {"nodeName": node, "containers": [
+                {"name": "c", "image": "x", "ports": [{"name": "http", "containerPort": 8000}]}]}}),
+            namespace=ns)
+        ready = {"status": {"phase": "Running", "podIP": "10.1.0.5", "podIPs": [{"ip": "10.1.0.5"}],
+                            "conditions": [{"type": "Ready", "status": "True"}]}}
+        kube_cluster.kubectl("patch", "pod", "fleet-pod", "-n", ns, "--subresource=status",
+                             "--type=merge", "-p", json.dumps(ready))
+        ours = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "fleet-external-ipv4-8000", "labels": {
+                    "kubernetes.io/service-name": "fleet",
+                    "endpointslice.kubernetes.io/managed-by": SLICE_MANAGER}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
+                "endpoints": [{"addresses": ["192.0.2.20"],
+                               "conditions": {"ready": True, "serving": True, "terminating": False}}]}
+        kube_cluster.apply(json.dumps(ours), namespace=ns)
+
+        def slices() -> dict[str, dict[str, Any]]:
+            items = kube_cluster.get_json("endpointslices", "-n", ns, "-l",
+                                          "kubernetes.io/service-name=fleet")["items"]
+            return {s["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"]: s
+                    for s in items}
+        both = kube_cluster.eventually(
+            lambda: s if "endpointslice-controller.k8s.io" in (s := slices()) else None,
+            timeout=20, desc="the controller's slice")
+        before = both[SLICE_MANAGER]["metadata"]["resourceVersion"]
+        # Wake both controllers: the pod turns unready, the Service changes.
+        kube_cluster.kubectl("patch", "pod", "fleet-pod", "-n", ns, "--subresource=status",
+                             "--type=merge", "-p", json.dumps(
+                                 {"status": {"conditions": [{"type": "Ready", "status": "False"}]}}))
+        kube_cluster.kubectl("annotate", "service", "fleet", "-n", ns, "poke=1")
+        kube_cluster.eventually(
+            lambda: slices()["endpointslice-controller.k8s.io"]["endpoints"][0]["conditions"][
+                "ready"] is False, timeout=20, desc="the controller's slice updated")
+        time.sleep(2)  # time for any late rewrite
+        after = slices()
+        assert after[SLICE_MANAGER]["metadata"]["resourceVersion"] == before
+        assert after[SLICE_MANAGER]["endpoints"][0]["addresses"] == ["192.0.2.20"]
+        assert [e["addresses"] for e in after["endpointslice-controller.k8s.io"]["endpoints"]] == [
+            ["10.1.0.5"]]
+    finally:
+        kube_cluster.kubectl("delete", "node", node, "--ignore-not-found", check=False)
+
+
+def test_the_api_server_refuses_loopback_endpoints(kube_cluster: Any, kube_namespace: str) -> None:
+    bad = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "loopback", "labels": {"kubernetes.io/service-name": "fleet"}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": 8000}],
+           "endpoints": [{"addresses": ["127.0.0.1"]}]}
+    r = kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=json.dumps(bad),
+                             check=False)
+    assert r.returncode != 0
+    assert "may not be in the loopback range" in r.stderr
+
+
+# --- registration, probes, heartbeats -------------------------------------------------------
+
+def test_macs_register_fail_expire_return_and_leave(operator: Operator, kube_cluster: Any,
+                                                    kube_namespace: str, mac_kubeconfig: str,
+                                                    mac_addresses: list[str], tiny_bert: Path,
+                                                    uvicorn_server: Any) -> None:
+    ns = kube_namespace
+    kube_cluster.apply(rrd("fleet"), namespace=ns)
+    kube_cluster.eventually(lambda: kube_cluster.kubectl("get", "service", "fleet", "-n", ns,
+                                                         check=False).returncode == 0,
+                            timeout=15, desc="the fleet's Service")
+    addr_a, addr_b = mac_addresses
+    port = free_port_on(addr_a, addr_b)
+    env_a = mac_env(tiny_bert, ns, mac_kubeconfig, "mac-a", addr_a)
+    env_b = mac_env(tiny_bert, ns, mac_kubeconfig, "mac-b", addr_b)
+    mac_a = Mac(uvicorn_server, address=addr_a, port=port, env=env_a).start()
+    mac_b = Mac(uvicorn_server, address=addr_b, port=port, env=env_b).start()
+
+    # Both register; the Service's slice lists both, ready; the status counts them.
+    want = {addr_a: {"ready": True, "serving": True, "port": port},
+            addr_b: {"ready": True, "serving": True, "port": port}}
+    kube_cluster.eventually(lambda: slice_endpoints(kube_cluster, ns, "fleet") == want,
+                            timeout=20, desc="both Macs ready in the Service's slice")
+    ext = kube_cluster.eventually(
+        lambda: (e := external_status(kube_cluster, ns, "fleet")).get("ready") == 2 and e,
+        timeout=10, desc="status counts 2 ready")
+    assert ext["total"] == 2
+    device = httpx.get(mac_a.url + "/health", timeout=5).json()["model"]["device"]
+    assert device.startswith("mlx")  # "mlx-cpu" here, on Linux
+    assert {(e["name"], e["source"], e["address"], e["ready"], e["device"])
+            for e in ext["endpoints"]} == {("mac-a", "RerankerEndpoint", addr_a, True, device),
+                                           ("mac-b", "RerankerEndpoint", addr_b, True, device)}
+    obj = kube_cluster.get_json("rrd", "fleet", "-n", ns)
+    assert conditions(obj)["ExternalEndpointsReady"]["status"] == "True"
+    assert conditions(obj)["Available"]["reason"] == "ExternalEndpointsAvailable"
+    table = kube_cluster.kubectl("get", "rrd", "fleet", "-n", ns).stdout.splitlines()
+    header = table[0].split()
+    assert table[1].split()[header.index("EXTERNAL")] == "2"
+    rres = kube_cluster.kubectl("get", "rre", "-n", ns).stdout
+    assert "mac-a" in rres and "mac-b" in rres and addr_a in rres
+    # The slice is the operator's, owned by the RerankerDeployment, next to the controller's.
+    slices = kube_cluster.get_json("endpointslices", "-n", ns, "-l",
+                                   "kubernetes.io/service-name=fleet")["items"]
+    managers = sorted(s["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"]
+                      for s in slices)
+    assert managers == ["endpointslice-controller.k8s.io", SLICE_MANAGER]
+    ours = next(s for s in slices if s["metadata"]["labels"][
+        "endpointslice.kubernetes.io/managed-by"] == SLICE_MANAGER)
+    assert ours["metadata"]["ownerReferences"][0]["kind"] == "RerankerDeployment"
+    # A request through a Mac works (the Service would send one there).
+    r = httpx.post(mac_a.url + "/rerank", json={"query": "q", "documents": ["a", "b"]}, timeout=30)
+    assert r.status_code == 200
+
+    # Steady: probes keep passing, heartbeats keep coming, the operator writes nothing.
+    before = len(operator.writes())
+    time.sleep(3)
+    assert len(operator.writes()) == before, operator.writes()[before:]
+
+    # mac-a dies without deregistering: not ready within the probe bound...
+    killed = time.monotonic()
+    mac_a.signal(signal.SIGKILL)
+    kube_cluster.eventually(
+        lambda: slice_endpoints(kube_cluster, ns, "fleet").get(addr_a, {}).get("ready") is False,
+        timeout=PROBE_BOUND + 2, interval=0.1, desc="mac-a not ready")
+    assert time.monotonic() - killed < PROBE_BOUND + 2
+    st = rre_status(kube_cluster, ns, "mac-a")
+    assert st is not None and st["ready"] is False
+    assert st["consecutiveFailures"] == 2 and "cannot connect" in st["message"]
+    assert slice_endpoints(kube_cluster, ns, "fleet")[addr_b]["ready"] is True
+    # ...and out of the Service once its lease runs out.
+    kube_cluster.eventually(lambda: addr_a not in slice_endpoints(kube_cluster, ns, "fleet"),
+                            timeout=LEASE_SECONDS + 4, interval=0.2, desc="mac-a dropped")
+    assert time.monotonic() - killed < LEASE_SECONDS + 4
+    kube_cluster.eventually(lambda: (rre_status(kube_cluster, ns, "mac-a") or {}).get("expired"),
+                            timeout=5, desc="mac-a expired")
+    ext = kube_cluster.eventually(
+        lambda: (e := external_status(kube_cluster, ns, "fleet")).get("total") == 1 and e,
+        timeout=5, desc="status total 1")
+    assert ext["ready"] == 1
+    obj = kube_cluster.get_json("rrd", "fleet", "-n", ns)
+    assert conditions(obj)["ExternalEndpointsReady"]["status"] == "True"
+
+    # Restarted, it takes its RerankerEndpoint over and is back.
+    mac_a = Mac(uvicorn_server, address=addr_a, port=port, env=env_a).start()
+    kube_cluster.eventually(lambda: slice_endpoints(kube_cluster, ns, "fleet") == want,
+                            timeout=20, desc="mac-a back")
+    assert "took over the existing object" in mac_a.log()
+    kube_cluster.eventually(
+        lambda: (rre_status(kube_cluster, ns, "mac-a") or {}).get("expired") is False,
+        timeout=5, desc="mac-a's status fresh")
+
+    # A graceful shutdown deregisters at once.
+    stopped = time.monotonic()
+    assert mac_b.signal(signal.SIGTERM) == 0
+    assert rre_status(kube_cluster, ns, "mac-b") is None, "mac-b's RerankerEndpoint remained"
+    kube_cluster.eventually(lambda: addr_b not in slice_endpoints(kube_cluster, ns, "fleet"),
+                            timeout=3, interval=0.1, desc="mac-b out of the Service")
+    assert time.monotonic() - stopped < 5
+    assert "deregistered" in mac_b.log()
+    ext = kube_cluster.eventually(
+        lambda: (e := external_status(kube_cluster, ns, "fleet")).get("total") == 1 and e,
+        timeout=5, desc="status total 1")
+    assert [e["name"] for e in ext["endpoints"]] == ["mac-a"]
+
+
+def test_registration_without_the_role_is_refused_and_serving_goes_on(
+        kube_cluster: Any, kube_namespace: str, crds: None, tiny_bert: Path,
+        uvicorn_server: Any) -> None:
+    ns = kube_namespace
+    kube_cluster.kubectl("create", "serviceaccount", "stranger", "-n", ns)
+    kubeconfig = kube_cluster.mint_kubeconfig(ns, "stranger")
+    env = mac_env(tiny_bert, ns, kubeconfig, "stranger", "192.0.2.30")
+    server = uvicorn_server(env)  # on 127.0.0.1: this one never reaches a slice
+    refusal = kube_cluster.eventually(
+        lambda: next((line for line in server.log.read_text().splitlines()
+                      if "registration refused" in line), None),
+        timeout=20, desc="the refusal in the log")
+    message = json.loads(refusal)["message"]
+    assert "403 Forbidden" in message
+    assert 'cannot create resource "rerankerendpoints"' in message
+    assert f"Role in namespace {ns} allowing create, patch, delete" in message
+    assert "deploy/mac/rbac.yaml" in message
+    assert server.log.read_text().count("registration refused") == 1  # said once
+    assert httpx.get(server.url + "/ready", timeout=5).status_code == 200
+    r = httpx.post(server.url + "/rerank", json={"query": "q", "documents": ["a", "b"]},
+                   timeout=30)
+    assert r.status_code == 200
+    assert server.stop() == 0
+    assert kube_cluster.kubectl("get", "rre", "-n", ns, "-o", "name").stdout.strip() == ""
+
+
+def test_static_endpoints_are_probed_and_listed(operator: Operator, kube_cluster: Any,
+                                                kube_namespace: str, mac_addresses: list[str],
+                                                tiny_bert: Path, uvicorn_server: Any) -> None:
+    ns = kube_namespace
+    addr_up, addr_down = mac_addresses
+    port = free_port_on(addr_up, addr_down)
+    env = {"RERANKER_DEVICE": "mlx", "RERANKER_MODEL": str(tiny_bert),
+           "RERANKER_MODEL_KIND": "cross-encoder"}
+    Mac(uvicorn_server, address=addr_up, port=port, env=env).start()  # no registration
+    static = [{"name": "studio", "address": addr_up, "port": port},
+              {"name": "mini", "address": addr_down, "port": port},  # nothing listens there
+              {"name": "typo", "address": "127.0.0.1", "port": port}]
+    kube_cluster.apply(rrd("fleet", externalEndpoints={"static": static}), namespace=ns)
+
+    want = {addr_up: {"ready": True, "serving": True, "port": port},
+            addr_down: {"ready": False, "serving": False, "port": port}}
+    kube_cluster.eventually(lambda: slice_endpoints(kube_cluster, ns, "fleet") == want,
+                            timeout=20, desc="static endpoints in the slice")
+    ext = kube_cluster.eventually(
+        lambda: (e := external_status(kube_cluster, ns, "fleet")).get("ready") == 1
+        and len(e.get("endpoints", ())) == 3 and e, timeout=10, desc="status")
+    by_name = {e["name"]: e for e in ext["endpoints"]}
+    assert {n: (e["source"], e["ready"]) for n, e in by_name.items()} == {
+        "studio": ("static", True), "mini": ("static", False), "typo": ("static", False)}
+    assert "cannot connect" in by_name["mini"]["message"]
+    assert "loopback" in by_name["typo"]["message"]
+    cond = conditions(kube_cluster.get_json("rrd", "fleet", "-n", ns))["ExternalEndpointsReady"]
+    assert cond["status"] == "False" and cond["reason"] == "ExternalEndpointsNotReady"
+    assert "1/3 external endpoints ready" in cond["message"]
+
+    # Removing a host from the spec removes it from the Service.
+    kube_cluster.kubectl("patch", "rrd", "fleet", "-n", ns, "--type", "merge", "-p",
+                         json.dumps({"spec": {"externalEndpoints": {"static": static[:1]}}}))
+    kube_cluster.eventually(
+        lambda: slice_endpoints(kube_cluster, ns, "fleet") == {addr_up: want[addr_up]},
+        timeout=10, desc="only studio left")
+    kube_cluster.eventually(
+        lambda: conditions(kube_cluster.get_json("rrd", "fleet", "-n", ns))[
+            "ExternalEndpointsReady"]["status"] == "True", timeout=10, desc="all ready")
+    # Deleting the RerankerDeployment garbage-collects its slice like any child.
+    kube_cluster.kubectl("delete", "rrd", "fleet", "-n", ns, "--timeout", "30s")
+    kube_cluster.eventually(lambda: slice_endpoints(kube_cluster, ns, "fleet") == {},
+                            timeout=30, desc="slice collected")
