@@ -93,12 +93,14 @@ class Prober:
 
     # --- the loop -------------------------------------------------------------------------
 
-    async def run(self, indices: Mapping[str, Any]) -> None:
-        """Forever: a pass, then sleep until something is due or a handler wakes us."""
+    async def run(self, indices: Mapping[str, Any], *,
+                  transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """Forever: a pass, then sleep until something is due or a handler wakes us.
+        (`transport`: the tests' stand-in for the network.)"""
         await self.indexed.wait()
         limits = httpx.Limits(max_connections=MAX_CONCURRENT_PROBES, max_keepalive_connections=0)
-        async with httpx.AsyncClient(timeout=self.config.timeout, limits=limits,
-                                     trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=self.config.timeout, limits=limits, trust_env=False,
+                                     transport=transport) as client:
             while True:
                 self._wake.clear()
                 delay = await self.tick(client, indices)
