@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
+from reranker import contract
+from reranker.registration import endpoint_body, endpoint_spec
 from reranker_operator import external, manifests, status
 from reranker_operator.external import Endpoint, ProbeConfig, ProbeState, Report, Summary
 from reranker_operator.prober import ENDPOINTS_INDEX, RERANKERS_INDEX, Prober
@@ -22,6 +26,7 @@ from reranker_operator.reconcile import Reconciler
 from reranker_operator.spec import InvalidSpec, StaticEndpoint, parse, static_endpoints
 from test_reconcile import DEFAULTS, Events, FakeKube, owner
 
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = ProbeConfig(period=1.0, timeout=0.5, failure_threshold=3, success_threshold=2)
 T0 = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
 
@@ -473,3 +478,30 @@ async def test_a_wake_ends_the_sleep_at_once() -> None:
         assert w.changes[-1] is not None and w.changes[-1].ready == 1  # not 60 s later
     finally:
         task.cancel()
+
+
+# --- the RerankerEndpoint CRD -----------------------------------------------------------------
+
+def test_the_endpoint_crd_follows_the_contract_and_the_registration() -> None:
+    crd = yaml.safe_load((REPO / "crds" / "rerankerendpoints.reranker.dev.yaml").read_text())
+    assert crd["spec"]["group"] == contract.API_GROUP
+    names = crd["spec"]["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == (
+        contract.KIND_ENDPOINT, contract.PLURAL_ENDPOINT, ["rre"])
+    (version,) = crd["spec"]["versions"]
+    assert version["name"] == contract.API_VERSION and version["subresources"] == {"status": {}}
+    schema = version["schema"]["openAPIV3Schema"]["properties"]
+    # What a Mac writes fits the schema exactly...
+    spec = endpoint_spec(deployment="rr", address="192.0.2.1", port=8000, info=None,
+                         lease_seconds=30, renew_time="2024-01-01T00:00:00.000001Z")
+    assert set(spec) == set(schema["spec"]["properties"])
+    assert set(spec["heartbeat"]) == set(schema["spec"]["properties"]["heartbeat"]["properties"])
+    body = endpoint_body(name="mac", namespace="ns", spec=spec)
+    assert set(body["spec"]) >= set(schema["spec"]["required"])
+    # ...and so does what the operator writes in the status.
+    state = ProbeState(target=("a", 1), last_probe="t")
+    written = external.endpoint_status(state, problem=None, is_expired=False, lease_seconds=30,
+                                       config=CONFIG)
+    assert set(written) <= set(schema["status"]["properties"])
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Ready"] == ".status.ready" and columns["Deployment"] == ".spec.deployment"

@@ -1,0 +1,85 @@
+"""Registration as an external endpoint, the parts that need no cluster: names, bodies,
+settings, and that a registration that cannot work never stops the server from serving.
+
+Registering against a real API server (success, takeover, deregistration, a refused identity)
+is in tests/kube/test_external_endpoints.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from conftest import running_app
+from reranker import contract, registration
+from reranker.registration import default_name, endpoint_body, endpoint_spec
+from reranker.settings import Settings
+
+
+def test_default_name_is_a_valid_object_name() -> None:
+    assert default_name("Studio-3.local", 8000) == "studio-3-8000"
+    assert default_name("MAC_MINI (2)", 8001) == "mac-mini-2-8001"
+    assert default_name("", 80) == "server-80"
+    name = default_name("x" * 100, 65535)
+    assert len(name) <= 63 and name.endswith("-65535")
+
+
+def test_body_names_the_deployment_and_drops_unknowns() -> None:
+    spec = endpoint_spec(deployment="fleet", address="192.0.2.4", port=8000, info=None,
+                         lease_seconds=30, renew_time="t")
+    body = endpoint_body(name="mac", namespace="search", spec=spec)
+    assert body["apiVersion"] == f"{contract.API_GROUP}/{contract.API_VERSION}"
+    assert body["kind"] == contract.KIND_ENDPOINT
+    assert body["metadata"]["labels"]["app.kubernetes.io/instance"] == "fleet"
+    assert body["spec"] == {"deployment": "fleet", "address": "192.0.2.4", "port": 8000,
+                            "heartbeat": {"renewTime": "t", "leaseDurationSeconds": 30}}
+    # A takeover's merge patch carries the None values, to clear what an older run set.
+    assert spec["model"] is None
+
+
+def test_registration_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings(register_deployment="fleet", register_address=" 2001:db8::0001 ")
+    assert s.register_address == "2001:db8::1" and s.register_lease_seconds == 30
+    with pytest.raises(ValidationError, match="not an IPv4 or IPv6 address"):
+        Settings(register_address="mac.local")
+    with pytest.raises(ValidationError, match="not a Kubernetes object name"):
+        Settings(register_name="Mac_1")
+    with pytest.raises(ValidationError):
+        Settings(register_lease_seconds=2)
+    for name in ("RERANKER_REGISTER_DEPLOYMENT", "RERANKER_REGISTER_LEASE_SECONDS"):
+        assert name in contract.ENV_VARS
+    monkeypatch.setenv("RERANKER_REGISTER_DEPLOYMENT", "fleet")
+    monkeypatch.setenv("RERANKER_REGISTER_PORT", "9000")
+    s = Settings()
+    assert (s.register_deployment, s.register_port) == ("fleet", 9000)
+
+
+def test_route_address_is_this_hosts_address_toward_the_api_server() -> None:
+    # The dev control plane listens on loopback, so the route to it starts at 127.0.0.1;
+    # toward a real API server it is the Mac's LAN (or VPN) address.
+    assert registration.route_address("https://127.0.0.1:6443") == "127.0.0.1"
+    assert registration.route_address("https://localhost") in ("127.0.0.1", "::1")
+
+
+async def test_an_unusable_kubeconfig_never_stops_serving(tiny_bert: Path, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="reranker.registration")
+    async with running_app(model=str(tiny_bert), device="cpu", register_deployment="fleet",
+                           register_kubeconfig=tmp_path / "missing.kubeconfig",
+                           register_address="192.0.2.9") as client:
+        assert (await client.get("/ready")).status_code == 200
+        for _ in range(100):
+            if "registration off" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        assert "registration off: cannot use the kubeconfig" in caplog.text
+        assert "missing.kubeconfig" in caplog.text
+        r = await client.post("/rerank", json={"query": "q", "documents": ["a", "b"]})
+        assert r.status_code == 200
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        assert runtime.registration is not None and not runtime.registration.registered
+    # The shutdown did not wait on it either (nothing registered, nothing to delete).
