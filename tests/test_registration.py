@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import plistlib
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +87,49 @@ async def test_an_unusable_kubeconfig_never_stops_serving(tiny_bert: Path, tmp_p
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
         assert runtime.registration is not None and not runtime.registration.registered
     # The shutdown did not wait on it either (nothing registered, nothing to delete).
+
+
+# --- deploy/mac: the launchd job and the systemd unit -----------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def env_file(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines()
+                if line.strip() and not line.startswith("#"))
+
+
+def test_the_launchd_job_runs_the_apple_silicon_profile_and_registers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    job = plistlib.loads((REPO / "deploy" / "mac" / "dev.reranker.server.plist").read_bytes())
+    assert job["ProgramArguments"][1:] == ["serve"]
+    assert job["ProgramArguments"][0].endswith("/.venv/bin/reranker")
+    env = job["EnvironmentVariables"]
+    assert set(env) - {"HF_HOME"} <= set(contract.ENV_VARS)
+    profile = env_file(REPO / "config" / "apple_silicon.env")
+    assert {k: env.get(k) for k in profile} == profile, "the plist drifted from the profile"
+    assert env["RERANKER_REGISTER_DEPLOYMENT"] and env["RERANKER_REGISTER_KUBECONFIG"]
+    # SIGKILL only after the drain; no restart after a clean stop (deregistered, drained).
+    assert job["ExitTimeOut"] > int(env["RERANKER_DRAIN_SECONDS"])
+    assert job["KeepAlive"] == {"SuccessfulExit": False}
+    for name in contract.ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.device == "mlx" and settings.register_address == "192.168.1.20"
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (not a systemd host)")
+    unit = (REPO / "deploy" / "mac" / "reranker@.service").read_text()
+    assert "Environment=RERANKER_REGISTER_DEPLOYMENT=%i" in unit
+    # The ExecStart binary must exist for `verify`: this checkout's.
+    reranker = Path(sys.executable).parent / "reranker"
+    (tmp_path / "reranker@.service").write_text(
+        unit.replace("/opt/reranker-fleet/.venv/bin/reranker", str(reranker)))
+    r = subprocess.run([analyze, "verify", "--man=no", "reranker@fleet.service"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
