@@ -38,8 +38,9 @@ def load_backend(model: Path, quantization: str = "none", batch_size: int = 32):
     return load(Settings(model=str(model), quantization=quantization, batch_size=batch_size))
 
 
-def in_process(backend, pairs: list[tuple[str, str]], batch: int = 32) -> float:  # type: ignore[no-untyped-def]
-    backend.score(pairs[:batch])  # warm
+def in_process(backend, pairs: list[tuple[str, str]], batch: int = 32, warm_batches: int = 6) -> float:  # type: ignore[no-untyped-def]
+    for i in range(warm_batches):  # oneDNN/MKL pick kernels per shape: the first forwards are slow
+        backend.score(pairs[(i * batch) % len(pairs):][:batch])
     t0 = time.perf_counter()
     for i in range(0, len(pairs), batch):
         backend.score(pairs[i:i + batch])
@@ -88,8 +89,9 @@ def main() -> int:
     backend = load_backend(model)
     n_base = 192 if args.quick else 384
     base_pairs = [(b["query"], d) for b in bodies(n_base // DOCS_PER_REQUEST + 1, seed=1) for d in b["documents"]][:n_base]
-    base = in_process(backend, base_pairs)
-    row("1. in-process fp32, batch 32, ~145-token pairs", f"{base:8.1f} pairs/s")
+    base_before = in_process(backend, base_pairs)
+    row("1. in-process fp32, batch 32, ~145-token pairs (before)", f"{base_before:8.1f} pairs/s")
+    base = base_before
 
     env = {"RERANKER_MODEL": str(model), "ENABLE_PREDICTION_CACHE": "false", "RERANKER_BATCH_SIZE": "32",
            "RERANKER_MAX_QUEUE": "100000", "RERANKER_QUEUE_TIMEOUT": "120"}
@@ -104,7 +106,12 @@ def main() -> int:
                 f"{res.pairs_per_s:8.1f} pairs/s  p50 {res.pct(50):7.0f} ms  p99 {res.pct(99):7.0f} ms  "
                 f"x{res.pairs_per_s / base:.3f} of in-process  statuses {res.statuses}")
             if clients == 16:
-                ratio16 = res.pairs_per_s / base
+                ratio16 = res.pairs_per_s
+        # The machine drifts (other work, clocks): the baseline is the mean of before and after.
+        base_after = in_process(backend, base_pairs)
+        base = (base_before + base_after) / 2
+        row("1. in-process fp32 (after the server runs)", f"{base_after:8.1f} pairs/s; baseline = mean {base:.1f}")
+        ratio16 /= base
         row("3. target: server@16 / in-process >= 0.95", f"{ratio16:.3f} {'MET' if ratio16 >= 0.95 else 'MISSED'}")
         if not args.quick:
             sections_full(backend, model, server, base)
