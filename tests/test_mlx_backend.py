@@ -114,6 +114,18 @@ def test_checkpoint_without_prefix_loads(family: str, prefix: str, request: pyte
     assert max_diff(load(folder, "mlx").score(PAIRS), load(source, "mlx").score(PAIRS)) == 0.0
 
 
+def test_pytorch_bin_checkpoint_loads(tiny_xlmr: Path, tmp_path: Path) -> None:
+    """A model folder with only pytorch_model.bin (older hub models) loads through torch."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin-only"
+    shutil.copytree(tiny_xlmr, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), str(folder / "pytorch_model.bin"))
+    (folder / "model.safetensors").unlink()
+    assert max_diff(load(folder, "mlx").score(PAIRS), load(tiny_xlmr, "mlx").score(PAIRS)) == 0.0
+
+
 def test_bi_encoder_from_prefixed_checkpoint(tiny_bert: Path) -> None:
     """A BERT checkpoint whose keys carry `bert.` also loads as a bi-encoder (mean pooling, cosine)."""
     ref, mlx = load(tiny_bert, "cpu", model_kind="bi-encoder"), load(tiny_bert, "mlx", model_kind="bi-encoder")
