@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import running_app
+from servers import running_app
 
 QUERY = "What is machine learning?"
 DOCS = ["Python is a programming language", "Machine learning is a subset of AI", "Paris is in France"]

@@ -10,7 +10,7 @@ import cohere
 import httpx
 import pytest
 
-from conftest import ServerProcess
+from servers import ServerProcess
 
 QUERY = "What is machine learning?"
 DOCS = ["Python is a programming language", "Machine learning is a subset of AI", "Paris is in France"]

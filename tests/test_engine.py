@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import running_app
+from servers import running_app
 
 WORDS = "apple river data model kernel queue cache python paris token server batch query night fast".split()
 

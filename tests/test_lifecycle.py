@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from conftest import ServerProcess
+from servers import ServerProcess
 
 WORDS = "apple river data model kernel queue cache python paris token server batch query night fast".split()
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import models
-from conftest import running_app
+from servers import running_app
 from reranker import backends
 from reranker.backends import Backend, BackendError, DeviceUnavailable, load_backend, pick_runtime
 from reranker.settings import Settings

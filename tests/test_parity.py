@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import running_app
+from servers import running_app
 
 QUERY = "What is machine learning?"
 DOCS = [

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ServerProcess, free_port, running_app
+from servers import ServerProcess, free_port, running_app
 from redis_fixture import RedisServer
 
 QUERY = "which river flows through paris"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from conftest import running_app
+from servers import running_app
 from reranker import contract, registration
 from reranker.registration import default_name, endpoint_body, endpoint_spec
 from reranker.settings import Settings

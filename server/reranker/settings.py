@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     )
     quantization: Quantization = Field(
         "none", validation_alias=_env("RERANKER_QUANTIZATION"),
-        description="none (fp32), bf16 (bf16 weights), int8 (dynamic quantization: CPU/MLX), "
-        "fp16 (CUDA/MPS/MLX only).",
+        description="none (fp32), bf16 (bf16 weights), int8 (PyTorch: dynamic quantization on CPU; "
+        "MLX: 8-bit weights), fp16 (CUDA/MPS/MLX only).",
     )
     use_mlx: bool = Field(
         True, validation_alias=_env("RERANKER_USE_MLX"),

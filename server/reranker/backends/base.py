@@ -47,14 +47,16 @@ class BackendInfo:
     def fingerprint(self) -> str:
         """Identifies the scores this backend produces: cached scores are keyed by it.
 
-        The runtime (torch or mlx) and device are left out on purpose: they produce the same
-        scores within 1e-4 (tests/test_mlx_parity.py), so pods and Macs share one cache.
+        The runtime (torch or mlx) and device are left out for fp32/bf16/fp16: they produce
+        the same scores within 1e-4 in fp32 (tests/test_mlx_backend.py), so pods and Macs share
+        one cache. int8 is not one method: torch's dynamic quantization and MLX's weight-only
+        8-bit differ by ~0.1, so for int8 the runtime is part of the fingerprint.
         """
-        material = json.dumps(
-            {"model": self.model, "revision": self.revision, "kind": self.kind,
-             "dtype": self.dtype, "max_length": self.max_length},
-            sort_keys=True,
-        )
+        fields = {"model": self.model, "revision": self.revision, "kind": self.kind,
+                  "dtype": self.dtype, "max_length": self.max_length}
+        if self.dtype == "int8":
+            fields["runtime"] = self.backend
+        material = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(material.encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, object]:
