@@ -109,6 +109,16 @@ def api_writes(memo: Any, **_: Any) -> int:
     return int(memo.kube.writes)
 
 
+@kopf.on.probe(id="external_prober")
+def external_prober(memo: Any, **_: Any) -> str:
+    """The liveness endpoint fails (HTTP 500) if the prober task died, so that the operator is
+    restarted rather than leaving the Macs' slices frozen."""
+    task = getattr(memo, "prober_task", None)
+    if task is not None and task.done():
+        raise kopf.PermanentError("the external-endpoint prober stopped (see the log)")
+    return "running"
+
+
 # --- indices: the in-memory view of the RerankerDeployments and their children --------------
 
 @kopf.index(*RRD)

@@ -505,3 +505,22 @@ def test_the_endpoint_crd_follows_the_contract_and_the_registration() -> None:
     assert set(written) <= set(schema["status"]["properties"])
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns["Ready"] == ".status.ready" and columns["Deployment"] == ".spec.deployment"
+
+
+async def test_liveness_fails_once_the_prober_died() -> None:
+    import types
+
+    import kopf
+
+    from reranker_operator import handlers
+
+    async def crash() -> None:
+        raise RuntimeError("a bug")
+
+    memo = types.SimpleNamespace(prober_task=asyncio.create_task(asyncio.sleep(10)))
+    assert handlers.external_prober(memo=memo) == "running"
+    memo.prober_task.cancel()
+    memo.prober_task = asyncio.create_task(crash())
+    await asyncio.gather(memo.prober_task, return_exceptions=True)
+    with pytest.raises(kopf.PermanentError, match="prober stopped"):
+        handlers.external_prober(memo=memo)
