@@ -114,3 +114,20 @@ def test_ready_is_503_until_loaded_and_warm(uvicorn_server: Callable[..., Server
             pass
         time.sleep(0.02)
     assert 200 in seen and 503 in seen, seen
+
+
+def test_requests_still_queued_at_the_drain_deadline_get_503(uvicorn_server: Callable[..., ServerProcess]) -> None:
+    server = uvicorn_server({"ENABLE_PREDICTION_CACHE": "false", "RERANKER_BATCH_SIZE": "2", "RERANKER_DRAIN_SECONDS": "1"})
+    out: list = []  # type: ignore[type-arg]
+    t = post_in_thread(server.url + "/rerank", {"query": "slow", "documents": docs(200, "slow")}, out)
+    deadline = time.monotonic() + 10
+    while summary(server)["controller"]["inflight_requests"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    assert time.monotonic() - started < 15
+    t.join(30)
+    status, headers, text = out[0]
+    assert status == 503 and "retry-after" in headers, (status, text)
+    assert json.loads(text)["error"] == "not_ready"

@@ -59,6 +59,7 @@ class Ticket:
         self.all_started = asyncio.Event()
         self.all_started.set()
         self.cancelled = False
+        self.reason: Exception | None = None
 
     def track(self, job: Job) -> None:
         job.owners.add(self)
@@ -71,9 +72,11 @@ class Ticket:
         if not self.unstarted:
             self.all_started.set()
 
-    def cancel(self) -> int:
-        """The request is gone (client disconnected, or queue timeout): drop what only it wanted."""
+    def cancel(self, reason: Exception | None = None) -> int:
+        """The request is gone (client disconnected, queue timeout, shutdown): drop what only it
+        wanted. `reason`, if given, is what the request answers (else nothing: the client is gone)."""
         self.cancelled = True
+        self.reason = reason
         dropped = 0
         for job in list(self.unstarted):
             job.owners.discard(self)
@@ -81,6 +84,7 @@ class Ticket:
                 job.drop()
                 dropped += 1
         self.unstarted.clear()
+        self.all_started.set()  # wake the request: it sees `cancelled` and stops waiting
         return dropped
 
 

@@ -41,6 +41,16 @@ class Ranker:
         self.inflight: dict[str, Job] = {}
         batcher.on_done = self._completed
         self._fills: set[asyncio.Task[None]] = set()
+        self.tickets: set[Ticket] = set()
+
+    def abort_waiting(self, error: Exception) -> int:
+        """Answer every request whose pairs have not all started with `error` (shutdown deadline)."""
+        aborted = 0
+        for ticket in list(self.tickets):
+            if ticket.unstarted:
+                ticket.cancel(error)
+                aborted += 1
+        return aborted
 
     def _completed(self, jobs: list[Job]) -> None:
         done: dict[str, float] = {}
@@ -88,6 +98,13 @@ class Ranker:
             self.batcher.submit(missing)
 
     async def rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket) -> Ranked:
+        self.tickets.add(ticket)
+        try:
+            return await self._rank(query, documents, split=split, ticket=ticket)
+        finally:
+            self.tickets.discard(ticket)
+
+    async def _rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket) -> Ranked:
         self.admission.check_serving()
         if split.trivial:
             chunks = [[doc] for doc in documents]  # no tokenizer needed: skip the thread hop
@@ -133,7 +150,7 @@ class Ranker:
                     f"waited more than RERANKER_QUEUE_TIMEOUT={self.queue_timeout:g}s for the model",
                     retry_after=self.admission.retry_after()) from None
             if ticket.cancelled:
-                raise ClientGone()
+                raise ticket.reason or ClientGone()
             results = await asyncio.gather(*(job.future for job in waiting.values()))
             scores.update(zip(waiting.keys(), results))
 

@@ -18,6 +18,7 @@ import uvicorn
 
 from . import logs
 from .app import create_app
+from .errors import NotReady
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ class DrainingServer(uvicorn.Server):
             elapsed = time.monotonic() - self.drain_started
             if inflight == 0 or elapsed >= self.drain_seconds:
                 log.info("drained (%d requests left after %.1fs): shutting down", inflight, elapsed)
+                if inflight and app is not None and app.state.runtime.ranker is not None:
+                    # Requests still queued get a clean 503 now rather than being cut off later.
+                    app.state.runtime.ranker.abort_waiting(
+                        NotReady("the server shut down before this request was served; retry", retry_after=1))
                 self.should_exit = True
         return await super().on_tick(counter)
 
