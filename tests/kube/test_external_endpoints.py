@@ -207,6 +207,11 @@ def test_endpointslice_controllers_leave_the_operators_slice_alone(kube_cluster:
             "spec": {"selector": {"app": "fleet"},
                      "ports": [{"name": "http", "port": 8000, "targetPort": "http"}]}}),
             namespace=ns)
+        # The controller-manager creates the namespace's default ServiceAccount, which a pod
+        # needs, a moment after the namespace.
+        kube_cluster.eventually(lambda: kube_cluster.kubectl(
+            "get", "serviceaccount", "default", "-n", ns, check=False).returncode == 0,
+            timeout=30, desc="the default ServiceAccount")
         kube_cluster.apply(json.dumps({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "fleet-pod", "labels": {"app": "fleet"}},
