@@ -6,20 +6,31 @@ kubeconfig of the ServiceAccount in deploy/mac/rbac.yaml, and a real `reranker-o
 running as the ServiceAccount bound to operator/rbac/, probes them and lists them in the
 fleet's Service through its own EndpointSlice.
 
-The servers listen on addresses of the loopback interface, not on 127.0.0.1: the API server
-refuses loopback addresses in EndpointSlices (`test_the_api_server_refuses_loopback_endpoints`
-shows it), so the `mac_addresses` fixture adds two /32 addresses from 198.18.0.0/15 (reserved
-for network tests, never routed) to `lo` and removes them afterwards. That needs
-CAP_NET_ADMIN, which the test machines have; the fixture fails with the reason otherwise.
+The API server refuses loopback addresses in EndpointSlices
+(`test_the_api_server_refuses_loopback_endpoints` shows it), and this workplace's network rule
+allows load and failure traffic only to loopback or to test hosts in network namespaces the
+session made itself. So the `mac_netns` fixture creates a network namespace per session
+(`rr-macs-PID`) joined to the root namespace by a veth pair: the root side gets 198.18.N.1/24,
+the namespace side the Macs' addresses 198.18.N.2 and .3 (198.18.0.0/15 is reserved for network
+tests and never routed; N is 0 unless another session holds that /24). Those are the addresses
+the Macs advertise, the EndpointSlice lists and the operator probes. Each `reranker serve` stays
+in the root namespace (it must reach the API server on 127.0.0.1), on 198.18.N.1 and a port of
+its own, and a relay in the namespace (tests/kube/tcp_relay.py) forwards the Mac's address and
+shared port to it over the veth; the relay listens only while its server does, so a killed Mac
+refuses connections like a real one. Killing a Mac kills its server; restarting it starts the
+server again on the same port. The namespace, veth and relays are removed afterwards, also when
+a test fails. Creating them needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN for `ip netns`), which
+the test machines have; the fixture fails with the reason otherwise.
 """
 
 from __future__ import annotations
 
 import json
-import random
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +45,7 @@ REPO = Path(__file__).resolve().parents[2]
 CRDS = [REPO / "crds" / "rerankerdeployments.reranker.dev.yaml",
         REPO / "crds" / "rerankerendpoints.reranker.dev.yaml"]
 MAC_RBAC = REPO / "deploy" / "mac" / "rbac.yaml"
+RELAY = Path(__file__).resolve().with_name("tcp_relay.py")
 SLICE_MANAGER = "reranker-operator.reranker.dev"
 
 # Short periods, so that each behaviour shows within seconds: a dead endpoint is not ready
@@ -57,27 +69,102 @@ def crds(kube_cluster: Any) -> None:
                          "crd/rerankerendpoints.reranker.dev")
 
 
-@pytest.fixture(scope="module")
-def mac_addresses() -> Iterator[list[str]]:
-    """Two addresses on the loopback interface that an EndpointSlice may list."""
-    added: list[str] = []
-    rng = random.Random()
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+class MacNetwork:
+    """A network namespace holding the stand-in Macs' addresses, joined to the root namespace
+    by a veth pair whose root side (`host`) the Macs' servers listen on; relays in the
+    namespace make each server reachable at its Mac's address."""
+
+    def __init__(self, name: str, host: str, addresses: list[str], log_dir: Path) -> None:
+        self.name, self.host, self.addresses, self.log_dir = name, host, addresses, log_dir
+        self.relays: dict[tuple[str, int], tuple[int, subprocess.Popen[bytes]]] = {}
+
+    def free_port(self) -> int:
+        """A port free on every Mac address (each Mac listens on the same port, like real
+        Macs): asked of the namespace's kernel."""
+        r = subprocess.run(["ip", "netns", "exec", self.name, sys.executable, "-c",
+                            "import socket; s = socket.socket(); s.bind(('0.0.0.0', 0)); "
+                            "print(s.getsockname()[1])"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout)
+
+    def server_port(self, address: str, port: int) -> int:
+        """The root-namespace port of the server behind ADDRESS:PORT; starts the relay from
+        ADDRESS:PORT to it on first use (it outlives restarts of the server)."""
+        if (address, port) not in self.relays:
+            with socket.socket() as s:
+                s.bind((self.host, 0))
+                server_port = int(s.getsockname()[1])
+            log = self.log_dir / f"relay-{address}-{port}.log"
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.name, sys.executable, str(RELAY),
+                 "--listen", f"{address}:{port}", "--to", f"{self.host}:{server_port}"],
+                stdin=subprocess.DEVNULL, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+            self.relays[(address, port)] = (server_port, proc)
+        return self.relays[(address, port)][0]
+
+    def stop_relays(self) -> None:
+        for _, proc in self.relays.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+        self.relays.clear()
+
+
+@pytest.fixture(scope="session")
+def mac_netns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MacNetwork]:
+    """The Macs' network namespace (module docstring); removed at the end, whatever happened."""
+    pid = os.getpid()
+    name, host_if, ns_if = f"rr-macs-{pid}", f"rrm{pid}h", f"rrm{pid}n"  # names <= 15 chars
+    _ip("netns", "del", name)  # left over by a crashed session of the same pid
+    _ip("link", "del", host_if)
+    subnet = next((n for n in range(256) if not _ip(
+        "-4", "-o", "address", "show", "to", f"198.18.{n}.0/24").stdout.strip()), None)
+    if subnet is None:
+        pytest.fail("no free /24 in 198.18.0.0/16 for the Macs' network namespace", pytrace=False)
+    prefix = f"198.18.{subnet}"
+    network = MacNetwork(name, f"{prefix}.1", [f"{prefix}.2", f"{prefix}.3"],
+                         tmp_path_factory.mktemp("mac-netns"))
+    steps = [("netns", "add", name),
+             ("link", "add", host_if, "type", "veth", "peer", "name", ns_if, "netns", name),
+             ("address", "add", f"{network.host}/24", "dev", host_if),
+             ("link", "set", host_if, "up"),
+             *(("-n", name, "address", "add", f"{a}/24", "dev", ns_if) for a in network.addresses),
+             ("-n", name, "link", "set", ns_if, "up"),
+             ("-n", name, "link", "set", "lo", "up"),
+             ("netns", "exec", name, "true")]  # the relays run through `ip netns exec`
     try:
-        while len(added) < 2:
-            address = f"198.{rng.randint(18, 19)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
-            r = subprocess.run(["ip", "address", "add", f"{address}/32", "dev", "lo"],
-                               capture_output=True, text=True)
-            if r.returncode == 0:
-                added.append(address)
-            elif "exists" not in r.stderr:
-                pytest.fail("cannot add a test address to the loopback interface (needs "
-                            f"CAP_NET_ADMIN; EndpointSlices refuse 127.0.0.1): {r.stderr}",
+        for step in steps:
+            r = _ip(*step)
+            if r.returncode != 0:
+                pytest.fail(f"cannot set up the Macs' network namespace: `ip {' '.join(step)}` "
+                            f"exited {r.returncode}: {r.stderr.strip()} (needs root: "
+                            "CAP_NET_ADMIN and CAP_SYS_ADMIN; EndpointSlices refuse 127.0.0.1, "
+                            "and probes may go only to loopback or to such a namespace)",
                             pytrace=False)
-        yield added
+        yield network
     finally:
-        for address in added:
-            subprocess.run(["ip", "address", "del", f"{address}/32", "dev", "lo"],
-                           capture_output=True)
+        network.stop_relays()
+        r = _ip("netns", "pids", name)  # anything else of ours still in it
+        for pid_text in r.stdout.split() if r.returncode == 0 else ():
+            try:
+                os.kill(int(pid_text), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        _ip("netns", "del", name)  # takes the veth pair with it
+        _ip("link", "del", host_if)
+
+
+@pytest.fixture
+def mac_network(mac_netns: MacNetwork) -> Iterator[MacNetwork]:
+    """The Macs' namespace for one test; the relays it started are stopped afterwards."""
+    try:
+        yield mac_netns
+    finally:
+        mac_netns.stop_relays()
 
 
 @pytest.fixture
@@ -107,10 +194,16 @@ def mac_kubeconfig(kube_cluster: Any, kube_namespace: str, crds: None) -> str:
 
 
 class Mac:
-    """A `reranker serve` process standing in for a Mac: MLX backend, registering itself."""
+    """A `reranker serve` process standing in for a Mac: MLX backend, registering itself.
 
-    def __init__(self, factory: Any, *, address: str, port: int, env: dict[str, str]) -> None:
-        self.factory, self.address, self.port, self.env = factory, address, port, env
+    The server runs in the root namespace on the veth's root side and a port of its own; the
+    network's relay makes it reachable at the Mac's address and PORT, which it registers. A
+    new Mac for the same address and port (a restart) gets the same server port."""
+
+    def __init__(self, factory: Any, network: MacNetwork, *, address: str, port: int,
+                 env: dict[str, str]) -> None:
+        self.factory, self.network = factory, network
+        self.address, self.port, self.env = address, port, env
         self.server: Any = None
 
     @property
@@ -118,8 +211,10 @@ class Mac:
         return f"http://{self.address}:{self.port}"
 
     def start(self) -> Mac:
-        self.server = self.factory({**self.env, "HOST": self.address, "PORT": str(self.port)},
-                                   wait=False)
+        server_port = self.network.server_port(self.address, self.port)
+        self.server = self.factory({**self.env, "HOST": self.network.host,
+                                    "PORT": str(server_port),
+                                    "RERANKER_REGISTER_PORT": str(self.port)}, wait=False)
         self.server.url = self.url
         self.server.wait_ready()
         return self
@@ -130,22 +225,6 @@ class Mac:
 
     def log(self) -> str:
         return str(self.server.log.read_text(errors="replace"))
-
-
-def free_port_on(*addresses: str) -> int:
-    """A port free on every address (each Mac listens on the same port, like real Macs)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind((addresses[0], 0))
-            port = int(s.getsockname()[1])
-        try:
-            for address in addresses[1:]:
-                with socket.socket() as s:
-                    s.bind((address, port))
-            return port
-        except OSError:
-            continue
-    raise AssertionError("no common free port")
 
 
 def mac_env(tiny_bert: Path, namespace: str, kubeconfig: str, name: str,
@@ -273,19 +352,19 @@ def test_the_api_server_refuses_loopback_endpoints(kube_cluster: Any, kube_names
 
 def test_macs_register_fail_expire_return_and_leave(operator: Operator, kube_cluster: Any,
                                                     kube_namespace: str, mac_kubeconfig: str,
-                                                    mac_addresses: list[str], tiny_bert: Path,
+                                                    mac_network: MacNetwork, tiny_bert: Path,
                                                     uvicorn_server: Any) -> None:
     ns = kube_namespace
     kube_cluster.apply(rrd("fleet"), namespace=ns)
     kube_cluster.eventually(lambda: kube_cluster.kubectl("get", "service", "fleet", "-n", ns,
                                                          check=False).returncode == 0,
                             timeout=15, desc="the fleet's Service")
-    addr_a, addr_b = mac_addresses
-    port = free_port_on(addr_a, addr_b)
+    addr_a, addr_b = mac_network.addresses
+    port = mac_network.free_port()
     env_a = mac_env(tiny_bert, ns, mac_kubeconfig, "mac-a", addr_a)
     env_b = mac_env(tiny_bert, ns, mac_kubeconfig, "mac-b", addr_b)
-    mac_a = Mac(uvicorn_server, address=addr_a, port=port, env=env_a).start()
-    mac_b = Mac(uvicorn_server, address=addr_b, port=port, env=env_b).start()
+    mac_a = Mac(uvicorn_server, mac_network, address=addr_a, port=port, env=env_a).start()
+    mac_b = Mac(uvicorn_server, mac_network, address=addr_b, port=port, env=env_b).start()
 
     # Both register; the Service's slice lists both, ready; the status counts them.
     want = {addr_a: {"ready": True, "serving": True, "port": port},
@@ -353,7 +432,7 @@ def test_macs_register_fail_expire_return_and_leave(operator: Operator, kube_clu
     assert conditions(obj)["ExternalEndpointsReady"]["status"] == "True"
 
     # Restarted, it takes its RerankerEndpoint over and is back.
-    mac_a = Mac(uvicorn_server, address=addr_a, port=port, env=env_a).start()
+    mac_a = Mac(uvicorn_server, mac_network, address=addr_a, port=port, env=env_a).start()
     kube_cluster.eventually(lambda: slice_endpoints(kube_cluster, ns, "fleet") == want,
                             timeout=20, desc="mac-a back")
     assert "took over the existing object" in mac_a.log()
@@ -402,14 +481,14 @@ def test_registration_without_the_role_is_refused_and_serving_goes_on(
 
 
 def test_static_endpoints_are_probed_and_listed(operator: Operator, kube_cluster: Any,
-                                                kube_namespace: str, mac_addresses: list[str],
+                                                kube_namespace: str, mac_network: MacNetwork,
                                                 tiny_bert: Path, uvicorn_server: Any) -> None:
     ns = kube_namespace
-    addr_up, addr_down = mac_addresses
-    port = free_port_on(addr_up, addr_down)
+    addr_up, addr_down = mac_network.addresses
+    port = mac_network.free_port()
     env = {"RERANKER_DEVICE": "mlx", "RERANKER_MODEL": str(tiny_bert),
            "RERANKER_MODEL_KIND": "cross-encoder"}
-    Mac(uvicorn_server, address=addr_up, port=port, env=env).start()  # no registration
+    Mac(uvicorn_server, mac_network, address=addr_up, port=port, env=env).start()  # no registration
     static = [{"name": "studio", "address": addr_up, "port": port},
               {"name": "mini", "address": addr_down, "port": port},  # nothing listens there
               {"name": "typo", "address": "127.0.0.1", "port": port}]
