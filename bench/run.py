@@ -114,14 +114,15 @@ def main() -> int:
         ratio16 /= base
         row("3. target: server@16 / in-process >= 0.95", f"{ratio16:.3f} {'MET' if ratio16 >= 0.95 else 'MISSED'}")
         if not args.quick:
-            sections_full(backend, model, server, base)
+            sections_full(backend, model, server, base, base_pairs)
     finally:
         server.stop()
     print(f"ratio={ratio16:.3f}")
     return 0
 
 
-def sections_full(backend, model: Path, server: "w.Server", base: float) -> None:  # type: ignore[no-untyped-def]
+def sections_full(backend, model: Path, server: "w.Server", base: float,  # type: ignore[no-untyped-def]
+                  base_pairs: list[tuple[str, str]]) -> None:
     import httpx
 
     grouped, fifo = asyncio.run(mixed_lengths(backend))

@@ -3,8 +3,10 @@
 The queue is bounded in pairs (RERANKER_MAX_QUEUE), because pairs are what costs model
 time: one request of 1,000 documents weighs as much as 1,000 requests of one.
 
-- 429 Too Many Requests + Retry-After: the request's pairs do not fit in the queue right now
-  (back off and retry, or go to another replica). A request bigger than the whole queue is
+- 429 Too Many Requests + Retry-After: the request's pairs do not fit in the queue right now,
+  or the queue already holds more work than the model can finish within
+  RERANKER_QUEUE_TIMEOUT at its measured throughput (back off and retry, or go to another
+  replica). A request bigger than the whole queue is
   admitted when the queue is empty, so big requests are slow rather than impossible.
 - 503 Service Unavailable + Retry-After: the server cannot serve at all right now: the model
   is still loading, the server is draining for shutdown, or the request waited longer than
@@ -23,7 +25,11 @@ from .metrics import Metrics
 
 
 class Admission:
-    def __init__(self, *, metrics: Metrics, max_queue: int, max_parallel: int) -> None:
+    #: Share of the queue timeout the queued work may take at the measured rate.
+    DRAIN_MARGIN = 0.8
+
+    def __init__(self, *, metrics: Metrics, max_queue: int, max_parallel: int, queue_timeout: float) -> None:
+        self.queue_timeout = queue_timeout
         self.batcher: Batcher | None = None  # set once the model is loaded
         self.metrics = metrics
         self.max_queue = max_queue
@@ -54,13 +60,25 @@ class Admission:
             raise NotReady("the model is still loading", retry_after=5)
 
     def admit(self, pairs: int) -> None:
-        """Raise QueueFull unless `pairs` more fit in the queue."""
+        """Raise QueueFull unless `pairs` more fit in the queue, and would be served in time.
+
+        Two bounds: the queue's size, and the time the queue needs to drain at the measured
+        throughput. A request that would wait past RERANKER_QUEUE_TIMEOUT anyway is refused now
+        (429, cheap) rather than timed out later (503, after its place in the queue was spent).
+        """
         waiting = self.waiting
         if waiting and waiting + pairs > self.max_queue:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise QueueFull(
                 f"the queue holds {waiting} pairs and this request needs {pairs} more "
                 f"(RERANKER_MAX_QUEUE={self.max_queue})", retry_after=self.retry_after(pairs))
+        rate = self.batcher.throughput if self.batcher else 0.0
+        if waiting and rate > 0 and (waiting + pairs) / rate > self.queue_timeout * self.DRAIN_MARGIN:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            raise QueueFull(
+                f"the queue holds {waiting} pairs, about {waiting / rate:.1f}s of work at {rate:.0f} pairs/s; "
+                f"this request would wait past RERANKER_QUEUE_TIMEOUT={self.queue_timeout:g}s",
+                retry_after=self.retry_after(pairs))
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:

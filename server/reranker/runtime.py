@@ -42,7 +42,8 @@ class Runtime:
         self.batcher: Batcher | None = None
         self.cache: ScoreCache | None = None
         self.ranker: Ranker | None = None
-        self.admission = Admission(metrics=self.metrics, max_queue=settings.max_queue, max_parallel=settings.max_parallel)
+        self.admission = Admission(metrics=self.metrics, max_queue=settings.max_queue, max_parallel=settings.max_parallel,
+                                   queue_timeout=settings.queue_timeout)
         self.dropped_pairs = 0
         self.loaded = asyncio.Event()
         self.registration: Registration | None = None
