@@ -142,3 +142,27 @@ async def load(url: str, bodies: list[dict], *, clients: int, max_seconds: float
         await asyncio.gather(*(worker() for _ in range(clients)))
         result.seconds = time.perf_counter() - started
     return result
+
+
+async def open_loop(url: str, bodies: list[dict], *, rate: float, path: str = "/rerank") -> LoadResult:  # type: ignore[type-arg]
+    """Send `bodies` at a fixed arrival rate (requests/s), whatever the answers: offered load that
+    does not slow down when the server does, as real traffic from many clients behaves."""
+    result = LoadResult()
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=1000)) as client:
+        started = time.perf_counter()
+
+        async def one(body: dict) -> None:  # type: ignore[type-arg]
+            t0 = time.perf_counter()
+            r = await client.post(path, json=body)
+            result.statuses[r.status_code] = result.statuses.get(r.status_code, 0) + 1
+            if r.status_code == 200:
+                result.latencies.append(time.perf_counter() - t0)
+                result.pairs += len(body.get("documents") or [])
+
+        tasks = []
+        for i, body in enumerate(bodies):
+            await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(body)))
+        await asyncio.gather(*tasks)
+        result.seconds = time.perf_counter() - started
+    return result

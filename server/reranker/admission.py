@@ -26,7 +26,7 @@ from .metrics import Metrics
 
 class Admission:
     #: Share of the queue timeout the queued work may take at the measured rate.
-    DRAIN_MARGIN = 0.8
+    DRAIN_MARGIN = 0.6
 
     def __init__(self, *, metrics: Metrics, max_queue: int, max_parallel: int, queue_timeout: float) -> None:
         self.queue_timeout = queue_timeout
@@ -73,7 +73,9 @@ class Admission:
                 f"the queue holds {waiting} pairs and this request needs {pairs} more "
                 f"(RERANKER_MAX_QUEUE={self.max_queue})", retry_after=self.retry_after(pairs))
         rate = self.batcher.throughput if self.batcher else 0.0
-        if waiting and rate > 0 and (waiting + pairs) / rate > self.queue_timeout * self.DRAIN_MARGIN:
+        # the last of its pairs starts after the queue ahead drains, and finishes one batch later
+        finish = (waiting + pairs + (self.batcher.batch_size if self.batcher else 0)) / rate if rate > 0 else 0.0
+        if waiting and finish > self.queue_timeout * self.DRAIN_MARGIN:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise QueueFull(
                 f"the queue holds {waiting} pairs, about {waiting / rate:.1f}s of work at {rate:.0f} pairs/s; "

@@ -88,6 +88,9 @@ class Ticket:
         return dropped
 
 
+SORT_WINDOW_BATCHES = 4
+
+
 def cut_batch(jobs: Sequence[Job], *, batch_size: int, max_tokens: int, by_length: bool) -> list[Job]:
     """Choose the next batch from the waiting jobs (oldest first in `jobs`).
 
@@ -106,7 +109,9 @@ def cut_batch(jobs: Sequence[Job], *, batch_size: int, max_tokens: int, by_lengt
             batch.append(job)
             longest = longest_next
         return batch
-    window = sorted(jobs[: batch_size * 8], key=lambda j: j.tokens)
+    # Sort only the oldest few batches' worth: enough to group lengths, few enough that requests
+    # still finish roughly in arrival order (a request is done when its last pair is).
+    window = sorted(jobs[: batch_size * SORT_WINDOW_BATCHES], key=lambda j: j.tokens)
     oldest = jobs[0]
     pos = window.index(oldest)
     lo, hi = pos, pos + 1  # window[lo:hi] is the batch; sorted, so window[hi-1] is the longest
