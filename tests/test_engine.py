@@ -70,7 +70,9 @@ async def test_queue_full_is_429_with_retry_after(minilm: Path) -> None:
 
 async def test_queue_timeout_is_503_and_drops_pairs(minilm: Path) -> None:
     rng = random.Random(2)
-    async with running_app(batch_size=2, enable_prediction_cache=False, queue_timeout=0.2, micro_batch_window_ms=0) as client:
+    # No warm-up: no throughput estimate yet, so admission cannot foresee the wait and admits all.
+    async with running_app(batch_size=2, enable_prediction_cache=False, queue_timeout=0.2, micro_batch_window_ms=0,
+                           warmup_on_start=False) as client:
         big = {"query": "q", "documents": make_docs(rng, 200)}
         responses = await asyncio.wait_for(asyncio.gather(*(client.post("/rerank", json=big | {"query": f"q{i}"})
                                                            for i in range(3))), 120)
@@ -81,6 +83,18 @@ async def test_queue_timeout_is_503_and_drops_pairs(minilm: Path) -> None:
         await client.app.state.runtime.batcher.idle()  # type: ignore[attr-defined]
         scored = metric(client, "reranker_pairs_scored_total")
         assert scored < 3 * 200  # the timed-out requests' pending pairs were never computed
+
+
+async def test_work_that_cannot_finish_in_time_is_refused_up_front(minilm: Path) -> None:
+    rng = random.Random(3)
+    async with running_app(batch_size=4, enable_prediction_cache=False, queue_timeout=1.0, micro_batch_window_ms=0) as client:
+        bodies = [{"query": f"q{i}", "documents": make_docs(rng, 60)} for i in range(4)]
+        responses = await asyncio.wait_for(asyncio.gather(*(client.post("/rerank", json=b) for b in bodies)), 120)
+        statuses = [r.status_code for r in responses]
+        assert 200 in statuses  # an empty queue always admits
+        refused = [r for r in responses if r.status_code == 429]
+        assert refused, statuses
+        assert "RERANKER_QUEUE_TIMEOUT" in refused[0].json()["message"] and "retry-after" in refused[0].headers
 
 
 async def test_cache_hits_do_not_reach_the_model(minilm: Path) -> None:
