@@ -27,10 +27,8 @@ thread this backend owns; callers tokenize in their own thread and hand arrays o
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import json
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Pair
 from .model_files import ModelFiles
+from .tokenization import HFTokenization
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..settings import Settings
@@ -49,7 +48,6 @@ try:
     import mlx.nn as nn
     import numpy as np
     from mlx.utils import tree_flatten
-    from transformers import AutoTokenizer
 except ImportError as exc:  # pragma: no cover - the `mlx` extra brings it
     raise DeviceUnavailable(
         f"the MLX backend needs mlx ({exc}): pip install 'reranker-fleet[mlx]' "
@@ -356,7 +354,7 @@ def device_name() -> str:
     return "mlx-gpu" if mx.default_device().type == mx.DeviceType.gpu else "mlx-cpu"
 
 
-class MLXBackend(Backend):
+class MLXBackend(HFTokenization, Backend):
     """A Hugging Face BERT/XLM-R model rebuilt in mlx.nn, on MLX's default device."""
 
     def __init__(self, files: ModelFiles, settings: "Settings") -> None:
@@ -370,11 +368,7 @@ class MLXBackend(Backend):
         if settings.enable_torch_compile or settings.enable_mixed_precision:
             log.warning("ENABLE_TORCH_COMPILE and ENABLE_MIXED_PRECISION are PyTorch options; the MLX backend "
                         "ignores them (use RERANKER_QUANTIZATION=bf16/fp16 for lower precision)")
-        self._tokenizer = AutoTokenizer.from_pretrained(str(files.path))
-        if not getattr(self._tokenizer, "is_fast", False):
-            log.warning("%s has no fast tokenizer: chunking falls back to whitespace offsets", files.name)
-        self._local = threading.local()
-        self._local.tokenizer = self._tokenizer
+        self._init_tokenizer(files)
         # The one thread that touches MLX (see the module docstring).
         self._mlx = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
         dtype_name, self.model = self._on_mlx(lambda: self._load_model(settings.quantization))
@@ -410,35 +404,7 @@ class MLXBackend(Backend):
         mx.eval(model.parameters())  # materialize now, on the MLX thread, not lazily in the first request
         return dtype_name, model
 
-    # --- tokenization: the same calls as backends/torch.py, so lengths match token for token ---
-    @property
-    def tokenizer(self) -> Any:
-        tok = getattr(self._local, "tokenizer", None)
-        if tok is None:
-            tok = self._local.tokenizer = copy.deepcopy(self._tokenizer)
-        return tok
-
-    @property
-    def special_tokens_per_pair(self) -> int:
-        if self.files.kind == "bi-encoder":
-            return int(self.tokenizer.num_special_tokens_to_add(pair=False))
-        return int(self.tokenizer.num_special_tokens_to_add(pair=True))
-
-    def token_counts(self, texts: Sequence[str]) -> list[int]:
-        enc = self.tokenizer(list(texts), add_special_tokens=False, truncation=False)
-        return [len(ids) for ids in enc["input_ids"]]
-
-    def token_offsets(self, text: str) -> list[tuple[int, int]]:
-        enc = self.tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
-        return [tuple(span) for span in enc["offset_mapping"]]  # type: ignore[misc]
-
-    def pair_lengths(self, pairs: Sequence[Pair]) -> list[int]:
-        if self.files.kind == "bi-encoder":
-            docs = self.tokenizer([d for _, d in pairs], truncation=True, max_length=self.max_length)
-            return [len(ids) for ids in docs["input_ids"]]
-        enc = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=self.max_length)
-        return [len(ids) for ids in enc["input_ids"]]
-
+    # --- features: tokenized as in tokenization.py, padded, as numpy for MLX ---
     def _features(self, *texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         enc = self.tokenizer(*texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
         ids = enc["input_ids"].astype(np.int32)

@@ -8,20 +8,18 @@ model's sentence-transformers config names, and pairs score by cosine similarity
 Dtypes: fp32 by default; bf16 weights; fp16 on CUDA/MPS; int8 by dynamic quantization of the
 Linear layers (CPU). Logits are cast to fp32 before anything else touches them.
 
-Tokenizers are not safe to share between threads that change truncation settings ("Already
-borrowed"), so each thread gets its own copy.
+Tokenization (shared with MLX) lives in tokenization.py.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Pair
 from .model_files import ModelFiles
+from .tokenization import HFTokenization
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..settings import Settings
@@ -30,7 +28,7 @@ log = logging.getLogger(__name__)
 
 try:
     import torch
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModel, AutoModelForSequenceClassification
 except ImportError as exc:  # pragma: no cover - the `server` extra brings them
     raise ImportError("the PyTorch backend needs torch and transformers: pip install 'reranker-fleet[server]'") from exc
 
@@ -61,7 +59,7 @@ def _dtype_for(quantization: str, device: str) -> tuple[Any, str]:
     return torch.float32, "fp32"
 
 
-class TorchBackend(Backend):
+class TorchBackend(HFTokenization, Backend):
     """A Hugging Face model on a torch device."""
 
     def __init__(self, files: ModelFiles, settings: "Settings") -> None:
@@ -70,13 +68,7 @@ class TorchBackend(Backend):
         self.torch_dtype, dtype_name = _dtype_for(settings.quantization, self.device)
         self.max_length = min(settings.max_length, files.max_length)
         self.mixed_precision = settings.enable_mixed_precision
-        self._tokenizer = AutoTokenizer.from_pretrained(str(files.path))
-        if not getattr(self._tokenizer, "is_fast", False):
-            log.warning("%s has no fast tokenizer: chunking falls back to whitespace offsets", files.name)
-        # Lengths are measured untruncated on purpose (chunking); truncation always passes max_length.
-        self._tokenizer.model_max_length = 1 << 30
-        self._local = threading.local()
-        self._local.tokenizer = self._tokenizer
+        self._init_tokenizer(files)
         self.model = self._load_model(files, settings.quantization)
         if settings.enable_torch_compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
@@ -99,35 +91,6 @@ class TorchBackend(Backend):
         if quantization == "int8":
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         return model.to(self.device)
-
-    # --- tokenization --------------------------------------------------------------------
-    @property
-    def tokenizer(self) -> Any:
-        tok = getattr(self._local, "tokenizer", None)
-        if tok is None:
-            tok = self._local.tokenizer = copy.deepcopy(self._tokenizer)
-        return tok
-
-    @property
-    def special_tokens_per_pair(self) -> int:
-        if self.files.kind == "bi-encoder":
-            return int(self.tokenizer.num_special_tokens_to_add(pair=False))
-        return int(self.tokenizer.num_special_tokens_to_add(pair=True))
-
-    def token_counts(self, texts: Sequence[str]) -> list[int]:
-        enc = self.tokenizer(list(texts), add_special_tokens=False, truncation=False)
-        return [len(ids) for ids in enc["input_ids"]]
-
-    def token_offsets(self, text: str) -> list[tuple[int, int]]:
-        enc = self.tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
-        return [tuple(span) for span in enc["offset_mapping"]]  # type: ignore[misc]
-
-    def pair_lengths(self, pairs: Sequence[Pair]) -> list[int]:
-        if self.files.kind == "bi-encoder":
-            docs = self.tokenizer([d for _, d in pairs], truncation=True, max_length=self.max_length)
-            return [len(ids) for ids in docs["input_ids"]]
-        enc = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=self.max_length)
-        return [len(ids) for ids in enc["input_ids"]]
 
     # --- scoring ---------------------------------------------------------------------------
     def _autocast(self) -> Any:
