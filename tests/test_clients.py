@@ -51,12 +51,15 @@ def test_cohere_client_sees_auth_errors(uvicorn_server: Callable[..., ServerProc
 
 
 def test_jina_and_tei_over_http(server: ServerProcess) -> None:
-    jina = httpx.post(server.url + "/v1/rerank", json={"model": "jina-reranker-v2-base-multilingual", "query": QUERY,
+    query = "Which sentence is about machine learning?"  # not cached by the other tests: tokens are counted
+    jina = httpx.post(server.url + "/v1/rerank", json={"model": "jina-reranker-v2-base-multilingual", "query": query,
                                                        "documents": DOCS, "top_n": 2, "return_documents": True},
                       headers={"Authorization": "Bearer jina_key"}).json()
     assert jina["model"] == "jina-reranker-v2-base-multilingual"
     assert jina["usage"]["total_tokens"] > 0
     assert [(r["index"], r["document"]["text"]) for r in jina["results"]] == [(1, DOCS[1]), (0, DOCS[0])]
+    again = httpx.post(server.url + "/v1/rerank", json={"query": query, "documents": DOCS}).json()
+    assert again["usage"]["total_tokens"] == 0  # all cached: nothing went through the model
     tei = httpx.post(server.url + "/rerank", json={"query": QUERY, "texts": DOCS, "raw_scores": False, "return_text": True})
     assert tei.status_code == 200
     assert [r["index"] for r in tei.json()] == [1, 0, 2]
