@@ -89,6 +89,7 @@ class Ticket:
 
 
 SORT_WINDOW_BATCHES = 4
+LENGTH_BUCKET = 16
 
 
 def cut_batch(jobs: Sequence[Job], *, batch_size: int, max_tokens: int, by_length: bool) -> list[Job]:
@@ -111,25 +112,33 @@ def cut_batch(jobs: Sequence[Job], *, batch_size: int, max_tokens: int, by_lengt
         return batch
     # Sort only the oldest few batches' worth: enough to group lengths, few enough that requests
     # still finish roughly in arrival order (a request is done when its last pair is).
-    window = sorted(jobs[: batch_size * SORT_WINDOW_BATCHES], key=lambda j: j.tokens)
+    # Lengths within LENGTH_BUCKET tokens count as equal and keep arrival order, so a batch takes
+    # the oldest request's pairs before younger ones of nearly the same length.
+    candidates = jobs[: batch_size * SORT_WINDOW_BATCHES]
+    order = {id(j): i for i, j in enumerate(candidates)}
+    window = sorted(candidates, key=lambda j: (j.tokens // LENGTH_BUCKET, order[id(j)]))
     oldest = jobs[0]
     pos = window.index(oldest)
-    lo, hi = pos, pos + 1  # window[lo:hi] is the batch; sorted, so window[hi-1] is the longest
+    lo, hi = pos, pos + 1  # window[lo:hi] is the batch
+    longest = oldest.tokens
+    bucket = oldest.tokens // LENGTH_BUCKET
     while hi - lo < batch_size:
-        can_right = hi < len(window) and window[hi].tokens * (hi - lo + 1) <= max_tokens
-        can_left = lo > 0 and window[hi - 1].tokens * (hi - lo + 1) <= max_tokens
+        size = hi - lo + 1
+        can_right = hi < len(window) and max(longest, window[hi].tokens) * size <= max_tokens
+        can_left = lo > 0 and max(longest, window[lo - 1].tokens) * size <= max_tokens
         if can_right and can_left:
-            # take the neighbour whose length is closer to the oldest job's
-            if window[hi].tokens - oldest.tokens <= oldest.tokens - window[lo - 1].tokens:
-                hi += 1
-            else:
-                lo -= 1
-        elif can_right:
-            hi += 1
-        elif can_left:
-            lo -= 1
+            # the neighbour whose length bucket is closer to the oldest job's; ties go right (older first)
+            take_right = window[hi].tokens // LENGTH_BUCKET - bucket <= bucket - window[lo - 1].tokens // LENGTH_BUCKET
+        elif can_right or can_left:
+            take_right = can_right
         else:
             break
+        if take_right:
+            longest = max(longest, window[hi].tokens)
+            hi += 1
+        else:
+            lo -= 1
+            longest = max(longest, window[lo].tokens)
     return window[lo:hi]
 
 
