@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from . import activation
 from .batcher import Ticket
 from .chunking import Split
-from .errors import ClientGone, InvalidJSON, InvalidRequest, PayloadTooLarge, Unauthorized
+from .errors import InvalidJSON, InvalidRequest, PayloadTooLarge, Unauthorized
 from .runtime import Runtime
 from .schemas import (NativeRerankRequest, NativeRerankResponse, TEIRerankRequest, TEIResult,
                       V1RerankRequest, V1RerankResponse, V2RerankRequest, V2RerankResponse)
@@ -134,13 +134,6 @@ def _activate(runtime: Runtime, raw: list[float], raw_scores: bool) -> list[floa
     return [activation.apply(r, runtime.backend_info.activation) for r in raw]
 
 
-async def _guarded(handler: Callable[[], Any]) -> Any:
-    try:
-        return await handler()
-    except ClientGone:
-        return Response(status_code=499)
-
-
 @router.post("/rerank", openapi_extra=_openapi(NativeRerankRequest, TEIRerankRequest), tags=["rerank"],
              summary="Rerank (native shape; TEI shape when the body has `texts`)")
 async def rerank(request: Request) -> Any:
@@ -152,27 +145,22 @@ async def rerank(request: Request) -> Any:
         tei = _validate(TEIRerankRequest, data)
         _check_count(runtime, len(tei.texts), "texts")
         split = Split(truncate=tei.truncate is not False, left=tei.truncation_direction.lower() == "left", field="texts")
-
-        async def tei_answer() -> Any:
-            raw, _ = await _rank(request, runtime, tei.query, tei.texts, split)
-            scores = _activate(runtime, raw, tei.raw_scores)
-            body = [TEIResult(index=i, score=scores[i], text=tei.texts[i] if tei.return_text else None)
-                    .model_dump(exclude_none=True) for i in _order(scores, None)]
-            return JSONResponse(body, headers=_timing_headers(started))
-        return await _guarded(tei_answer)
+        raw, _ = await _rank(request, runtime, tei.query, tei.texts, split)
+        scores = _activate(runtime, raw, tei.raw_scores)
+        ranked = [TEIResult(index=i, score=scores[i], text=tei.texts[i] if tei.return_text else None)
+                  .model_dump(exclude_none=True) for i in _order(scores, None)]
+        return JSONResponse(ranked, headers=_timing_headers(started))
 
     native = _validate(NativeRerankRequest, data)
     _check_count(runtime, len(native.documents), "documents")
 
-    async def native_answer() -> Any:
-        raw, _ = await _rank(request, runtime, native.query, native.documents, Split())
-        scores = _activate(runtime, raw, native.raw_scores)
-        results = [{"index": i, "document": native.documents[i] if native.return_documents else None, "score": scores[i]}
-                   for i in _order(scores, native.top_k)]
-        body = NativeRerankResponse(results=results, model=runtime.backend_info.model,  # type: ignore[arg-type]
-                                    processing_time_ms=round((time.perf_counter() - started) * 1000, 3))
-        return JSONResponse(body.model_dump(), headers=_timing_headers(started))
-    return await _guarded(native_answer)
+    raw, _ = await _rank(request, runtime, native.query, native.documents, Split())
+    scores = _activate(runtime, raw, native.raw_scores)
+    results = [{"index": i, "document": native.documents[i] if native.return_documents else None, "score": scores[i]}
+               for i in _order(scores, native.top_k)]
+    body = NativeRerankResponse(results=results, model=runtime.backend_info.model,  # type: ignore[arg-type]
+                                processing_time_ms=round((time.perf_counter() - started) * 1000, 3))
+    return JSONResponse(body.model_dump(), headers=_timing_headers(started))
 
 
 def _rank_text(doc: str | dict[str, Any], fields: list[str], i: int) -> str:
@@ -202,21 +190,19 @@ async def rerank_v1(request: Request) -> Any:
     fields = req.rank_fields or ["text"]
     texts = [_rank_text(doc, fields, i) for i, doc in enumerate(req.documents)]
 
-    async def answer() -> Any:
-        raw, tokens = await _rank(request, runtime, req.query, texts,
-                                  Split(max_chunks=req.max_chunks_per_doc))
-        scores = _activate(runtime, raw, req.raw_scores)
-        results = []
-        for i in _order(scores, req.top_n):
-            item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
-            if req.return_documents:
-                doc = req.documents[i]
-                item["document"] = {"text": doc} if isinstance(doc, str) else doc
-            results.append(item)
-        return {"id": str(uuid.uuid4()), "results": results, "model": req.model or runtime.backend_info.model,
-                "usage": {"total_tokens": tokens},
-                "meta": {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}}}
-    return await _guarded(answer)
+    raw, tokens = await _rank(request, runtime, req.query, texts,
+                              Split(max_chunks=req.max_chunks_per_doc))
+    scores = _activate(runtime, raw, req.raw_scores)
+    results = []
+    for i in _order(scores, req.top_n):
+        item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+        if req.return_documents:
+            doc = req.documents[i]
+            item["document"] = {"text": doc} if isinstance(doc, str) else doc
+        results.append(item)
+    return {"id": str(uuid.uuid4()), "results": results, "model": req.model or runtime.backend_info.model,
+            "usage": {"total_tokens": tokens},
+            "meta": {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}}}
 
 
 @router.post("/v2/rerank", openapi_extra=_openapi(V2RerankRequest), tags=["rerank"],
@@ -227,19 +213,17 @@ async def rerank_v2(request: Request) -> Any:
     req = _validate(V2RerankRequest, await _read_json(request, runtime.settings.max_body_bytes))
     _check_count(runtime, len(req.documents), "documents")
 
-    async def answer() -> Any:
-        raw, _ = await _rank(request, runtime, req.query, req.documents,
-                             Split(max_doc_tokens=req.max_tokens_per_doc))
-        scores = _activate(runtime, raw, False)
-        results = []
-        for i in _order(scores, req.top_n):
-            item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
-            if req.return_documents:
-                item["document"] = {"text": req.documents[i]}
-            results.append(item)
-        return {"id": str(uuid.uuid4()), "results": results,
-                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
-    return await _guarded(answer)
+    raw, _ = await _rank(request, runtime, req.query, req.documents,
+                         Split(max_doc_tokens=req.max_tokens_per_doc))
+    scores = _activate(runtime, raw, False)
+    results = []
+    for i in _order(scores, req.top_n):
+        item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+        if req.return_documents:
+            item["document"] = {"text": req.documents[i]}
+        results.append(item)
+    return {"id": str(uuid.uuid4()), "results": results,
+            "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
 
 
 @router.get("/health", tags=["probes"], summary="Liveness and stats")
