@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ from typing import Any
 import helm_python as helm
 import pytest
 import yaml
+from servers import free_port, stop_process_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ship"))
 from helm_render import CHART, notes_sample, objects  # noqa: E402
@@ -35,11 +34,6 @@ VENV_BIN = Path(sys.executable).parent
 CRDS = tuple(d["metadata"]["name"] for d in objects() if d["kind"] == "CustomResourceDefinition")
 CHILD_KINDS = "configmaps,deployments,services,horizontalpodautoscalers,poddisruptionbudgets"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def adopt_crds(cluster: Any, release: str, namespace: str) -> None:
@@ -111,14 +105,7 @@ class Release:
                 time.sleep(0.2)
 
     def stop_operator(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        stop_process_group(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -174,16 +174,8 @@ def operator(kube_cluster: Any, kube_namespace: str, crds: None, tmp_path: Path,
     for key, value in PROBE_ENV.items():
         monkeypatch.setenv(key, value)
     kubeconfig, cleanup = bind_rbac(kube_cluster, kube_namespace)
-    op = Operator(kube_cluster, kube_namespace, kubeconfig, tmp_path / "operator.log")
-    try:
-        yield op.start()
-    finally:
-        op.stop()
-        cleanup()
-        log = op.log()
-        print(f"----- operator log (tail) -----\n{log[-8000:]}")
-        assert "forbidden" not in log.lower(), "the operator hit an RBAC denial"
-        assert "Traceback" not in log, "the operator met an unexpected error"
+    with Operator(kube_cluster, kube_namespace, kubeconfig, tmp_path / "operator.log").running(cleanup, tail=8000) as op:
+        yield op
 
 
 @pytest.fixture

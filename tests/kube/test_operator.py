@@ -8,10 +8,9 @@ so pods never run: Ready must stay False, and the status must say why.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from servers import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "rerankerdeployments.reranker.dev.yaml"
@@ -31,11 +31,6 @@ CHILD_KINDS = "configmaps,deployments,services,horizontalpodautoscalers,poddisru
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Operator:
@@ -77,15 +72,22 @@ class Operator:
             return dict(json.loads(r.read()))
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        stop_process_group(self.proc)
+        assert self.proc is None or self.proc.returncode is not None
+
+    @contextlib.contextmanager
+    def running(self, cleanup: Callable[[], None], *, tail: int = 6000) -> Iterator[Operator]:
+        """Start; at the end stop, clean up, print the log's tail and check it for RBAC denials
+        and unexpected errors."""
         try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        assert self.proc.returncode is not None
+            yield self.start()
+        finally:
+            self.stop()
+            cleanup()
+            log = self.log()
+            print(f"----- operator log (tail) -----\n{log[-tail:]}")
+            assert "forbidden" not in log.lower(), "the operator hit an RBAC denial"
+            assert "Traceback" not in log, "the operator met an unexpected error"
 
     def log(self, *, current: bool = False) -> str:
         """The whole log, or only the current run's."""
@@ -196,16 +198,8 @@ def operator(request: pytest.FixtureRequest, kube_cluster: Any, kube_namespace: 
         denied = kube_cluster.kubectl("auth", "can-i", "get", "secrets", "-n", kube_namespace,
                                       kubeconfig=kubeconfig, check=False)
         assert denied.stdout.strip() == "no"
-    op = Operator(kube_cluster, kube_namespace, kubeconfig, tmp_path / "operator.log")
-    try:
-        yield op.start()
-    finally:
-        op.stop()
-        cleanup()
-        log = op.log()
-        print(f"----- operator log (tail) -----\n{log[-6000:]}")
-        assert "forbidden" not in log.lower(), "the operator hit an RBAC denial"
-        assert "Traceback" not in log, "the operator met an unexpected error"
+    with Operator(kube_cluster, kube_namespace, kubeconfig, tmp_path / "operator.log").running(cleanup) as op:
+        yield op
 
 
 # --- tests ----------------------------------------------------------------------------------
