@@ -40,7 +40,7 @@ class Ranker:
         self.worker_timeout = worker_timeout
         self.inflight: dict[str, Job] = {}
         batcher.on_done = self._completed
-        self._fills: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()  # cache fills and waits on other servers
         self.tickets: set[Ticket] = set()
 
     def abort_waiting(self, error: Exception) -> int:
@@ -61,8 +61,8 @@ class Ranker:
                 done[job.key] = job.future.result()
         if done:
             task = asyncio.get_running_loop().create_task(self.cache.put_many(done))
-            self._fills.add(task)
-            task.add_done_callback(self._fills.discard)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _dispatch(self, jobs: list[Job]) -> None:
         """Queue new jobs here, except pairs another server of the fleet is computing right now."""
@@ -78,8 +78,8 @@ class Ranker:
             for job in waiting:
                 job.started = True  # started elsewhere: the local queue timeout does not apply
             task = asyncio.get_running_loop().create_task(self._await_fleet(remote, waiting))
-            self._fills.add(task)
-            task.add_done_callback(self._fills.discard)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _await_fleet(self, remote: "RemoteTier", jobs: list[Job]) -> None:
         found = await remote.wait_for([job.key for job in jobs], timeout=self.queue_timeout + self.worker_timeout)
