@@ -13,17 +13,19 @@ import platform
 from typing import TYPE_CHECKING
 
 from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, Pair
-from . import model_files
+from . import model_files, precision
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..settings import Settings
 
-__all__ = ["Backend", "BackendError", "BackendInfo", "DeviceUnavailable", "Encoded", "Pair", "load_backend", "pick_runtime"]
+__all__ = ["Backend", "BackendError", "BackendInfo", "DeviceUnavailable", "Encoded", "Pair", "load_backend", "pick_runtime",
+           "precision"]
 
 #: Runtime name -> (module, class). One line per runtime.
 RUNTIMES: dict[str, tuple[str, str]] = {
     "torch": ("reranker.backends.torch", "TorchBackend"),
     "mlx": ("reranker.backends.mlx", "MLXBackend"),
+    "openvino": ("reranker.backends.openvino", "OpenVINOBackend"),
 }
 
 
@@ -31,14 +33,36 @@ def _apple_silicon() -> bool:
     return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
+def _gpu_present() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    mps = getattr(torch.backends, "mps", None)
+    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available()))
+
+
 def pick_runtime(settings: "Settings") -> str:
-    """mlx when forced, or on Apple silicon with mlx installed and allowed; else torch."""
-    if settings.device == "mlx":
+    """RERANKER_RUNTIME when set; auto: mlx on Apple silicon (if installed and allowed), torch on a GPU,
+    openvino on a CPU when installed (the fastest CPU runtime, docs/benchmarks.md), else torch."""
+    runtime, device = settings.runtime, settings.device
+    if runtime == "mlx" or device == "mlx":
+        if runtime not in ("auto", "mlx"):
+            raise DeviceUnavailable(f"RERANKER_DEVICE=mlx runs on the mlx runtime, not RERANKER_RUNTIME={runtime}")
         if importlib.util.find_spec("mlx") is None:
-            raise DeviceUnavailable("RERANKER_DEVICE=mlx but mlx is not installed: pip install 'reranker-fleet[mlx]'")
+            raise DeviceUnavailable("mlx is not installed: pip install 'reranker-fleet[mlx]'")
         return "mlx"
-    if settings.device == "auto" and settings.use_mlx and _apple_silicon() and importlib.util.find_spec("mlx") is not None:
+    if runtime == "openvino":
+        if importlib.util.find_spec("openvino") is None:
+            raise DeviceUnavailable("RERANKER_RUNTIME=openvino but openvino is not installed: pip install 'reranker-fleet[server]'")
+        return "openvino"
+    if runtime == "torch":
+        return "torch"
+    if device == "auto" and settings.use_mlx and _apple_silicon() and importlib.util.find_spec("mlx") is not None:
         return "mlx"
+    on_cpu = device == "cpu" or (device == "auto" and not _gpu_present())
+    if on_cpu and importlib.util.find_spec("openvino") is not None:
+        return "openvino"
     return "torch"
 
 

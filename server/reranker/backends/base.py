@@ -66,6 +66,7 @@ class BackendInfo:
     dtype: str
     max_length: int
     activation: Literal["sigmoid", "identity"]
+    precision: str = ""  # why this dtype: RERANKER_QUANTIZATION as asked, or what `auto` picked and why
 
     @property
     def fingerprint(self) -> str:
