@@ -416,14 +416,14 @@ class MLXBackend(HFTokenization, Backend):
         if not pairs:
             return []
         if self.files.kind == "cross-encoder":
-            features = self._features([q for q, _ in pairs], [d for _, d in pairs])
+            features = self._features([p[0] for p in pairs], [p[1] for p in pairs])
             return self._on_mlx(lambda: self._score_cross(*features))
         # Each distinct text is embedded once per batch: usually one query and many documents.
-        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair[:2]))
         index = {t: i for i, t in enumerate(texts)}
         features = self._features(texts)
-        queries = np.array([index[q] for q, _ in pairs])
-        docs = np.array([index[d] for _, d in pairs])
+        queries = np.array([index[p[0]] for p in pairs])
+        docs = np.array([index[p[1]] for p in pairs])
         return self._on_mlx(lambda: self._score_bi(features, queries, docs))
 
     def _score_cross(self, ids: np.ndarray, types: np.ndarray, mask: np.ndarray) -> list[float]:

@@ -60,7 +60,7 @@ class HFTokenization:
 
     def pair_lengths(self, pairs: Sequence[Pair]) -> list[int]:
         if self.files.kind == "bi-encoder":
-            docs = self.tokenizer([d for _, d in pairs], truncation=True, max_length=self.max_length)
+            docs = self.tokenizer([p[1] for p in pairs], truncation=True, max_length=self.max_length)
             return [len(ids) for ids in docs["input_ids"]]
-        enc = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=self.max_length)
+        enc = self.tokenizer([p[0] for p in pairs], [p[1] for p in pairs], truncation=True, max_length=self.max_length)
         return [len(ids) for ids in enc["input_ids"]]

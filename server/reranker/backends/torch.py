@@ -109,7 +109,7 @@ class TorchBackend(HFTokenization, Backend):
 
     def _score_cross(self, pairs: Sequence[Pair]) -> list[float]:
         features = self.tokenizer(
-            [q for q, _ in pairs], [d for _, d in pairs],
+            [p[0] for p in pairs], [p[1] for p in pairs],
             padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
         ).to(self.device)
         logits = self.model(**features).logits.float()
@@ -139,11 +139,11 @@ class TorchBackend(HFTokenization, Backend):
 
     def _score_bi(self, pairs: Sequence[Pair]) -> list[float]:
         # Each distinct text is embedded once per batch: usually one query and many documents.
-        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair[:2]))
         index = {t: i for i, t in enumerate(texts)}
         emb = self.embed(texts)
-        q = emb[[index[q] for q, _ in pairs]]
-        d = emb[[index[d] for _, d in pairs]]
+        q = emb[[index[p[0]] for p in pairs]]
+        d = emb[[index[p[1]] for p in pairs]]
         return (q * d).sum(dim=1).cpu().tolist()
 
     def close(self) -> None:
