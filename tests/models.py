@@ -111,7 +111,9 @@ def llm_tokenizer() -> "object":
 
 
 def build_tiny_llm(folder: Path, *, model_type: str, seed: int = 2) -> Path:
-    """A random causal LM of the given family (qwen3, qwen2, gemma, gemma2) with `llm_tokenizer`."""
+    """A random causal LM of the given family (qwen3, qwen2, gemma, gemma2) with `llm_tokenizer`.
+
+    Word embeddings are tied or not as the family's config defaults (Gemma's are tied)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -119,7 +121,7 @@ def build_tiny_llm(folder: Path, *, model_type: str, seed: int = 2) -> Path:
     tokenizer = llm_tokenizer()
     shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-                 initializer_range=0.2, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                 initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = AutoConfig.for_model(model_type, **shape)
     model = AutoModelForCausalLM.from_config(config).eval()

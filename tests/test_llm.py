@@ -312,8 +312,8 @@ async def test_concurrent_requests_get_their_solo_scores(tiny_llms: dict[str, Pa
                            micro_batch_window_ms=300, batch_size=64, max_batch_tokens=1 << 20) as client:
         backend = client.app.state.runtime.backend  # type: ignore[attr-defined]
         batches: list[int] = []
-        score = backend.score
-        backend.score = lambda pairs: batches.append(len(pairs)) or score(pairs)  # records what the batcher sends
+        score = backend.score_encoded
+        backend.score_encoded = lambda batch: batches.append(len(batch)) or score(batch)  # records what the batcher sends
 
         async def one(query: str, instruction: str | None) -> np.ndarray:
             body = {"query": query, "documents": DOCS, **({"instruction": instruction} if instruction else {})}
@@ -324,3 +324,22 @@ async def test_concurrent_requests_get_their_solo_scores(tiny_llms: dict[str, Pa
         assert batches == [len(requests) * len(DOCS)]  # one batch: every request's prefix next to the others
     for r, scores in zip(requests, got):
         np.testing.assert_allclose(scores, solo[r], atol=1e-5, rtol=0, err_msg=str(r))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+async def test_mlx_llm_parity(family: str, tiny_llms: dict[str, Path]) -> None:
+    """mlx-lm's definitions of the same models score within 1e-3 of the reference, sharing on and off."""
+    model_type, method = FAMILIES[family]
+    path = tiny_llms[model_type]
+    reference = getattr(Reference(path), method)
+    cases = [({}, np.array([reference(QUERY, d, None) for d in DOCS])),
+             ({"instruction": INSTRUCTION}, np.array([reference(QUERY, d, INSTRUCTION) for d in DOCS]))]
+    for sharing in (True, False):
+        async with running_app(model=str(path), device="mlx", max_length=MAX_LENGTH, enable_prediction_cache=False,
+                               prefix_sharing=sharing, prompt_template=template_for(family)) as client:
+            health = (await client.get("/health")).json()["model"]
+            assert health["backend"] == "mlx" and health["kind"] == "llm"
+            for extra, scores in cases:
+                got = await route_scores(client, QUERY, DOCS, extra)
+                for route in ("native", "v2"):
+                    np.testing.assert_allclose(got[route], scores, atol=1e-3, rtol=0, err_msg=f"{route} {extra} {sharing}")

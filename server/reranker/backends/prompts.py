@@ -21,13 +21,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Hashable, Sequence
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .base import BackendError
+from .base import BackendError, Encoded, Pair
+from .tokenization import HFTokenization
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..settings import Settings
+    from .model_files import ModelFiles
 
 #: Placeholders a segment may use.
 VARIABLES = frozenset({"query", "document", "instruction"})
@@ -241,6 +247,20 @@ class PromptEncoder:
         """Prompt tokens with an empty document: what a document's window is measured against."""
         return len(self.encode(query, "", instruction).ids)
 
+    def encode_pairs(self, pairs: Sequence[Sequence[str | None]]) -> list[Encoded]:
+        """Pairs (query, document[, instruction]) as Encoded: the prompt, and the prompt without
+        its document as the key shared by pairs of one (query, instruction)."""
+        keys: dict[tuple[str | None, ...], list[int]] = {}
+        out = []
+        for pair in pairs:
+            query, document = str(pair[0]), str(pair[1])
+            instruction = pair[2] if len(pair) > 2 else None
+            key = (query, instruction)
+            if key not in keys:
+                keys[key] = list(self.encode(query, "", instruction).ids)
+            out.append(Encoded(ids=list(self.encode(query, document, instruction).ids), query=keys[key]))
+        return out
+
 
 @dataclass(frozen=True)
 class PrefixPlan:
@@ -251,16 +271,18 @@ class PrefixPlan:
     rest: list[tuple[int, ...]]  # per row: the tokens after its group's prefix (at least one)
 
 
-def plan_prefixes(prompts: Sequence[tuple[int, ...]], keys: Sequence[Hashable], *, share: bool) -> PrefixPlan:
-    """Group rows by key (query, instruction) and give each group of two or more its common prefix.
+def plan_prefixes(batch: Sequence[Encoded], *, share: bool) -> PrefixPlan:
+    """Group rows of one (query, instruction) and give each group of two or more its common prefix.
 
-    A row alone in its group gains nothing from a prefix of its own, so it runs whole; so does
-    every row when sharing is off (the full-prompt path, for comparison).
+    Rows are grouped by their prompt without the document (`Encoded.query`). A row alone in its
+    group gains nothing from a prefix of its own, so it runs whole; so does every row when sharing
+    is off (the full-prompt path, for comparison).
     """
-    members: dict[Hashable, list[int]] = {}
+    prompts = [e.ids for e in batch]
+    members: dict[tuple[int, ...], list[int]] = {}
     if share:
-        for row, key in enumerate(keys):
-            members.setdefault(key, []).append(row)
+        for row, encoded in enumerate(batch):
+            members.setdefault(tuple(encoded.query or ()), []).append(row)
     prefixes: list[tuple[int, ...]] = []
     group = [-1] * len(prompts)
     rest = [tuple(p) for p in prompts]
@@ -286,3 +308,47 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
         n += 1
     return n
 
+
+class LLMPrompts(HFTokenization):
+    """The prompt half of the Backend interface for LLM rerankers, shared by the PyTorch and MLX ones:
+    template resolution, instructions, encoding, document windows. A backend calls `_init_prompts`."""
+
+    share_prefix: bool
+    template: PromptTemplate
+
+    def _init_prompts(self, files: "ModelFiles", settings: "Settings") -> None:
+        self._init_tokenizer(files)
+        self.share_prefix = settings.prefix_sharing
+        self.template = resolve(settings.prompt_template, model_name=files.name, model_type=files.model_type)
+        self._encoders = threading.local()
+        self._encoder()  # fail at load time if the tokenizer lacks what the template needs
+
+    def _encoder(self) -> PromptEncoder:
+        encoder = getattr(self._encoders, "encoder", None)
+        if encoder is None:  # one per thread, like the tokenizer it uses
+            encoder = self._encoders.encoder = PromptEncoder(self.template, self.tokenizer, max_length=self.max_length)
+        return encoder
+
+    def answer_ids(self) -> list[int]:
+        """Token ids whose logits make the score: [positive] or [positive, negative]."""
+        encoder = self._encoder()
+        return [encoder.positive_id] + ([encoder.negative_id] if encoder.negative_id is not None else [])
+
+    def instruction(self, requested: str | None) -> str | None:
+        return self._encoder().instruction(requested)
+
+    @property
+    def special_tokens_per_pair(self) -> int:
+        return 0  # the template's fixed tokens are counted by doc_window and encode
+
+    def doc_window(self, query: str, instruction: str | None = None) -> int:
+        return max(1, self.max_length - self._encoder().fixed_tokens(query, instruction))
+
+    def encode(self, pairs: Sequence[Pair]) -> list[Encoded]:
+        return self._encoder().encode_pairs(pairs)
+
+    def warmup(self) -> None:
+        query = "what is a reranker?"
+        doc = "A reranker scores how relevant a document is to a query. " * 8
+        for size in (1, 8):
+            self.score([Pair(query, doc, self.instruction(None))] * size)  # type: ignore[attr-defined]

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import prompts
-from .base import Backend, BackendError, BackendInfo, Pair
+from .base import Backend, BackendError, BackendInfo, Encoded
 from .model_files import ModelFiles
-from .prompts import PrefixPlan, PromptEncoder
-from .tokenization import HFTokenization
+from .prompts import LLMPrompts, PrefixPlan
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..settings import Settings
@@ -52,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - the `server` extra brings them
 from .torch import _dtype_for, pick_device  # noqa: E402  (after the import guard)
 
 
-class TorchLLMBackend(HFTokenization, Backend):
+class TorchLLMBackend(LLMPrompts, Backend):
     """A causal-LM reranker on a torch device."""
 
     def __init__(self, files: ModelFiles, settings: "Settings") -> None:
@@ -62,11 +60,7 @@ class TorchLLMBackend(HFTokenization, Backend):
             raise BackendError("RERANKER_QUANTIZATION=int8 is not supported for LLM rerankers: use bf16 (or fp16 on a GPU)")
         self.torch_dtype, dtype_name = _dtype_for(settings.quantization, self.device)
         self.max_length = min(settings.max_length, files.max_length)
-        self.share_prefix = settings.prefix_sharing
-        self._init_tokenizer(files)
-        self.template = prompts.resolve(settings.prompt_template, model_name=files.name, model_type=files.model_type)
-        self._encoders = threading.local()
-        self._encoder()  # fail at load time if the tokenizer lacks what the template needs
+        self._init_prompts(files, settings)
         self.model = AutoModelForCausalLM.from_pretrained(str(files.path), dtype=self.torch_dtype).eval().to(self.device)
         if settings.enable_torch_compile:
             log.warning("ENABLE_TORCH_COMPILE is ignored for LLM rerankers (shapes vary per batch)")
@@ -82,38 +76,15 @@ class TorchLLMBackend(HFTokenization, Backend):
             dtype=dtype_name, max_length=self.max_length, activation="sigmoid", template=self.template.id,
         )
 
-    # --- prompts ---------------------------------------------------------------------------
-    def _encoder(self) -> PromptEncoder:
-        encoder = getattr(self._encoders, "encoder", None)
-        if encoder is None:
-            encoder = self._encoders.encoder = PromptEncoder(self.template, self.tokenizer, max_length=self.max_length)
-        return encoder
-
-    def instruction(self, requested: str | None) -> str | None:
-        return self._encoder().instruction(requested)
-
-    @property
-    def special_tokens_per_pair(self) -> int:
-        return 0  # the template's fixed tokens are counted by doc_window and pair_lengths
-
-    def pair_lengths(self, pairs: Sequence[Pair]) -> list[int]:
-        encoder = self._encoder()
-        return [len(encoder.encode(p[0], p[1], _instruction(p)).ids) for p in pairs]
-
-    def doc_window(self, query: str, instruction: str | None = None) -> int:
-        return max(1, self.max_length - self._encoder().fixed_tokens(query, instruction))
-
     # --- scoring ---------------------------------------------------------------------------
-    def score(self, pairs: Sequence[Pair]) -> list[float]:
-        if not pairs:
+    def score_encoded(self, batch: Sequence[Encoded]) -> list[float]:
+        if not batch:
             return []
-        encoder = self._encoder()
-        ids = [encoder.encode(p[0], p[1], _instruction(p)).ids for p in pairs]
-        plan = prompts.plan_prefixes(ids, [(p[0], _instruction(p)) for p in pairs], share=self.share_prefix)
+        plan = prompts.plan_prefixes(batch, share=self.share_prefix)
         with torch.inference_mode():
             logits = self._answer_logits(plan)
         pos = logits[:, 0]
-        raw = pos - logits[:, 1] if encoder.negative_id is not None else pos
+        raw = pos - logits[:, 1] if logits.shape[1] == 2 else pos
         return raw.cpu().tolist()
 
     def _answer_logits(self, plan: PrefixPlan) -> Any:
@@ -150,9 +121,7 @@ class TorchLLMBackend(HFTokenization, Backend):
         logits = self.head(final)  # the whole vocabulary, as the model computes it, for one position per row
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        encoder = self._encoder()
-        wanted = [encoder.positive_id] + ([encoder.negative_id] if encoder.negative_id is not None else [])
-        return logits[:, wanted].float()
+        return logits[:, self.answer_ids()].float()
 
     def _right_pad(self, seqs: Sequence[Sequence[int]], width: int) -> tuple[Any, Any]:
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -162,19 +131,7 @@ class TorchLLMBackend(HFTokenization, Backend):
             mask[i, : len(seq)] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def warmup(self) -> None:
-        query = "what is a reranker?"
-        doc = "A reranker scores how relevant a document is to a query. " * 8
-        instruction = self.instruction(None)
-        for size in (1, 8):
-            self.score([Pair(query, doc, instruction)] * size)
-
     def close(self) -> None:
         del self.model
         if self.device == "cuda":
             torch.cuda.empty_cache()
-
-
-def _instruction(pair: Sequence[str | None]) -> str | None:
-    """Pairs from the ranker carry an instruction; plain (query, document) tuples take the default."""
-    return pair[2] if len(pair) > 2 else None
