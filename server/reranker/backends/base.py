@@ -156,7 +156,7 @@ class Backend(abc.ABC):
         query = "what is a reranker?"
         doc = "A reranker scores how relevant a document is to a query. " * 8
         for size in (1, 8):
-            self.score([(query, doc)] * size)
+            self.score([Pair(query, doc)] * size)
 
     def close(self) -> None:
         """Free device memory (optional)."""

@@ -231,6 +231,7 @@ class PromptEncoder:
             if static is not None:
                 parts.append(static)
             else:
+                assert compiled is not None  # a segment without static ids has text
                 parts.append(self._tokenize(compiled.render(**values)))
             if segment.document:
                 doc_index = i

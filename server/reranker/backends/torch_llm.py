@@ -110,7 +110,7 @@ class TorchLLMBackend(LLMPrompts, Backend):
         ids, mask = self._right_pad(plan.rest, width)
         positions = prefix_len.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
         kwargs: dict[str, Any] = {"input_ids": ids, "position_ids": positions, "use_cache": cache is not None}
-        if cache is not None:
+        if cache is not None and prefix_mask is not None:
             kwargs["attention_mask"] = torch.cat([prefix_mask, mask], dim=1)
             kwargs[self._cache_arg] = cache
         else:
