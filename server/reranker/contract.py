@@ -60,6 +60,8 @@ ENV_VARS: tuple[str, ...] = (
 #: Values the server accepts for RERANKER_DEVICE and RERANKER_QUANTIZATION.
 DEVICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu", "mlx")
 QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "bf16", "fp16")
+#: Values the server accepts for LOG_LEVEL (any case).
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 #: HTTP routes every server exposes.
 ROUTE_HEALTH = "/health"

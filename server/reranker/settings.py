@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from . import contract
+
 Device = Literal["auto", "cuda", "mps", "cpu", "mlx"]
 Quantization = Literal["none", "int8", "bf16", "fp16"]
 ModelKind = Literal["auto", "cross-encoder", "bi-encoder"]
@@ -178,7 +180,8 @@ class Settings(BaseSettings):
     # --- HTTP ----------------------------------------------------------------------------
     host: str = Field("0.0.0.0", validation_alias=_env("HOST"), description="Bind address.")
     port: int = Field(8000, ge=1, le=65535, validation_alias=_env("PORT"), description="Bind port.")
-    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"), description="Log level.")
+    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"),
+                           description="Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).")
     api_keys: str | None = Field(
         None, validation_alias=_env("RERANKER_API_KEYS"),
         description="Comma-separated API keys. Set: requests need `Authorization: Bearer KEY` "
@@ -245,7 +248,9 @@ class Settings(BaseSettings):
 
     @field_validator("log_level")
     @classmethod
-    def _upper(cls, value: str) -> str:
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in contract.LOG_LEVELS:
+            raise ValueError(f"{value!r} is not one of {', '.join(contract.LOG_LEVELS)}")
         return value.upper()
 
     @model_validator(mode="after")
