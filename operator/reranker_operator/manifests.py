@@ -8,8 +8,9 @@ reference for garbage collection, namespace, and the owner's labels.
 Settings reach the server as environment variables named by the server's contract
 (`reranker.contract.ENV_VARS`): the ConfigMap holds them, and the pod template lists each one
 (`valueFrom.configMapKeyRef`) so `kubectl describe` shows what a pod runs with. A hash of the
-settings on the pod template makes a settings change roll the pods. Secrets (REDIS_URL,
-RERANKER_API_KEYS) never go through the ConfigMap: they are `secretKeyRef`s.
+settings on the pod template makes a settings change roll the pods. Secrets never go through
+the ConfigMap: REDIS_URL is a `secretKeyRef`, the API keys a mounted Secret file
+(RERANKER_API_KEYS_FILE) that the server reads again when the Secret is rotated.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ GRACE_MARGIN_SECONDS = 15
 CACHE_MOUNT = "/cache"
 HF_HOME = f"{CACHE_MOUNT}/huggingface"
 MODELS_MOUNT = "/models"
+API_KEYS_MOUNT = "/etc/reranker/api-keys"
+API_KEYS_FILE = "api-keys"
 REDIS_PORT = 6379
 GPU_RESOURCE = "nvidia.com/gpu"
 UNPRIVILEGED_UID = 10001
@@ -64,7 +67,7 @@ REDIS_UID = 999  # the `redis` user of the official images
 
 #: Settings the operator renders, each a name from the server's env contract. HF_HOME is
 #: Hugging Face's own variable (where models are cached), not the server's.
-SECRET_ENV = ("REDIS_URL", "RERANKER_API_KEYS")
+SECRET_ENV = ("REDIS_URL", "RERANKER_API_KEYS_FILE")
 _FOREIGN_ENV = ("HF_HOME",)
 
 
@@ -163,9 +166,9 @@ def _secret_env(name: str, spec: RerankerSpec) -> list[Manifest]:
     elif spec.cache.managed_redis.enabled:
         env.append({"name": "REDIS_URL", "value": f"redis://{redis_name(name)}:{REDIS_PORT}/0"})
     if spec.api_key_secret is not None:
-        ref = spec.api_key_secret
-        env.append({"name": "RERANKER_API_KEYS",
-                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        # A file, not an env var: the kubelet updates a Secret volume when the Secret changes
+        # and the server reads the file again, so a key rotation needs no restart.
+        env.append({"name": "RERANKER_API_KEYS_FILE", "value": f"{API_KEYS_MOUNT}/{API_KEYS_FILE}"})
     return env
 
 
@@ -184,8 +187,9 @@ def container_env(name: str, spec: RerankerSpec) -> list[Manifest]:
 
 def config_hash(name: str, spec: RerankerSpec) -> str:
     """Changes whenever what the server process would see changes (settings, secret refs,
-    extra env), so that the pods roll. A Secret's content is not included: rotate keys with
-    `kubectl rollout restart`."""
+    extra env), so that the pods roll. A Secret's content is not included: the API keys are a
+    mounted file that the server reads again when the kubelet updates it; a rotated Redis URL
+    needs `kubectl rollout restart`."""
     payload = {"settings": server_settings(spec), "env": container_env(name, spec)}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -249,6 +253,8 @@ def server_container(name: str, spec: RerankerSpec, defaults: Defaults) -> Manif
                               {"name": "model-cache", "mountPath": CACHE_MOUNT}]
     if spec.model.pvc_claim:
         mounts.append({"name": "model", "mountPath": MODELS_MOUNT, "readOnly": True})
+    if spec.api_key_secret is not None:  # no subPath: the kubelet never updates those
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
     container: Manifest = {
         "name": CONTAINER_NAME,
         "image": spec.image or defaults.server_image,
@@ -277,6 +283,10 @@ def pod_template(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
     if spec.model.pvc_claim:
         volumes.append({"name": "model", "persistentVolumeClaim": {
             "claimName": spec.model.pvc_claim, "readOnly": True}})
+    if spec.api_key_secret is not None:
+        volumes.append({"name": "api-keys", "secret": {
+            "secretName": spec.api_key_secret.name,
+            "items": [{"key": spec.api_key_secret.key, "path": API_KEYS_FILE}]}})
     pod_spec: Manifest = {
         "containers": [server_container(name, spec, defaults)],
         "volumes": volumes,

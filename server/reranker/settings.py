@@ -189,7 +189,16 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(
         None, validation_alias=_env("RERANKER_API_KEYS_FILE"),
-        description="File with one API key per line (joined with RERANKER_API_KEYS).",
+        description="File with one API key per line (joined with RERANKER_API_KEYS); read again "
+        "within a second when it changes (a rotated Kubernetes Secret volume).",
+    )
+    protect_metrics: bool = Field(
+        False, validation_alias=_env("RERANKER_PROTECT_METRICS"),
+        description="With API keys set, /metrics needs a key too (then give the scraper one).",
+    )
+    protect_docs: bool = Field(
+        False, validation_alias=_env("RERANKER_PROTECT_DOCS"),
+        description="With API keys set, /docs, /redoc and /openapi.json need a key too.",
     )
 
     # --- registration as an external endpoint (Apple-silicon Macs) ------------------------
@@ -263,11 +272,3 @@ class Settings(BaseSettings):
                 f"use bf16 or fp16 on {self.device}"
             )
         return self
-
-    def resolved_api_keys(self) -> frozenset[str]:
-        """The accepted API keys, from the setting and the file (empty: auth off)."""
-        keys = {k.strip() for k in (self.api_keys or "").split(",") if k.strip()}
-        if self.api_keys_file is not None:
-            text = self.api_keys_file.read_text(encoding="utf-8")
-            keys |= {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
-        return frozenset(keys)

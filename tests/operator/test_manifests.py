@@ -129,8 +129,7 @@ def test_pod_template_lists_each_setting_from_the_configmap() -> None:
 def test_secrets_are_env_value_from() -> None:
     env = env_of(build({**BASE, "apiKeySecretRef": {"name": "keys"},
                         "cache": {"redis": {"urlSecretRef": {"name": "redis", "key": "u"}}}}))
-    assert env["RERANKER_API_KEYS"]["valueFrom"] == {"secretKeyRef": {"name": "keys",
-                                                                      "key": "api-keys"}}
+    assert env["RERANKER_API_KEYS_FILE"]["value"].startswith(manifests.API_KEYS_MOUNT)
     assert env["REDIS_URL"]["valueFrom"] == {"secretKeyRef": {"name": "redis", "key": "u"}}
 
 
@@ -315,3 +314,21 @@ def test_builders_are_pure() -> None:
     before = repr(spec)
     assert build(spec) == build(spec)
     assert repr(spec) == before  # the input is not mutated
+
+
+def test_api_keys_are_a_mounted_file_so_that_a_rotation_reaches_running_pods() -> None:
+    """Env vars from a Secret are fixed when the container starts; a Secret volume is updated
+    by the kubelet, and the server reads the keys file again when it changes."""
+    objs = build({**BASE, "apiKeySecretRef": {"name": "keys"}})
+    env = env_of(objs)
+    assert "RERANKER_API_KEYS" not in env
+    assert env["RERANKER_API_KEYS_FILE"] == {
+        "name": "RERANKER_API_KEYS_FILE", "value": f"{manifests.API_KEYS_MOUNT}/api-keys"}
+    pod = objs[("Deployment", "rr")]["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"] == {"secretName": "keys", "items": [{"key": "api-keys",
+                                                                  "path": "api-keys"}]}
+    mount = next(m for m in container(objs)["volumeMounts"] if m["name"] == "api-keys")
+    assert mount == {"name": "api-keys", "mountPath": manifests.API_KEYS_MOUNT, "readOnly": True}
+    # No subPath: a subPath mount is never updated by the kubelet.
+    assert "subPath" not in mount
