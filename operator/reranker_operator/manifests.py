@@ -328,9 +328,11 @@ def deployment(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
             # Copied from the RerankerDeployment (the one writer: HPA or `kubectl scale`).
             "replicas": spec.replicas,
             "selector": {"matchLabels": selector_labels(name)},
-            # A new pod must be ready (model loaded) before an old one goes.
+            # By default a new pod must be ready (model loaded) before an old one goes;
+            # spec.rollout lets a pool at capacity replace pods in place instead.
             "strategy": {"type": "RollingUpdate",
-                         "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                         "rollingUpdate": {"maxSurge": spec.rollout.max_surge,
+                                           "maxUnavailable": spec.rollout.max_unavailable}},
             "revisionHistoryLimit": 3,
             "template": pod_template(name, spec, defaults),
         },

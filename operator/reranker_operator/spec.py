@@ -122,6 +122,14 @@ class PDBSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Rollout:
+    """The Deployment's RollingUpdate: a new pod is ready before an old one goes, by default."""
+
+    max_surge: int | str = 1
+    max_unavailable: int | str = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class StaticEndpoint:
     """A host listed in spec.externalEndpoints.static (no heartbeat: it stays until removed)."""
 
@@ -158,6 +166,7 @@ class RerankerSpec:
     service: ServiceSpec = ServiceSpec()
     service_monitor: ServiceMonitorSpec = ServiceMonitorSpec()
     pdb: PDBSpec = PDBSpec()
+    rollout: Rollout = Rollout()
     api_key_secret: SecretKeyRef | None = None
     env: tuple[Mapping[str, Any], ...] = ()
     static_endpoints: tuple[StaticEndpoint, ...] = ()
@@ -303,6 +312,10 @@ def parse(raw: Mapping[str, Any]) -> RerankerSpec:
             min_available=pdb.get("minAvailable"),
             max_unavailable=pdb.get("maxUnavailable"),
         ),
+        rollout=Rollout(
+            max_surge=_obj(raw, "rollout").get("maxSurge", 1),
+            max_unavailable=_obj(raw, "rollout").get("maxUnavailable", 0),
+        ),
         api_key_secret=_secret_ref(raw.get("apiKeySecretRef"), "api-keys"),
         env=tuple(raw.get("env") or ()),
         static_endpoints=static_endpoints(raw),
@@ -347,6 +360,9 @@ def validate(spec: RerankerSpec) -> None:
         raise InvalidSpec("autoscaling on cpu needs resources.requests.cpu")
     if spec.cache.redis_url_secret is not None and spec.cache.managed_redis.enabled:
         raise InvalidSpec("set cache.redis.urlSecretRef or cache.redis.managed.enabled, not both")
+    if spec.rollout.max_surge == 0 and spec.rollout.max_unavailable == 0:
+        raise InvalidSpec("rollout.maxSurge and rollout.maxUnavailable may not both be 0 (the "
+                          "rollout could never start)")
     if spec.pdb.min_available is not None and spec.pdb.max_unavailable is not None:
         raise InvalidSpec("set podDisruptionBudget.minAvailable or maxUnavailable, not both")
     _check_resources(spec.resources)

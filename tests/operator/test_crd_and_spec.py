@@ -135,6 +135,8 @@ INVALID = [
      "set cache.redis.urlSecretRef or cache.redis.managed.enabled, not both"),
     ({"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}},
      "set podDisruptionBudget.minAvailable or maxUnavailable, not both"),
+    ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}},
+     "rollout.maxSurge and rollout.maxUnavailable may not both be 0"),
     ({"model": {}}, "model needs id, localPath or pvc"),
     ({"model": {"localPath": "/m", "pvc": {"claimName": "c"}}},
      "set model.localPath or model.pvc, not both"),

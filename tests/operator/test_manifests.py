@@ -193,6 +193,17 @@ def test_deployment_shape() -> None:
     assert objs[("ConfigMap", "rr-config")]["data"]["RERANKER_DRAIN_SECONDS"] == "45"
 
 
+@pytest.mark.parametrize("rollout,expected", [
+    # A GPU pool at capacity has no room for a surge pod: replace one pod at a time instead.
+    ({"maxSurge": 0, "maxUnavailable": 1}, {"maxSurge": 0, "maxUnavailable": 1}),
+    ({"maxSurge": "25%", "maxUnavailable": "25%"}, {"maxSurge": "25%", "maxUnavailable": "25%"}),
+    ({"maxSurge": 2}, {"maxSurge": 2, "maxUnavailable": 0}),
+])
+def test_rollout_strategy_is_configurable(rollout: dict, expected: dict) -> None:
+    dep = build({**BASE, "rollout": rollout})[("Deployment", "rr")]
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": expected}
+
+
 def test_pods_are_unprivileged_with_writable_tmp_and_model_cache() -> None:
     pod = build(BASE)[("Deployment", "rr")]["spec"]["template"]["spec"]
     c = pod["containers"][0]
