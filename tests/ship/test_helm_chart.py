@@ -157,12 +157,24 @@ def test_rbac_is_exactly_the_operators_rules() -> None:
                                     "namespace": "reranker-system"}]
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == sa["metadata"]["name"]
-    # Namespaced: the same ClusterRole, bound by RoleBindings in the watched namespaces only.
+    # Namespaced: the same rules as a Role in each watched namespace, bound there, and no
+    # ClusterRole at all: nothing that grants list/watch of every ConfigMap (or any other
+    # kind) in the cluster exists to be bound by mistake. Cluster-scoped kinds (the cluster
+    # peering object) cannot be granted by a Role and are left out.
     docs = objects({"watchNamespaces": ["search", "ranking"]})
-    assert by_kind(docs, "ClusterRoleBinding") == []
-    assert one(docs, "ClusterRole")["rules"] == source["ClusterRole"]["rules"]
-    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == [
-        "ranking", "search"]
+    assert by_kind(docs, "ClusterRoleBinding") == [] and by_kind(docs, "ClusterRole") == []
+    namespaced_rules = [
+        {**rule, "resources": [r for r in rule["resources"] if r != "clusterkopfpeerings"]}
+        for rule in source["ClusterRole"]["rules"]]
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["ranking", "search"]
+    for role in roles:
+        assert role["rules"] == namespaced_rules
+    bindings = by_kind(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ranking", "search"]
+    for binding in bindings:
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": roles[0]["metadata"]["name"]}
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == ["--namespace=search", "--namespace=ranking"]
     # Without rbac.create the chart grants nothing.
