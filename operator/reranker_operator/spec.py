@@ -97,7 +97,13 @@ class Cache:
 
     @property
     def redis_enabled(self) -> bool:
-        return self.redis_url_secret is not None or self.managed_redis.enabled
+        """The fleet shares scores through Redis (never without the cache itself)."""
+        return self.enabled and (self.redis_url_secret is not None or self.managed_redis.enabled)
+
+    @property
+    def runs_managed_redis(self) -> bool:
+        """The operator runs a Redis for the fleet: asked for, and the cache is on."""
+        return self.enabled and self.managed_redis.enabled
 
 
 @dataclasses.dataclass(frozen=True)

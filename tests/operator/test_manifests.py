@@ -51,7 +51,7 @@ def test_minimal_spec_builds_configmap_deployment_service_pdb() -> None:
     ({"autoscaling": {"enabled": True}}, {"HorizontalPodAutoscaler"}),
     ({"podDisruptionBudget": {"enabled": False}}, set()),
     ({"monitoring": {"serviceMonitor": {"enabled": True}}}, {"ServiceMonitor"}),
-    ({"cache": {"redis": {"managed": {"enabled": True}}}}, {"Deployment", "Service"}),
+    ({"cache": {"redis": {"managed": {"enabled": True}}}}, {"Deployment", "Service", "NetworkPolicy"}),
 ])
 def test_optional_children(extra: dict, kinds: set) -> None:
     base = {k for k, _ in build(BASE)}
@@ -135,7 +135,15 @@ def test_secrets_are_env_value_from() -> None:
 
 def test_managed_redis() -> None:
     objs = build({**BASE, "cache": {"redis": {"managed": {"enabled": True}}}})
-    assert env_of(objs)["REDIS_URL"] == {"name": "REDIS_URL", "value": "redis://rr-redis:6379/0"}
+    env = env_of(objs)
+    # The password comes from the generated Secret; the kubelet expands $(VAR) in the URL.
+    assert env[manifests.REDIS_PASSWORD_ENV] == {
+        "name": manifests.REDIS_PASSWORD_ENV, "valueFrom": {"secretKeyRef": {
+            "name": "rr-redis-auth", "key": "password"}}}
+    assert env["REDIS_URL"] == {"name": "REDIS_URL",
+                                "value": f"redis://:$({manifests.REDIS_PASSWORD_ENV})@rr-redis:6379/0"}
+    names = [e["name"] for e in container(objs)["env"]]
+    assert names.index(manifests.REDIS_PASSWORD_ENV) < names.index("REDIS_URL")
     assert objs[("ConfigMap", "rr-config")]["data"]["REDIS_ENABLED"] == "true"
     redis = objs[("Deployment", "rr-redis")]
     c = redis["spec"]["template"]["spec"]["containers"][0]
@@ -343,3 +351,36 @@ def test_api_keys_are_a_mounted_file_so_that_a_rotation_reaches_running_pods() -
     assert mount == {"name": "api-keys", "mountPath": manifests.API_KEYS_MOUNT, "readOnly": True}
     # No subPath: a subPath mount is never updated by the kubelet.
     assert "subPath" not in mount
+
+
+def test_managed_redis_needs_a_password_and_admits_only_the_fleets_pods() -> None:
+    objs = build({**BASE, "cache": {"redis": {"managed": {"enabled": True}}}})
+    redis = objs[("Deployment", "rr-redis")]["spec"]["template"]["spec"]
+    (c,) = redis["containers"]
+    assert c["args"][c["args"].index("--requirepass") + 1] == f"$({manifests.REDIS_PASSWORD_ENV})"
+    assert {e["name"]: e for e in c["env"]}[manifests.REDIS_PASSWORD_ENV]["valueFrom"] == {
+        "secretKeyRef": {"name": "rr-redis-auth", "key": "password"}}
+    policy = objs[("NetworkPolicy", "rr-redis")]
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == UID
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": manifests.selector_labels("rr", "redis")},
+        "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": manifests.selector_labels("rr")}}],
+                     "ports": [{"protocol": "TCP", "port": manifests.REDIS_PORT}]}]}
+    # The Secret is built apart (its password is generated once, by the reconciler).
+    assert ("Secret", "rr-redis-auth") not in objs
+    secret = manifests.redis_password_secret(owner(BASE), "s3cret")
+    assert secret["metadata"]["name"] == "rr-redis-auth"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == UID
+    assert secret["type"] == "Opaque" and secret["stringData"] == {"password": "s3cret"}
+
+
+def test_no_managed_redis_without_the_cache() -> None:
+    objs = build({**BASE, "cache": {"enabled": False, "redis": {"managed": {"enabled": True}}}})
+    assert not {k for k in objs if k[1].startswith("rr-redis")}
+    assert "REDIS_URL" not in env_of(objs)
+    assert objs[("ConfigMap", "rr-config")]["data"]["REDIS_ENABLED"] == "false"
+    objs = build({**BASE, "cache": {"enabled": False, "redis": {"urlSecretRef": {"name": "r"}}}})
+    assert "REDIS_URL" not in env_of(objs)
+    assert objs[("ConfigMap", "rr-config")]["data"]["REDIS_ENABLED"] == "false"
