@@ -99,7 +99,7 @@ def test_rendered_objects_pass_the_kubernetes_schemas_strictly(kube_version: str
     assert skipped == NOT_IN_SCHEMAS, "a kind kubernetes-validate cannot check appeared"
     assert validated == {"CustomResourceDefinition", "ServiceAccount", "ClusterRole",
                          "ClusterRoleBinding", "RoleBinding", "Role", "Deployment", "Service",
-                         "Secret", "ConfigMap"}
+                         "Secret", "ConfigMap", "NetworkPolicy"}
 
 
 # --- copies of the repository's single sources ----------------------------------------------
@@ -290,10 +290,23 @@ def test_shared_redis_is_cache_only_and_locked_down() -> None:
     assert "allkeys-lru" in container["args"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert redis["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    # A password, generated, in the Secret the fleets use; only the fleets' pods admitted.
+    (secret,) = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"].endswith("-redis")]
+    password = secret["stringData"]["password"]
+    assert len(password) == 40 and password.isalnum()
+    assert secret["stringData"]["url"].startswith(f"redis://:{password}@")
+    assert container["args"][container["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert container["env"] == [{"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {
+        "name": secret["metadata"]["name"], "key": "password"}}}]
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "reranker", "app.kubernetes.io/component": "server"}}}],
+        "ports": [{"protocol": "TCP", "port": 6379}]}]
     secret = one(docs, "Secret")
     service = one(docs, "Service")
     assert secret["stringData"]["url"] == (
-        f"redis://{service['metadata']['name']}.reranker-system.svc:6379/0")
+        f"redis://:{password}@{service['metadata']['name']}.reranker-system.svc:6379/0")
     # The Service selects the Redis pod and nothing else.
     assert service["spec"]["selector"] == {
         k: v for k, v in redis["spec"]["template"]["metadata"]["labels"].items()
