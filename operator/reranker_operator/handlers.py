@@ -76,7 +76,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
         outcome = await memo.reconciler.reconcile(owner, _live(key, indices))
         return outcome.retry is None
 
-    prober = Prober(kube, config.probe, on_change=external_changed)
+    prober = Prober(kube, config.probe, on_change=external_changed,
+                    cluster_cidrs=config.cluster_cidrs)
     memo.kube = kube
     memo.prober = prober
     memo.reconciler = Reconciler(kube, config.defaults(), service_monitors=service_monitors,

@@ -10,6 +10,7 @@ messages. Everything downstream works on these frozen dataclasses, never on raw 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -176,6 +177,7 @@ class RerankerSpec:
     api_key_secret: SecretKeyRef | None = None
     env: tuple[Mapping[str, Any], ...] = ()
     static_endpoints: tuple[StaticEndpoint, ...] = ()
+    allowed_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 def _obj(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -228,6 +230,21 @@ def static_endpoints(raw: Mapping[str, Any]) -> tuple[StaticEndpoint, ...]:
     names = [e.name for e in out]
     if len(set(names)) != len(names):
         raise InvalidSpec("externalEndpoints.static names must be unique")
+    return tuple(out)
+
+
+def allowed_cidrs(raw: Mapping[str, Any]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """spec.externalEndpoints.allowedCIDRs: where registered endpoints may be (empty: nowhere)."""
+    entries = _obj(raw, "externalEndpoints").get("allowedCIDRs") or ()
+    if not isinstance(entries, (list, tuple)):
+        raise InvalidSpec("externalEndpoints.allowedCIDRs must be a list")
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            out.append(ipaddress.ip_network(str(entry).strip()))
+        except ValueError:
+            raise InvalidSpec(f"externalEndpoints.allowedCIDRs[{i}]: {entry!r} is not a network "
+                              "in CIDR notation (no host bits set), e.g. 192.168.1.0/24") from None
     return tuple(out)
 
 
@@ -325,6 +342,7 @@ def parse(raw: Mapping[str, Any]) -> RerankerSpec:
         api_key_secret=_secret_ref(raw.get("apiKeySecretRef"), "api-keys"),
         env=tuple(raw.get("env") or ()),
         static_endpoints=static_endpoints(raw),
+        allowed_cidrs=allowed_cidrs(raw),
     )
     validate(spec)
     return spec

@@ -220,12 +220,14 @@ def test_operator_pod_is_locked_down_and_probed_on_kopfs_liveness_endpoint() -> 
 
 def test_operator_options_reach_the_container() -> None:
     dep = one(objects({"serverImage": "registry.local/reranker:1", "redisImage": "redis:8",
-                       "logLevel": "verbose", "image": {"digest": "sha256:" + "a" * 64}}),
+                       "logLevel": "verbose", "image": {"digest": "sha256:" + "a" * 64},
+                       "clusterCIDRs": ["10.244.0.0/16", "10.96.0.0/12"]}),
               "Deployment")
     container = dep["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["RERANKER_OPERATOR_SERVER_IMAGE"] == "registry.local/reranker:1"
     assert env["RERANKER_OPERATOR_REDIS_IMAGE"] == "redis:8"
+    assert env["RERANKER_OPERATOR_CLUSTER_CIDRS"] == "10.244.0.0/16,10.96.0.0/12"
     assert container["args"] == ["--verbose"]
     assert container["image"].endswith("@sha256:" + "a" * 64)
 
