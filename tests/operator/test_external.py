@@ -592,3 +592,13 @@ async def test_liveness_fails_once_the_prober_died() -> None:
     await asyncio.gather(memo.prober_task, return_exceptions=True)
     with pytest.raises(kopf.PermanentError, match="prober stopped"):
         handlers.external_prober(memo=memo)
+
+
+def test_the_cluster_ranges_come_from_the_operators_environment() -> None:
+    from reranker_operator.settings import OperatorConfig
+
+    config = OperatorConfig.from_env({"RERANKER_OPERATOR_CLUSTER_CIDRS": "10.244.0.0/16, fd00:10::/64"})
+    assert [str(n) for n in config.cluster_cidrs] == ["10.244.0.0/16", "fd00:10::/64"]
+    assert OperatorConfig.from_env({}).cluster_cidrs == ()
+    with pytest.raises(SystemExit, match="RERANKER_OPERATOR_CLUSTER_CIDRS"):
+        OperatorConfig.from_env({"RERANKER_OPERATOR_CLUSTER_CIDRS": "10.244.0.0/33"})
