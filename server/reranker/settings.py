@@ -245,6 +245,12 @@ class Settings(BaseSettings):
         None, ge=1, le=65535, validation_alias=_env("RERANKER_REGISTER_PORT"),
         description="Port at which the cluster reaches this server. Unset: PORT.",
     )
+    register_machine_id: str | None = Field(
+        None, validation_alias=_env("RERANKER_REGISTER_MACHINE_ID"),
+        description="This machine's identity in its RerankerEndpoint's default name and in the "
+        "takeover check (only the same machine takes an object over). Unset: a hash of the "
+        "hardware UUID (macOS) or /etc/machine-id. Set it where clones share a machine-id.",
+    )
     register_lease_seconds: int = Field(
         30, ge=3, le=3600, validation_alias=_env("RERANKER_REGISTER_LEASE_SECONDS"),
         description="Heartbeat lease: renewed every third of it; the operator drops the endpoint "
@@ -260,6 +266,13 @@ class Settings(BaseSettings):
             return str(ipaddress.ip_address(value.strip()))
         except ValueError:
             raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+
+    @field_validator("register_machine_id")
+    @classmethod
+    def _machine_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z0-9]{1,16}", value):
+            raise ValueError(f"{value!r} must be 1-16 lowercase letters or digits")
+        return value
 
     @field_validator("register_name")
     @classmethod
