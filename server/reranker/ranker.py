@@ -138,7 +138,7 @@ class Ranker:
             self.admission.admit(len(new_keys))
             loop = asyncio.get_running_loop()
             jobs = [Job(pair=pair_of[k], key=k, tokens=encoded_of[k].tokens, encoded=encoded_of[k],
-                        future=loop.create_future()) for k in new_keys]
+                        origin=ticket, future=loop.create_future()) for k in new_keys]
             for job in jobs:
                 self.inflight[job.key] = job
                 waiting[job.key] = job
