@@ -101,14 +101,15 @@ async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
             return
 
 
-async def _rank(request: Request, runtime: Runtime, query: str, texts: Sequence[str], split: Split) -> tuple[list[float], int]:
+async def _rank(request: Request, runtime: Runtime, query: str, texts: Sequence[str], split: Split,
+                instruction: str | None = None) -> tuple[list[float], int]:
     ticket = Ticket()
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, ticket))
     try:
         runtime.admission.check_serving()
         assert runtime.ranker is not None  # ready implies loaded
         with runtime.admission.request():
-            ranked = await runtime.ranker.rank(query, texts, split=split, ticket=ticket)
+            ranked = await runtime.ranker.rank(query, texts, split=split, ticket=ticket, instruction=instruction)
     finally:
         watcher.cancel()
     return ranked.raw, ranked.tokens
@@ -140,7 +141,7 @@ async def rerank(request: Request) -> Any:
         tei = _validate(TEIRerankRequest, data)
         _check_count(runtime, len(tei.texts), "texts")
         split = Split(truncate=tei.truncate is not False, left=tei.truncation_direction.lower() == "left", field="texts")
-        raw, _ = await _rank(request, runtime, tei.query, tei.texts, split)
+        raw, _ = await _rank(request, runtime, tei.query, tei.texts, split, tei.instruction)
         scores = _activate(runtime, raw, tei.raw_scores)
         ranked = [TEIResult(index=i, score=scores[i], text=tei.texts[i] if tei.return_text else None)
                   .model_dump(exclude_none=True) for i in _order(scores, None)]
@@ -149,7 +150,7 @@ async def rerank(request: Request) -> Any:
     native = _validate(NativeRerankRequest, data)
     _check_count(runtime, len(native.documents), "documents")
 
-    raw, _ = await _rank(request, runtime, native.query, native.documents, Split())
+    raw, _ = await _rank(request, runtime, native.query, native.documents, Split(), native.instruction)
     scores = _activate(runtime, raw, native.raw_scores)
     results = [{"index": i, "document": native.documents[i] if native.return_documents else None, "score": scores[i]}
                for i in _order(scores, native.top_k)]
@@ -186,7 +187,7 @@ async def rerank_v1(request: Request) -> Any:
     texts = [_rank_text(doc, fields, i) for i, doc in enumerate(req.documents)]
 
     raw, tokens = await _rank(request, runtime, req.query, texts,
-                              Split(max_chunks=req.max_chunks_per_doc))
+                              Split(max_chunks=req.max_chunks_per_doc), req.instruction)
     scores = _activate(runtime, raw, req.raw_scores)
     results = []
     for i in _order(scores, req.top_n):
@@ -209,7 +210,7 @@ async def rerank_v2(request: Request) -> Any:
     _check_count(runtime, len(req.documents), "documents")
 
     raw, _ = await _rank(request, runtime, req.query, req.documents,
-                         Split(max_doc_tokens=req.max_tokens_per_doc))
+                         Split(max_doc_tokens=req.max_tokens_per_doc), req.instruction)
     scores = _activate(runtime, raw, False)
     results = []
     for i in _order(scores, req.top_n):

@@ -20,7 +20,7 @@ from . import contract
 
 Device = Literal["auto", "cuda", "mps", "cpu", "mlx"]
 Quantization = Literal["none", "int8", "bf16", "fp16"]
-ModelKind = Literal["auto", "cross-encoder", "bi-encoder"]
+ModelKind = Literal["auto", "cross-encoder", "bi-encoder", "llm"]
 
 
 def _env(name: str) -> AliasChoices:
@@ -45,8 +45,22 @@ class Settings(BaseSettings):
     )
     model_kind: ModelKind = Field(
         "auto", validation_alias=_env("RERANKER_MODEL_KIND"),
-        description="auto detects from the model files: a sentence-transformers config without "
-        "a classification head means bi-encoder (cosine similarity), else cross-encoder.",
+        description="auto detects from the model files: a sequence-classification head means "
+        "cross-encoder; a causal LM without a sentence-transformers pooling config means llm "
+        "(a decoder reranker such as Qwen3-Reranker: scored from answer-token logits after a "
+        "prompt template); else bi-encoder (cosine similarity).",
+    )
+    prompt_template: str | None = Field(
+        None, validation_alias=_env("RERANKER_PROMPT_TEMPLATE"),
+        description="LLM rerankers: the prompt template, a built-in name (qwen3-reranker, "
+        "bge-reranker-v2-gemma, mxbai-rerank-v2) or a JSON file in that format. Unset: detected "
+        "from the model id, else from config.json's model_type.",
+    )
+    prefix_sharing: bool = Field(
+        True, validation_alias=_env("RERANKER_PREFIX_SHARING"),
+        description="LLM rerankers: run the prompt up to the document (system line, instruction, "
+        "query) once per request in each batch and score the documents against its cached "
+        "keys/values. Off: every pair runs its whole prompt (same scores, slower).",
     )
     local_model_path: Path | None = Field(
         None, validation_alias=_env("RERANKER_LOCAL_MODEL_PATH"),
