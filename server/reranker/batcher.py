@@ -43,9 +43,20 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     started: bool = False
     cancelled: bool = False
+    on_drop: Callable[["Job"], None] | None = None  # the queue holding it stops counting it
+
+    def start(self) -> None:
+        """The pair's computation began (here or on another server): no owner waits for it to start."""
+        self.started = True
+        for owner in list(self.owners):
+            owner.mark_started(self)
 
     def drop(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
+        if self.on_drop is not None:
+            self.on_drop(self)
         if not self.future.done():
             self.future.set_exception(ClientGone())
             self.future.exception()  # mark retrieved: nobody may be left to await it
@@ -159,6 +170,7 @@ class Batcher:
         self.by_length = by_length
         self.on_done = on_done
         self.pending: list[Job] = []
+        self._dropped = 0  # cancelled jobs still in `pending` until the loop prunes them
         self.active = 0
         self.throughput = 0.0  # pairs/s, moving average: used for Retry-After
         self._slots = asyncio.Semaphore(max_parallel)
@@ -170,16 +182,25 @@ class Batcher:
     # --- queue ---------------------------------------------------------------------------
     @property
     def pending_pairs(self) -> int:
-        return len(self.pending)
+        """Pairs waiting for the model; a dropped pair stops counting at once (admission, HPA signal)."""
+        return len(self.pending) - self._dropped
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        self.pending.extend(jobs)
-        self.metrics.queue_depth.set(len(self.pending))
+        live = [job for job in jobs if not job.cancelled]
+        for job in live:
+            job.on_drop = self._dropped_while_pending
+        self.pending.extend(live)
+        self.metrics.queue_depth.set(self.pending_pairs)
         self._wake.set()
 
+    def _dropped_while_pending(self, _job: Job) -> None:
+        self._dropped += 1
+        self.metrics.queue_depth.set(self.pending_pairs)
+
     def _prune(self) -> None:
-        if any(j.cancelled for j in self.pending):
+        if self._dropped:
             self.pending = [j for j in self.pending if not j.cancelled]
+            self._dropped = 0
             self.metrics.queue_depth.set(len(self.pending))
 
     def _full(self) -> bool:
@@ -201,14 +222,15 @@ class Batcher:
                 pass
         if self._running:
             await asyncio.wait(self._running, timeout=timeout)
-        for job in self.pending:
+        pending, self.pending, self._dropped = self.pending, [], 0
+        for job in pending:
+            job.on_drop = None
             job.drop()
-        self.pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def idle(self) -> None:
         """Wait until nothing is queued or running (used by graceful shutdown and tests)."""
-        while self.pending or self.active:
+        while self.pending_pairs or self.active:
             await asyncio.sleep(0.01)
 
     # --- the batching task ---------------------------------------------------------------
@@ -230,6 +252,8 @@ class Batcher:
                 continue
             chosen = set(batch)
             self.pending = [j for j in self.pending if j not in chosen]
+            for job in batch:
+                job.on_drop = None
             self.metrics.queue_depth.set(len(self.pending))
             if not self.pending:
                 self._wake.clear()
@@ -257,9 +281,7 @@ class Batcher:
     async def _run(self, batch: list[Job]) -> None:
         now = time.monotonic()
         for job in batch:
-            job.started = True
-            for owner in list(job.owners):
-                owner.mark_started(job)
+            job.start()
             wait = now - job.enqueued_at
             self.metrics.queue_wait.observe(wait)
             self.metrics.wait_window.add(wait)

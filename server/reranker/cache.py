@@ -22,7 +22,8 @@ class RemoteTier(Protocol):
     """A cache shared by the fleet (Redis). Must never raise: failures read as misses.
 
     `claim` and `wait_for` de-duplicate work across servers: pairs another server is computing
-    are waited for rather than computed (see redis_tier.py).
+    are waited for rather than computed; `release` gives back claims whose work failed or was
+    dropped, and `put_many` those whose scores it stores (see redis_tier.py).
     """
 
     async def get_many(self, keys: list[str]) -> dict[str, float]: ...
@@ -33,17 +34,33 @@ class RemoteTier(Protocol):
 
     async def wait_for(self, keys: list[str], *, timeout: float) -> dict[str, float]: ...
 
+    async def release(self, keys: list[str]) -> None: ...
+
     async def close(self) -> None: ...
 
 
+def _feed(digest: "hashlib._Hash", text: str) -> None:
+    encoded = text.encode("utf-8", "surrogatepass")
+    digest.update(len(encoded).to_bytes(8, "little"))
+    digest.update(encoded)
+
+
+def query_keys(fingerprint: str, query: str, documents: Iterable[str]) -> list[str]:
+    """The keys of (query, document) pairs. The query is hashed once and the hash state copied
+    per document, so a long query costs its length once, not once per document."""
+    prefix = hashlib.blake2b(digest_size=16)
+    prefix.update(fingerprint.encode())
+    _feed(prefix, query)
+    keys = []
+    for doc in documents:
+        digest = prefix.copy()
+        _feed(digest, doc)
+        keys.append(digest.hexdigest())
+    return keys
+
+
 def pair_key(fingerprint: str, pair: Pair) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(fingerprint.encode())
-    for text in pair:
-        encoded = text.encode("utf-8", "surrogatepass")
-        digest.update(len(encoded).to_bytes(8, "little"))
-        digest.update(encoded)
-    return digest.hexdigest()
+    return query_keys(fingerprint, pair[0], [pair[1]])[0]
 
 
 class ScoreCache:
@@ -59,6 +76,9 @@ class ScoreCache:
 
     def key(self, pair: Pair) -> str:
         return pair_key(self.fingerprint, pair)
+
+    def keys(self, query: str, documents: Iterable[str]) -> list[str]:
+        return query_keys(self.fingerprint, query, documents)
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, float]:
         if not self.enabled:

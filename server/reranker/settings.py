@@ -1,7 +1,7 @@
 """One pydantic-settings class: every knob of the server, its env var and its CLI flag.
 
-The env var names are the contract of ../shared/DESIGN.md (the operator renders them onto
-pods): the original service's names where it had one, `RERANKER_`-prefixed names for new
+The env var names are the contract between server and operator (reranker.contract; the
+operator renders them onto pods): the original service's names where it had one, `RERANKER_`-prefixed names for new
 ones. `reranker serve --help` is generated from the field descriptions below, so each
 setting is documented exactly once.
 """
@@ -135,6 +135,21 @@ class Settings(BaseSettings):
         2 * 1024 * 1024, ge=1024, validation_alias=_env("RERANKER_MAX_BODY_BYTES"),
         description="Largest request body in bytes (more: 413).",
     )
+    max_query_chars: int = Field(
+        8192, ge=1, validation_alias=_env("RERANKER_MAX_QUERY_CHARS"),
+        description="Longest query in characters (more: 413 naming `query`). The query is paired "
+        "with every document, so its length is paid once per document.",
+    )
+    max_concurrent_requests: int = Field(
+        512, ge=1, validation_alias=_env("RERANKER_MAX_CONCURRENT_REQUESTS"),
+        description="Rerank requests served at once, bodies being read included; more: 429 "
+        "with Retry-After (TEI's max_concurrent_requests).",
+    )
+    served_model_names: str | None = Field(
+        None, validation_alias=_env("RERANKER_SERVED_MODEL_NAMES"),
+        description="Comma-separated names clients may ask for in `model` (the loaded model's id "
+        "is always one). Set: other names get 404, as vLLM does. Unset: any name is accepted.",
+    )
 
     # --- cache ---------------------------------------------------------------------------
     enable_prediction_cache: bool = Field(
@@ -258,6 +273,10 @@ class Settings(BaseSettings):
                 f"use bf16 or fp16 on {self.device}"
             )
         return self
+
+    def resolved_model_names(self) -> frozenset[str]:
+        """Names clients may ask for (empty: any name is accepted)."""
+        return frozenset(n.strip() for n in (self.served_model_names or "").split(",") if n.strip())
 
     def resolved_api_keys(self) -> frozenset[str]:
         """The accepted API keys, from the setting and the file (empty: auth off)."""
