@@ -224,15 +224,15 @@ class HeldForwards:
     def __init__(self, runtime: object, *, fail: bool = False) -> None:
         self.open = threading.Event()
         backend = runtime.backend  # type: ignore[attr-defined]
-        original = backend.score
+        original = backend.score_encoded
 
-        def held(pairs):  # type: ignore[no-untyped-def]
+        def held(encoded):  # type: ignore[no-untyped-def]
             self.open.wait(60)
             if fail:
                 raise RuntimeError("the model broke")
-            return original(pairs)
+            return original(encoded)
 
-        backend.score = held
+        backend.score_encoded = held
 
     def release(self) -> None:
         self.open.set()

@@ -10,6 +10,7 @@ messages. Everything downstream works on these frozen dataclasses, never on raw 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -97,7 +98,13 @@ class Cache:
 
     @property
     def redis_enabled(self) -> bool:
-        return self.redis_url_secret is not None or self.managed_redis.enabled
+        """The fleet shares scores through Redis (never without the cache itself)."""
+        return self.enabled and (self.redis_url_secret is not None or self.managed_redis.enabled)
+
+    @property
+    def runs_managed_redis(self) -> bool:
+        """The operator runs a Redis for the fleet: asked for, and the cache is on."""
+        return self.enabled and self.managed_redis.enabled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +126,14 @@ class PDBSpec:
     enabled: bool = True
     min_available: int | str | None = None
     max_unavailable: int | str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """The Deployment's RollingUpdate: a new pod is ready before an old one goes, by default."""
+
+    max_surge: int | str = 1
+    max_unavailable: int | str = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +173,11 @@ class RerankerSpec:
     service: ServiceSpec = ServiceSpec()
     service_monitor: ServiceMonitorSpec = ServiceMonitorSpec()
     pdb: PDBSpec = PDBSpec()
+    rollout: Rollout = Rollout()
     api_key_secret: SecretKeyRef | None = None
     env: tuple[Mapping[str, Any], ...] = ()
     static_endpoints: tuple[StaticEndpoint, ...] = ()
+    allowed_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 def _obj(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -213,6 +230,21 @@ def static_endpoints(raw: Mapping[str, Any]) -> tuple[StaticEndpoint, ...]:
     names = [e.name for e in out]
     if len(set(names)) != len(names):
         raise InvalidSpec("externalEndpoints.static names must be unique")
+    return tuple(out)
+
+
+def allowed_cidrs(raw: Mapping[str, Any]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """spec.externalEndpoints.allowedCIDRs: where registered endpoints may be (empty: nowhere)."""
+    entries = _obj(raw, "externalEndpoints").get("allowedCIDRs") or ()
+    if not isinstance(entries, (list, tuple)):
+        raise InvalidSpec("externalEndpoints.allowedCIDRs must be a list")
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            out.append(ipaddress.ip_network(str(entry).strip()))
+        except ValueError:
+            raise InvalidSpec(f"externalEndpoints.allowedCIDRs[{i}]: {entry!r} is not a network "
+                              "in CIDR notation (no host bits set), e.g. 192.168.1.0/24") from None
     return tuple(out)
 
 
@@ -303,9 +335,14 @@ def parse(raw: Mapping[str, Any]) -> RerankerSpec:
             min_available=pdb.get("minAvailable"),
             max_unavailable=pdb.get("maxUnavailable"),
         ),
+        rollout=Rollout(
+            max_surge=_obj(raw, "rollout").get("maxSurge", 1),
+            max_unavailable=_obj(raw, "rollout").get("maxUnavailable", 0),
+        ),
         api_key_secret=_secret_ref(raw.get("apiKeySecretRef"), "api-keys"),
         env=tuple(raw.get("env") or ()),
         static_endpoints=static_endpoints(raw),
+        allowed_cidrs=allowed_cidrs(raw),
     )
     validate(spec)
     return spec
@@ -347,6 +384,9 @@ def validate(spec: RerankerSpec) -> None:
         raise InvalidSpec("autoscaling on cpu needs resources.requests.cpu")
     if spec.cache.redis_url_secret is not None and spec.cache.managed_redis.enabled:
         raise InvalidSpec("set cache.redis.urlSecretRef or cache.redis.managed.enabled, not both")
+    if spec.rollout.max_surge == 0 and spec.rollout.max_unavailable == 0:
+        raise InvalidSpec("rollout.maxSurge and rollout.maxUnavailable may not both be 0 (the "
+                          "rollout could never start)")
     if spec.pdb.min_available is not None and spec.pdb.max_unavailable is not None:
         raise InvalidSpec("set podDisruptionBudget.minAvailable or maxUnavailable, not both")
     _check_resources(spec.resources)

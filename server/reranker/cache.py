@@ -39,7 +39,7 @@ class RemoteTier(Protocol):
     async def close(self) -> None: ...
 
 
-def _feed(digest: "hashlib._Hash", text: str) -> None:
+def _feed(digest: "hashlib.blake2b", text: str) -> None:
     encoded = text.encode("utf-8", "surrogatepass")
     digest.update(len(encoded).to_bytes(8, "little"))
     digest.update(encoded)

@@ -33,6 +33,8 @@ ENV_VARS: tuple[str, ...] = (
     "RERANKER_SERVED_MODEL_NAMES",
     "RERANKER_API_KEYS",
     "RERANKER_API_KEYS_FILE",
+    "RERANKER_PROTECT_METRICS",
+    "RERANKER_PROTECT_DOCS",
     "RERANKER_DRAIN_SECONDS",
     "RERANKER_CACHE_SIZE",
     "RERANKER_REDIS_PREFIX",
@@ -63,6 +65,8 @@ ENV_VARS: tuple[str, ...] = (
 #: Values the server accepts for RERANKER_DEVICE and RERANKER_QUANTIZATION.
 DEVICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu", "mlx")
 QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "bf16", "fp16")
+#: Values the server accepts for LOG_LEVEL (any case).
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 #: HTTP routes every server exposes.
 ROUTE_HEALTH = "/health"

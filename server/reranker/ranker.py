@@ -22,7 +22,7 @@ from typing import Any
 from dataclasses import dataclass
 
 from .admission import Admission
-from .backends import Backend, Pair
+from .backends import Backend
 from .batcher import Batcher, Job, Ticket
 from .cache import RemoteTier, ScoreCache
 from .chunking import Split, split_documents
@@ -118,9 +118,10 @@ class Ranker:
             self._spawn(self.cache.put_many(done))
 
     async def _prepare(self, jobs: list[Job]) -> None:
-        """Measure new jobs in tokens (the batcher's budget; off the event loop), then queue them."""
+        """Tokenize new jobs, once (off the event loop): the ids carry their length for batching and go
+        to the forward as they are. Then queue them."""
         try:
-            lengths = await asyncio.to_thread(self.backend.pair_lengths, [job.pair for job in jobs])
+            encoded = await asyncio.to_thread(self.backend.encode, [job.pair for job in jobs])
         except Exception as exc:  # the tokenizer may raise anything; the jobs' requests get one typed error
             log.exception("tokenizing %d pairs failed", len(jobs))
             failure = BackendFailure(f"the tokenizer failed: {exc.__class__.__name__}: {exc}")
@@ -129,8 +130,8 @@ class Ranker:
                     job.future.set_exception(failure)
                     job.future.exception()
             return
-        for job, length in zip(jobs, lengths):
-            job.tokens = length
+        for job, ids in zip(jobs, encoded):
+            job.encoded, job.tokens = ids, ids.tokens
         await self._dispatch(jobs)
 
     async def _dispatch(self, jobs: list[Job]) -> None:

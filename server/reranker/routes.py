@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -28,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from . import activation
 from .batcher import Ticket
 from .chunking import Split
-from .errors import ClientGone, InvalidJSON, InvalidRequest, ModelNotFound, PayloadTooLarge, Unauthorized
+from .errors import ClientGone, InvalidJSON, InvalidRequest, ModelNotFound, PayloadTooLarge
 from .runtime import Runtime
 from .schemas import (ErrorResponse, NativeRerankRequest, NativeRerankResponse, TEIRerankRequest, TEIResult,
                       V1RerankRequest, V1RerankResponse, V2RerankRequest, V2RerankResponse)
@@ -144,13 +145,7 @@ def _validate(model: type[M], data: Any) -> M:
 
 
 def _authorize(request: Request, runtime: Runtime) -> None:
-    keys = runtime.api_keys
-    if not keys:
-        return  # no keys configured: any bearer token (the Cohere SDK always sends one) is accepted
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or token.strip() not in keys:
-        raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+    runtime.api_keys.authorize(request.headers.get("authorization"))
 
 
 def _check_size(runtime: Runtime, query: str, n: int, field: str) -> None:
@@ -343,6 +338,31 @@ async def ready(request: Request) -> Any:
 @router.get("/metrics", tags=["probes"], summary="Prometheus text; the JSON summary with Accept: application/json")
 async def metrics(request: Request) -> Response:
     runtime = _runtime(request)
+    if runtime.settings.protect_metrics:
+        _authorize(request, runtime)
     if "application/json" in request.headers.get("accept", ""):
         return JSONResponse({**runtime.metrics.summary(), "controller": runtime.admission.controller()})
     return PlainTextResponse(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+#: The interactive docs and the schema, behind the API keys (RERANKER_PROTECT_DOCS): the app
+#: is then built without FastAPI's open ones and includes these instead.
+docs_router = APIRouter(include_in_schema=False)
+
+
+@docs_router.get("/openapi.json")
+async def openapi_schema(request: Request) -> Any:
+    _authorize(request, _runtime(request))
+    return JSONResponse(request.app.openapi())
+
+
+@docs_router.get("/docs")
+async def swagger_ui(request: Request) -> Response:
+    _authorize(request, _runtime(request))
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{request.app.title} - docs")
+
+
+@docs_router.get("/redoc")
+async def redoc(request: Request) -> Response:
+    _authorize(request, _runtime(request))
+    return get_redoc_html(openapi_url="/openapi.json", title=f"{request.app.title} - ReDoc")

@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from . import contract
+
 Device = Literal["auto", "cuda", "mps", "cpu", "mlx"]
 Quantization = Literal["none", "int8", "bf16", "fp16"]
 ModelKind = Literal["auto", "cross-encoder", "bi-encoder"]
@@ -193,7 +195,8 @@ class Settings(BaseSettings):
     # --- HTTP ----------------------------------------------------------------------------
     host: str = Field("0.0.0.0", validation_alias=_env("HOST"), description="Bind address.")
     port: int = Field(8000, ge=1, le=65535, validation_alias=_env("PORT"), description="Bind port.")
-    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"), description="Log level.")
+    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"),
+                           description="Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).")
     api_keys: str | None = Field(
         None, validation_alias=_env("RERANKER_API_KEYS"),
         description="Comma-separated API keys. Set: requests need `Authorization: Bearer KEY` "
@@ -201,7 +204,16 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(
         None, validation_alias=_env("RERANKER_API_KEYS_FILE"),
-        description="File with one API key per line (joined with RERANKER_API_KEYS).",
+        description="File with one API key per line (joined with RERANKER_API_KEYS); read again "
+        "within a second when it changes (a rotated Kubernetes Secret volume).",
+    )
+    protect_metrics: bool = Field(
+        False, validation_alias=_env("RERANKER_PROTECT_METRICS"),
+        description="With API keys set, /metrics needs a key too (then give the scraper one).",
+    )
+    protect_docs: bool = Field(
+        False, validation_alias=_env("RERANKER_PROTECT_DOCS"),
+        description="With API keys set, /docs, /redoc and /openapi.json need a key too.",
     )
 
     # --- registration as an external endpoint (Apple-silicon Macs) ------------------------
@@ -260,7 +272,9 @@ class Settings(BaseSettings):
 
     @field_validator("log_level")
     @classmethod
-    def _upper(cls, value: str) -> str:
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in contract.LOG_LEVELS:
+            raise ValueError(f"{value!r} is not one of {', '.join(contract.LOG_LEVELS)}")
         return value.upper()
 
     @model_validator(mode="after")
@@ -277,11 +291,3 @@ class Settings(BaseSettings):
     def resolved_model_names(self) -> frozenset[str]:
         """Names clients may ask for (empty: any name is accepted)."""
         return frozenset(n.strip() for n in (self.served_model_names or "").split(",") if n.strip())
-
-    def resolved_api_keys(self) -> frozenset[str]:
-        """The accepted API keys, from the setting and the file (empty: auth off)."""
-        keys = {k.strip() for k in (self.api_keys or "").split(",") if k.strip()}
-        if self.api_keys_file is not None:
-            text = self.api_keys_file.read_text(encoding="utf-8")
-            keys |= {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
-        return frozenset(keys)
