@@ -143,6 +143,7 @@ def server_settings(spec: RerankerSpec) -> dict[str, str]:
         "RERANKER_MODEL": m.id,
         "RERANKER_MODEL_REVISION": m.revision,
         "RERANKER_MODEL_KIND": m.kind,
+        "RERANKER_PROMPT_TEMPLATE": m.prompt_template,
         "RERANKER_LOCAL_MODEL_PATH": local_path,
         "RERANKER_MAX_LENGTH": m.max_length,
         "RERANKER_DEVICE": spec.device,

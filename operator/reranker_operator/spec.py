@@ -20,7 +20,7 @@ from kubernetes.utils import parse_quantity
 #: Devices a pod can run the model on (mps/mlx are Macs: external endpoints, not pods).
 POD_DEVICES = ("cpu", "cuda")
 QUANTIZATIONS = ("none", "int8", "bf16", "fp16")
-MODEL_KINDS = ("auto", "cross-encoder", "bi-encoder")
+MODEL_KINDS = ("auto", "cross-encoder", "bi-encoder", "llm")
 AUTOSCALING_METRICS = ("queueDepth", "inflight", "cpu")
 
 #: Target per pod when autoscaling.target is unset (the CRD cannot default by metric).
@@ -55,6 +55,7 @@ class ModelSpec:
     local_path: str | None = None
     pvc_claim: str | None = None
     pvc_path: str | None = None
+    prompt_template: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,6 +260,7 @@ def parse(raw: Mapping[str, Any]) -> RerankerSpec:
         local_path=m.get("localPath"),
         pvc_claim=_obj(m, "pvc").get("claimName"),
         pvc_path=_obj(m, "pvc").get("path"),
+        prompt_template=m.get("promptTemplate"),
     )
     p = _obj(raw, "parallelism")
     mb = _obj(p, "microBatching")
@@ -370,6 +372,8 @@ def validate(spec: RerankerSpec) -> None:
         raise InvalidSpec("model needs id, localPath or pvc")
     if spec.model.local_path and spec.model.pvc_claim:
         raise InvalidSpec("set model.localPath or model.pvc, not both")
+    if spec.model.prompt_template is not None and spec.model.kind not in ("auto", "llm"):
+        raise InvalidSpec("model.promptTemplate applies only to LLM rerankers (kind llm or auto)")
     if spec.replicas < 0:
         raise InvalidSpec("replicas must be at least 0")
     a = spec.autoscaling

@@ -45,9 +45,9 @@ def _feed(digest: "hashlib.blake2b", text: str) -> None:
     digest.update(encoded)
 
 
-def query_keys(fingerprint: str, query: str, documents: Iterable[str]) -> list[str]:
-    """The keys of (query, document) pairs. The query is hashed once and the hash state copied
-    per document, so a long query costs its length once, not once per document."""
+def query_keys(fingerprint: str, query: str, documents: Iterable[str], instruction: str | None = None) -> list[str]:
+    """The keys of (query, document[, instruction]) pairs. The query is hashed once and the hash
+    state copied per document, so a long query costs its length once, not once per document."""
     prefix = hashlib.blake2b(digest_size=16)
     prefix.update(fingerprint.encode())
     _feed(prefix, query)
@@ -55,12 +55,15 @@ def query_keys(fingerprint: str, query: str, documents: Iterable[str]) -> list[s
     for doc in documents:
         digest = prefix.copy()
         _feed(digest, doc)
+        if instruction is not None:
+            _feed(digest, instruction)
         keys.append(digest.hexdigest())
     return keys
 
 
 def pair_key(fingerprint: str, pair: Pair) -> str:
-    return query_keys(fingerprint, pair[0], [pair[1]])[0]
+    """Digest of the fingerprint, query, document and (LLM rerankers) the instruction."""
+    return query_keys(fingerprint, pair[0], [pair[1]], pair[2] if len(pair) > 2 else None)[0]
 
 
 class ScoreCache:
@@ -77,8 +80,8 @@ class ScoreCache:
     def key(self, pair: Pair) -> str:
         return pair_key(self.fingerprint, pair)
 
-    def keys(self, query: str, documents: Iterable[str]) -> list[str]:
-        return query_keys(self.fingerprint, query, documents)
+    def keys(self, query: str, documents: Iterable[str], instruction: str | None = None) -> list[str]:
+        return query_keys(self.fingerprint, query, documents, instruction)
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, float]:
         if not self.enabled:

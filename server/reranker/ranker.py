@@ -22,7 +22,7 @@ from typing import Any
 from dataclasses import dataclass
 
 from .admission import Admission
-from .backends import Backend
+from .backends import Backend, Pair
 from .batcher import Batcher, Job, Ticket
 from .cache import RemoteTier, ScoreCache
 from .chunking import Split, split_documents
@@ -181,31 +181,35 @@ class Ranker:
         await self._dispatch(missing)
 
     # --- one request ---------------------------------------------------------------------------
-    async def rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket) -> Ranked:
+    async def rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket,
+                   instruction: str | None = None) -> Ranked:
         self.tickets.add(ticket)
         try:
-            return await self._rank(query, documents, split=split, ticket=ticket)
+            return await self._rank(query, documents, split=split, ticket=ticket, instruction=instruction)
         except BaseException:
             ticket.cancel()  # whatever ended the request (error, timeout, gone client): drop what only it wanted
             raise
         finally:
             self.tickets.discard(ticket)
 
-    async def _keys(self, query: str, texts: list[str]) -> list[str]:
+    async def _keys(self, query: str, texts: list[str], instruction: str | None) -> list[str]:
         if len(query) * len(texts) + sum(map(len, texts)) > self.HASH_OFF_LOOP_CHARS:
-            return await asyncio.to_thread(self.cache.keys, query, texts)
-        return self.cache.keys(query, texts)
+            return await asyncio.to_thread(self.cache.keys, query, texts, instruction)
+        return self.cache.keys(query, texts, instruction)
 
-    async def _rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket) -> Ranked:
+    async def _rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket,
+                    instruction: str | None) -> Ranked:
         self.admission.check_serving()
+        # The backend says what the pairs carry: None for models without instructions.
+        instruction = self.backend.instruction(instruction)
         with self.admission.reserve() as places:
             if split.trivial:
                 chunks = [[doc] for doc in documents]  # no tokenizer needed: skip the thread hop
             else:
                 places.resize(len(documents))  # at least one pair per document, admitted before the tokenizer runs
-                chunks = await asyncio.to_thread(split_documents, self.backend, query, documents, split)
+                chunks = await asyncio.to_thread(split_documents, self.backend, query, documents, split, instruction)
             texts = [text for doc_chunks in chunks for text in doc_chunks]
-            keys = await self._keys(query, texts)
+            keys = await self._keys(query, texts, instruction)
             scores = await self.cache.get_many(keys)
 
             text_of = dict(zip(keys, texts))
@@ -224,7 +228,8 @@ class Ranker:
                     new_keys.append(key)
             places.resize(len(new_keys))  # admitted before its pairs are tokenized; joined pairs cost no place
             loop = asyncio.get_running_loop()
-            jobs = [Job(pair=(query, text_of[k]), key=k, tokens=0, future=loop.create_future()) for k in new_keys]
+            jobs = [Job(pair=Pair(query, text_of[k], instruction), key=k, tokens=0, future=loop.create_future())
+                    for k in new_keys]
             for job in jobs:
                 self._register(job)
                 waiting[job.key] = job

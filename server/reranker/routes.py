@@ -185,13 +185,14 @@ async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
             return
 
 
-async def _rank(request: Request, runtime: Runtime, query: str, texts: Sequence[str], split: Split) -> tuple[list[float], int]:
+async def _rank(request: Request, runtime: Runtime, query: str, texts: Sequence[str], split: Split,
+                instruction: str | None = None) -> tuple[list[float], int]:
     ticket = Ticket()
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, ticket))
     try:
         runtime.admission.check_serving()
         assert runtime.ranker is not None  # ready implies loaded
-        ranked = await runtime.ranker.rank(query, texts, split=split, ticket=ticket)
+        ranked = await runtime.ranker.rank(query, texts, split=split, ticket=ticket, instruction=instruction)
     finally:
         watcher.cancel()
     return ranked.raw, ranked.tokens
@@ -229,7 +230,7 @@ async def rerank(request: Request) -> Any:
         _check_size(runtime, tei.query, len(tei.texts), "texts")
         _served_model(runtime, tei.model)
         split = Split(truncate=tei.truncate is not False, left=tei.truncation_direction.lower() == "left", field="texts")
-        raw, _ = await _rank(request, runtime, tei.query, tei.texts, split)
+        raw, _ = await _rank(request, runtime, tei.query, tei.texts, split, tei.instruction)
         scores = _activate(runtime, raw, tei.raw_scores)
         ranked = [TEIResult(index=i, score=scores[i], text=tei.texts[i] if tei.return_text else None)
                   .model_dump(exclude_none=True) for i in _order(scores, None)]
@@ -239,7 +240,7 @@ async def rerank(request: Request) -> Any:
     _check_size(runtime, native.query, len(native.documents), "documents")
     model = _served_model(runtime, native.model)
 
-    raw, _ = await _rank(request, runtime, native.query, native.documents, Split())
+    raw, _ = await _rank(request, runtime, native.query, native.documents, Split(), native.instruction)
     scores = _activate(runtime, raw, native.raw_scores)
     results = [{"index": i, "document": native.documents[i] if native.return_documents else None, "score": scores[i],
                 "relevance_score": scores[i]} for i in _order(scores, native.top_k)]
@@ -277,7 +278,7 @@ async def rerank_v1(request: Request) -> Any:
     texts = [_rank_text(doc, fields, i) for i, doc in enumerate(req.documents)]
 
     raw, tokens = await _rank(request, runtime, req.query, texts,
-                              Split(max_chunks=req.max_chunks_per_doc))
+                              Split(max_chunks=req.max_chunks_per_doc), req.instruction)
     scores = _activate(runtime, raw, req.raw_scores)
     results = []
     for i in _order(scores, req.top_n):
@@ -302,7 +303,7 @@ async def rerank_v2(request: Request) -> Any:
     _served_model(runtime, req.model)
 
     raw, _ = await _rank(request, runtime, req.query, req.documents,
-                         Split(max_doc_tokens=req.max_tokens_per_doc))
+                         Split(max_doc_tokens=req.max_tokens_per_doc), req.instruction)
     scores = _activate(runtime, raw, False)
     results = []
     for i in _order(scores, req.top_n):

@@ -24,6 +24,10 @@ class _Request(BaseModel):
     query: str = Field(..., description="The search query.")
     model: str | None = Field(None, description="The model to rank with: any name is accepted, unless "
                               "RERANKER_SERVED_MODEL_NAMES lists the names served (others: 404).")
+    instruction: str | None = Field(
+        None, validation_alias=AliasChoices("instruction", "instruct"),
+        description="LLM rerankers (Qwen3-Reranker...): the task instruction in the prompt; unset or empty: the "
+        "model's default. `instruct` is accepted too (SGLang's name). Ignored by cross-encoders and bi-encoders.")
 
     @field_validator("query")
     @classmethod

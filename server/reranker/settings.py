@@ -20,7 +20,7 @@ from . import contract
 
 Device = Literal["auto", "cuda", "mps", "cpu", "mlx"]
 Quantization = Literal["none", "int8", "bf16", "fp16"]
-ModelKind = Literal["auto", "cross-encoder", "bi-encoder"]
+ModelKind = Literal["auto", "cross-encoder", "bi-encoder", "llm"]
 
 
 def _env(name: str) -> AliasChoices:
@@ -45,8 +45,22 @@ class Settings(BaseSettings):
     )
     model_kind: ModelKind = Field(
         "auto", validation_alias=_env("RERANKER_MODEL_KIND"),
-        description="auto detects from the model files: a sentence-transformers config without "
-        "a classification head means bi-encoder (cosine similarity), else cross-encoder.",
+        description="auto detects from the model files: a sequence-classification head means "
+        "cross-encoder; a causal LM without a sentence-transformers pooling config means llm "
+        "(a decoder reranker such as Qwen3-Reranker: scored from answer-token logits after a "
+        "prompt template); else bi-encoder (cosine similarity).",
+    )
+    prompt_template: str | None = Field(
+        None, validation_alias=_env("RERANKER_PROMPT_TEMPLATE"),
+        description="LLM rerankers: the prompt template, a built-in name (qwen3-reranker, "
+        "bge-reranker-v2-gemma, mxbai-rerank-v2) or a JSON file in that format. Unset: detected "
+        "from the model id, else from config.json's model_type.",
+    )
+    prefix_sharing: bool = Field(
+        True, validation_alias=_env("RERANKER_PREFIX_SHARING"),
+        description="LLM rerankers: run the prompt up to the document (system line, instruction, "
+        "query) once per request in each batch and score the documents against its cached "
+        "keys/values. Off: every pair runs its whole prompt (same scores, slower).",
     )
     local_model_path: Path | None = Field(
         None, validation_alias=_env("RERANKER_LOCAL_MODEL_PATH"),
@@ -246,6 +260,12 @@ class Settings(BaseSettings):
         None, ge=1, le=65535, validation_alias=_env("RERANKER_REGISTER_PORT"),
         description="Port at which the cluster reaches this server. Unset: PORT.",
     )
+    register_machine_id: str | None = Field(
+        None, validation_alias=_env("RERANKER_REGISTER_MACHINE_ID"),
+        description="This machine's identity in its RerankerEndpoint's default name and in the "
+        "takeover check (only the same machine takes an object over). Unset: a hash of the "
+        "hardware UUID (macOS) or /etc/machine-id. Set it where clones share a machine-id.",
+    )
     register_lease_seconds: int = Field(
         30, ge=3, le=3600, validation_alias=_env("RERANKER_REGISTER_LEASE_SECONDS"),
         description="Heartbeat lease: renewed every third of it; the operator drops the endpoint "
@@ -261,6 +281,13 @@ class Settings(BaseSettings):
             return str(ipaddress.ip_address(value.strip()))
         except ValueError:
             raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+
+    @field_validator("register_machine_id")
+    @classmethod
+    def _machine_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z0-9]{1,16}", value):
+            raise ValueError(f"{value!r} must be 1-16 lowercase letters or digits")
+        return value
 
     @field_validator("register_name")
     @classmethod

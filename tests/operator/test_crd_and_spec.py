@@ -140,6 +140,8 @@ INVALID = [
     ({"model": {}}, "model needs id, localPath or pvc"),
     ({"model": {"localPath": "/m", "pvc": {"claimName": "c"}}},
      "set model.localPath or model.pvc, not both"),
+    ({"model": {"id": "m", "kind": "cross-encoder", "promptTemplate": "qwen3-reranker"}},
+     "model.promptTemplate applies only to LLM rerankers (kind llm or auto)"),
 ]
 
 

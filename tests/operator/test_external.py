@@ -564,7 +564,7 @@ def test_the_endpoint_crd_follows_the_contract_and_the_registration() -> None:
                          lease_seconds=30, renew_time="2024-01-01T00:00:00.000001Z")
     assert set(spec) == set(schema["spec"]["properties"])
     assert set(spec["heartbeat"]) == set(schema["spec"]["properties"]["heartbeat"]["properties"])
-    body = endpoint_body(name="mac", namespace="ns", spec=spec)
+    body = endpoint_body(name="mac", namespace="ns", spec=spec, machine="0a1b2c3d4e5f")
     assert set(body["spec"]) >= set(schema["spec"]["required"])
     # ...and so does what the operator writes in the status.
     state = ProbeState(target=("a", 1), last_probe="t")

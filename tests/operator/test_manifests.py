@@ -104,6 +104,15 @@ def test_settings_are_named_by_the_server_contract() -> None:
     assert "REDIS_URL" not in data  # secrets never go through the ConfigMap
 
 
+def test_llm_reranker_settings() -> None:
+    """model.kind llm and promptTemplate reach the server as RERANKER_MODEL_KIND / RERANKER_PROMPT_TEMPLATE."""
+    spec = {**BASE, "model": {"id": "Qwen/Qwen3-Reranker-0.6B", "kind": "llm", "promptTemplate": "qwen3-reranker"}}
+    data = build(spec)[("ConfigMap", "rr-config")]["data"]
+    assert data["RERANKER_MODEL_KIND"] == "llm" and data["RERANKER_PROMPT_TEMPLATE"] == "qwen3-reranker"
+    assert "RERANKER_PROMPT_TEMPLATE" in contract.ENV_VARS
+    assert "RERANKER_PROMPT_TEMPLATE" not in build(BASE)[("ConfigMap", "rr-config")]["data"]
+
+
 def test_unset_tunables_are_left_to_the_server() -> None:
     data = build(BASE)[("ConfigMap", "rr-config")]["data"]
     for name in ("RERANKER_MAX_PARALLEL", "RERANKER_MAX_QUEUE", "RERANKER_BATCH_SIZE",

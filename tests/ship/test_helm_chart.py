@@ -38,6 +38,7 @@ COPIES = {
     "files/crds": REPO / "crds",
     "files/rbac/cluster_role.yaml": REPO / "operator" / "rbac" / "cluster_role.yaml",
     "files/dashboards": REPO / "dashboards",
+    "files/macs/admission.yaml": REPO / "deploy" / "mac" / "admission.yaml",
     "files/prometheus/reranker-rules.yaml": REPO / "deploy" / "prometheus" / "reranker-rules.yaml",
     "files/prometheus/prometheus-adapter-values.yaml":
         REPO / "deploy" / "prometheus" / "prometheus-adapter-values.yaml",
@@ -99,7 +100,8 @@ def test_rendered_objects_pass_the_kubernetes_schemas_strictly(kube_version: str
     assert skipped == NOT_IN_SCHEMAS, "a kind kubernetes-validate cannot check appeared"
     assert validated == {"CustomResourceDefinition", "ServiceAccount", "ClusterRole",
                          "ClusterRoleBinding", "RoleBinding", "Role", "Deployment", "Service",
-                         "Secret", "ConfigMap", "NetworkPolicy"}
+                         "Secret", "ConfigMap", "NetworkPolicy", "ValidatingAdmissionPolicy",
+                         "ValidatingAdmissionPolicyBinding"}
 
 
 # --- copies of the repository's single sources ----------------------------------------------
@@ -193,6 +195,28 @@ def test_mac_role_allows_rerankerendpoints_only() -> None:
     assert len(accounts) == 2 and all(a["automountServiceAccountToken"] is False for a in accounts)
     assert len(by_kind(docs, "RoleBinding")) == 2
     assert not by_kind(objects(), "Role")
+
+    # The admission policy, exactly deploy/mac/admission.yaml but for its names.
+    source = {d["kind"]: d for d in yaml.safe_load_all(
+        (REPO / "deploy" / "mac" / "admission.yaml").read_text()) if d}
+    policy = one(docs, "ValidatingAdmissionPolicy")
+    binding = one(docs, "ValidatingAdmissionPolicyBinding")
+    assert policy["spec"] == source["ValidatingAdmissionPolicy"]["spec"]
+    assert policy["metadata"]["name"] == "rel-reranker-operator-rerankerendpoints"
+    assert binding["spec"] == {**source["ValidatingAdmissionPolicyBinding"]["spec"],
+                               "policyName": policy["metadata"]["name"]}
+    assert not by_kind(objects({"macs": {"enabled": True, "admissionPolicy": False}}),
+                       "ValidatingAdmissionPolicy")
+
+
+def test_one_service_account_per_mac() -> None:
+    docs = objects({"macs": {"enabled": True, "namespaces": ["search"],
+                             "machines": ["studio-1", "mini-2"]}})
+    names = sorted(a["metadata"]["name"] for a in by_kind(docs, "ServiceAccount")
+                   if a["metadata"]["name"].startswith("reranker-mac"))
+    assert names == ["reranker-mac-mini-2", "reranker-mac-studio-1"]
+    (binding,) = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"].endswith("-macs")]
+    assert sorted(s["name"] for s in binding["subjects"]) == names
 
 
 # --- the operator Deployment ----------------------------------------------------------------

@@ -94,11 +94,12 @@ class HFTokenization:
         if not pairs:
             return []
         if self.files.kind == "bi-encoder":
-            texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+            texts = list(dict.fromkeys(t for pair in pairs for t in pair[:2]))
             ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
             by_text = dict(zip(texts, ids))
-            return [Encoded(ids=by_text[d], query=by_text[q]) for q, d in pairs]
-        enc = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=self.max_length)
+            return [Encoded(ids=by_text[p[1]], query=by_text[p[0]]) for p in pairs]
+        # pair[0], pair[1]: a Pair or a plain (query, document) tuple; the instruction is for LLMs only.
+        enc = self.tokenizer([p[0] for p in pairs], [p[1] for p in pairs], truncation=True, max_length=self.max_length)
         types = enc.get("token_type_ids") if self._uses_type_ids else None
         return [Encoded(ids=ids, type_ids=types[i] if types is not None else None)
                 for i, ids in enumerate(enc["input_ids"])]
