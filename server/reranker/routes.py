@@ -148,15 +148,18 @@ def _authorize(request: Request, runtime: Runtime) -> None:
     runtime.api_keys.authorize(request.headers.get("authorization"))
 
 
-def _check_size(runtime: Runtime, query: str, n: int, field: str) -> None:
-    """The request's bounds, checked before any work: documents per request, query length."""
+def _check_size(runtime: Runtime, req: Any, n: int, field: str) -> None:
+    """The request's bounds, checked before any work: documents per request; the query's length and
+    the instruction's (each is paired with every document)."""
     limit = runtime.settings.max_documents
     if n > limit:
         raise InvalidRequest(f"{field}: {n} documents, more than the limit of {limit} (RERANKER_MAX_DOCUMENTS)")
     max_query = runtime.settings.max_query_chars
-    if len(query) > max_query:
-        raise PayloadTooLarge(f"query: {len(query)} characters, more than the limit of {max_query} "
-                              "(RERANKER_MAX_QUERY_CHARS)")
+    for name in ("query", "instruction"):
+        text = getattr(req, name) or ""
+        if len(text) > max_query:
+            raise PayloadTooLarge(f"{name}: {len(text)} characters, more than the limit of {max_query} "
+                                  "(RERANKER_MAX_QUERY_CHARS)")
 
 
 def _served_model(runtime: Runtime, requested: str | None) -> str:
@@ -227,7 +230,7 @@ async def rerank(request: Request) -> Any:
     started = time.perf_counter()
     if isinstance(data, dict) and "texts" in data:
         tei = _validate(TEIRerankRequest, data)
-        _check_size(runtime, tei.query, len(tei.texts), "texts")
+        _check_size(runtime, tei, len(tei.texts), "texts")
         _served_model(runtime, tei.model)
         split = Split(truncate=tei.truncate is not False, left=tei.truncation_direction.lower() == "left", field="texts")
         raw, _ = await _rank(request, runtime, tei.query, tei.texts, split, tei.instruction)
@@ -237,7 +240,7 @@ async def rerank(request: Request) -> Any:
         return JSONResponse(ranked, headers=_timing_headers(started))
 
     native = _validate(NativeRerankRequest, data)
-    _check_size(runtime, native.query, len(native.documents), "documents")
+    _check_size(runtime, native, len(native.documents), "documents")
     model = _served_model(runtime, native.model)
 
     raw, _ = await _rank(request, runtime, native.query, native.documents, Split(), native.instruction)
@@ -272,7 +275,7 @@ async def rerank_v1(request: Request) -> Any:
     runtime = _runtime(request)
     _authorize(request, runtime)
     req = _validate(V1RerankRequest, await _read_json(request, runtime.settings.max_body_bytes))
-    _check_size(runtime, req.query, len(req.documents), "documents")
+    _check_size(runtime, req, len(req.documents), "documents")
     model = _served_model(runtime, req.model)
     fields = req.rank_fields or ["text"]
     texts = [_rank_text(doc, fields, i) for i, doc in enumerate(req.documents)]
@@ -299,7 +302,7 @@ async def rerank_v2(request: Request) -> Any:
     runtime = _runtime(request)
     _authorize(request, runtime)
     req = _validate(V2RerankRequest, await _read_json(request, runtime.settings.max_body_bytes))
-    _check_size(runtime, req.query, len(req.documents), "documents")
+    _check_size(runtime, req, len(req.documents), "documents")
     _served_model(runtime, req.model)
 
     raw, _ = await _rank(request, runtime, req.query, req.documents,
