@@ -76,6 +76,7 @@ class TorchBackend(HFTokenization, Backend):
         self.info = BackendInfo(
             model=files.name, revision=files.revision, kind=files.kind, backend="torch",
             device=self.device, dtype=dtype_name, max_length=self.max_length, activation=activation,
+            autocast=self._autocast_dtype(),
         )
 
     def _load_model(self, files: ModelFiles, quantization: str) -> Any:
@@ -93,11 +94,18 @@ class TorchBackend(HFTokenization, Backend):
         return model.to(self.device)
 
     # --- scoring ---------------------------------------------------------------------------
-    def _autocast(self) -> Any:
+    def _autocast_dtype(self) -> str | None:
+        """fp16 (CUDA) or bf16 (elsewhere) under ENABLE_MIXED_PRECISION with fp32 weights, else None."""
         if not self.mixed_precision or self.torch_dtype != torch.float32:
+            return None
+        return "fp16" if self.device == "cuda" else "bf16"
+
+    def _autocast(self) -> Any:
+        dtype = self._autocast_dtype()
+        if dtype is None:
             return torch.autocast(device_type="cpu", enabled=False)
         device_type = "cuda" if self.device == "cuda" else "cpu"
-        return torch.autocast(device_type=device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
+        return torch.autocast(device_type=device_type, dtype=torch.float16 if dtype == "fp16" else torch.bfloat16)
 
     def score_encoded(self, batch: Sequence[Encoded]) -> list[float]:
         if not batch:
