@@ -5,8 +5,10 @@ task cuts batches and hands each to a worker thread (the event loop never runs a
 
 - a batch holds at most RERANKER_BATCH_SIZE pairs and RERANKER_MAX_BATCH_TOKENS padded
   tokens (longest pair x pairs, what the forward pass really pays for);
-- pairs are grouped by length to cut padding: the batch is grown around the oldest waiting
-  pair (so nothing starves) with the pairs whose lengths are closest to it;
+- a request is done when its last pair is, so the oldest request's pairs go first, all of them
+  (as many as fit), and the batch is filled with the waiting pairs whose lengths are closest to
+  its longest pair (padding saved, nothing starves): requests complete in arrival order, as under
+  first-come batching, while batches keep the length grouping's padding savings;
 - a batch that is not full waits at most MICRO_BATCH_WINDOW_MS (counted from its oldest
   pair's arrival) for more work, and never when it is already full;
 - at most RERANKER_MAX_PARALLEL forwards run at once; RERANKER_WORKER_TIMEOUT bounds one.
@@ -40,6 +42,7 @@ class Job:
     tokens: int
     future: asyncio.Future[float]
     encoded: Encoded | None = None  # the pair's token ids, from the one tokenizer call that measured `tokens`
+    origin: "Ticket | None" = None  # the request that queued it: its pairs are batched first together
     owners: set["Ticket"] = field(default_factory=set)
     enqueued_at: float = field(default_factory=time.monotonic)
     started: bool = False
@@ -122,36 +125,33 @@ def cut_batch(jobs: Sequence[Job], *, batch_size: int, max_tokens: int, by_lengt
             batch.append(job)
             longest = longest_next
         return batch
-    # Sort only the oldest few batches' worth: enough to group lengths, few enough that requests
-    # still finish roughly in arrival order (a request is done when its last pair is).
-    # Lengths within LENGTH_BUCKET tokens count as equal and keep arrival order, so a batch takes
-    # the oldest request's pairs before younger ones of nearly the same length.
-    candidates = jobs[: batch_size * SORT_WINDOW_BATCHES]
-    order = {id(j): i for i, j in enumerate(candidates)}
-    window = sorted(candidates, key=lambda j: (j.tokens // LENGTH_BUCKET, order[id(j)]))
+    # The oldest request first: all its waiting pairs (a request is done when its last pair is).
     oldest = jobs[0]
-    pos = window.index(oldest)
-    lo, hi = pos, pos + 1  # window[lo:hi] is the batch
-    longest = oldest.tokens
-    bucket = oldest.tokens // LENGTH_BUCKET
-    while hi - lo < batch_size:
-        size = hi - lo + 1
-        can_right = hi < len(window) and max(longest, window[hi].tokens) * size <= max_tokens
-        can_left = lo > 0 and max(longest, window[lo - 1].tokens) * size <= max_tokens
-        if can_right and can_left:
-            # the neighbour whose length bucket is closer to the oldest job's; ties go right (older first)
-            take_right = window[hi].tokens // LENGTH_BUCKET - bucket <= bucket - window[lo - 1].tokens // LENGTH_BUCKET
-        elif can_right or can_left:
-            take_right = can_right
-        else:
+    own = [j for j in jobs if j.origin is oldest.origin] if oldest.origin is not None else [oldest]
+    if len(own) > batch_size or max(j.tokens for j in own) * len(own) > max_tokens:
+        # More than one batch: cut its own pairs by length, around its oldest one.
+        return _grow(oldest, own, [], batch_size=batch_size, max_tokens=max_tokens)
+    # Then fill from the next few batches' worth of other pairs, nearest lengths first (lengths within
+    # LENGTH_BUCKET tokens count as equal and keep arrival order: older requests' pairs first).
+    chosen = set(own)
+    others = [j for j in jobs[: batch_size * SORT_WINDOW_BATCHES + len(own)] if j not in chosen]
+    return _grow(oldest, others, own, batch_size=batch_size, max_tokens=max_tokens)
+
+
+def _grow(anchor: Job, candidates: Sequence[Job], batch: list[Job], *, batch_size: int, max_tokens: int) -> list[Job]:
+    """`batch` (or the anchor alone) plus the candidates nearest in length to its longest pair,
+    within the pair and padded-token budgets."""
+    batch = list(batch) or [anchor]
+    longest = max(j.tokens for j in batch)
+    order = {id(j): i for i, j in enumerate(candidates)}
+    for job in sorted((j for j in candidates if j is not anchor),
+                      key=lambda j: (abs(j.tokens - longest) // LENGTH_BUCKET, j.tokens > longest, order[id(j)])):
+        if len(batch) >= batch_size:
             break
-        if take_right:
-            longest = max(longest, window[hi].tokens)
-            hi += 1
-        else:
-            lo -= 1
-            longest = max(longest, window[lo].tokens)
-    return window[lo:hi]
+        if max(longest, job.tokens) * (len(batch) + 1) <= max_tokens:
+            batch.append(job)
+            longest = max(longest, job.tokens)
+    return batch
 
 
 class Batcher:

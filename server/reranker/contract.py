@@ -19,6 +19,8 @@ ENV_VARS: tuple[str, ...] = (
     "RERANKER_LOCAL_MODEL_PATH",
     "RERANKER_MAX_LENGTH",
     "RERANKER_QUANTIZATION",
+    "RERANKER_RUNTIME",
+    "RERANKER_MODEL_CACHE_DIR",
     "RERANKER_USE_MLX",
     "RERANKER_DEVICE",
     "RERANKER_MAX_PARALLEL",
@@ -65,9 +67,10 @@ ENV_VARS: tuple[str, ...] = (
     "LOG_LEVEL",
 )
 
-#: Values the server accepts for RERANKER_DEVICE and RERANKER_QUANTIZATION.
+#: Values the server accepts for RERANKER_DEVICE, RERANKER_QUANTIZATION and RERANKER_RUNTIME.
 DEVICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu", "mlx")
-QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "bf16", "fp16")
+QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int8", "bf16", "fp16")
+RUNTIMES: tuple[str, ...] = ("auto", "torch", "openvino", "mlx")
 #: Values the server accepts for LOG_LEVEL (any case).
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

@@ -228,8 +228,8 @@ class Ranker:
                     new_keys.append(key)
             places.resize(len(new_keys))  # admitted before its pairs are tokenized; joined pairs cost no place
             loop = asyncio.get_running_loop()
-            jobs = [Job(pair=Pair(query, text_of[k], instruction), key=k, tokens=0, future=loop.create_future())
-                    for k in new_keys]
+            jobs = [Job(pair=Pair(query, text_of[k], instruction), key=k, tokens=0, origin=ticket,
+                        future=loop.create_future()) for k in new_keys]
             for job in jobs:
                 self._register(job)
                 waiting[job.key] = job

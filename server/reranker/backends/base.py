@@ -77,6 +77,7 @@ class BackendInfo:
     max_length: int
     activation: Literal["sigmoid", "identity"]
     template: str | None = None  # LLM rerankers: the prompt template's name@digest
+    precision: str = ""  # why this dtype: RERANKER_QUANTIZATION as asked, or what `auto` picked and why
     autocast: str | None = None  # the dtype the forward runs under with ENABLE_MIXED_PRECISION (fp32 weights)
 
     @property
