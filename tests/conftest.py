@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import models  # noqa: E402
 from servers import ServerFactory, free_port  # noqa: E402
+from stand_in_macs import MacNetwork, mac_network_namespace  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +56,19 @@ def redis_server(tmp_path: Path) -> Iterator["object"]:
     server = RedisServer(free_port(), tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mac_netns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MacNetwork]:
+    """The stand-in Macs' network namespace (tests/stand_in_macs.py), one per session."""
+    with mac_network_namespace(tmp_path_factory.mktemp("mac-netns")) as network:
+        yield network
+
+
+@pytest.fixture
+def mac_network(mac_netns: MacNetwork) -> Iterator[MacNetwork]:
+    """The Macs' namespace for one test; the relays it started are stopped afterwards."""
+    try:
+        yield mac_netns
+    finally:
+        mac_netns.stop_relays()
