@@ -1,7 +1,9 @@
 """Shared fixtures: the models the tests build, servers to call, a real redis-server.
 
 Helpers that test modules import live in `servers.py` (`running_app`, `ServerProcess`,
-`free_port`), not here: tests/kube has its own conftest.py and two `conftest` modules collide.
+`free_port`), not here, so a test module can import them by a unique name. The development
+cluster's fixtures (`kube_cluster`, `kube_namespace`, `node_cluster`) live in `kubecluster.py`
+and are registered here for tests/kube and tests/e2e alike.
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import models  # noqa: E402
+from kubecluster import collection_finish, kube_cluster, kube_namespace, node_cluster  # noqa: E402,F401
 from servers import ServerFactory, free_port  # noqa: E402
 from stand_in_macs import MacNetwork, mac_network_namespace  # noqa: E402
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    collection_finish(session)
 
 
 @pytest.fixture(scope="session")
