@@ -31,13 +31,17 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import shutil
+import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from . import build, certs, process
-from .paths import HACK, REPO, cache_root, log
+from . import build, certs, paths, processes
+from .console import die, log
+from .paths import HACK, REPO
 
 ADAPTER_MOD = HACK / "prometheus-adapter"
 ADAPTER_MODULE = "sigs.k8s.io/prometheus-adapter"
@@ -70,8 +74,8 @@ def prometheus_version() -> str:
 def binaries() -> dict[str, Path]:
     """The cached Prometheus and prometheus-adapter, built from the pinned modules on first
     use (like the control plane: once per version, under the shared lock)."""
-    prom = cache_root() / "prometheus" / prometheus_version() / "bin" / "prometheus"
-    adapter = cache_root() / "prometheus-adapter" / adapter_version() / "bin" / "prometheus-adapter"
+    prom = paths.cache_root() / "prometheus" / prometheus_version() / "bin" / "prometheus"
+    adapter = paths.cache_root() / "prometheus-adapter" / adapter_version() / "bin" / "prometheus-adapter"
     build.build_extra([
         build.Target("prometheus", prom, f"{PROMETHEUS_MODULE}/cmd/prometheus", PROMETHEUS_MOD,
                      tags=PROMETHEUS_TAGS),
@@ -83,16 +87,16 @@ def binaries() -> dict[str, Path]:
 # --------------------------------------------------------------------------- objects
 
 
-def _read_yaml(path: Path):
+def _read_yaml(path: Path) -> Any:
     try:
         import yaml  # the only non-stdlib import of hack/: the rules are YAML
     except ImportError:
-        raise SystemExit(f"hack/cluster metrics needs PyYAML to read {path}: run it with the "
-                         "project's venv (.venv/bin/python hack/cluster metrics up)") from None
+        die(f"hack/cluster metrics needs PyYAML to read {path}: run it with the project's "
+            "venv (.venv/bin/python hack/cluster metrics up)")
     return yaml.safe_load(path.read_text())
 
 
-def prometheus_config(server: str, ca: Path, token: Path) -> dict:
+def prometheus_config(server: str, ca: Path, token: Path) -> dict[str, Any]:
     """prometheus.yml: the shipped scrape job, pointed at this API server, scraping fast."""
     job = _read_yaml(SCRAPE_JOB)
     job["scrape_interval"] = job["scrape_timeout"] = SCRAPE_INTERVAL
@@ -105,12 +109,12 @@ def prometheus_config(server: str, ca: Path, token: Path) -> dict:
             "scrape_configs": [job]}
 
 
-def adapter_config() -> dict:
+def adapter_config() -> dict[str, Any]:
     """The adapter's config file: the shipped values' custom rules (as the chart renders it)."""
     return {"rules": _read_yaml(ADAPTER_VALUES)["rules"]["custom"]}
 
 
-def objects(node_ip: str, adapter_port: int, ca_bundle: bytes) -> dict:
+def objects(node_ip: str, adapter_port: int, ca_bundle: bytes) -> dict[str, Any]:
     """The RBAC, Service, Endpoints and APIService of the metrics path, as one List."""
     def role_binding(kind: str, name: str, role_kind: str, role: str, sa: str,
                      namespace: str | None = None) -> dict:
@@ -171,69 +175,70 @@ def objects(node_ip: str, adapter_port: int, ca_bundle: bytes) -> dict:
 # --------------------------------------------------------------------------- run
 
 
-def _kubectl(info: dict, *args: str, input: str | None = None) -> str:
+def _kubectl(info: dict[str, Any], *args: str, input: str | None = None) -> str:
     r = subprocess.run([info["kubectl"], "--kubeconfig", info["kubeconfig"], *args],
                        input=input, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
-        raise SystemExit(f"kubectl {' '.join(args)}: {r.stderr.strip()}")
+        die(f"kubectl {' '.join(args)}: {r.stderr.strip()}")
     return r.stdout
 
 
-def _wait(desc: str, check, procs: dict, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    detail = ""
-    while time.monotonic() < deadline:
-        for name, p in procs.items():
-            if p.poll() is not None:
-                raise SystemExit(f"{name} exited with code {p.returncode} while waiting for "
-                                 f"{desc}; see its log")
-        ok, detail = check()
-        if ok:
-            return
-        time.sleep(0.5)
-    raise SystemExit(f"timed out after {timeout:.0f}s waiting for {desc}: {detail[:300]}")
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
-def _prometheus_ready(url: str):
-    def check():
-        try:
-            with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as r:
-                return r.status == 200, ""
-        except OSError as e:
-            return False, str(e)
-    return check
+def _prometheus_ready(url: str) -> tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as r:
+            return r.status == 200, ""
+    except OSError as e:
+        return False, str(e)
 
 
-def up(d: Path, info: dict) -> dict:
+def _apiservice_available(info: dict[str, Any]) -> tuple[bool, str]:
+    r = subprocess.run([info["kubectl"], "--kubeconfig", info["kubeconfig"], "get",
+                        "apiservice", APISERVICE, "-o", "json"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return False, r.stderr
+    conds = json.loads(r.stdout).get("status", {}).get("conditions") or []
+    cond: dict[str, Any] = next((c for c in conds if c["type"] == "Available"), {})
+    return cond.get("status") == "True", str(cond.get("message", ""))
+
+
+def read_info(d: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        return dict(json.loads((d / "metrics" / "metrics.json").read_text()))
+    return {}
+
+
+def up(d: Path, info: dict[str, Any]) -> dict[str, Any]:
     """Start Prometheus and the adapter for the cluster in D and register the APIService;
-    return what was recorded in <d>/metrics/metrics.json. Idempotent."""
-    node_ip = info.get("node_ip")
-    if not node_ip:
-        raise SystemExit("the metrics path needs the node (the adapter listens on the node's "
-                         f"IP): {info.get('node_reason') or 'hack/cluster up ran without it'}")
-    m = d / "metrics"
+    return what is recorded in <d>/metrics/metrics.json. Idempotent."""
+    node = info.get("node") or {}
+    if not node.get("ready"):
+        die("the metrics path needs the node (the adapter listens on the node's address): "
+            f"{node.get('reason') or 'the cluster runs without one'}")
+    node_ip = str(node["ip"])
     current = read_info(d)
-    if current and set(process.running(d, PROCS)) == set(PROCS):
+    if current and set(processes.running(d)) >= set(PROCS):
         log(f"metrics already up: Prometheus {current['prometheus']}")
         return current
     down(d, quiet=True)
-    m.mkdir(parents=True, exist_ok=True)
     bins = binaries()
-    pki = Path(info["pki"]) if info.get("pki") else d / "pki"
     t0 = time.monotonic()
-
-    adapter_port = process.free_port(node_ip)
-    prom_port = process.free_port("127.0.0.1")
+    m, pki = d / "metrics", d / "pki"
+    m.mkdir(parents=True, exist_ok=True)
+    adapter_port, prom_port = _free_port(node_ip), _free_port("127.0.0.1")
     prometheus_url = f"http://127.0.0.1:{prom_port}"
-    certs.issue(pki, "prometheus-adapter", "/CN=prometheus-adapter",
-                "extendedKeyUsage=serverAuth",
-                f"subjectAltName=DNS:{ADAPTER_SERVICE}.{NAMESPACE}.svc,IP:{node_ip}")
+    certs.issue_serving(pki, "prometheus-adapter",
+                        f"DNS:{ADAPTER_SERVICE}.{NAMESPACE}.svc,IP:{node_ip}")
     _kubectl(info, "apply", "-f", "-", input=json.dumps(
         objects(node_ip, adapter_port, (pki / "ca.crt").read_bytes())))
-    tokens = {}
-    for sa in ("prometheus", ADAPTER_SERVICE):
-        tokens[sa] = _kubectl(info, "create", "token", sa, "-n", NAMESPACE,
-                              f"--duration={TOKEN_DURATION}").strip()
+    tokens = {sa: _kubectl(info, "create", "token", sa, "-n", NAMESPACE,
+                           f"--duration={TOKEN_DURATION}").strip()
+              for sa in ("prometheus", ADAPTER_SERVICE)}
     token_file = m / "prometheus.token"
     certs.write_private(token_file, tokens["prometheus"])
     adapter_kubeconfig = m / "adapter.kubeconfig"
@@ -246,13 +251,13 @@ def up(d: Path, info: dict) -> dict:
     (m / "adapter-rules.yaml").write_text(json.dumps(adapter_config(), indent=2) + "\n")
 
     procs = {
-        "prometheus": process.start(d, "prometheus", bins["prometheus"], [
+        "prometheus": processes.start(d, "prometheus", bins["prometheus"], [
             f"--config.file={m / 'prometheus.yml'}",
             f"--storage.tsdb.path={m / 'prometheus-data'}",
             "--storage.tsdb.retention.time=6h",
             f"--web.listen-address=127.0.0.1:{prom_port}",
             "--log.level=warn"]),
-        "prometheus-adapter": process.start(d, "prometheus-adapter", bins["prometheus-adapter"], [
+        "prometheus-adapter": processes.start(d, "prometheus-adapter", bins["prometheus-adapter"], [
             f"--secure-port={adapter_port}", f"--bind-address={node_ip}",
             f"--tls-cert-file={pki / 'prometheus-adapter.crt'}",
             f"--tls-private-key-file={pki / 'prometheus-adapter.key'}",
@@ -265,52 +270,24 @@ def up(d: Path, info: dict) -> dict:
             "--v=1"]),
     }
     try:
-        _wait("Prometheus /-/ready", _prometheus_ready(prometheus_url), procs, 60)
-
-        def available():
-            r = subprocess.run([info["kubectl"], "--kubeconfig", info["kubeconfig"], "get",
-                                "apiservice", APISERVICE, "-o", "json"],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                return False, r.stderr
-            conds = json.loads(r.stdout).get("status", {}).get("conditions") or []
-            cond = next((c for c in conds if c["type"] == "Available"), {})
-            return cond.get("status") == "True", cond.get("message", "")
-        _wait(f"APIService {APISERVICE} Available", available, procs, 90)
-    except SystemExit:
-        stop_on_error(d)
-        raise
+        processes.wait_for("Prometheus /-/ready", lambda: _prometheus_ready(prometheus_url),
+                           procs, d, 60)
+        processes.wait_for(f"APIService {APISERVICE} Available",
+                           lambda: _apiservice_available(info), procs, d, 90)
+    except processes.StartFailed as e:
+        down(d, quiet=True)
+        die(str(e))
     state = {"prometheus": prometheus_url, "adapter": f"https://{node_ip}:{adapter_port}",
              "apiservice": APISERVICE, "prometheus_version": prometheus_version(),
-             "adapter_version": adapter_version(),
-             "started_at": time.time()}
+             "adapter_version": adapter_version(), "started_at": time.time()}
     (m / "metrics.json").write_text(json.dumps(state, indent=2) + "\n")
     log(f"metrics up in {time.monotonic() - t0:.1f}s: Prometheus {prometheus_url}, "
-        f"adapter {state['adapter']} serving {APISERVICE}")
+        f"prometheus-adapter {state['adapter']} serving {APISERVICE}")
     return state
 
 
-def stop_on_error(d: Path) -> None:
-    for name in PROCS:
-        lf = d / "logs" / f"{name}.log"
-        if lf.exists():
-            log(f"--- last lines of {lf} ---")
-            for line in lf.read_text(errors="replace").splitlines()[-20:]:
-                log(f"    {line}")
-    down(d, quiet=True)
-
-
-def read_info(d: Path) -> dict:
-    with contextlib.suppress(OSError, ValueError):
-        return json.loads((d / "metrics" / "metrics.json").read_text())
-    return {}
-
-
-def down(d: Path, quiet: bool = False) -> None:
-    """Stop both processes and drop their state (the cluster's objects go with the cluster;
-    a stopped adapter leaves the APIService unavailable, which `up` replaces)."""
-    process.stop(d, PROCS, quiet=quiet)
-    with contextlib.suppress(FileNotFoundError):
-        (d / "metrics" / "metrics.json").unlink()
-    import shutil
+def down(d: Path, *, quiet: bool = False) -> None:
+    """Stop both and drop their state. The objects stay with the cluster (`up` re-applies
+    them); while the adapter is down the APIService reports itself unavailable."""
+    processes.stop(d, PROCS, quiet=quiet)
     shutil.rmtree(d / "metrics", ignore_errors=True)

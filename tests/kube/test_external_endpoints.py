@@ -25,7 +25,8 @@ import httpx
 import pytest
 
 from stand_in_macs import SLICE_MANAGER, Mac, MacNetwork, slice_endpoints
-from test_operator import Operator, bind_rbac, conditions
+from operator_process import Operator, bind_rbac
+from test_operator import conditions
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS = [REPO / "crds" / "rerankerdeployments.reranker.dev.yaml",
