@@ -36,6 +36,13 @@ def tiny_xlmr(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Random causal LMs of the LLM-reranker families' architectures, by model_type."""
+    root = tmp_path_factory.mktemp("tiny-llms")
+    return {t: models.build_tiny_llm(root / t, model_type=t) for t in ("qwen3", "qwen2", "gemma", "gemma2")}
+
+
+@pytest.fixture(scope="session")
 def minilm() -> Path:
     return models.minilm_path()
 

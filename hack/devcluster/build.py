@@ -2,9 +2,9 @@
 
 Control plane: kube-apiserver, kube-controller-manager, kubectl (k8s.io/kubernetes) and etcd.
 Node: kubelet, kube-scheduler and kube-proxy from the same k8s.io/kubernetes module, so every
-component carries the same version. Binaries are cached per version under the shared cache
-(`<cache>/kube/<version>/bin`, `<cache>/etcd/<version>/bin`); a file lock serialises builds of
-several clones. $KUBEBUILDER_ASSETS replaces the build with prebuilt binaries.
+component carries the same version, and the cluster DNS (CoreDNS, hack/coredns). Binaries are
+cached per version under the shared cache (`<cache>/<component>/<version>/bin`); a file lock
+serialises builds of several clones. $KUBEBUILDER_ASSETS replaces the build with prebuilt binaries.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import IO
 
 from .console import die, log
-from .paths import ETCD_MOD, KUBE_MOD, cache_root
+from .paths import COREDNS_MOD, ETCD_MOD, KUBE_MOD, cache_root
 
 CONTROL_PLANE = ("kube-apiserver", "kube-controller-manager", "kubectl", "etcd")
-NODE = ("kube-scheduler", "kubelet", "kube-proxy")
+NODE = ("kube-scheduler", "kubelet", "kube-proxy", "coredns")
 
 
 def required_version(gomod: Path, module: str) -> str:
@@ -44,12 +44,20 @@ def etcd_version() -> str:
     return required_version(ETCD_MOD / "go.mod", "go.etcd.io/etcd/server/v3")
 
 
+def coredns_version() -> str:
+    return _required_version(COREDNS_MOD / "go.mod", "github.com/coredns/coredns")
+
+
 def kube_bin_dir() -> Path:
     return cache_root() / "kube" / kube_version() / "bin"
 
 
 def etcd_bin_dir() -> Path:
     return cache_root() / "etcd" / etcd_version() / "bin"
+
+
+def coredns_bin_dir() -> Path:
+    return cache_root() / "coredns" / coredns_version() / "bin"
 
 
 def _version_ldflags(version: str) -> str:
@@ -125,8 +133,9 @@ def _go_build(name: str, pkg: str, moddir: Path, out: Path, ldflags: str, logf: 
 
 def _targets() -> dict[str, tuple[Path, str, Path]]:
     """name -> (bin dir, Go package, module dir), in build order: control plane first."""
-    return {name: (etcd_bin_dir(), ".", ETCD_MOD) if name == "etcd"
-            else (kube_bin_dir(), f"k8s.io/kubernetes/cmd/{name}", KUBE_MOD)
+    own = {"etcd": (etcd_bin_dir(), ".", ETCD_MOD),
+           "coredns": (coredns_bin_dir(), ".", COREDNS_MOD)}
+    return {name: own.get(name) or (kube_bin_dir(), f"k8s.io/kubernetes/cmd/{name}", KUBE_MOD)
             for name in (*CONTROL_PLANE, *NODE)}
 
 
@@ -152,8 +161,8 @@ def build(*, node: bool = True) -> dict[str, Path]:
         if not missing:
             return paths
         logpath = cache_root() / "build.log"
-        log(f"building {', '.join(missing)} (kubernetes {kube_version()}, etcd {etcd_version()}) "
-            f"into {cache_root()}")
+        log(f"building {', '.join(missing)} (kubernetes {kube_version()}, etcd {etcd_version()}, "
+            f"coredns {coredns_version()}) into {cache_root()}")
         log("a cold build takes 6-25 min for the control plane and a few more for the node "
             f"on 2 cores, depending on load; full log: {logpath}")
         t0 = time.monotonic()

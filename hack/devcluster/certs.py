@@ -77,6 +77,7 @@ def make_pki(pki: Path, *, node_ip: str | None = None, node_name: str | None = N
     if node_ip and node_name:
         _client(pki, "scheduler", "/CN=system:kube-scheduler")
         _client(pki, "kube-proxy", "/CN=system:kube-proxy")
+        _client(pki, "coredns", "/CN=system:coredns")
         _client(pki, "kubelet", f"/O=system:nodes/CN=system:node:{node_name}")
         # the API server's identity towards kubelets (logs, exec, port-forward)
         _client(pki, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client")

@@ -2,7 +2,7 @@
 machine allows one.
 
 Start order: (node: pause image, runc check, bridge and guard) → etcd → kube-apiserver →
-kube-controller-manager → (node: kube-scheduler, containerd, kubelet, kube-proxy). A failure
+kube-controller-manager → (node: kube-scheduler, CoreDNS, containerd, kubelet, kube-proxy). A failure
 at any step tears down everything started so far, host changes included; a port taken between
 picking and binding is retried with new ports.
 """
@@ -30,7 +30,7 @@ from .network import NODE_IP
 from .paths import cluster_dir
 from .processes import StartFailed, free_port, running, stop
 
-NODE_PROCS = ("kube-scheduler", "containerd", "kubelet", "kube-proxy")
+NODE_PROCS = ("kube-scheduler", "coredns", "containerd", "kubelet", "kube-proxy")
 
 
 def read_info(d: Path) -> dict[str, Any]:
@@ -152,6 +152,7 @@ def _start_all(d: Path, bins: dict[str, Path], t0: float, *, node: bool) -> None
                               bind_ip=bind_ip, node=lock_fd is not None)
         wait_healthz(d, "kube-apiserver", server + "/readyz", admin_ssl(d),
                      {"kube-apiserver": api})
+        write_private(d / "kubeconfig", client_kubeconfig(server, pki, "admin"))
         has_kcm = "kube-controller-manager" in bins
         if has_kcm:
             start_controller_manager(d, bins["kube-controller-manager"], server, kcm_port)
@@ -163,7 +164,6 @@ def _start_all(d: Path, bins: dict[str, Path], t0: float, *, node: bool) -> None
         if lock_fd is not None:
             os.close(lock_fd)  # the node's daemons hold the lock from here on
 
-    write_private(d / "kubeconfig", client_kubeconfig(server, pki, "admin"))
     bindir = d / "bin"
     bindir.mkdir(exist_ok=True)
     link = bindir / "kubectl"

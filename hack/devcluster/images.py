@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def _stamps_path() -> Path:
 
 def import_changed(d: Path, tars: Iterable[Path], *, force: bool = False) -> list[str]:
     """Import the archives that changed since they were last imported into this containerd
-    root (its content outlives `down`), so a warm `up` imports nothing; all with force."""
+    root (its content outlives `down`), so a warm `up` imports nothing; all with force.
+    Tars that are no image archive are skipped (and remembered as such)."""
     try:
         stamps = dict(json.loads(_stamps_path().read_text()))
     except (OSError, ValueError):
@@ -114,11 +116,22 @@ def import_changed(d: Path, tars: Iterable[Path], *, force: bool = False) -> lis
         stamp = [st.st_size, st.st_mtime_ns]
         if stamps.get(str(tar)) == stamp and not force:
             continue
-        names += import_archives(d, [tar])
+        if is_image_archive(tar):
+            names += import_archives(d, [tar])
         stamps[str(tar)] = stamp
         _stamps_path().write_text(json.dumps(stamps, indent=2) + "\n")
     return names
 
 
+def is_image_archive(tar: Path) -> bool:
+    """A docker-archive or OCI layout tar (not, e.g., a root filesystem tar kept next to them)."""
+    try:
+        with tarfile.open(tar) as tf:
+            return any(m.name.lstrip("./") in ("manifest.json", "index.json") for m in tf)
+    except (OSError, tarfile.TarError):
+        return False
+
+
 def cached_archives() -> list[Path]:
+    """The tars `make images` left in images_dir() (image archives, and maybe others)."""
     return sorted(images_dir().glob("*.tar")) if images_dir().is_dir() else []

@@ -1,5 +1,5 @@
 """The cluster's one node: the machine-wide lock, the kubelet, and bringing the node's parts
-(scheduler, containerd, kubelet, kube-proxy) up and down in order.
+(scheduler, cluster DNS, containerd, kubelet, kube-proxy) up and down in order.
 
 A node changes the machine (a bridge, iptables, cgroups, kernel settings), so only one cluster
 dir on a machine may run one: `up` takes an exclusive flock on /run/reranker-fleet-node.lock and
@@ -27,6 +27,7 @@ from .build import NODE
 from .certs import client_kubeconfig, write_private
 from .console import log, verbose
 from .controllers import start_scheduler
+from .dns import CLUSTER_DOMAIN, start_dns
 from .processes import free_port, running, start, stop, wait_for
 
 LOCK_PATH = Path(os.environ.get("RERANKER_NODE_LOCK", "/run/reranker-fleet-node.lock"))
@@ -102,11 +103,14 @@ def start_node(d: Path, bins: dict[str, Path], *, server: str, sandbox_image: st
                lock_fd: int) -> dict[str, Any]:
     """Scheduler, containerd (images imported), kubelet, kube-proxy; wait for Ready."""
     node = d / "node"
-    ports = {"kube_scheduler": free_port(), "kubelet": free_port(),
+    ports = {"kube_scheduler": free_port(), "dns_health": free_port(), "dns_ready": free_port(),
+             "kubelet": free_port(),
              "kubelet_healthz": free_port(), "kube_proxy_healthz": free_port(),
              "kube_proxy_metrics": free_port()}
     t0 = time.monotonic()
     start_scheduler(d, bins["kube-scheduler"], server, ports["kube_scheduler"])
+    start_dns(d, bins["coredns"], server=server, kubectl=bins["kubectl"],
+              health_port=ports["dns_health"], ready_port=ports["dns_ready"])
     network.write_cni_config(node / "cni", node / "cni-ipam")
     config = containerd.write_config(d, sandbox_image=sandbox_image, cni_conf_dir=node / "cni")
     containerd.start_containerd(d, Path(_which("containerd")), config, pass_fds=(lock_fd,))
@@ -165,8 +169,9 @@ def start_kubelet(d: Path, binary: Path, *, server: str, port: int, healthz_port
         "failSwapOn": False,
         "containerRuntimeEndpoint": f"unix://{containerd.socket_path(d)}",
         "podLogsDir": str(node / "pod-logs"),
-        "resolvConf": "",
-        "clusterDomain": "cluster.local",
+        "resolvConf": "",  # pods resolve through the cluster DNS only: nothing leaves
+        "clusterDNS": [network.NODE_IP],
+        "clusterDomain": CLUSTER_DOMAIN,
         # the dev machine's disk may be fuller than a real node's: do not evict for it
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
@@ -189,7 +194,7 @@ def teardown(d: Path, bins: dict[str, str]) -> None:
     stop(d, ("kube-proxy", "kubelet"), quiet=True)
     if "containerd" in running(d):
         containerd.remove_all_containers(d)
-    stop(d, ("containerd", "kube-scheduler"), quiet=True)
+    stop(d, ("containerd", "coredns", "kube-scheduler"), quiet=True)
     containerd.kill_shims(d)
     baseline = hoststate.load(baseline_path(d))
     if baseline is None:
@@ -202,6 +207,7 @@ def teardown(d: Path, bins: dict[str, str]) -> None:
     hoststate.remove_cgroups("kubepods")
     proxy = bins.get("kube-proxy")
     network.kube_proxy_cleanup(Path(proxy) if proxy else None)
+    network.remove_kube_chains()
     network.remove_guard()
     network.delete_bridge()
     hoststate.restore(baseline)

@@ -13,6 +13,7 @@ HACK = Path(__file__).resolve().parent.parent
 REPO = HACK.parent
 KUBE_MOD = HACK / "kube"
 ETCD_MOD = HACK / "etcd"
+COREDNS_MOD = HACK / "coredns"
 
 
 def cluster_dir() -> Path:

@@ -20,8 +20,8 @@ from typing import NoReturn
 from .console import log, verbose
 
 #: Start order; `stop` goes backwards.
-ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "containerd",
-         "kubelet", "kube-proxy", "prometheus", "prometheus-adapter")
+ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "coredns",
+         "containerd", "kubelet", "kube-proxy", "prometheus", "prometheus-adapter")
 
 
 class StartFailed(Exception):

@@ -12,18 +12,25 @@ import importlib.util
 import platform
 from typing import TYPE_CHECKING
 
-from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Pair
+from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, Pair
 from . import model_files
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..settings import Settings
 
-__all__ = ["Backend", "BackendError", "BackendInfo", "DeviceUnavailable", "Pair", "load_backend", "pick_runtime"]
+__all__ = ["Backend", "BackendError", "BackendInfo", "DeviceUnavailable", "Encoded", "Pair", "load_backend", "pick_runtime"]
 
 #: Runtime name -> (module, class). One line per runtime.
 RUNTIMES: dict[str, tuple[str, str]] = {
     "torch": ("reranker.backends.torch", "TorchBackend"),
     "mlx": ("reranker.backends.mlx", "MLXBackend"),
+}
+
+
+#: (runtime, model kind) -> (module, class), where a kind has a backend of its own on that runtime.
+KIND_BACKENDS: dict[tuple[str, str], tuple[str, str]] = {
+    ("torch", "llm"): ("reranker.backends.torch_llm", "TorchLLMBackend"),
+    ("mlx", "llm"): ("reranker.backends.mlx_llm", "MLXLLMBackend"),
 }
 
 
@@ -48,7 +55,8 @@ def load_backend(settings: "Settings") -> Backend:
         settings.model, revision=settings.model_revision, local_fallback=settings.local_model_path,
         kind=settings.model_kind, max_length=settings.max_length,
     )
-    module_name, class_name = RUNTIMES[pick_runtime(settings)]
+    runtime = pick_runtime(settings)
+    module_name, class_name = KIND_BACKENDS.get((runtime, files.kind), RUNTIMES[runtime])
     module = importlib.import_module(module_name)
     backend: Backend = getattr(module, class_name)(files, settings)
     return backend

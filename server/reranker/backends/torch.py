@@ -17,9 +17,9 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Pair
+from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded
 from .model_files import ModelFiles
-from .tokenization import HFTokenization
+from .tokenization import BiBatch, Features, HFTokenization
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..settings import Settings
@@ -99,20 +99,19 @@ class TorchBackend(HFTokenization, Backend):
         device_type = "cuda" if self.device == "cuda" else "cpu"
         return torch.autocast(device_type=device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
 
-    def score(self, pairs: Sequence[Pair]) -> list[float]:
-        if not pairs:
+    def score_encoded(self, batch: Sequence[Encoded]) -> list[float]:
+        if not batch:
             return []
         with torch.inference_mode(), self._autocast():
             if self.files.kind == "cross-encoder":
-                return self._score_cross(pairs)
-            return self._score_bi(pairs)
+                return self._score_cross(self.collate_cross(batch))
+            return self._score_bi(self.collate_bi(batch))
 
-    def _score_cross(self, pairs: Sequence[Pair]) -> list[float]:
-        features = self.tokenizer(
-            [q for q, _ in pairs], [d for _, d in pairs],
-            padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
-        ).to(self.device)
-        logits = self.model(**features).logits.float()
+    def _tensors(self, features: Features) -> dict[str, Any]:
+        return {name: torch.from_numpy(array).to(self.device) for name, array in features.as_dict().items()}
+
+    def _score_cross(self, features: Features) -> list[float]:
+        logits = self.model(**self._tensors(features)).logits.float()
         if self.num_labels == 2:
             # softmax(l)[1] == sigmoid(l1 - l0): keep the log-odds as the raw score.
             raw = logits[:, 1] - logits[:, 0]
@@ -120,30 +119,26 @@ class TorchBackend(HFTokenization, Backend):
             raw = logits[:, 0]
         return raw.cpu().tolist()
 
-    def embed(self, texts: Sequence[str]) -> Any:
-        features = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                                  return_tensors="pt").to(self.device)
-        hidden = self.model(**features).last_hidden_state.float()
-        mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    def embed(self, features: Features) -> Any:
+        inputs = self._tensors(features)
+        hidden = self.model(**inputs).last_hidden_state.float()
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooling = self.files.pooling
         if pooling == "cls":
             pooled = hidden[:, 0]
         elif pooling == "max":
             pooled = hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
         elif pooling == "lasttoken":
-            last = features["attention_mask"].sum(dim=1) - 1
+            last = inputs["attention_mask"].sum(dim=1) - 1
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         else:
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
-    def _score_bi(self, pairs: Sequence[Pair]) -> list[float]:
-        # Each distinct text is embedded once per batch: usually one query and many documents.
-        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-        index = {t: i for i, t in enumerate(texts)}
-        emb = self.embed(texts)
-        q = emb[[index[q] for q, _ in pairs]]
-        d = emb[[index[d] for _, d in pairs]]
+    def _score_bi(self, batch: BiBatch) -> list[float]:
+        emb = self.embed(batch.features)
+        q = emb[torch.from_numpy(batch.queries).to(emb.device)]
+        d = emb[torch.from_numpy(batch.documents).to(emb.device)]
         return (q * d).sum(dim=1).cpu().tolist()
 
     def close(self) -> None:
