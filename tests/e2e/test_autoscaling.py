@@ -25,9 +25,12 @@ from typing import Any
 
 import pytest
 
+from fleet import cluster_ip
 from fleet_load import ApiReader, Load, Recorder
+from kubecluster import KubeCluster
 
 NAME = "scaled"
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # the server image's embedded model
 MIN, MAX = 1, 3
 TARGET = 16  # pairs waiting per pod; the load below keeps ~4x that queued on one pod
 HEAVY_CLIENTS, DOCS = 6, 12
@@ -35,12 +38,12 @@ GROUP = "/apis/reranker.dev/v1alpha1"
 CUSTOM = "/apis/custom.metrics.k8s.io/v1beta1"
 
 
-def autoscaled_rd(model: str) -> dict[str, Any]:
+def autoscaled_rd() -> dict[str, Any]:
     return {
         "apiVersion": "reranker.dev/v1alpha1", "kind": "RerankerDeployment",
         "metadata": {"name": NAME},
         "spec": {
-            "model": {"id": model},
+            "model": {"id": MODEL},
             "replicas": MIN,
             "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
             # Long enough that a queue several batches deep is never refused: the test is
@@ -64,15 +67,15 @@ def first(samples: list[dict[str, Any]], pred: Any, after: float = -1.0) -> floa
     return next((s["t"] for s in samples if s["t"] >= after and pred(s)), None)
 
 
-def test_queue_depth_scales_the_fleet_up_and_back(e2e_cluster: Any, e2e_namespace: str,
-                                                  fleet_operator: Any, metrics_path: dict,
-                                                  service_url: Any, server_model: str,
+def test_queue_depth_scales_the_fleet_up_and_back(node_cluster: KubeCluster, e2e_namespace: str,
+                                                  host_operator: Any, metrics_path: dict,
                                                   tmp_path: Path) -> None:
     ns = e2e_namespace
-    e2e_cluster.apply(json.dumps(autoscaled_rd(server_model)), namespace=ns)
-    e2e_cluster.kubectl("wait", "rrd", NAME, "-n", ns, "--for=condition=Ready", "--timeout=300s")
-    url = service_url(ns, NAME)
-    api = ApiReader(e2e_cluster.kubeconfig)
+    node_cluster.apply(json.dumps(autoscaled_rd()), namespace=ns)
+    node_cluster.kubectl("wait", "rrd", NAME, "-n", ns, "--for=condition=Ready", "--timeout=300s")
+    ip, port = cluster_ip(node_cluster, ns, NAME)
+    url = f"http://{ip}:{port}"
+    api = ApiReader(node_cluster.kubeconfig)
     prom = metrics_path["prometheus"]
     import httpx  # noqa: PLC0415 (only this test talks to Prometheus)
 
@@ -102,7 +105,7 @@ def test_queue_depth_scales_the_fleet_up_and_back(e2e_cluster: Any, e2e_namespac
     events: dict[str, float | None] = {"load_start": recorder.now()}
     try:
         # Up: the HPA asks for more, the operator follows, the new pods get Ready and serve.
-        e2e_cluster.eventually(lambda: recorder.samples and recorder.samples[-1][
+        node_cluster.eventually(lambda: recorder.samples and recorder.samples[-1][
             "ready_replicas"] >= MAX, timeout=300, interval=1, desc=f"{MAX} Ready pods")
         served_before = _served_by_pod(prom, ns)
         time.sleep(15)  # the new pods serve their share of the load
@@ -112,7 +115,7 @@ def test_queue_depth_scales_the_fleet_up_and_back(e2e_cluster: Any, e2e_namespac
         # Down: one light client keeps requests flowing while pods are removed.
         light = Load(url, clients=1, docs=2).start()
         try:
-            e2e_cluster.eventually(
+            node_cluster.eventually(
                 lambda: recorder.samples[-1]["spec_replicas"] == MIN
                 and recorder.samples[-1]["ready_replicas"] == MIN
                 and len(_pods(api, ns)) == MIN,
@@ -163,8 +166,9 @@ def test_queue_depth_scales_the_fleet_up_and_back(e2e_cluster: Any, e2e_namespac
 
 
 def _quantity(text: str) -> float:
-    """A Kubernetes quantity as the custom metrics API writes it ("12", "1500m")."""
-    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    """A Kubernetes quantity as the custom metrics API writes it ("12", "1500m", "2k")."""
+    scale = {"m": 1e-3, "k": 1e3, "M": 1e6}.get(text[-1:])
+    return float(text[:-1]) * scale if scale else float(text)
 
 
 def _pods(api: ApiReader, ns: str) -> list[str]:

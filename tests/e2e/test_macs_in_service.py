@@ -27,12 +27,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fleet import cluster_ip
 from fleet_load import Load
+from kubecluster import KubeCluster
 from stand_in_macs import Mac, MacNetwork, slice_endpoints
 
 REPO = Path(__file__).resolve().parents[2]
 MAC_RBAC = REPO / "deploy" / "mac" / "rbac.yaml"
 NAME = "mixed"
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # the server image's embedded model
 PODS = 2
 #: The e2e operator's probe settings (tests/e2e/conftest.py) make a dead Mac not ready within
 #: period x failures + timeout = 2 s; the bound adds a watch event and the operator's write.
@@ -61,40 +64,40 @@ def mac_env(model: Path, ns: str, kubeconfig: str, name: str, address: str) -> d
 
 
 def test_service_spreads_over_pods_and_macs_and_drops_a_dead_mac(
-        e2e_cluster: Any, e2e_namespace: str, fleet_operator: Any, service_url: Any,
-        server_model: str, mac_network: MacNetwork, tiny_bert: Path,
-        uvicorn_server: Any) -> None:
+        node_cluster: KubeCluster, e2e_namespace: str, host_operator: Any,
+        mac_network: MacNetwork, tiny_bert: Path, uvicorn_server: Any) -> None:
     ns = e2e_namespace
     addr_a, addr_b = mac_network.addresses
     subnet = addr_a.rsplit(".", 1)[0] + ".0/24"
-    e2e_cluster.apply(json.dumps({
+    node_cluster.apply(json.dumps({
         "apiVersion": "reranker.dev/v1alpha1", "kind": "RerankerDeployment",
         "metadata": {"name": NAME},
-        "spec": {"model": {"id": server_model}, "replicas": PODS,
+        "spec": {"model": {"id": MODEL}, "replicas": PODS,
                  "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
                  "externalEndpoints": {"allowedCIDRs": [subnet]}}}), namespace=ns)
-    e2e_cluster.kubectl("apply", "-n", ns, "-f", str(MAC_RBAC))
-    kubeconfig = e2e_cluster.mint_kubeconfig(ns, "reranker-mac")
+    node_cluster.kubectl("apply", "-n", ns, "-f", str(MAC_RBAC))
+    kubeconfig = node_cluster.mint_kubeconfig(ns, "reranker-mac")
     port = mac_network.free_port()
     macs = {addr: Mac(uvicorn_server, mac_network, address=addr, port=port,
                       env=mac_env(tiny_bert, ns, kubeconfig, f"mac-{i}", addr)).start()
             for i, addr in enumerate((addr_a, addr_b))}
-    e2e_cluster.kubectl("wait", "rrd", NAME, "-n", ns, "--for=condition=Ready", "--timeout=300s")
+    node_cluster.kubectl("wait", "rrd", NAME, "-n", ns, "--for=condition=Ready", "--timeout=300s")
     both = {addr: {"ready": True, "serving": True, "port": port} for addr in macs}
-    e2e_cluster.eventually(lambda: slice_endpoints(e2e_cluster, ns, NAME) == both,
+    node_cluster.eventually(lambda: slice_endpoints(node_cluster, ns, NAME) == both,
                            timeout=30, desc="both Macs ready in the Service's EndpointSlice")
-    pods = {p["status"]["podIP"]: p["metadata"]["name"] for p in e2e_cluster.get_json(
+    pods = {p["status"]["podIP"]: p["metadata"]["name"] for p in node_cluster.get_json(
         "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={NAME}")["items"]}
     assert len(pods) == PODS
     backends = {**{name: f"http://{ip}:8000" for ip, name in pods.items()},
                 **{f"mac {addr}": mac.url for addr, mac in macs.items()}}
-    url = service_url(ns, NAME)
+    ip, service_port = cluster_ip(node_cluster, ns, NAME)
+    url = f"http://{ip}:{service_port}"
 
     # 1. All four backends serve the Service's traffic.
     before = {b: served(u) for b, u in backends.items()}
     load = Load(url, clients=4, docs=4, retry_window=RETRY_WINDOW).start()
     try:
-        e2e_cluster.eventually(
+        node_cluster.eventually(
             lambda: all(served(u) - before[b] >= 3 for b, u in backends.items()),
             timeout=120, interval=1, desc="requests served by every pod and Mac")
         spread = {b: served(u) - before[b] for b, u in backends.items()}
@@ -102,8 +105,8 @@ def test_service_spreads_over_pods_and_macs_and_drops_a_dead_mac(
         # 2. Mac a dies under load: out of the Service within the bound, no request fails.
         killed = time.monotonic()
         assert macs[addr_a].signal(signal.SIGKILL) == -signal.SIGKILL
-        e2e_cluster.eventually(
-            lambda: slice_endpoints(e2e_cluster, ns, NAME).get(addr_a, {}).get("ready") is False,
+        node_cluster.eventually(
+            lambda: slice_endpoints(node_cluster, ns, NAME).get(addr_a, {}).get("ready") is False,
             timeout=REMOVAL_BOUND + 5, interval=0.1, desc="the dead Mac not ready")
         not_ready_after = time.monotonic() - killed
         time.sleep(PROXY_SYNC + 3)  # load goes on over the live backends
