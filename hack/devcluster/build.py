@@ -45,7 +45,7 @@ def etcd_version() -> str:
 
 
 def coredns_version() -> str:
-    return _required_version(COREDNS_MOD / "go.mod", "github.com/coredns/coredns")
+    return required_version(COREDNS_MOD / "go.mod", "github.com/coredns/coredns")
 
 
 def kube_bin_dir() -> Path:
