@@ -43,7 +43,11 @@ def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def versions(cluster: Any, ns: str, name: str) -> dict[str, str]:
-    out = {f"{k}/{n}": o["metadata"]["resourceVersion"]
+    """Each child's resourceVersion; for HPAs the generation: the HPA controller writes an
+    HPA's status every sync period (15 s) whatever the operator does, while a spec write
+    (the operator's) moves the generation."""
+    out = {f"{k}/{n}": str(o["metadata"]["generation"]) if k == "HorizontalPodAutoscaler"
+           else o["metadata"]["resourceVersion"]
            for (k, n), o in children(cluster, ns, name).items()}
     out["RerankerDeployment"] = cluster.get_json("rrd", name, "-n", ns)["metadata"][
         "resourceVersion"]
