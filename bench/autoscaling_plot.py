@@ -51,7 +51,7 @@ def plot(record: dict[str, Any], out: Path) -> None:
     top.set_ylabel("replicas")
     top.set_ylim(0, record["max_replicas"] + 0.5)
     top.set_yticks(range(0, record["max_replicas"] + 1))
-    top.legend(loc="upper right")
+    top.legend(loc="center right")
     top.grid(alpha=0.3)
 
     t, v = series(samples, "queue_depth_total")

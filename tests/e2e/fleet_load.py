@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import ssl
 import tempfile
 import threading
 import time
@@ -150,8 +151,9 @@ class ApiReader:
             path = Path(self._dir.name) / name
             path.write_bytes(base64.b64decode(data))
             files[name] = str(path)
-        self.client = httpx.Client(base_url=cluster["server"], verify=files["ca.crt"],
-                                   cert=(files["client.crt"], files["client.key"]), timeout=10)
+        tls = ssl.create_default_context(cafile=files["ca.crt"])
+        tls.load_cert_chain(files["client.crt"], files["client.key"])
+        self.client = httpx.Client(base_url=cluster["server"], verify=tls, timeout=10)
 
     def get(self, path: str, **params: Any) -> Any:
         r = self.client.get(path, params=params)
