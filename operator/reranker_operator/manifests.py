@@ -280,6 +280,9 @@ def server_container(name: str, spec: RerankerSpec, defaults: Defaults) -> Manif
         "resources": _resources(spec),
         "securityContext": _restricted_container_security(),
         "volumeMounts": mounts,
+        # The server writes why it stopped to the termination log (a model that cannot load);
+        # any other crash reports the log's tail. The operator's Degraded condition shows it.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
