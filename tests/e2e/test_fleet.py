@@ -56,7 +56,7 @@ def images(node_cluster: KubeCluster) -> dict[str, str]:
     """The images must be in the node's containerd: `make images` (or `hack/cluster up` after
     it) puts them there; without them the tests fail saying so."""
     node = node_cluster.get_json("node", node_cluster.info["node"]["name"])
-    present = {n for image in node["status"].get("images", []) for n in image.get("names", [])}
+    present = {n for image in node["status"].get("images") or [] for n in image.get("names") or []}
     missing = [i for i in IMAGES.values() if f"docker.io/{i}" not in present]
     assert not missing, (f"images {missing} are not on the node: run `make images` "
                          "(it loads them into a running node; `hack/cluster up` imports them)")
