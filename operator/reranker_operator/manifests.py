@@ -60,7 +60,7 @@ MODELS_MOUNT = "/models"
 REDIS_PORT = 6379
 GPU_RESOURCE = "nvidia.com/gpu"
 UNPRIVILEGED_UID = 10001
-REDIS_UID = 999  # the `redis` user of the official images
+REDIS_UID = 999  # the `redis` user of reranker-fleet/redis (deploy/redis) and the official images
 
 #: Settings the operator renders, each a name from the server's env contract. HF_HOME is
 #: Hugging Face's own variable (where models are cached), not the server's.
@@ -417,8 +417,10 @@ def redis_deployment(name: str, spec: RerankerSpec, defaults: Defaults) -> Manif
         "name": "redis",
         "image": r.image or defaults.redis_image,
         # A cache, not a database: no persistence, bounded memory, least-recently-used eviction.
+        # Protected mode (no password: loopback clients only) would refuse the server pods;
+        # the official images turn it off in their entrypoint, this says it for any image.
         "args": ["--save", "", "--appendonly", "no", "--maxmemory", r.max_memory,
-                 "--maxmemory-policy", "allkeys-lru"],
+                 "--maxmemory-policy", "allkeys-lru", "--protected-mode", "no"],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
         "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5},
         "livenessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 10},
