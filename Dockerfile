@@ -23,8 +23,10 @@
 #                    secret: --secret id=pip-ca,src=CA.pem --build-arg PIP_CERT=/run/secrets/pip-ca
 #
 # Layers, from the bottom: the base, the dependencies (read from pyproject.toml alone, so a
-# source change does not reinstall them), then the project's own wheel. pip's downloads stay
-# in a build cache mount between builds; nothing of pip's cache lands in an image.
+# source change does not reinstall them), then the project's own wheel. The wheels pip
+# downloads stay in a wheelhouse on a build cache mount, so a rebuild downloads only what is
+# new (pip's HTTP cache is not relied on: proxies may forbid caching); nothing of it lands in
+# an image.
 #
 # Both images run as the unprivileged user 10001 (the uid the operator's pods run as), hold no
 # secret (API keys, Redis URLs come from the environment at run time), and work with a
@@ -74,8 +76,11 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The torch requirement is pyproject.toml's (its range, hence DL3013).
 # hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=pip-ca \
-    pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$(grep -E '^torch\b' server.txt)" \
-    && pip install -r server.txt \
+    pip download --dest /root/.cache/pip/wheelhouse \
+        ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$(grep -E '^torch\b' server.txt)" \
+    && pip download --dest /root/.cache/pip/wheelhouse --find-links /root/.cache/pip/wheelhouse \
+        -r server.txt \
+    && pip install --no-index --find-links /root/.cache/pip/wheelhouse -r server.txt \
     && case "$TORCH_VARIANT" in \
         cuda) ;; \
         cpu) site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
@@ -92,7 +97,9 @@ RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=pip-ca \
 FROM deps AS deps-operator
 ARG PIP_CERT
 RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=pip-ca \
-    pip install -r operator.txt
+    pip download --dest /root/.cache/pip/wheelhouse --find-links /root/.cache/pip/wheelhouse \
+        -r operator.txt \
+    && pip install --no-index --find-links /root/.cache/pip/wheelhouse -r operator.txt
 
 # --- the project itself: one wheel (server/ and operator/), installed without dependencies ----
 FROM deps AS wheel
@@ -104,10 +111,11 @@ RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=pip-ca \
     pip wheel --no-deps --wheel-dir /wheels .
 
 # --- operator ---------------------------------------------------------------------------------
-FROM base AS operator
+# Built on its dependency stage (not a copy of /opt/venv: that would be hashed, gigabytes for
+# the server, on every build to find it cached); the stage adds only /src/*.txt to the base.
+FROM deps-operator AS operator
 LABEL org.opencontainers.image.title="reranker-operator" \
       org.opencontainers.image.description="Kopf operator running RerankerDeployment fleets"
-COPY --from=deps-operator /opt/venv /opt/venv
 COPY --from=wheel /wheels/ /tmp/wheels/
 RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 USER 10001:10001
@@ -119,7 +127,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
 CMD ["reranker-operator"]
 
 # --- server (the default target) --------------------------------------------------------------
-FROM base AS server
+FROM deps-server AS server
 LABEL org.opencontainers.image.title="reranker" \
       org.opencontainers.image.description="Reranking server: native, TEI, Cohere and Jina APIs"
 # Models downloaded from the hub land in HF_HOME, on a volume (an emptyDir or PVC on Kubernetes);
@@ -130,7 +138,6 @@ ENV HF_HOME=/cache/huggingface \
     HOST=0.0.0.0 \
     PORT=8000
 RUN mkdir -p /cache/huggingface && chown -R 10001:10001 /cache
-COPY --from=deps-server /opt/venv /opt/venv
 COPY --from=wheel /wheels/ /tmp/wheels/
 RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 VOLUME ["/cache"]
