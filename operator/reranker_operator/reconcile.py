@@ -21,8 +21,9 @@ import dataclasses
 import datetime
 import functools
 import logging
+import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import kopf
@@ -138,8 +139,16 @@ EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
 ExternalView = Callable[[OwnerKey], external.Summary | None]
 
 
+#: The failures of a fleet's server pods (status.pod_failure of each failing one).
+PodFailures = Callable[[OwnerKey], Sequence[Mapping[str, str]]]
+
+
 def _no_external(_key: OwnerKey) -> external.Summary | None:
     return None
+
+
+def _no_pod_failures(_key: OwnerKey) -> Sequence[Mapping[str, str]]:
+    return ()
 
 
 def post_event(owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
@@ -157,7 +166,8 @@ class Reconciler:
 
     `service_monitors` says whether the API server served ServiceMonitors when the operator
     started (and so whether their watch stream, and their index, exist). `external` gives the
-    prober's summary of a fleet's external endpoints: their EndpointSlices and status.
+    prober's summary of a fleet's external endpoints: their EndpointSlices and status;
+    `pod_failures` why its server pods fail (Degraded).
     """
 
     def __init__(self, kube: Kube, defaults: manifests.Defaults, *,
@@ -165,9 +175,11 @@ class Reconciler:
                  api_workers: int = 16,
                  clock: Callable[[], str] = utcnow,
                  events: EventPoster = post_event,
-                 external: ExternalView = _no_external) -> None:
+                 external: ExternalView = _no_external,
+                 pod_failures: PodFailures = _no_pod_failures) -> None:
         self.kube = kube
         self.external = external
+        self.pod_failures = pod_failures
         # Blocking API calls run here, not in the loop's default executor, so that a burst
         # of creations cannot starve (or be starved by) anything else.
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -316,6 +328,11 @@ class Reconciler:
         Runs in a worker thread: touches only `outcome` and the API, never `self`'s memory
         (the event loop owns that)."""
         namespace = owner["metadata"]["namespace"]
+        if plan.spec is not None and any(
+                (o["kind"], o["metadata"]["name"]) == ("Deployment", manifests.redis_name(
+                    owner["metadata"]["name"])) for o in plan.apply):
+            if not self._ensure_redis_secret(owner, outcome):
+                return self._status(owner, plan, live, outcome, current)
         for obj in plan.apply:
             name = obj["metadata"]["name"]
             try:
@@ -354,6 +371,22 @@ class Reconciler:
             self._write_status(owner, patch, outcome)
         return new
 
+    def _ensure_redis_secret(self, owner: Mapping[str, Any], outcome: Outcome) -> bool:
+        """Create the managed Redis' password Secret unless it exists (blocking; False: not
+        now). Asked for whenever the Redis Deployment is applied, so before Redis first starts;
+        an existing Secret (409) is kept as it is: the operator cannot and need not read it."""
+        secret = manifests.redis_password_secret(owner, secrets.token_hex(24))
+        try:
+            if self.kube.create(secret):
+                outcome.created.append(_ref(secret))
+        except (ApiException, HTTPError) as e:
+            detail = error_message(e) if isinstance(e, ApiException) else str(e)
+            message = f"cannot create {_ref(secret)}: {detail}"
+            outcome.problems.append(status.Problem("ApplyFailed", message))
+            outcome.retry = message
+            return False
+        return True
+
     # --- status and events ----------------------------------------------------------------
 
     def _status(self, owner: Mapping[str, Any], plan: _Plan, live: Live, outcome: Outcome,
@@ -369,6 +402,7 @@ class Reconciler:
             service_port=spec.service.port if spec is not None else _raw_port(owner),
             now=self.clock(),
             external=self.external(owner_key(owner)),
+            pod_failures=self.pod_failures(owner_key(owner)),
         )
 
     def _write_status(self, owner: Mapping[str, Any], patch: Mapping[str, Any],

@@ -4,7 +4,7 @@ The operator renders these environment variables onto pods, the dashboards and H
 query these metric names, and the CRDs live in this API group. Both `reranker` (the server)
 and `reranker_operator` read this module, so it must stay free of third-party imports and
 of anything else from the server package. Change a name here only on purpose, everywhere at
-once (see ../shared/DESIGN.md).
+once (docs/architecture.md lists the contracts).
 """
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ ENV_VARS: tuple[str, ...] = (
     "RERANKER_MODEL",
     "RERANKER_MODEL_REVISION",
     "RERANKER_MODEL_KIND",
+    "RERANKER_PROMPT_TEMPLATE",
+    "RERANKER_PREFIX_SHARING",
     "RERANKER_LOCAL_MODEL_PATH",
     "RERANKER_MAX_LENGTH",
     "RERANKER_QUANTIZATION",
+    "RERANKER_RUNTIME",
+    "RERANKER_MODEL_CACHE_DIR",
     "RERANKER_USE_MLX",
     "RERANKER_DEVICE",
     "RERANKER_MAX_PARALLEL",
@@ -28,8 +32,13 @@ ENV_VARS: tuple[str, ...] = (
     "RERANKER_MAX_RETRIES",
     "RERANKER_MAX_DOCUMENTS",
     "RERANKER_MAX_BODY_BYTES",
+    "RERANKER_MAX_QUERY_CHARS",
+    "RERANKER_MAX_CONCURRENT_REQUESTS",
+    "RERANKER_SERVED_MODEL_NAMES",
     "RERANKER_API_KEYS",
     "RERANKER_API_KEYS_FILE",
+    "RERANKER_PROTECT_METRICS",
+    "RERANKER_PROTECT_DOCS",
     "RERANKER_DRAIN_SECONDS",
     "RERANKER_CACHE_SIZE",
     "RERANKER_REDIS_PREFIX",
@@ -42,6 +51,7 @@ ENV_VARS: tuple[str, ...] = (
     "RERANKER_REGISTER_ADDRESS",
     "RERANKER_REGISTER_PORT",
     "RERANKER_REGISTER_LEASE_SECONDS",
+    "RERANKER_REGISTER_MACHINE_ID",
     "ENABLE_PREDICTION_CACHE",
     "CACHE_TTL_SECONDS",
     "CLEAR_CACHE_INTERVAL",
@@ -57,9 +67,12 @@ ENV_VARS: tuple[str, ...] = (
     "LOG_LEVEL",
 )
 
-#: Values the server accepts for RERANKER_DEVICE and RERANKER_QUANTIZATION.
+#: Values the server accepts for RERANKER_DEVICE, RERANKER_QUANTIZATION and RERANKER_RUNTIME.
 DEVICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu", "mlx")
-QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "bf16", "fp16")
+QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int8", "bf16", "fp16")
+RUNTIMES: tuple[str, ...] = ("auto", "torch", "openvino", "mlx")
+#: Values the server accepts for LOG_LEVEL (any case).
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 #: HTTP routes every server exposes.
 ROUTE_HEALTH = "/health"

