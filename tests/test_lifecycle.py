@@ -137,3 +137,13 @@ def test_requests_still_queued_at_the_drain_deadline_get_503(uvicorn_server: Cal
     status, headers, text = out[0]
     assert status == 503 and "retry-after" in headers, (status, text)
     assert json.loads(text)["error"] == "not_ready"
+
+
+def test_a_model_that_cannot_load_ends_the_process_with_code_4(
+        uvicorn_server: Callable[..., ServerProcess], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A supervisor (Kubernetes, launchd) must see it and say why, not find a live but never
+    ready server."""
+    missing = tmp_path / "no-such-model"
+    server = uvicorn_server({"RERANKER_MODEL": str(missing), "HF_HUB_OFFLINE": "1"}, wait=False)
+    assert server.proc.wait(timeout=120) == 4, server.log.read_text()[-2000:]
+    assert "model load failed" in server.log.read_text()
