@@ -8,11 +8,19 @@ and are registered here for tests/kube and tests/e2e alike.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# The references the tests compare with are PyTorch fp32 (sentence-transformers), so servers the tests
+# start default to that, here and in their subprocesses; the defaults a user gets (RERANKER_RUNTIME=auto,
+# RERANKER_QUANTIZATION=auto: OpenVINO bf16 on a CPU with native bf16) are tested by name in
+# tests/test_openvino_backend.py.
+os.environ.setdefault("RERANKER_RUNTIME", "torch")
+os.environ.setdefault("RERANKER_QUANTIZATION", "none")
 
 sys.path.insert(0, str(Path(__file__).parent))
 import models  # noqa: E402

@@ -42,11 +42,18 @@ def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or ()}
 
 
+def _written_part(obj: dict[str, Any]) -> str:
+    """What the operator writes of an HPA (its spec, labels, annotations): the HPA controller
+    rewrites the status every sync period (15 s) whatever the operator does, so neither the
+    resourceVersion nor (unset on HPAs) the generation tells whether the operator wrote."""
+    meta = obj["metadata"]
+    return json.dumps({"spec": obj["spec"], "labels": meta.get("labels"),
+                       "annotations": meta.get("annotations")}, sort_keys=True)
+
+
 def versions(cluster: Any, ns: str, name: str) -> dict[str, str]:
-    """Each child's resourceVersion; for HPAs the generation: the HPA controller writes an
-    HPA's status every sync period (15 s) whatever the operator does, while a spec write
-    (the operator's) moves the generation."""
-    out = {f"{k}/{n}": str(o["metadata"]["generation"]) if k == "HorizontalPodAutoscaler"
+    """Each child's resourceVersion (an HPA's written part: `_written_part`)."""
+    out = {f"{k}/{n}": _written_part(o) if k == "HorizontalPodAutoscaler"
            else o["metadata"]["resourceVersion"]
            for (k, n), o in children(cluster, ns, name).items()}
     out["RerankerDeployment"] = cluster.get_json("rrd", name, "-n", ns)["metadata"][
@@ -320,6 +327,13 @@ def test_restart_creates_nothing_and_writes_nothing(operator: Operator, kube_clu
     before = settled_versions(kube_cluster, ns, name)
     assert len(before) == 8  # cm, deploy, svc, hpa, pdb, redis deploy + svc, the rrd
     assert len(operator.writes()) >= 8  # 7 children and the status, at least
+    # The managed Redis' password: a Secret owned by the fleet, and its NetworkPolicy.
+    uid = kube_cluster.get_json("rrd", name, "-n", ns)["metadata"]["uid"]
+    secret = kube_cluster.get_json("secret", f"{name}-redis-auth", "-n", ns)
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert len(secret["data"]["password"]) > 40
+    policy = kube_cluster.get_json("networkpolicy", f"{name}-redis", "-n", ns)
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == uid
 
     operator.stop()
     operator.start()
@@ -327,6 +341,8 @@ def test_restart_creates_nothing_and_writes_nothing(operator: Operator, kube_clu
     time.sleep(3)  # let any late write land
     assert operator.writes() == []
     assert versions(kube_cluster, ns, name) == before
+    again = kube_cluster.get_json("secret", f"{name}-redis-auth", "-n", ns)
+    assert again["metadata"]["resourceVersion"] == secret["metadata"]["resourceVersion"]
     kinds = [k for k, _ in children(kube_cluster, ns, name)]
     assert sorted(kinds) == ["ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler",
                              "PodDisruptionBudget", "Service", "Service"]
