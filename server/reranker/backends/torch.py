@@ -9,6 +9,11 @@ Dtypes: fp32 by default; bf16 weights; fp16 on CUDA/MPS; int8 by dynamic quantiz
 Linear layers (CPU). Logits are cast to fp32 before anything else touches them.
 
 Tokenization (shared with MLX) lives in tokenization.py.
+
+On CUDA, BERT- and XLM-R-shaped models run padding-free: each batch is packed into one row
+(packing.py) and moved through a per-thread stream with pinned buffers (staging.py), so the host
+prepares the next batch while the GPU runs the current one and each batch waits once, for its
+scores. Other architectures, and CPU/MPS, run padded batches as before.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Pair
+from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, EngineSizing, Pair
 from .model_files import ModelFiles
 from .tokenization import HFTokenization
 
@@ -59,6 +64,12 @@ def _dtype_for(quantization: str, device: str) -> tuple[Any, str]:
     return torch.float32, "fp32"
 
 
+#: CUDA defaults where the settings leave batching open (see `TorchBackend.sizing`).
+CUDA_BATCH_SIZE = 512
+CUDA_BATCH_TOKENS = 65536
+CUDA_PARALLEL = 2
+
+
 class TorchBackend(HFTokenization, Backend):
     """A Hugging Face model on a torch device."""
 
@@ -70,6 +81,7 @@ class TorchBackend(HFTokenization, Backend):
         self.mixed_precision = settings.enable_mixed_precision
         self._init_tokenizer(files)
         self.model = self._load_model(files, settings.quantization)
+        self.packed, self.lanes = self._packed_path()
         if settings.enable_torch_compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         activation: Literal["sigmoid", "identity"] = "sigmoid" if files.kind == "cross-encoder" else "identity"
@@ -92,6 +104,28 @@ class TorchBackend(HFTokenization, Backend):
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         return model.to(self.device)
 
+    def _packed_path(self) -> tuple[Any, Any]:
+        """The padding-free CUDA path, where the model's architecture allows it (else the padded one)."""
+        if self.device != "cuda":
+            return None, None
+        from .packing import PackedEncoder
+        from .staging import Lanes
+
+        cross = self.files.kind == "cross-encoder"
+        if not PackedEncoder.supports(self.model, cross_encoder=cross):
+            log.info("%s (%s) runs padded batches on CUDA: no packed head for it", self.files.name,
+                     self.model.config.model_type)
+            return None, Lanes(self.device)
+        return PackedEncoder(self.model, cross_encoder=cross), Lanes(self.device)
+
+    def sizing(self) -> EngineSizing:
+        if self.device != "cuda":
+            return EngineSizing()
+        # Measured on an H200 (docs/cuda.md): a MiniLM-sized model needs hundreds of pairs per
+        # forward to leave launch overhead behind; two batches in flight keep the GPU busy.
+        return EngineSizing(batch_size=CUDA_BATCH_SIZE, max_batch_tokens=CUDA_BATCH_TOKENS,
+                            max_parallel=CUDA_PARALLEL, padded=self.packed is None)
+
     # --- scoring ---------------------------------------------------------------------------
     def _autocast(self) -> Any:
         if not self.mixed_precision or self.torch_dtype != torch.float32:
@@ -108,6 +142,10 @@ class TorchBackend(HFTokenization, Backend):
             return self._score_bi(pairs)
 
     def _score_cross(self, pairs: Sequence[Pair]) -> list[float]:
+        if self.packed is not None:
+            enc = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True,
+                                 max_length=self.max_length)
+            return self._score_packed(enc["input_ids"], enc.get("token_type_ids"))
         features = self.tokenizer(
             [q for q, _ in pairs], [d for _, d in pairs],
             padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
@@ -120,18 +158,50 @@ class TorchBackend(HFTokenization, Backend):
             raw = logits[:, 0]
         return raw.cpu().tolist()
 
+    def _score_packed(self, rows: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None) -> list[float]:
+        """Cross-encoder scores of token-id rows, padding-free on this thread's CUDA stream."""
+        from .packing import pack
+
+        lane = self.lanes.get()
+        packed = pack(rows, types, position_offset=self.packed.position_offset)
+        with torch.cuda.stream(lane.stream):
+            batch, _ = self._upload(lane, packed)
+            logits = self.packed.logits(self.packed.hidden(batch), batch).float()
+            return lane.download(self._raw(logits))
+
+    def _raw(self, logits: Any) -> Any:
+        if self.num_labels == 2:
+            # softmax(l)[1] == sigmoid(l1 - l0): keep the log-odds as the raw score.
+            return logits[:, 1] - logits[:, 0]
+        return logits[:, 0]
+
+    @staticmethod
+    def _upload(lane: Any, packed: Any, *extra: Any) -> tuple[Any, list[Any]]:
+        """One non-blocking copy of a packed batch (and `extra` int64 arrays) to the device."""
+        from .packing import DevicePacked
+
+        types = [] if packed.token_type_ids is None else [packed.token_type_ids]
+        views = lane.upload([packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.slots, *extra, *types])
+        batch = DevicePacked(input_ids=views[0], position_ids=views[1], cu_seqlens=views[2].int(), slots=views[3],
+                             token_type_ids=views[-1] if types else None, max_len=packed.max_len)
+        return batch, views[4:4 + len(extra)]
+
     def embed(self, texts: Sequence[str]) -> Any:
         features = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                   return_tensors="pt").to(self.device)
         hidden = self.model(**features).last_hidden_state.float()
-        mask = features["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return self._pool(hidden, features["attention_mask"])
+
+    def _pool(self, hidden: Any, attention_mask: Any) -> Any:
+        """Sentence embeddings from (N, L, hidden) states and their (N, L) mask, L2-normalized."""
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooling = self.files.pooling
         if pooling == "cls":
             pooled = hidden[:, 0]
         elif pooling == "max":
             pooled = hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
         elif pooling == "lasttoken":
-            last = features["attention_mask"].sum(dim=1) - 1
+            last = attention_mask.sum(dim=1) - 1
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         else:
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
@@ -141,10 +211,29 @@ class TorchBackend(HFTokenization, Backend):
         # Each distinct text is embedded once per batch: usually one query and many documents.
         texts = list(dict.fromkeys(t for pair in pairs for t in pair))
         index = {t: i for i, t in enumerate(texts)}
+        queries = [index[q] for q, _ in pairs]
+        documents = [index[d] for _, d in pairs]
+        if self.packed is not None:
+            enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+            return self._score_bi_packed(enc["input_ids"], enc.get("token_type_ids"), queries, documents)
         emb = self.embed(texts)
-        q = emb[[index[q] for q, _ in pairs]]
-        d = emb[[index[d] for _, d in pairs]]
-        return (q * d).sum(dim=1).cpu().tolist()
+        return (emb[queries] * emb[documents]).sum(dim=1).cpu().tolist()
+
+    def _score_bi_packed(self, rows: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None,
+                         queries: Sequence[int], documents: Sequence[int]) -> list[float]:
+        """Cosine similarities of (query row, document row) pairs, the rows embedded padding-free."""
+        import numpy as np
+
+        from .packing import pack
+
+        lane = self.lanes.get()
+        packed = pack(rows, types, position_offset=self.packed.position_offset)
+        with torch.cuda.stream(lane.stream):
+            batch, (q, d) = self._upload(lane, packed, np.asarray(queries, dtype=np.int64),
+                                         np.asarray(documents, dtype=np.int64))
+            block, mask = self.packed.unpack(self.packed.hidden(batch), batch)
+            emb = self._pool(block.float(), mask)
+            return lane.download((emb[q] * emb[d]).sum(dim=1))
 
     def close(self) -> None:
         del self.model
