@@ -213,7 +213,11 @@ def timed(fn: Callable[[], Any], reps: int) -> float:
 def forward_variants(name: str, model: Path, pairs: list[tuple[str, str]], quant: str) -> None:
     from reranker.backends.packing import pack
 
+    from reranker.backends.packing import PackedEncoder
+
     b = load(model, ARGS.device, quant)
+    if ARGS.device == "cpu":  # the dry run: the server packs on CUDA only, the code is the same
+        b.packed = PackedEncoder(b.model, cross_encoder=True)
     if getattr(b, "packed", None) is None:
         raise RuntimeError("the backend did not take the packed path")
     results: dict[str, Any] = {}

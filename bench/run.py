@@ -64,14 +64,15 @@ async def mixed_lengths(backend) -> tuple[float, float]:  # type: ignore[no-unty
 
     docs = w.texts(384, tokens=(8, 380), seed=11, tag="m")
     pairs = [("mixed length query", d) for d in docs]
-    lengths = backend.pair_lengths(pairs)
+    encoded = backend.encode(pairs)
     rates = []
     for by_length in (True, False):
         batcher = Batcher(backend, Metrics(), batch_size=32, max_batch_tokens=16384, window_ms=0, max_parallel=1,
                           worker_timeout=600, by_length=by_length)
         batcher.start()
         loop = asyncio.get_running_loop()
-        jobs = [Job(pair=p, key=str(i), tokens=n, future=loop.create_future()) for i, (p, n) in enumerate(zip(pairs, lengths))]
+        jobs = [Job(pair=p, key=str(i), tokens=e.tokens, encoded=e, future=loop.create_future())
+                for i, (p, e) in enumerate(zip(pairs, encoded))]
         t0 = time.perf_counter()
         batcher.submit(jobs)
         await asyncio.gather(*(j.future for j in jobs))

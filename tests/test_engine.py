@@ -133,3 +133,27 @@ async def test_duplicate_documents_in_one_request(minilm: Path) -> None:
         scores = {r["index"]: r["score"] for r in body["results"]}
         assert scores[0] == scores[1]
         assert metric(client, "reranker_pairs_scored_total") == 2
+
+
+async def test_each_pair_is_tokenized_once(tiny_bert: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The lengths the batcher groups by and the forward's input ids come from one tokenizer call."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    tokenized: list[int] = []  # texts (or pairs) per tokenizer call, from every thread
+    real_call = PreTrainedTokenizerBase.__call__
+
+    def counting(self, text=None, text_pair=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+        tokenized.append(len(text) if isinstance(text, list) else 1)
+        return real_call(self, text, text_pair, *args, **kwargs)
+
+    rng = random.Random(5)
+    async with running_app(model=str(tiny_bert), batch_size=8, micro_batch_window_ms=5) as client:
+        monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", counting)
+        bodies = [{"query": f"query {i}", "documents": make_docs(rng, 12)} for i in range(6)]
+        responses = await asyncio.gather(*(client.post("/rerank", json=b) for b in bodies))
+        assert all(r.status_code == 200 for r in responses)
+        scored = metric(client, "reranker_pairs_scored_total")
+        assert scored == 6 * 12
+        assert sum(tokenized) == scored  # one tokenization per pair, none in the forward
+        await client.post("/rerank", json=bodies[0])  # all cached: no tokenizer work at all
+        assert sum(tokenized) == scored

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .backends import Backend, Pair
+from .backends import Backend, Encoded, Pair
 from .errors import BackendFailure, ClientGone, WorkerTimeout
 from .metrics import Metrics
 
@@ -43,6 +43,7 @@ class Job:
     key: str
     tokens: int
     future: asyncio.Future[float]
+    encoded: Encoded | None = None  # the pair's token ids, from the one tokenizer call that measured `tokens`
     owners: set["Ticket"] = field(default_factory=set)
     enqueued_at: float = field(default_factory=time.monotonic)
     started: bool = False
@@ -285,11 +286,10 @@ class Batcher:
             self.metrics.wait_window.add(wait)
         self.active += 1
         release_now = True
-        pairs = [job.pair for job in batch]
         loop = asyncio.get_running_loop()
         try:
             for attempt in range(self.max_retries + 1):
-                future = loop.run_in_executor(self._executor, self.backend.score, pairs)
+                future = loop.run_in_executor(self._executor, self._forward, batch)
                 try:
                     scores = await asyncio.wait_for(asyncio.shield(future), self.worker_timeout)
                     break
@@ -327,6 +327,13 @@ class Batcher:
                 job.future.set_result(float(score))
         if self.on_done is not None:
             self.on_done(batch)
+
+    def _forward(self, batch: list[Job]) -> list[float]:
+        """Score a batch from its token ids (jobs built without them are tokenized here)."""
+        encoded = [job.encoded for job in batch]
+        if any(e is None for e in encoded):
+            encoded = self.backend.encode([job.pair for job in batch])
+        return self.backend.score_encoded(encoded)  # type: ignore[arg-type]
 
     def _fail(self, batch: list[Job], error: Exception) -> None:
         for job in batch:

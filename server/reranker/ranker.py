@@ -116,9 +116,10 @@ class Ranker:
 
         pair_of = dict(zip(keys, pairs))
         missing = [k for k in pair_of if k not in scores]
-        # Only pairs the model may see are tokenized: cache hits cost no tokenizer time.
-        lengths = await asyncio.to_thread(self.backend.pair_lengths, [pair_of[k] for k in missing]) if missing else []
-        length_of = dict(zip(missing, lengths))
+        # Only pairs the model may see are tokenized, once: the ids carry their length for batching
+        # and go to the forward as they are. Cache hits cost no tokenizer time.
+        encoded = await asyncio.to_thread(self.backend.encode, [pair_of[k] for k in missing]) if missing else []
+        encoded_of = dict(zip(missing, encoded))
         # No await from here until the jobs are registered: concurrent requests see each other's jobs.
         waiting: dict[str, Job] = {}
         new_keys: list[str] = []
@@ -132,7 +133,8 @@ class Ranker:
         if new_keys:
             self.admission.admit(len(new_keys))
             loop = asyncio.get_running_loop()
-            jobs = [Job(pair=pair_of[k], key=k, tokens=length_of[k], future=loop.create_future()) for k in new_keys]
+            jobs = [Job(pair=pair_of[k], key=k, tokens=encoded_of[k].tokens, encoded=encoded_of[k],
+                        future=loop.create_future()) for k in new_keys]
             for job in jobs:
                 self.inflight[job.key] = job
                 waiting[job.key] = job
@@ -159,4 +161,4 @@ class Ranker:
         for doc_chunks in chunks:
             raw.append(max(scores[k] for k in keys[cursor: cursor + len(doc_chunks)]))
             cursor += len(doc_chunks)
-        return Ranked(raw=raw, tokens=sum(lengths))  # tokens this request sent to the model
+        return Ranked(raw=raw, tokens=sum(e.tokens for e in encoded))  # tokens this request sent to the model

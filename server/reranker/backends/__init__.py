@@ -12,13 +12,14 @@ import importlib.util
 import platform
 from typing import TYPE_CHECKING
 
-from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, EngineSizing, Pair
+from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, EngineSizing, Pair
 from . import model_files
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..settings import Settings
 
-__all__ = ["Backend", "BackendError", "BackendInfo", "DeviceUnavailable", "EngineSizing", "Pair", "load_backend", "pick_runtime"]
+__all__ = ["Backend", "BackendError", "BackendInfo", "DeviceUnavailable", "Encoded", "EngineSizing", "Pair",
+           "load_backend", "pick_runtime"]
 
 #: Runtime name -> (module, class). One line per runtime.
 RUNTIMES: dict[str, tuple[str, str]] = {

@@ -5,8 +5,13 @@ cross-encoder (log-odds of the positive class for two-label heads), or the cosin
 of a bi-encoder. Activation (sigmoid) happens outside, in fp32, in `reranker.activation`,
 so cached scores are raw and `raw_scores` requests come for free.
 
-Backends are synchronous and may be slow: the batcher calls `score` from worker threads.
-Hardware libraries (torch, mlx) are imported only inside the backend modules.
+Each pair is tokenized once: `encode` turns pairs into `Encoded` token ids (their length is what
+the batcher groups and budgets by), and `score_encoded` runs the forward on a batch of them, so the
+lengths for batching and the forward's inputs come from one tokenizer call. The encoded form is
+plain token ids, runtime-neutral: each backend collates (pads) a batch into its own tensors.
+
+Backends are synchronous and may be slow: the batcher calls `score_encoded` from worker threads.
+Hardware libraries (torch, mlx, openvino) are imported only inside the backend modules.
 """
 
 from __future__ import annotations
@@ -20,6 +25,25 @@ from typing import Literal
 
 Pair = tuple[str, str]
 Kind = Literal["cross-encoder", "bi-encoder"]
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One pair, tokenized once, truncated to the model's max length.
+
+    Cross-encoders: `ids` is the whole sequence the model reads ([CLS] query [SEP] document [SEP])
+    and `type_ids` its segment ids (None for models without them, e.g. XLM-R).
+    Bi-encoders: `ids` is the document and `query` the query, each embedded on its own.
+    """
+
+    ids: list[int]
+    type_ids: list[int] | None = None
+    query: list[int] | None = None
+
+    @property
+    def tokens(self) -> int:
+        """What this pair costs in a forward pass: the length the batcher groups and budgets by."""
+        return len(self.ids)
 
 
 class BackendError(RuntimeError):
@@ -83,16 +107,24 @@ class Backend(abc.ABC):
     info: BackendInfo
 
     @abc.abstractmethod
+    def encode(self, pairs: Sequence[Pair]) -> list[Encoded]:
+        """Tokenize pairs for the forward pass (one tokenizer call per pair, truncated)."""
+
+    @abc.abstractmethod
+    def score_encoded(self, batch: Sequence[Encoded]) -> list[float]:
+        """Raw scores (fp32 logits or cosine similarities), one per encoded pair, in order."""
+
     def score(self, pairs: Sequence[Pair]) -> list[float]:
-        """Raw scores (fp32 logits or cosine similarities), one per pair, in order."""
+        """Raw scores of pairs of texts: `encode` then `score_encoded`."""
+        return self.score_encoded(self.encode(pairs)) if pairs else []
+
+    def pair_lengths(self, pairs: Sequence[Pair]) -> list[int]:
+        """Tokens each pair occupies in a forward pass, after truncation to max_length."""
+        return [e.tokens for e in self.encode(pairs)]
 
     @abc.abstractmethod
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         """Tokens of each text on its own, without special tokens and without truncation."""
-
-    @abc.abstractmethod
-    def pair_lengths(self, pairs: Sequence[Pair]) -> list[int]:
-        """Tokens each pair occupies in a forward pass, after truncation to max_length."""
 
     @abc.abstractmethod
     def token_offsets(self, text: str) -> list[tuple[int, int]]:

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
-from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Pair
+from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded
 from .model_files import ModelFiles
-from .tokenization import HFTokenization
+from .tokenization import Features, HFTokenization
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..settings import Settings
@@ -404,27 +404,22 @@ class MLXBackend(HFTokenization, Backend):
         mx.eval(model.parameters())  # materialize now, on the MLX thread, not lazily in the first request
         return dtype_name, model
 
-    # --- features: tokenized as in tokenization.py, padded, as numpy for MLX ---
-    def _features(self, *texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        enc = self.tokenizer(*texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
-        ids = enc["input_ids"].astype(np.int32)
-        types = enc["token_type_ids"].astype(np.int32) if "token_type_ids" in enc else np.zeros_like(ids)
-        return ids, types, enc["attention_mask"].astype(np.int32)
+    # --- scoring: tokenized and padded in tokenization.py, handed over as numpy ----------------
+    @staticmethod
+    def _arrays(features: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids = features.input_ids.astype(np.int32)
+        types = features.token_type_ids.astype(np.int32) if features.token_type_ids is not None else np.zeros_like(ids)
+        return ids, types, features.attention_mask.astype(np.int32)
 
-    # --- scoring ---------------------------------------------------------------------------
-    def score(self, pairs: Sequence[Pair]) -> list[float]:
-        if not pairs:
+    def score_encoded(self, batch: Sequence[Encoded]) -> list[float]:
+        if not batch:
             return []
         if self.files.kind == "cross-encoder":
-            features = self._features([q for q, _ in pairs], [d for _, d in pairs])
+            features = self._arrays(self.collate_cross(batch))
             return self._on_mlx(lambda: self._score_cross(*features))
-        # Each distinct text is embedded once per batch: usually one query and many documents.
-        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-        index = {t: i for i, t in enumerate(texts)}
-        features = self._features(texts)
-        queries = np.array([index[q] for q, _ in pairs])
-        docs = np.array([index[d] for _, d in pairs])
-        return self._on_mlx(lambda: self._score_bi(features, queries, docs))
+        bi = self.collate_bi(batch)
+        arrays = self._arrays(bi.features)
+        return self._on_mlx(lambda: self._score_bi(arrays, bi.queries, bi.documents))
 
     def _score_cross(self, ids: np.ndarray, types: np.ndarray, mask: np.ndarray) -> list[float]:
         logits = self.model(mx.array(ids), mx.array(types), mx.array(mask)).astype(mx.float32)

@@ -22,9 +22,9 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, EngineSizing, Pair
+from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, EngineSizing
 from .model_files import ModelFiles
-from .tokenization import HFTokenization
+from .tokenization import BiBatch, Features, HFTokenization
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..settings import Settings
@@ -51,6 +51,7 @@ def pick_device(requested: str) -> str:
 
 
 def _dtype_for(quantization: str, device: str) -> tuple[Any, str]:
+    """The dtype to load in. auto loads fp32: on CUDA the precision is then chosen by measurement."""
     if quantization == "bf16":
         return torch.bfloat16, "bf16"
     if quantization == "fp16":
@@ -82,6 +83,8 @@ class TorchBackend(HFTokenization, Backend):
         self._init_tokenizer(files)
         self.model = self._load_model(files, settings.quantization)
         self.packed, self.lanes = self._packed_path()
+        if settings.quantization == "auto" and self.device == "cuda":
+            dtype_name = self._choose_precision()
         if settings.enable_torch_compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         activation: Literal["sigmoid", "identity"] = "sigmoid" if files.kind == "cross-encoder" else "identity"
@@ -103,6 +106,32 @@ class TorchBackend(HFTokenization, Backend):
         if quantization == "int8":
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         return model.to(self.device)
+
+    def _choose_precision(self) -> str:
+        """quantization=auto on CUDA: the first half precision whose scores keep the fp32 ranking
+        on calibration pairs (precision.py), measured on this model; fp32 if none does."""
+        import copy
+
+        from .precision import calibration_pairs, choose
+
+        encoded = self.encode(calibration_pairs())
+        fp32 = self.model
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+        def score_in(name: str) -> list[float]:
+            self.model = fp32 if name == "fp32" else copy.deepcopy(fp32).to(dtypes[name])
+            self.packed, self.lanes = self._packed_path()
+            return self.score_encoded(encoded)
+
+        choice = choose(score_in)
+        if choice.dtype != "fp32":
+            score_in(choice.dtype)  # keep the chosen copy; the fp32 weights are freed
+        else:
+            score_in("fp32")
+        self.torch_dtype = dtypes[choice.dtype]
+        del fp32
+        torch.cuda.empty_cache()
+        return choice.dtype
 
     def _packed_path(self) -> tuple[Any, Any]:
         """The padding-free CUDA path, where the model's architecture allows it (else the padded one)."""
@@ -133,41 +162,18 @@ class TorchBackend(HFTokenization, Backend):
         device_type = "cuda" if self.device == "cuda" else "cpu"
         return torch.autocast(device_type=device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
 
-    def score(self, pairs: Sequence[Pair]) -> list[float]:
-        if not pairs:
+    def score_encoded(self, batch: Sequence[Encoded]) -> list[float]:
+        if not batch:
             return []
         with torch.inference_mode(), self._autocast():
+            if self.packed is not None:
+                return self._score_packed(batch)
             if self.files.kind == "cross-encoder":
-                return self._score_cross(pairs)
-            return self._score_bi(pairs)
+                return self._score_cross(self.collate_cross(batch))
+            return self._score_bi(self.collate_bi(batch))
 
-    def _score_cross(self, pairs: Sequence[Pair]) -> list[float]:
-        if self.packed is not None:
-            enc = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True,
-                                 max_length=self.max_length)
-            return self._score_packed(enc["input_ids"], enc.get("token_type_ids"))
-        features = self.tokenizer(
-            [q for q, _ in pairs], [d for _, d in pairs],
-            padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
-        ).to(self.device)
-        logits = self.model(**features).logits.float()
-        if self.num_labels == 2:
-            # softmax(l)[1] == sigmoid(l1 - l0): keep the log-odds as the raw score.
-            raw = logits[:, 1] - logits[:, 0]
-        else:
-            raw = logits[:, 0]
-        return raw.cpu().tolist()
-
-    def _score_packed(self, rows: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None) -> list[float]:
-        """Cross-encoder scores of token-id rows, padding-free on this thread's CUDA stream."""
-        from .packing import pack
-
-        lane = self.lanes.get()
-        packed = pack(rows, types, position_offset=self.packed.position_offset)
-        with torch.cuda.stream(lane.stream):
-            batch, _ = self._upload(lane, packed)
-            logits = self.packed.logits(self.packed.hidden(batch), batch).float()
-            return lane.download(self._raw(logits))
+    def _tensors(self, features: Features) -> dict[str, Any]:
+        return {name: torch.from_numpy(array).to(self.device) for name, array in features.as_dict().items()}
 
     def _raw(self, logits: Any) -> Any:
         if self.num_labels == 2:
@@ -175,22 +181,14 @@ class TorchBackend(HFTokenization, Backend):
             return logits[:, 1] - logits[:, 0]
         return logits[:, 0]
 
-    @staticmethod
-    def _upload(lane: Any, packed: Any, *extra: Any) -> tuple[Any, list[Any]]:
-        """One non-blocking copy of a packed batch (and `extra` int64 arrays) to the device."""
-        from .packing import DevicePacked
+    def _score_cross(self, features: Features) -> list[float]:
+        logits = self.model(**self._tensors(features)).logits.float()
+        return self._raw(logits).cpu().tolist()  # type: ignore[no-any-return]
 
-        types = [] if packed.token_type_ids is None else [packed.token_type_ids]
-        views = lane.upload([packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.slots, *extra, *types])
-        batch = DevicePacked(input_ids=views[0], position_ids=views[1], cu_seqlens=views[2].int(), slots=views[3],
-                             token_type_ids=views[-1] if types else None, max_len=packed.max_len)
-        return batch, views[4:4 + len(extra)]
-
-    def embed(self, texts: Sequence[str]) -> Any:
-        features = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                                  return_tensors="pt").to(self.device)
-        hidden = self.model(**features).last_hidden_state.float()
-        return self._pool(hidden, features["attention_mask"])
+    def embed(self, features: Features) -> Any:
+        inputs = self._tensors(features)
+        hidden = self.model(**inputs).last_hidden_state.float()
+        return self._pool(hidden, inputs["attention_mask"])
 
     def _pool(self, hidden: Any, attention_mask: Any) -> Any:
         """Sentence embeddings from (N, L, hidden) states and their (N, L) mask, L2-normalized."""
@@ -207,33 +205,43 @@ class TorchBackend(HFTokenization, Backend):
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
-    def _score_bi(self, pairs: Sequence[Pair]) -> list[float]:
-        # Each distinct text is embedded once per batch: usually one query and many documents.
-        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-        index = {t: i for i, t in enumerate(texts)}
-        queries = [index[q] for q, _ in pairs]
-        documents = [index[d] for _, d in pairs]
-        if self.packed is not None:
-            enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-            return self._score_bi_packed(enc["input_ids"], enc.get("token_type_ids"), queries, documents)
-        emb = self.embed(texts)
-        return (emb[queries] * emb[documents]).sum(dim=1).cpu().tolist()
+    def _score_bi(self, batch: BiBatch) -> list[float]:
+        emb = self.embed(batch.features)
+        q = emb[torch.from_numpy(batch.queries).to(emb.device)]
+        d = emb[torch.from_numpy(batch.documents).to(emb.device)]
+        return (q * d).sum(dim=1).cpu().tolist()  # type: ignore[no-any-return]
 
-    def _score_bi_packed(self, rows: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None,
-                         queries: Sequence[int], documents: Sequence[int]) -> list[float]:
-        """Cosine similarities of (query row, document row) pairs, the rows embedded padding-free."""
-        import numpy as np
-
+    # --- the padding-free CUDA path ----------------------------------------------------------
+    def _score_packed(self, batch: Sequence[Encoded]) -> list[float]:
+        """Scores of a batch, packed, on this thread's CUDA stream: one upload, one wait."""
         from .packing import pack
 
         lane = self.lanes.get()
-        packed = pack(rows, types, position_offset=self.packed.position_offset)
+        offset = self.packed.position_offset
+        if self.files.kind == "cross-encoder":
+            packed = pack([e.ids for e in batch], [e.type_ids for e in batch], position_offset=offset)
+            with torch.cuda.stream(lane.stream):
+                dev, _ = self._upload(lane, packed)
+                logits = self.packed.logits(self.packed.hidden(dev), dev).float()
+                return lane.download(self._raw(logits))
+        rows, queries, documents = self.distinct_rows(batch)
+        packed = pack(rows, position_offset=offset)
         with torch.cuda.stream(lane.stream):
-            batch, (q, d) = self._upload(lane, packed, np.asarray(queries, dtype=np.int64),
-                                         np.asarray(documents, dtype=np.int64))
-            block, mask = self.packed.unpack(self.packed.hidden(batch), batch)
+            dev, (q, d) = self._upload(lane, packed, queries, documents)
+            block, mask = self.packed.unpack(self.packed.hidden(dev), dev)
             emb = self._pool(block.float(), mask)
             return lane.download((emb[q] * emb[d]).sum(dim=1))
+
+    @staticmethod
+    def _upload(lane: Any, packed: Any, *extra: Any) -> tuple[Any, list[Any]]:
+        """One non-blocking copy of a packed batch (and `extra` int64 arrays) to the device."""
+        from .packing import DevicePacked
+
+        types = [] if packed.token_type_ids is None else [packed.token_type_ids]
+        views = lane.upload([packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.slots, *extra, *types])
+        batch = DevicePacked(input_ids=views[0], position_ids=views[1], cu_seqlens=views[2].int(), slots=views[3],
+                             token_type_ids=views[-1] if types else None, max_len=packed.max_len)
+        return batch, views[4:4 + len(extra)]
 
     def close(self) -> None:
         del self.model
