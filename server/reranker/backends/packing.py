@@ -21,6 +21,7 @@ Packing itself is numpy on the host (`pack`), so batches are built off the GPU's
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,7 +108,10 @@ def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     assert max_length_q is not None and packed_slots is not None
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
     if _VARLEN is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out = _VARLEN(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, scale=scaling)
+        # The kernel's default scale is dim ** -0.5, what BERT and XLM-R use; `scale=` only exists
+        # in newer torch releases, so it is passed only when a model differs.
+        extra = {} if scaling is None or math.isclose(scaling, q.shape[-1] ** -0.5) else {"scale": scaling}
+        out = _VARLEN(q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, **extra)
     else:
         out = _padded_attention(q, k, v, cu_seq_lens_q, packed_slots, max_length_q, scaling)
     return out.unsqueeze(0), None

@@ -140,6 +140,9 @@ class TorchBackend(HFTokenization, Backend):
         from .packing import PackedEncoder
         from .staging import Lanes
 
+        # The weights were copied on the default stream; the lanes' streams must not race them.
+        torch.cuda.synchronize()
+
         cross = self.files.kind == "cross-encoder"
         if not PackedEncoder.supports(self.model, cross_encoder=cross):
             log.info("%s (%s) runs padded batches on CUDA: no packed head for it", self.files.name,
