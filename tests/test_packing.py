@@ -90,3 +90,11 @@ def test_unknown_head_is_not_packed(tmp_path: Path) -> None:
     model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2,
                                                                  hidden_dim=32, num_labels=1))
     assert not PackedEncoder.supports(model, cross_encoder=True)
+
+
+def test_segment_ids_of_any_shape_survive_packing() -> None:
+    rows = [[1, 2, 3, 4], [5, 6, 7], [8, 9]]
+    for types in ([[0, 0, 1, 1], [0, 1, 1], [0, 0]], [[0, 1, 0, 1], [2, 2, 2], [1, 0]]):  # pairs; anything else
+        packed = pack(rows, types)
+        assert packed.token_type_ids is not None
+        assert packed.token_type_ids.tolist() == [t for row in types for t in row]

@@ -71,14 +71,29 @@ def pack(rows: Sequence[Sequence[int]], types: Sequence[Sequence[int] | None] | 
     cu = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
     ids = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=total)
-    type_ids = None
-    if types is not None and all(t is not None for t in types):
-        type_ids = np.fromiter(itertools.chain.from_iterable(types), dtype=np.int64, count=total)  # type: ignore[arg-type]
     max_len = int(lengths.max(initial=0))
     within = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lengths)
+    type_ids = None
+    if types is not None and all(t is not None for t in types):
+        type_ids = _segments(types, lengths, within, total)  # type: ignore[arg-type]
     slots = within + np.repeat(np.arange(len(rows), dtype=np.int64) * max_len, lengths)
     return Packed(input_ids=ids, token_type_ids=type_ids, position_ids=within + position_offset, cu_seqlens=cu,
                   slots=slots, max_len=max_len)
+
+
+def _segments(types: Sequence[Sequence[int]], lengths: np.ndarray, within: np.ndarray, total: int) -> np.ndarray:
+    """Packed segment ids. A pair's are 0s then 1s ([CLS] query [SEP] | document [SEP]), so only
+    where the 1s start is read per pair (C-speed list scans), not every id through Python."""
+    starts = np.empty(len(types), dtype=np.int64)
+    for i, row in enumerate(types):
+        try:
+            first = row.index(1)  # type: ignore[attr-defined]
+        except ValueError:
+            first = len(row)
+        if sum(row) != len(row) - first:  # not 0s then 1s: read them all
+            return np.fromiter(itertools.chain.from_iterable(types), dtype=np.int64, count=total)
+        starts[i] = first
+    return (within >= np.repeat(starts, lengths)).astype(np.int64)
 
 
 def _varlen_attn() -> Callable[..., torch.Tensor] | None:
