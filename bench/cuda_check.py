@@ -146,7 +146,7 @@ def load(model: Path, device: str, quantization: str, **kw: Any) -> Any:
 
 
 def spearman(a: Any, b: Any) -> float:
-    from reranker.backends.precision import spearman as rho
+    from reranker.backends.calibration import spearman as rho
 
     return rho(a, b)
 

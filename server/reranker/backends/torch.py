@@ -109,10 +109,10 @@ class TorchBackend(HFTokenization, Backend):
 
     def _choose_precision(self) -> str:
         """quantization=auto on CUDA: the first half precision whose scores keep the fp32 ranking
-        on calibration pairs (precision.py), measured on this model; fp32 if none does."""
+        on calibration pairs (calibration.py), measured on this model; fp32 if none does."""
         import copy
 
-        from .precision import calibration_pairs, choose
+        from .calibration import calibration_pairs, choose
 
         encoded = self.encode(calibration_pairs())
         fp32 = self.model

@@ -1,4 +1,4 @@
-"""quantization=auto on CUDA picks its precision by measured fidelity (backends/precision.py).
+"""quantization=auto on CUDA picks its precision by measured fidelity (backends/calibration.py).
 
 The choice is a pure function of the scores each precision gives on the calibration pairs, so it
 is tested here with scores made to agree or disagree with fp32; the GPU run (docs/cuda.md) shows
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from reranker.backends.precision import calibration_pairs, choose, spearman
+from reranker.backends.calibration import calibration_pairs, choose, spearman
 
 
 def scorer(table: dict[str, list[float]]):  # type: ignore[no-untyped-def]
