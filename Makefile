@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PORT   ?= 8000
 
-.PHONY: serve test bench bench-quick system-deps cluster-binaries clean
+.PHONY: serve test e2e bench bench-quick system-deps cluster-binaries clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,13 +28,18 @@ serve: $(VENV)/.installed-server
 system-deps:
 	bash hack/install-system-deps
 
-# The Kubernetes control plane for the operator tests is built from the Kubernetes Go modules
-# once (cached under ~/.cache/reranker-fleet; 6-23 min cold on 2 cores), see docs/cluster.md.
+# The Kubernetes control plane for the operator tests and the node for the end-to-end tests are
+# built from the Kubernetes Go modules once (cached under ~/.cache/reranker-fleet; 6-23 min cold
+# on 2 cores for the control plane, plus the node's), see docs/cluster.md.
 cluster-binaries:
 	hack/cluster build
 
 test: $(VENV)/.installed-dev system-deps cluster-binaries
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Only the end-to-end tests: a real node, the images, the chart (tests/e2e; part of `test`).
+e2e: $(VENV)/.installed-dev system-deps cluster-binaries
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 bench-quick: $(VENV)/.installed-dev
 	$(PY) bench/run.py --quick

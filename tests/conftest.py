@@ -1,7 +1,9 @@
 """Shared fixtures: the models the tests build, servers to call, a real redis-server.
 
 Helpers that test modules import live in `servers.py` (`running_app`, `ServerProcess`,
-`free_port`), not here: tests/kube has its own conftest.py and two `conftest` modules collide.
+`free_port`), not here, so a test module can import them by a unique name. The development
+cluster's fixtures (`kube_cluster`, `kube_namespace`, `node_cluster`) live in `kubecluster.py`
+and are registered here for tests/kube and tests/e2e alike.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import models  # noqa: E402
+from kubecluster import collection_finish, kube_cluster, kube_namespace, node_cluster  # noqa: E402,F401
 from servers import ServerFactory, free_port  # noqa: E402
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    collection_finish(session)
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +32,13 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_xlmr(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return models.build_tiny_xlmr(tmp_path_factory.mktemp("tiny-xlmr"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Random causal LMs of the LLM-reranker families' architectures, by model_type."""
+    root = tmp_path_factory.mktemp("tiny-llms")
+    return {t: models.build_tiny_llm(root / t, model_type=t) for t in ("qwen3", "qwen2", "gemma", "gemma2")}
 
 
 @pytest.fixture(scope="session")

@@ -77,3 +77,55 @@ def build_tiny_xlmr(folder: Path, *, num_labels: int = 1, seed: int = 1) -> Path
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     return folder
+
+
+# --- decoder LLM rerankers ----------------------------------------------------------------
+
+#: The chat special tokens of Qwen-family prompts, Gemma's <bos>/<eos>, and a pad token.
+LLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<bos>", "<eos>", "<pad>"]
+#: Words every template's answer tokens are made of: each must be one token.
+ANSWER_WORDS = ["yes", "no", "Yes", "No", "0", "1"]
+
+
+def llm_tokenizer() -> "object":
+    """A small byte-level BPE tokenizer (Qwen's kind) with the chat special tokens and one-token answers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = CORPUS + [" ".join(ANSWER_WORDS)] * 50 + [
+        "Judge whether the Document meets the requirements based on the Query and the Instruct provided.",
+        "Given a query A and a passage B, determine whether the passage contains an answer to the query.",
+        "You are a search relevance expert who evaluates how well documents match search queries.",
+    ] * 5
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=LLM_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                        unk_token=None, model_max_length=4096)
+    for word in ANSWER_WORDS:
+        assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word
+    return tokenizer
+
+
+def build_tiny_llm(folder: Path, *, model_type: str, seed: int = 2) -> Path:
+    """A random causal LM of the given family (qwen3, qwen2, gemma, gemma2) with `llm_tokenizer`.
+
+    Word embeddings are tied or not as the family's config defaults (Gemma's are tied)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = llm_tokenizer()
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                 initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
+                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = AutoConfig.for_model(model_type, **shape)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder

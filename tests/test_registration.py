@@ -24,18 +24,55 @@ from reranker.registration import default_name, endpoint_body, endpoint_spec
 from reranker.settings import Settings
 
 
+MACHINE = "0a1b2c3d4e5f"
+
+
 def test_default_name_is_a_valid_object_name() -> None:
-    assert default_name("Studio-3.local", 8000) == "studio-3-8000"
-    assert default_name("MAC_MINI (2)", 8001) == "mac-mini-2-8001"
-    assert default_name("", 80) == "server-80"
-    name = default_name("x" * 100, 65535)
-    assert len(name) <= 63 and name.endswith("-65535")
+    assert default_name("Studio-3.local", 8000, MACHINE) == "studio-3-0a1b2c3d4e5f-8000"
+    assert default_name("MAC_MINI (2)", 8001, MACHINE) == "mac-mini-2-0a1b2c3d4e5f-8001"
+    assert default_name("", 80, MACHINE) == "server-0a1b2c3d4e5f-80"
+    name = default_name("x" * 100, 65535, MACHINE)
+    assert len(name) <= 63 and name.endswith("-0a1b2c3d4e5f-65535")
+
+
+def test_two_macs_with_one_hostname_get_two_names() -> None:
+    """Two Macs both called "studio" must not fight over one RerankerEndpoint: the default
+    name carries the machine's identity (a hash of its hardware UUID or machine-id)."""
+    a = default_name("studio.local", 8000, registration.machine_id(b"hardware-uuid-A"))
+    b = default_name("studio.local", 8000, registration.machine_id(b"hardware-uuid-B"))
+    assert a != b and a.startswith("studio-") and b.startswith("studio-")
+    # Stable for a machine (a restart takes its own object over), and no raw hardware id.
+    assert registration.machine_id(b"hardware-uuid-A") == registration.machine_id(b"hardware-uuid-A")
+    assert "hardware" not in a
+    here = registration.machine_id()
+    assert len(here) == 12 and here == registration.machine_id()
+
+
+def test_a_mac_takes_over_only_what_it_registered() -> None:
+    """After a crash the object is still there: the same machine under the same identity
+    takes it over; anything else (another machine, another identity, an object that records
+    neither) is left alone."""
+    me = {"machine": MACHINE, "user": "system:serviceaccount:search:reranker-mac-studio"}
+
+    def existing(machine: str | None, user: str | None) -> dict:
+        body = endpoint_body(name="studio", namespace="search", spec=endpoint_spec(
+            deployment="fleet", address="192.0.2.4", port=8000, info=None, lease_seconds=30,
+            renew_time="t", registered_by=user), machine=machine)
+        return body
+
+    assert registration.ours(existing(MACHINE, me["user"]), **me)
+    assert not registration.ours(existing("ffffffffffff", me["user"]), **me)
+    assert not registration.ours(existing(MACHINE, "system:serviceaccount:search:other"), **me)
+    assert not registration.ours(existing(None, None), **me)
+    # Without an identity of its own (no SelfSubjectReview), the machine decides.
+    assert registration.ours(existing(MACHINE, None), machine=MACHINE, user=None)
 
 
 def test_body_names_the_deployment_and_drops_unknowns() -> None:
     spec = endpoint_spec(deployment="fleet", address="192.0.2.4", port=8000, info=None,
                          lease_seconds=30, renew_time="t")
-    body = endpoint_body(name="mac", namespace="search", spec=spec)
+    body = endpoint_body(name="mac", namespace="search", spec=spec, machine=MACHINE)
+    assert body["metadata"]["annotations"] == {registration.ANNOTATION_MACHINE: MACHINE}
     assert body["apiVersion"] == f"{contract.API_GROUP}/{contract.API_VERSION}"
     assert body["kind"] == contract.KIND_ENDPOINT
     assert body["metadata"]["labels"]["app.kubernetes.io/instance"] == "fleet"

@@ -10,7 +10,7 @@ cd "$(dirname "$0")"
 export GOFLAGS=-mod=mod
 mod=$(go mod download -json "k8s.io/kubernetes@v$V" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')
 {
-  echo "// Pins kube-apiserver, kube-controller-manager and kubectl for hack/cluster."
+  echo "// Pins the Kubernetes binaries hack/cluster builds (control plane, kubectl, node)."
   echo "// Regenerate with: hack/kube/pin.sh <k8s version>"
   echo "module reranker-fleet/hack/kube"
   echo

@@ -109,6 +109,39 @@ def address_problem(address: str) -> str | None:
     return None
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
+    """CIDRs as networks; ValueError names the first that is not one (host bits set count:
+    "10.0.0.7/8" is more likely a typo than a wish to allow 10.0.0.0/8)."""
+    return tuple(ipaddress.ip_network(c.strip()) for c in cidrs if c.strip())
+
+
+def trust_problem(endpoint: Endpoint, *, allowed: tuple[Network, ...],
+                  cluster: tuple[Network, ...]) -> str | None:
+    """Why an endpoint with a valid address may not join the Service, or None.
+
+    Nothing inside the cluster's pod or Service ranges is ever listed: such an address is
+    another workload's, and listing it would send the fleet's clients there (and the probes
+    would scan it). A registered endpoint (written by a Mac's identity, not by the fleet's
+    owner) must also be inside the fleet's allowedCIDRs, which refuse everything until set."""
+    ip = ipaddress.ip_address(endpoint.address)
+    for net in cluster:
+        if ip in net:
+            return (f"address {endpoint.address} is inside the cluster's pod/Service range "
+                    f"{net}: never listed (it would send the fleet's traffic to another workload)")
+    if endpoint.source != SOURCE_REGISTERED:
+        return None
+    if not allowed:
+        return ("registered endpoints are refused until the RerankerDeployment sets "
+                "spec.externalEndpoints.allowedCIDRs (the networks its Macs live in)")
+    if not any(ip in net for net in allowed):
+        return (f"address {endpoint.address} is outside spec.externalEndpoints.allowedCIDRs "
+                f"({', '.join(str(n) for n in allowed)}): refused")
+    return None
+
+
 def address_type(address: str) -> str:
     """EndpointSlice addressType of a valid address."""
     return "IPv6" if ipaddress.ip_address(address).version == 6 else "IPv4"

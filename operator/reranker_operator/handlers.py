@@ -76,7 +76,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
         outcome = await memo.reconciler.reconcile(owner, _live(key, indices))
         return outcome.retry is None
 
-    prober = Prober(kube, config.probe, on_change=external_changed)
+    prober = Prober(kube, config.probe, on_change=external_changed,
+                    cluster_cidrs=config.cluster_cidrs)
     memo.kube = kube
     memo.prober = prober
     memo.reconciler = Reconciler(kube, config.defaults(), service_monitors=service_monitors,
@@ -165,6 +166,11 @@ def reranker_pdbs(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
     return _child(body, "policy/v1", "PodDisruptionBudget")
 
 
+@kopf.index("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
+def reranker_networkpolicies(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
+    return _child(body, "networking.k8s.io/v1", "NetworkPolicy")
+
+
 # Served only where the Prometheus Operator's CRD is installed; elsewhere the index stays
 # empty and the reconciler does not ask for ServiceMonitors.
 @kopf.index("monitoring.coreos.com", "v1", "servicemonitors", labels=MANAGED)
@@ -180,8 +186,8 @@ def reranker_endpointslices(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | 
 
 
 CHILD_INDICES = ("reranker_configmaps", "reranker_services", "reranker_deployments",
-                 "reranker_hpas", "reranker_pdbs", "reranker_servicemonitors",
-                 "reranker_endpointslices")
+                 "reranker_hpas", "reranker_pdbs", "reranker_networkpolicies",
+                 "reranker_servicemonitors", "reranker_endpointslices")
 
 
 def _live(key: OwnerKey, indices: Mapping[str, Any]) -> dict[ChildKey, Mapping[str, Any]]:
@@ -268,6 +274,11 @@ async def hpa_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
 
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
 async def pdb_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    await _child_changed(body, memo, kwargs)
+
+
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
+async def networkpolicy_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     await _child_changed(body, memo, kwargs)
 
 

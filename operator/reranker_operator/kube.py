@@ -1,7 +1,7 @@
 """The Kubernetes API calls the operator makes, and nothing else.
 
 Reads come from Kopf's watch streams (indices), so the calls here are writes (server-side
-apply of a child, delete of a child, a merge patch of a RerankerDeployment's or
+apply of a child, create-if-absent of a generated Secret, delete of a child, a merge patch of a RerankerDeployment's or
 RerankerEndpoint's status subresource, each logged) and one discovery request at startup.
 Bodies are plain dicts in and out: the builders produce dicts and the comparison reads dicts,
 so the typed models of the kubernetes client would only add conversions. The client's
@@ -33,6 +33,8 @@ MERGE_PATCH = "application/merge-patch+json"
 RESOURCES: Mapping[tuple[str, str], tuple[str, str]] = {
     ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
     ("v1", "Service"): ("/api/v1", "services"),
+    ("v1", "Secret"): ("/api/v1", "secrets"),  # created only (the managed Redis' password)
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2",
                                                     "horizontalpodautoscalers"),
@@ -116,6 +118,19 @@ class Kube:
             "PATCH", path, body=dict(obj), content_type=APPLY_CONTENT_TYPE,
             query=[("fieldManager", FIELD_MANAGER), ("force", "true")])
         return result
+
+    def create(self, obj: Mapping[str, Any]) -> bool:
+        """Create unless it exists: True if created, False if the name was taken (409). Never
+        replaces an existing object (for Secrets the operator generates and cannot read)."""
+        meta = obj["metadata"]
+        try:
+            self._request("POST", _path(obj["apiVersion"], obj["kind"], meta["namespace"]),
+                          body=dict(obj), query=[("fieldManager", FIELD_MANAGER)])
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
 
     def get(self, api_version: str, kind: str, namespace: str, name: str
             ) -> dict[str, Any] | None:

@@ -8,8 +8,9 @@ reference for garbage collection, namespace, and the owner's labels.
 Settings reach the server as environment variables named by the server's contract
 (`reranker.contract.ENV_VARS`): the ConfigMap holds them, and the pod template lists each one
 (`valueFrom.configMapKeyRef`) so `kubectl describe` shows what a pod runs with. A hash of the
-settings on the pod template makes a settings change roll the pods. Secrets (REDIS_URL,
-RERANKER_API_KEYS) never go through the ConfigMap: they are `secretKeyRef`s.
+settings on the pod template makes a settings change roll the pods. Secrets never go through
+the ConfigMap: REDIS_URL is a `secretKeyRef`, the API keys a mounted Secret file
+(RERANKER_API_KEYS_FILE) that the server reads again when the Secret is rotated.
 """
 
 from __future__ import annotations
@@ -57,15 +58,21 @@ GRACE_MARGIN_SECONDS = 15
 CACHE_MOUNT = "/cache"
 HF_HOME = f"{CACHE_MOUNT}/huggingface"
 MODELS_MOUNT = "/models"
+API_KEYS_MOUNT = "/etc/reranker/api-keys"
+API_KEYS_FILE = "api-keys"
 REDIS_PORT = 6379
+#: Holds the managed Redis' password in its pods and the server pods; the kubelet expands
+#: $(REDIS_PASSWORD) in the Redis args and in REDIS_URL (it is not a server setting).
+REDIS_PASSWORD_ENV = "REDIS_PASSWORD"
+REDIS_PASSWORD_KEY = "password"
 GPU_RESOURCE = "nvidia.com/gpu"
 UNPRIVILEGED_UID = 10001
 REDIS_UID = 999  # the `redis` user of the official images
 
 #: Settings the operator renders, each a name from the server's env contract. HF_HOME is
 #: Hugging Face's own variable (where models are cached), not the server's.
-SECRET_ENV = ("REDIS_URL", "RERANKER_API_KEYS")
-_FOREIGN_ENV = ("HF_HOME",)
+SECRET_ENV = ("REDIS_URL", "RERANKER_API_KEYS_FILE")
+_FOREIGN_ENV = ("HF_HOME", REDIS_PASSWORD_ENV)
 
 
 class Defaults:
@@ -87,6 +94,10 @@ def config_map_name(name: str) -> str:
 
 def redis_name(name: str) -> str:
     return f"{name}-redis"
+
+
+def redis_secret_name(name: str) -> str:
+    return f"{name}-redis-auth"
 
 
 def selector_labels(name: str, component: str = "server") -> dict[str, str]:
@@ -132,6 +143,7 @@ def server_settings(spec: RerankerSpec) -> dict[str, str]:
         "RERANKER_MODEL": m.id,
         "RERANKER_MODEL_REVISION": m.revision,
         "RERANKER_MODEL_KIND": m.kind,
+        "RERANKER_PROMPT_TEMPLATE": m.prompt_template,
         "RERANKER_LOCAL_MODEL_PATH": local_path,
         "RERANKER_MAX_LENGTH": m.max_length,
         "RERANKER_DEVICE": spec.device,
@@ -156,16 +168,18 @@ def server_settings(spec: RerankerSpec) -> dict[str, str]:
 
 def _secret_env(name: str, spec: RerankerSpec) -> list[Manifest]:
     env: list[Manifest] = []
-    if spec.cache.redis_url_secret is not None:
+    if spec.cache.redis_enabled and spec.cache.redis_url_secret is not None:
         ref = spec.cache.redis_url_secret
         env.append({"name": "REDIS_URL",
                     "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    elif spec.cache.managed_redis.enabled:
-        env.append({"name": "REDIS_URL", "value": f"redis://{redis_name(name)}:{REDIS_PORT}/0"})
+    elif spec.cache.runs_managed_redis:
+        env += [_redis_password_env(name),
+                {"name": "REDIS_URL", "value": f"redis://:$({REDIS_PASSWORD_ENV})@"
+                                               f"{redis_name(name)}:{REDIS_PORT}/0"}]
     if spec.api_key_secret is not None:
-        ref = spec.api_key_secret
-        env.append({"name": "RERANKER_API_KEYS",
-                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        # A file, not an env var: the kubelet updates a Secret volume when the Secret changes
+        # and the server reads the file again, so a key rotation needs no restart.
+        env.append({"name": "RERANKER_API_KEYS_FILE", "value": f"{API_KEYS_MOUNT}/{API_KEYS_FILE}"})
     return env
 
 
@@ -184,8 +198,9 @@ def container_env(name: str, spec: RerankerSpec) -> list[Manifest]:
 
 def config_hash(name: str, spec: RerankerSpec) -> str:
     """Changes whenever what the server process would see changes (settings, secret refs,
-    extra env), so that the pods roll. A Secret's content is not included: rotate keys with
-    `kubectl rollout restart`."""
+    extra env), so that the pods roll. A Secret's content is not included: the API keys are a
+    mounted file that the server reads again when the kubelet updates it; a rotated Redis URL
+    needs `kubectl rollout restart`."""
     payload = {"settings": server_settings(spec), "env": container_env(name, spec)}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -249,6 +264,8 @@ def server_container(name: str, spec: RerankerSpec, defaults: Defaults) -> Manif
                               {"name": "model-cache", "mountPath": CACHE_MOUNT}]
     if spec.model.pvc_claim:
         mounts.append({"name": "model", "mountPath": MODELS_MOUNT, "readOnly": True})
+    if spec.api_key_secret is not None:  # no subPath: the kubelet never updates those
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
     container: Manifest = {
         "name": CONTAINER_NAME,
         "image": spec.image or defaults.server_image,
@@ -277,6 +294,10 @@ def pod_template(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
     if spec.model.pvc_claim:
         volumes.append({"name": "model", "persistentVolumeClaim": {
             "claimName": spec.model.pvc_claim, "readOnly": True}})
+    if spec.api_key_secret is not None:
+        volumes.append({"name": "api-keys", "secret": {
+            "secretName": spec.api_key_secret.name,
+            "items": [{"key": spec.api_key_secret.key, "path": API_KEYS_FILE}]}})
     pod_spec: Manifest = {
         "containers": [server_container(name, spec, defaults)],
         "volumes": volumes,
@@ -318,9 +339,11 @@ def deployment(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
             # Copied from the RerankerDeployment (the one writer: HPA or `kubectl scale`).
             "replicas": spec.replicas,
             "selector": {"matchLabels": selector_labels(name)},
-            # A new pod must be ready (model loaded) before an old one goes.
+            # By default a new pod must be ready (model loaded) before an old one goes;
+            # spec.rollout lets a pool at capacity replace pods in place instead.
             "strategy": {"type": "RollingUpdate",
-                         "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                         "rollingUpdate": {"maxSurge": spec.rollout.max_surge,
+                                           "maxUnavailable": spec.rollout.max_unavailable}},
             "revisionHistoryLimit": 3,
             "template": pod_template(name, spec, defaults),
         },
@@ -410,6 +433,27 @@ def service_monitor(name: str, spec: RerankerSpec) -> Manifest:
     }
 
 
+def _redis_password_env(name: str) -> Manifest:
+    return {"name": REDIS_PASSWORD_ENV, "valueFrom": {"secretKeyRef": {
+        "name": redis_secret_name(name), "key": REDIS_PASSWORD_KEY}}}
+
+
+def redis_password_secret(owner: Mapping[str, Any], password: str) -> Manifest:
+    """The managed Redis' password, adopted by the RerankerDeployment. Built apart from
+    `children`: the password is generated once by the reconciler and the Secret is created,
+    never applied again (the operator cannot read Secrets, so it never compares one)."""
+    name = owner["metadata"]["name"]
+    secret: Manifest = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _child_meta(name, redis_secret_name(name), "redis"),
+        "type": "Opaque",
+        "stringData": {REDIS_PASSWORD_KEY: password},
+    }
+    kopf.adopt(secret, owner=_owner_view(owner))
+    return secret
+
+
 def redis_deployment(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
     r = spec.cache.managed_redis
     rname = redis_name(name)
@@ -417,8 +461,10 @@ def redis_deployment(name: str, spec: RerankerSpec, defaults: Defaults) -> Manif
         "name": "redis",
         "image": r.image or defaults.redis_image,
         # A cache, not a database: no persistence, bounded memory, least-recently-used eviction.
+        # No client without the password (the kubelet expands $(REDIS_PASSWORD)).
         "args": ["--save", "", "--appendonly", "no", "--maxmemory", r.max_memory,
-                 "--maxmemory-policy", "allkeys-lru"],
+                 "--maxmemory-policy", "allkeys-lru", "--requirepass", f"$({REDIS_PASSWORD_ENV})"],
+        "env": [_redis_password_env(name)],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
         "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5},
         "livenessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 10},
@@ -459,6 +505,22 @@ def redis_service(name: str) -> Manifest:
             "selector": selector_labels(name, "redis"),
             "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis",
                        "protocol": "TCP"}],
+        },
+    }
+
+
+def redis_network_policy(name: str) -> Manifest:
+    """Only the fleet's server pods may connect to its Redis (where the network plugin
+    enforces NetworkPolicies); the password guards it everywhere."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _child_meta(name, redis_name(name), "redis"),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(name, "redis")},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": selector_labels(name)}}],
+                         "ports": [{"protocol": "TCP", "port": REDIS_PORT}]}],
         },
     }
 
@@ -523,8 +585,9 @@ def children(owner: Mapping[str, Any], spec: RerankerSpec, defaults: Defaults,
         objs.append(pod_disruption_budget(name, spec))
     if spec.service_monitor.enabled:
         objs.append(service_monitor(name, spec))
-    if spec.cache.managed_redis.enabled:
-        objs += [redis_deployment(name, spec, defaults), redis_service(name)]
+    if spec.cache.runs_managed_redis:
+        objs += [redis_deployment(name, spec, defaults), redis_service(name),
+                 redis_network_policy(name)]
     if summary is not None:
         objs += external_endpoint_slices(name, summary)
     kopf.adopt(objs, owner=_owner_view(owner))

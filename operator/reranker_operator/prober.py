@@ -34,7 +34,7 @@ from reranker import contract
 from reranker_operator import external
 from reranker_operator.external import Endpoint, EndpointKey, OwnerKey, ProbeConfig
 from reranker_operator.kube import Kube, error_message
-from reranker_operator.spec import InvalidSpec, static_endpoints
+from reranker_operator.spec import InvalidSpec, allowed_cidrs, static_endpoints
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,11 @@ class Prober:
 
     def __init__(self, kube: Kube, config: ProbeConfig, *, on_change: OnChange,
                  monotonic: Callable[[], float] | None = None,
-                 wall: Callable[[], datetime.datetime] = _wall) -> None:
+                 wall: Callable[[], datetime.datetime] = _wall,
+                 cluster_cidrs: tuple[external.Network, ...] = ()) -> None:
         self.kube = kube
         self.config = config
+        self.cluster_cidrs = cluster_cidrs
         self.on_change = on_change
         self._monotonic = monotonic
         self._wall = wall
@@ -123,6 +125,9 @@ class Prober:
                 problems[ep.key] = (f"RerankerDeployment {ep.owner[1]} not found in namespace "
                                     f"{ep.owner[0]}")
             elif (problem := external.address_problem(ep.address)) is not None:
+                problems[ep.key] = problem
+            elif (problem := external.trust_problem(
+                    ep, allowed=_allowed(owners[ep.owner]), cluster=self.cluster_cidrs)) is not None:
                 problems[ep.key] = problem
             if ep.source == external.SOURCE_REGISTERED:
                 hb = external.observe(self._heartbeats.get(ep.key), ep.renew_time, now=now,
@@ -281,6 +286,15 @@ class Prober:
                 if left is not None and left > 0:
                     delay = min(delay, left + 0.01)
         return max(delay, 0.01)
+
+
+def _allowed(owner: Mapping[str, Any]) -> tuple[external.Network, ...]:
+    """The fleet's allowedCIDRs; none (refuse every registration) if they do not parse (the
+    fleet's own pass reports that)."""
+    try:
+        return allowed_cidrs(owner.get("spec") or {})
+    except InvalidSpec:
+        return ()
 
 
 def _items(index: Any) -> list[tuple[Any, list[Mapping[str, Any]]]]:

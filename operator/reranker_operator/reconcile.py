@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import functools
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
@@ -316,6 +317,11 @@ class Reconciler:
         Runs in a worker thread: touches only `outcome` and the API, never `self`'s memory
         (the event loop owns that)."""
         namespace = owner["metadata"]["namespace"]
+        if plan.spec is not None and any(
+                (o["kind"], o["metadata"]["name"]) == ("Deployment", manifests.redis_name(
+                    owner["metadata"]["name"])) for o in plan.apply):
+            if not self._ensure_redis_secret(owner, outcome):
+                return self._status(owner, plan, live, outcome, current)
         for obj in plan.apply:
             name = obj["metadata"]["name"]
             try:
@@ -353,6 +359,22 @@ class Reconciler:
         if patch is not None:
             self._write_status(owner, patch, outcome)
         return new
+
+    def _ensure_redis_secret(self, owner: Mapping[str, Any], outcome: Outcome) -> bool:
+        """Create the managed Redis' password Secret unless it exists (blocking; False: not
+        now). Asked for whenever the Redis Deployment is applied, so before Redis first starts;
+        an existing Secret (409) is kept as it is: the operator cannot and need not read it."""
+        secret = manifests.redis_password_secret(owner, secrets.token_hex(24))
+        try:
+            if self.kube.create(secret):
+                outcome.created.append(_ref(secret))
+        except (ApiException, HTTPError) as e:
+            detail = error_message(e) if isinstance(e, ApiException) else str(e)
+            message = f"cannot create {_ref(secret)}: {detail}"
+            outcome.problems.append(status.Problem("ApplyFailed", message))
+            outcome.retry = message
+            return False
+        return True
 
     # --- status and events ----------------------------------------------------------------
 

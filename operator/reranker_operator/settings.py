@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import kopf
 
 from reranker import contract
-from reranker_operator import manifests
+from reranker_operator import external, manifests
 from reranker_operator.external import ProbeConfig
 
 DEFAULT_SERVER_IMAGE = "ghcr.io/reranker-fleet/reranker:0.1.0"
@@ -32,6 +32,7 @@ CHILD_RESOURCES = (
     ("apps", "v1", "deployments"),
     ("autoscaling", "v2", "horizontalpodautoscalers"),
     ("policy", "v1", "poddisruptionbudgets"),
+    ("networking.k8s.io", "v1", "networkpolicies"),
     ("monitoring.coreos.com", "v1", "servicemonitors"),
 )
 MANAGED_SELECTOR = f"{manifests.LABEL_MANAGED_BY}={manifests.OPERATOR_NAME}"
@@ -63,6 +64,14 @@ def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _networks(env: Mapping[str, str], name: str) -> tuple[external.Network, ...]:
+    raw = env.get(name) or ""
+    try:
+        return external.networks(raw.split(","))
+    except ValueError as e:
+        raise SystemExit(f"{name}={raw!r}: {e} (comma-separated CIDRs)") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class OperatorConfig:
     #: Server image for RerankerDeployments without spec.image.
@@ -75,6 +84,8 @@ class OperatorConfig:
     #: within `timeout`; not ready after `failure_threshold` failures in a row, ready after
     #: `success_threshold` successes.
     probe: ProbeConfig = ProbeConfig()
+    #: The cluster's pod and Service ranges: no external endpoint is ever listed there.
+    cluster_cidrs: tuple[external.Network, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -91,6 +102,7 @@ class OperatorConfig:
                 success_threshold=_positive_int(env, "RERANKER_OPERATOR_PROBE_SUCCESS_THRESHOLD",
                                                 1),
             ),
+            cluster_cidrs=_networks(env, "RERANKER_OPERATOR_CLUSTER_CIDRS"),
         )
 
     def defaults(self) -> manifests.Defaults:

@@ -10,6 +10,7 @@ messages. Everything downstream works on these frozen dataclasses, never on raw 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -19,7 +20,7 @@ from kubernetes.utils import parse_quantity
 #: Devices a pod can run the model on (mps/mlx are Macs: external endpoints, not pods).
 POD_DEVICES = ("cpu", "cuda")
 QUANTIZATIONS = ("none", "int8", "bf16", "fp16")
-MODEL_KINDS = ("auto", "cross-encoder", "bi-encoder")
+MODEL_KINDS = ("auto", "cross-encoder", "bi-encoder", "llm")
 AUTOSCALING_METRICS = ("queueDepth", "inflight", "cpu")
 
 #: Target per pod when autoscaling.target is unset (the CRD cannot default by metric).
@@ -54,6 +55,7 @@ class ModelSpec:
     local_path: str | None = None
     pvc_claim: str | None = None
     pvc_path: str | None = None
+    prompt_template: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +99,13 @@ class Cache:
 
     @property
     def redis_enabled(self) -> bool:
-        return self.redis_url_secret is not None or self.managed_redis.enabled
+        """The fleet shares scores through Redis (never without the cache itself)."""
+        return self.enabled and (self.redis_url_secret is not None or self.managed_redis.enabled)
+
+    @property
+    def runs_managed_redis(self) -> bool:
+        """The operator runs a Redis for the fleet: asked for, and the cache is on."""
+        return self.enabled and self.managed_redis.enabled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +127,14 @@ class PDBSpec:
     enabled: bool = True
     min_available: int | str | None = None
     max_unavailable: int | str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """The Deployment's RollingUpdate: a new pod is ready before an old one goes, by default."""
+
+    max_surge: int | str = 1
+    max_unavailable: int | str = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,9 +174,11 @@ class RerankerSpec:
     service: ServiceSpec = ServiceSpec()
     service_monitor: ServiceMonitorSpec = ServiceMonitorSpec()
     pdb: PDBSpec = PDBSpec()
+    rollout: Rollout = Rollout()
     api_key_secret: SecretKeyRef | None = None
     env: tuple[Mapping[str, Any], ...] = ()
     static_endpoints: tuple[StaticEndpoint, ...] = ()
+    allowed_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 def _obj(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -216,6 +234,21 @@ def static_endpoints(raw: Mapping[str, Any]) -> tuple[StaticEndpoint, ...]:
     return tuple(out)
 
 
+def allowed_cidrs(raw: Mapping[str, Any]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """spec.externalEndpoints.allowedCIDRs: where registered endpoints may be (empty: nowhere)."""
+    entries = _obj(raw, "externalEndpoints").get("allowedCIDRs") or ()
+    if not isinstance(entries, (list, tuple)):
+        raise InvalidSpec("externalEndpoints.allowedCIDRs must be a list")
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            out.append(ipaddress.ip_network(str(entry).strip()))
+        except ValueError:
+            raise InvalidSpec(f"externalEndpoints.allowedCIDRs[{i}]: {entry!r} is not a network "
+                              "in CIDR notation (no host bits set), e.g. 192.168.1.0/24") from None
+    return tuple(out)
+
+
 def parse(raw: Mapping[str, Any]) -> RerankerSpec:
     """The spec as typed values with the CRD's defaults; `InvalidSpec` if it cannot run."""
     m = _obj(raw, "model")
@@ -227,6 +260,7 @@ def parse(raw: Mapping[str, Any]) -> RerankerSpec:
         local_path=m.get("localPath"),
         pvc_claim=_obj(m, "pvc").get("claimName"),
         pvc_path=_obj(m, "pvc").get("path"),
+        prompt_template=m.get("promptTemplate"),
     )
     p = _obj(raw, "parallelism")
     mb = _obj(p, "microBatching")
@@ -303,9 +337,14 @@ def parse(raw: Mapping[str, Any]) -> RerankerSpec:
             min_available=pdb.get("minAvailable"),
             max_unavailable=pdb.get("maxUnavailable"),
         ),
+        rollout=Rollout(
+            max_surge=_obj(raw, "rollout").get("maxSurge", 1),
+            max_unavailable=_obj(raw, "rollout").get("maxUnavailable", 0),
+        ),
         api_key_secret=_secret_ref(raw.get("apiKeySecretRef"), "api-keys"),
         env=tuple(raw.get("env") or ()),
         static_endpoints=static_endpoints(raw),
+        allowed_cidrs=allowed_cidrs(raw),
     )
     validate(spec)
     return spec
@@ -333,6 +372,8 @@ def validate(spec: RerankerSpec) -> None:
         raise InvalidSpec("model needs id, localPath or pvc")
     if spec.model.local_path and spec.model.pvc_claim:
         raise InvalidSpec("set model.localPath or model.pvc, not both")
+    if spec.model.prompt_template is not None and spec.model.kind not in ("auto", "llm"):
+        raise InvalidSpec("model.promptTemplate applies only to LLM rerankers (kind llm or auto)")
     if spec.replicas < 0:
         raise InvalidSpec("replicas must be at least 0")
     a = spec.autoscaling
@@ -347,6 +388,9 @@ def validate(spec: RerankerSpec) -> None:
         raise InvalidSpec("autoscaling on cpu needs resources.requests.cpu")
     if spec.cache.redis_url_secret is not None and spec.cache.managed_redis.enabled:
         raise InvalidSpec("set cache.redis.urlSecretRef or cache.redis.managed.enabled, not both")
+    if spec.rollout.max_surge == 0 and spec.rollout.max_unavailable == 0:
+        raise InvalidSpec("rollout.maxSurge and rollout.maxUnavailable may not both be 0 (the "
+                          "rollout could never start)")
     if spec.pdb.min_available is not None and spec.pdb.max_unavailable is not None:
         raise InvalidSpec("set podDisruptionBudget.minAvailable or maxUnavailable, not both")
     _check_resources(spec.resources)

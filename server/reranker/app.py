@@ -12,6 +12,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -20,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__, logs
 from .backends import Backend
 from .errors import APIError, ClientGone
-from .routes import router
+from .routes import docs_router, router
 from .runtime import Runtime
 from .settings import Settings
 
@@ -94,9 +96,14 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         finally:
             await runtime.stop()
 
+    closed_docs: dict[str, Any] = ({"docs_url": None, "redoc_url": None, "openapi_url": None}
+                                   if settings.protect_docs else {})
     app = FastAPI(title="Reranker", version=__version__, lifespan=lifespan,
-                  description="Rerank documents for a query: native, TEI, Cohere v1/v2 and Jina APIs.")
+                  description="Rerank documents for a query: native, TEI, Cohere v1/v2 and Jina APIs.",
+                  **closed_docs)
     app.include_router(router)
+    if settings.protect_docs:
+        app.include_router(docs_router)
     app.add_middleware(RequestContext)
 
     @app.exception_handler(APIError)

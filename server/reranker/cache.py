@@ -37,9 +37,13 @@ class RemoteTier(Protocol):
 
 
 def pair_key(fingerprint: str, pair: Pair) -> str:
+    """Digest of the fingerprint, query, document and (LLM rerankers) the instruction."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(fingerprint.encode())
-    for text in pair:
+    texts = [pair[0], pair[1]]
+    if len(pair) > 2 and pair[2] is not None:
+        texts.append(pair[2])
+    for text in texts:
         encoded = text.encode("utf-8", "surrogatepass")
         digest.update(len(encoded).to_bytes(8, "little"))
         digest.update(encoded)

@@ -30,20 +30,12 @@ class Split:
         return self.truncate and not self.left and self.max_chunks is None and self.max_doc_tokens is None
 
 
-def doc_window(backend: Backend, query: str) -> int:
-    """Document tokens that fit in one forward next to the query."""
-    limit = backend.info.max_length - backend.special_tokens_per_pair
-    if backend.info.kind == "bi-encoder":
-        return max(1, limit)
-    query_tokens = backend.token_counts([query])[0]
-    return max(limit // 2, limit - query_tokens)
-
-
-def split_documents(backend: Backend, query: str, documents: Sequence[str], split: Split) -> list[list[str]]:
+def split_documents(backend: Backend, query: str, documents: Sequence[str], split: Split,
+                    instruction: str | None = None) -> list[list[str]]:
     """The texts to score for each document: one (possibly cut) text, or its chunks."""
     if split.trivial:
         return [[doc] for doc in documents]
-    window = doc_window(backend, query)
+    window = backend.doc_window(query, instruction)
     chunking = split.max_chunks is not None or split.max_doc_tokens is not None
     out: list[list[str]] = []
     for i, doc in enumerate(documents):

@@ -14,6 +14,8 @@ ENV_VARS: tuple[str, ...] = (
     "RERANKER_MODEL",
     "RERANKER_MODEL_REVISION",
     "RERANKER_MODEL_KIND",
+    "RERANKER_PROMPT_TEMPLATE",
+    "RERANKER_PREFIX_SHARING",
     "RERANKER_LOCAL_MODEL_PATH",
     "RERANKER_MAX_LENGTH",
     "RERANKER_QUANTIZATION",
@@ -30,6 +32,8 @@ ENV_VARS: tuple[str, ...] = (
     "RERANKER_MAX_BODY_BYTES",
     "RERANKER_API_KEYS",
     "RERANKER_API_KEYS_FILE",
+    "RERANKER_PROTECT_METRICS",
+    "RERANKER_PROTECT_DOCS",
     "RERANKER_DRAIN_SECONDS",
     "RERANKER_CACHE_SIZE",
     "RERANKER_REDIS_PREFIX",
@@ -42,6 +46,7 @@ ENV_VARS: tuple[str, ...] = (
     "RERANKER_REGISTER_ADDRESS",
     "RERANKER_REGISTER_PORT",
     "RERANKER_REGISTER_LEASE_SECONDS",
+    "RERANKER_REGISTER_MACHINE_ID",
     "ENABLE_PREDICTION_CACHE",
     "CACHE_TTL_SECONDS",
     "CLEAR_CACHE_INTERVAL",
@@ -60,6 +65,8 @@ ENV_VARS: tuple[str, ...] = (
 #: Values the server accepts for RERANKER_DEVICE and RERANKER_QUANTIZATION.
 DEVICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu", "mlx")
 QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "bf16", "fp16")
+#: Values the server accepts for LOG_LEVEL (any case).
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 #: HTTP routes every server exposes.
 ROUTE_HEALTH = "/health"

@@ -97,20 +97,24 @@ class Ranker:
         if missing:  # the other server died or failed: compute here
             self.batcher.submit(missing)
 
-    async def rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket) -> Ranked:
+    async def rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket,
+                   instruction: str | None = None) -> Ranked:
         self.tickets.add(ticket)
         try:
-            return await self._rank(query, documents, split=split, ticket=ticket)
+            return await self._rank(query, documents, split=split, ticket=ticket, instruction=instruction)
         finally:
             self.tickets.discard(ticket)
 
-    async def _rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket) -> Ranked:
+    async def _rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket,
+                    instruction: str | None) -> Ranked:
         self.admission.check_serving()
+        # The backend says what the pairs carry: None for models without instructions.
+        instruction = self.backend.instruction(instruction)
         if split.trivial:
             chunks = [[doc] for doc in documents]  # no tokenizer needed: skip the thread hop
         else:
-            chunks = await asyncio.to_thread(split_documents, self.backend, query, documents, split)
-        pairs: list[Pair] = [(query, text) for doc_chunks in chunks for text in doc_chunks]
+            chunks = await asyncio.to_thread(split_documents, self.backend, query, documents, split, instruction)
+        pairs: list[Pair] = [Pair(query, text, instruction) for doc_chunks in chunks for text in doc_chunks]
         keys = [self.cache.key(pair) for pair in pairs]
         scores = await self.cache.get_many(keys)
 

@@ -7,6 +7,15 @@ lease and deletes the object when it starts draining or stops, so the operator t
 the Service at once; after a crash (no deletion) the operator drops it when the lease runs out,
 and the next start takes the object over again.
 
+A server touches only what it registered. The default name carries the machine's identity
+(HOSTNAME-MACHINE-PORT, MACHINE a hash of the hardware UUID or machine-id), so two Macs with
+one host name never share an object; the object records that machine (annotation) and the
+registering identity (spec.registeredBy, from a SelfSubjectReview); a takeover after a crash
+happens only when both match, and renewals and the deletion carry the object's uid as a
+precondition. The admission policy of deploy/mac/admission.yaml makes the API server enforce
+the identity part: a ServiceAccount may create an endpoint only as itself, and renew or delete
+only the ones it created.
+
 The identity needs only a namespaced Role on rerankerendpoints (create, patch, delete; see
 deploy/mac/rbac.yaml). Registration must never block or fail serving: the kubernetes client's
 blocking calls run in a worker thread with a request timeout, every failure is logged and
@@ -18,13 +27,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import ipaddress
 import json
 import logging
 import re
 import socket
+import subprocess
+import sys
 import urllib.parse
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import kubernetes
@@ -53,16 +67,49 @@ def utc_now() -> str:
         "+00:00", "Z")
 
 
-def default_name(hostname: str, port: int) -> str:
-    """HOSTNAME-PORT as an object name: the short host name, lowercased, other chars to '-'."""
+#: The machine that registered an endpoint (see `machine_id`): only it takes the object over.
+ANNOTATION_MACHINE = f"{contract.API_GROUP}/machine-id"
+
+
+def _hardware_id() -> bytes:
+    """This machine's stable identity: the hardware UUID on macOS, /etc/machine-id on Linux,
+    else the MAC address of a network interface."""
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["ioreg", "-rd1", "-c", "IOPlatformExpertDevice"],
+                                 capture_output=True, text=True, timeout=5).stdout
+            if m := re.search(r'"IOPlatformUUID" = "([^"]+)"', out):
+                return m.group(1).encode()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            if value := Path(path).read_bytes().strip():
+                return value
+        except OSError:
+            pass
+    return uuid.getnode().to_bytes(6, "big")
+
+
+def machine_id(hardware: bytes | None = None) -> str:
+    """12 hex characters naming this machine: a hash, so the object shows no hardware id."""
+    raw = _hardware_id() if hardware is None else hardware
+    return hashlib.sha256(b"reranker-fleet machine\0" + raw).hexdigest()[:12]
+
+
+def default_name(hostname: str, port: int, machine: str) -> str:
+    """HOSTNAME-MACHINE-PORT as an object name (the short host name, lowercased, other chars
+    to '-'): two Macs with one host name still get two names."""
     host = re.sub(r"[^a-z0-9-]+", "-", hostname.split(".")[0].lower()).strip("-") or "server"
-    return f"{host[:56].strip('-')}-{port}"
+    return f"{host[:43].strip('-')}-{machine}-{port}"
 
 
 def endpoint_spec(*, deployment: str, address: str, port: int, info: BackendInfo | None,
-                  lease_seconds: int, renew_time: str) -> dict[str, Any]:
+                  lease_seconds: int, renew_time: str, registered_by: str | None = None
+                  ) -> dict[str, Any]:
     """The RerankerEndpoint's spec (every key present: a takeover's merge patch clears the
-    ones that are None)."""
+    ones that are None). `registered_by`: the identity registering (the admission policy
+    checks it is the caller's, and that only it renews or deletes the object)."""
     return {
         "deployment": deployment,
         "address": address,
@@ -70,21 +117,39 @@ def endpoint_spec(*, deployment: str, address: str, port: int, info: BackendInfo
         "backend": info.backend if info else None,
         "device": info.device if info else None,
         "model": info.model if info else None,
+        "registeredBy": registered_by,
         "heartbeat": {"renewTime": renew_time, "leaseDurationSeconds": lease_seconds},
     }
 
 
-def endpoint_body(*, name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+def endpoint_body(*, name: str, namespace: str, spec: dict[str, Any], machine: str | None
+                  ) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": {
+        "app.kubernetes.io/name": "reranker",
+        "app.kubernetes.io/instance": spec["deployment"],
+        "app.kubernetes.io/component": "external-endpoint",
+        "app.kubernetes.io/part-of": "reranker-fleet"}}
+    if machine is not None:
+        meta["annotations"] = {ANNOTATION_MACHINE: machine}
     return {
         "apiVersion": f"{contract.API_GROUP}/{contract.API_VERSION}",
         "kind": contract.KIND_ENDPOINT,
-        "metadata": {"name": name, "namespace": namespace, "labels": {
-            "app.kubernetes.io/name": "reranker",
-            "app.kubernetes.io/instance": spec["deployment"],
-            "app.kubernetes.io/component": "external-endpoint",
-            "app.kubernetes.io/part-of": "reranker-fleet"}},
+        "metadata": meta,
         "spec": {k: v for k, v in spec.items() if v is not None},
     }
+
+
+def ours(body: dict[str, Any], *, machine: str, user: str | None) -> bool:
+    """Whether an existing RerankerEndpoint is this server's own (left by a crash of this
+    machine under this identity): the only kind it takes over."""
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    if (meta.get("annotations") or {}).get(ANNOTATION_MACHINE) != machine:
+        return False
+    return user is None or spec.get("registeredBy") == user
+
+
+class NotOurs(Exception):
+    """The name is taken by another machine's or identity's RerankerEndpoint."""
 
 
 def route_address(api_url: str) -> str:
@@ -124,7 +189,10 @@ class Registration:
         self.info = info
         self.draining = draining
         self.port = settings.register_port or settings.port
-        self.name = settings.register_name or default_name(socket.gethostname(), self.port)
+        self.machine = settings.register_machine_id or machine_id()
+        self.name = settings.register_name or default_name(socket.gethostname(), self.port,
+                                                           self.machine)
+        self.user: str | None = None  # this identity, as the API server sees it
         self.lease = settings.register_lease_seconds
         self.renew_every = self.lease / 3
         self.namespace = settings.register_namespace or "default"
@@ -177,6 +245,10 @@ class Registration:
                 failures += 1
                 wait = self._backoff(failures)
                 log.warning("registration: API server unreachable (%s); retrying in %.0fs", e, wait)
+            except NotOurs as e:
+                failures += 1
+                wait = self._backoff(failures)
+                log.error("%s; retrying in %.0fs", e, wait)
             await self._sleep(wait)
         log.info("draining: deregistering")
         await self._deregister()
@@ -220,15 +292,33 @@ class Registration:
         if ip.is_loopback or ip.is_link_local or ip.is_unspecified:
             log.warning("registration: address %s is not reachable from the cluster and an "
                         "EndpointSlice may not list it; set RERANKER_REGISTER_ADDRESS", self.address)
-        self._api = kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(configuration))
+        client = kubernetes.client.ApiClient(configuration)
+        self._api = kubernetes.client.CustomObjectsApi(client)
+        self.user = self._whoami(client)
+
+    def _whoami(self, client: kubernetes.client.ApiClient) -> str | None:
+        """The caller's user name (a SelfSubjectReview, open to every authenticated identity),
+        recorded in spec.registeredBy; None where the API server does not serve the review."""
+        try:
+            review = kubernetes.client.AuthenticationV1Api(client).create_self_subject_review(
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
+                _request_timeout=REQUEST_TIMEOUT)
+        except (ApiException, HTTPError, OSError) as e:
+            log.warning("registration: cannot tell who this identity is (%s); registering "
+                        "without spec.registeredBy", e)
+            return None
+        user = review.status.user_info.username if review.status and review.status.user_info else None
+        return str(user) if user else None
 
     def _spec(self) -> dict[str, Any]:
         return endpoint_spec(deployment=self.deployment, address=self.address, port=self.port,
-                             info=self.info, lease_seconds=self.lease, renew_time=utc_now())
+                             info=self.info, lease_seconds=self.lease, renew_time=utc_now(),
+                             registered_by=self.user)
 
     def _register(self) -> None:
         spec = self._spec()
-        body = endpoint_body(name=self.name, namespace=self.namespace, spec=spec)
+        body = endpoint_body(name=self.name, namespace=self.namespace, spec=spec,
+                             machine=self.machine)
         args = (contract.API_GROUP, contract.API_VERSION, self.namespace, contract.PLURAL_ENDPOINT)
         self._may_exist = True
         try:
@@ -239,9 +329,24 @@ class Registration:
             if e.status != 409:
                 self._may_exist = False
                 raise
-            # Left by an earlier run of this server (a crash): take it over.
+            # Left by an earlier run of this server (a crash): take it over, if it is ours.
+            existing = self._api.get_namespaced_custom_object(
+                *args, self.name, _request_timeout=REQUEST_TIMEOUT)
+            if not ours(existing, machine=self.machine, user=self.user):
+                self._may_exist = False
+                found = (existing.get("metadata") or {}).get("annotations") or {}
+                raise NotOurs(
+                    f"{self.where} exists and was registered by another machine or identity "
+                    f"(machine {found.get(ANNOTATION_MACHINE) or 'unknown'}, "
+                    f"{(existing.get('spec') or {}).get('registeredBy') or 'unknown identity'}; "
+                    f"this is machine {self.machine}, {self.user or 'unknown identity'}): not "
+                    "taking it over. Give this server its own RERANKER_REGISTER_NAME, or delete "
+                    "the object if it is a stale registration of this Mac") from None
+            # The uid precondition: the object read above, not one that replaced it since.
+            uid = existing["metadata"]["uid"]
             result = self._api.patch_namespaced_custom_object(
-                *args, self.name, {"metadata": {"labels": body["metadata"]["labels"]}, "spec": spec},
+                *args, self.name, {"metadata": {"uid": uid, "labels": body["metadata"]["labels"]},
+                                   "spec": spec},
                 _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT)
             how = "registered (took over the existing object)"
         self.registered = True
@@ -251,14 +356,23 @@ class Registration:
                  self.lease)
 
     def _renew(self) -> None:
-        patch = {"spec": {"heartbeat": {"renewTime": utc_now(), "leaseDurationSeconds": self.lease}}}
+        # The uid precondition: only the object this server created (or took over) is renewed,
+        # never one that replaced it under the same name.
+        patch: dict[str, Any] = {"spec": {"heartbeat": {"renewTime": utc_now(),
+                                                        "leaseDurationSeconds": self.lease}}}
+        if self.uid:
+            patch["metadata"] = {"uid": self.uid}
         try:
             self._api.patch_namespaced_custom_object(
                 contract.API_GROUP, contract.API_VERSION, self.namespace, contract.PLURAL_ENDPOINT,
                 self.name, patch, _content_type=MERGE_PATCH, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as e:
-            if e.status == 404:  # deleted by someone: register again at once
-                log.warning("%s was deleted; registering again", self.where)
+            # 404: deleted; 422 on metadata.uid: replaced by another object of the same name
+            # (the API server refuses a uid other than the stored one). Register again, which
+            # takes over only an object of this machine and identity.
+            if e.status == 404 or (e.status == 422 and "metadata.uid" in _reason(e)):
+                log.warning("%s was %s; registering again", self.where,
+                            "deleted" if e.status == 404 else "replaced by another object")
                 self.registered = False
                 self._register()
                 return

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from . import activation
 from .batcher import Ticket
 from .chunking import Split
-from .errors import InvalidJSON, InvalidRequest, PayloadTooLarge, Unauthorized
+from .errors import InvalidJSON, InvalidRequest, PayloadTooLarge
 from .runtime import Runtime
 from .schemas import (NativeRerankRequest, NativeRerankResponse, TEIRerankRequest, TEIResult,
                       V1RerankRequest, V1RerankResponse, V2RerankRequest, V2RerankResponse)
@@ -80,13 +81,7 @@ def _validate(model: type[M], data: Any) -> M:
 
 
 def _authorize(request: Request, runtime: Runtime) -> None:
-    keys = runtime.api_keys
-    if not keys:
-        return  # no keys configured: any bearer token (the Cohere SDK always sends one) is accepted
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or token.strip() not in keys:
-        raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
+    runtime.api_keys.authorize(request.headers.get("authorization"))
 
 
 def _check_count(runtime: Runtime, n: int, field: str) -> None:
@@ -106,14 +101,15 @@ async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
             return
 
 
-async def _rank(request: Request, runtime: Runtime, query: str, texts: Sequence[str], split: Split) -> tuple[list[float], int]:
+async def _rank(request: Request, runtime: Runtime, query: str, texts: Sequence[str], split: Split,
+                instruction: str | None = None) -> tuple[list[float], int]:
     ticket = Ticket()
     watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, ticket))
     try:
         runtime.admission.check_serving()
         assert runtime.ranker is not None  # ready implies loaded
         with runtime.admission.request():
-            ranked = await runtime.ranker.rank(query, texts, split=split, ticket=ticket)
+            ranked = await runtime.ranker.rank(query, texts, split=split, ticket=ticket, instruction=instruction)
     finally:
         watcher.cancel()
     return ranked.raw, ranked.tokens
@@ -145,7 +141,7 @@ async def rerank(request: Request) -> Any:
         tei = _validate(TEIRerankRequest, data)
         _check_count(runtime, len(tei.texts), "texts")
         split = Split(truncate=tei.truncate is not False, left=tei.truncation_direction.lower() == "left", field="texts")
-        raw, _ = await _rank(request, runtime, tei.query, tei.texts, split)
+        raw, _ = await _rank(request, runtime, tei.query, tei.texts, split, tei.instruction)
         scores = _activate(runtime, raw, tei.raw_scores)
         ranked = [TEIResult(index=i, score=scores[i], text=tei.texts[i] if tei.return_text else None)
                   .model_dump(exclude_none=True) for i in _order(scores, None)]
@@ -154,7 +150,7 @@ async def rerank(request: Request) -> Any:
     native = _validate(NativeRerankRequest, data)
     _check_count(runtime, len(native.documents), "documents")
 
-    raw, _ = await _rank(request, runtime, native.query, native.documents, Split())
+    raw, _ = await _rank(request, runtime, native.query, native.documents, Split(), native.instruction)
     scores = _activate(runtime, raw, native.raw_scores)
     results = [{"index": i, "document": native.documents[i] if native.return_documents else None, "score": scores[i]}
                for i in _order(scores, native.top_k)]
@@ -191,7 +187,7 @@ async def rerank_v1(request: Request) -> Any:
     texts = [_rank_text(doc, fields, i) for i, doc in enumerate(req.documents)]
 
     raw, tokens = await _rank(request, runtime, req.query, texts,
-                              Split(max_chunks=req.max_chunks_per_doc))
+                              Split(max_chunks=req.max_chunks_per_doc), req.instruction)
     scores = _activate(runtime, raw, req.raw_scores)
     results = []
     for i in _order(scores, req.top_n):
@@ -214,7 +210,7 @@ async def rerank_v2(request: Request) -> Any:
     _check_count(runtime, len(req.documents), "documents")
 
     raw, _ = await _rank(request, runtime, req.query, req.documents,
-                         Split(max_doc_tokens=req.max_tokens_per_doc))
+                         Split(max_doc_tokens=req.max_tokens_per_doc), req.instruction)
     scores = _activate(runtime, raw, False)
     results = []
     for i in _order(scores, req.top_n):
@@ -245,6 +241,31 @@ async def ready(request: Request) -> Any:
 @router.get("/metrics", tags=["probes"], summary="Prometheus text; the JSON summary with Accept: application/json")
 async def metrics(request: Request) -> Response:
     runtime = _runtime(request)
+    if runtime.settings.protect_metrics:
+        _authorize(request, runtime)
     if "application/json" in request.headers.get("accept", ""):
         return JSONResponse({**runtime.metrics.summary(), "controller": runtime.admission.controller()})
     return PlainTextResponse(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+#: The interactive docs and the schema, behind the API keys (RERANKER_PROTECT_DOCS): the app
+#: is then built without FastAPI's open ones and includes these instead.
+docs_router = APIRouter(include_in_schema=False)
+
+
+@docs_router.get("/openapi.json")
+async def openapi_schema(request: Request) -> Any:
+    _authorize(request, _runtime(request))
+    return JSONResponse(request.app.openapi())
+
+
+@docs_router.get("/docs")
+async def swagger_ui(request: Request) -> Response:
+    _authorize(request, _runtime(request))
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{request.app.title} - docs")
+
+
+@docs_router.get("/redoc")
+async def redoc(request: Request) -> Response:
+    _authorize(request, _runtime(request))
+    return get_redoc_html(openapi_url="/openapi.json", title=f"{request.app.title} - ReDoc")

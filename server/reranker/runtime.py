@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .admission import Admission
+from .auth import ApiKeys
 from .backends import Backend, BackendInfo, load_backend
 from .batcher import Batcher
 from .cache import RemoteTier, ScoreCache
@@ -35,7 +36,7 @@ class Runtime:
     def __init__(self, settings: Settings, *, backend: Backend | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.api_keys = settings.resolved_api_keys()
+        self.api_keys = ApiKeys(settings)
         self.backend: Backend | None = backend
         self.load_error: str | None = None
         self.remote: RemoteTier | None = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 
 class _Request(BaseModel):
@@ -23,6 +23,10 @@ class _Request(BaseModel):
 
     query: str = Field(..., description="The search query.")
     model: str | None = Field(None, description="Accepted for compatibility and echoed; the server serves its one loaded model.")
+    instruction: str | None = Field(
+        None, validation_alias=AliasChoices("instruction", "instruct"),
+        description="LLM rerankers (Qwen3-Reranker...): the task instruction in the prompt; unset or empty: the "
+        "model's default. `instruct` is accepted too (SGLang's name). Ignored by cross-encoders and bi-encoders.")
 
     @field_validator("query")
     @classmethod

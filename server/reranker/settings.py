@@ -16,9 +16,11 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from . import contract
+
 Device = Literal["auto", "cuda", "mps", "cpu", "mlx"]
-Quantization = Literal["none", "int8", "bf16", "fp16", "auto"]
-ModelKind = Literal["auto", "cross-encoder", "bi-encoder"]
+Quantization = Literal["auto", "none", "int8", "bf16", "fp16"]
+ModelKind = Literal["auto", "cross-encoder", "bi-encoder", "llm"]
 
 
 def _env(name: str) -> AliasChoices:
@@ -43,8 +45,22 @@ class Settings(BaseSettings):
     )
     model_kind: ModelKind = Field(
         "auto", validation_alias=_env("RERANKER_MODEL_KIND"),
-        description="auto detects from the model files: a sentence-transformers config without "
-        "a classification head means bi-encoder (cosine similarity), else cross-encoder.",
+        description="auto detects from the model files: a sequence-classification head means "
+        "cross-encoder; a causal LM without a sentence-transformers pooling config means llm "
+        "(a decoder reranker such as Qwen3-Reranker: scored from answer-token logits after a "
+        "prompt template); else bi-encoder (cosine similarity).",
+    )
+    prompt_template: str | None = Field(
+        None, validation_alias=_env("RERANKER_PROMPT_TEMPLATE"),
+        description="LLM rerankers: the prompt template, a built-in name (qwen3-reranker, "
+        "bge-reranker-v2-gemma, mxbai-rerank-v2) or a JSON file in that format. Unset: detected "
+        "from the model id, else from config.json's model_type.",
+    )
+    prefix_sharing: bool = Field(
+        True, validation_alias=_env("RERANKER_PREFIX_SHARING"),
+        description="LLM rerankers: run the prompt up to the document (system line, instruction, "
+        "query) once per request in each batch and score the documents against its cached "
+        "keys/values. Off: every pair runs its whole prompt (same scores, slower).",
     )
     local_model_path: Path | None = Field(
         None, validation_alias=_env("RERANKER_LOCAL_MODEL_PATH"),
@@ -182,7 +198,8 @@ class Settings(BaseSettings):
     # --- HTTP ----------------------------------------------------------------------------
     host: str = Field("0.0.0.0", validation_alias=_env("HOST"), description="Bind address.")
     port: int = Field(8000, ge=1, le=65535, validation_alias=_env("PORT"), description="Bind port.")
-    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"), description="Log level.")
+    log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"),
+                           description="Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).")
     api_keys: str | None = Field(
         None, validation_alias=_env("RERANKER_API_KEYS"),
         description="Comma-separated API keys. Set: requests need `Authorization: Bearer KEY` "
@@ -190,7 +207,16 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(
         None, validation_alias=_env("RERANKER_API_KEYS_FILE"),
-        description="File with one API key per line (joined with RERANKER_API_KEYS).",
+        description="File with one API key per line (joined with RERANKER_API_KEYS); read again "
+        "within a second when it changes (a rotated Kubernetes Secret volume).",
+    )
+    protect_metrics: bool = Field(
+        False, validation_alias=_env("RERANKER_PROTECT_METRICS"),
+        description="With API keys set, /metrics needs a key too (then give the scraper one).",
+    )
+    protect_docs: bool = Field(
+        False, validation_alias=_env("RERANKER_PROTECT_DOCS"),
+        description="With API keys set, /docs, /redoc and /openapi.json need a key too.",
     )
 
     # --- registration as an external endpoint (Apple-silicon Macs) ------------------------
@@ -223,6 +249,12 @@ class Settings(BaseSettings):
         None, ge=1, le=65535, validation_alias=_env("RERANKER_REGISTER_PORT"),
         description="Port at which the cluster reaches this server. Unset: PORT.",
     )
+    register_machine_id: str | None = Field(
+        None, validation_alias=_env("RERANKER_REGISTER_MACHINE_ID"),
+        description="This machine's identity in its RerankerEndpoint's default name and in the "
+        "takeover check (only the same machine takes an object over). Unset: a hash of the "
+        "hardware UUID (macOS) or /etc/machine-id. Set it where clones share a machine-id.",
+    )
     register_lease_seconds: int = Field(
         30, ge=3, le=3600, validation_alias=_env("RERANKER_REGISTER_LEASE_SECONDS"),
         description="Heartbeat lease: renewed every third of it; the operator drops the endpoint "
@@ -239,6 +271,13 @@ class Settings(BaseSettings):
         except ValueError:
             raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
 
+    @field_validator("register_machine_id")
+    @classmethod
+    def _machine_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z0-9]{1,16}", value):
+            raise ValueError(f"{value!r} must be 1-16 lowercase letters or digits")
+        return value
+
     @field_validator("register_name")
     @classmethod
     def _object_name(cls, value: str | None) -> str | None:
@@ -249,7 +288,9 @@ class Settings(BaseSettings):
 
     @field_validator("log_level")
     @classmethod
-    def _upper(cls, value: str) -> str:
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in contract.LOG_LEVELS:
+            raise ValueError(f"{value!r} is not one of {', '.join(contract.LOG_LEVELS)}")
         return value.upper()
 
     @model_validator(mode="after")
@@ -262,11 +303,3 @@ class Settings(BaseSettings):
                 f"use bf16 or fp16 on {self.device}"
             )
         return self
-
-    def resolved_api_keys(self) -> frozenset[str]:
-        """The accepted API keys, from the setting and the file (empty: auth off)."""
-        keys = {k.strip() for k in (self.api_keys or "").split(",") if k.strip()}
-        if self.api_keys_file is not None:
-            text = self.api_keys_file.read_text(encoding="utf-8")
-            keys |= {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
-        return frozenset(keys)

@@ -215,7 +215,8 @@ def test_warm_up_and_down(kube_cluster, tmp_path: Path):
     env = dict(os.environ, RERANKER_CLUSTER_DIR=str(tmp_path / "c2"))
     hack = [sys.executable, str(HACK_CLUSTER)]
     t0 = time.monotonic()
-    r = subprocess.run(hack + ["up"], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(hack + ["up", "--no-node"], env=env, capture_output=True, text=True,
+                       timeout=300)
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     print(f"warm hack/cluster up: {elapsed:.1f}s (another control plane already running)")
@@ -228,7 +229,8 @@ def test_warm_up_and_down(kube_cluster, tmp_path: Path):
         budget = float(os.environ.get("RERANKER_WARM_START_BUDGET_S", "15"))
         assert elapsed < budget, f"warm start took {elapsed:.1f}s (budget {budget}s)"
         # `up` again is a no-op while running
-        again = subprocess.run(hack + ["up"], env=env, capture_output=True, text=True, timeout=60)
+        again = subprocess.run(hack + ["up", "--no-node"], env=env, capture_output=True,
+                               text=True, timeout=60)
         assert again.returncode == 0 and "already up" in again.stderr, again.stderr
     finally:
         pids = {}

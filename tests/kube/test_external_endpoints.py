@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[2]
 CRDS = [REPO / "crds" / "rerankerdeployments.reranker.dev.yaml",
         REPO / "crds" / "rerankerendpoints.reranker.dev.yaml"]
 MAC_RBAC = REPO / "deploy" / "mac" / "rbac.yaml"
+MAC_ADMISSION = REPO / "deploy" / "mac" / "admission.yaml"
 RELAY = Path(__file__).resolve().with_name("tcp_relay.py")
 SLICE_MANAGER = "reranker-operator.reranker.dev"
 
@@ -358,7 +359,17 @@ def test_macs_register_fail_expire_return_and_leave(operator: Operator, kube_clu
     mac_a = Mac(uvicorn_server, mac_network, address=addr_a, port=port, env=env_a).start()
     mac_b = Mac(uvicorn_server, mac_network, address=addr_b, port=port, env=env_b).start()
 
-    # Both register; the Service's slice lists both, ready; the status counts them.
+    # The fleet has not said where its Macs may be: both are refused, not even probed.
+    kube_cluster.eventually(
+        lambda: "refused until the RerankerDeployment sets spec.externalEndpoints.allowedCIDRs"
+        in ((rre_status(kube_cluster, ns, "mac-a") or {}).get("message") or ""),
+        timeout=20, desc="mac-a refused")
+    assert slice_endpoints(kube_cluster, ns, "fleet") == {}
+    network = addr_a.rsplit(".", 1)[0] + ".0/24"
+    kube_cluster.kubectl("patch", "rrd", "fleet", "-n", ns, "--type", "merge", "-p", json.dumps(
+        {"spec": {"externalEndpoints": {"allowedCIDRs": [network]}}}))
+
+    # Allowed: both are probed; the Service's slice lists both, ready; the status counts them.
     want = {addr_a: {"ready": True, "serving": True, "port": port},
             addr_b: {"ready": True, "serving": True, "port": port}}
     kube_cluster.eventually(lambda: slice_endpoints(kube_cluster, ns, "fleet") == want,
@@ -515,3 +526,83 @@ def test_static_endpoints_are_probed_and_listed(operator: Operator, kube_cluster
     kube_cluster.kubectl("delete", "rrd", "fleet", "-n", ns, "--timeout", "30s")
     kube_cluster.eventually(lambda: slice_endpoints(kube_cluster, ns, "fleet") == {},
                             timeout=30, desc="slice collected")
+
+
+def test_each_mac_touches_only_the_endpoint_it_registered(
+        kube_cluster: Any, kube_namespace: str, crds: None, tiny_bert: Path,
+        uvicorn_server: Any) -> None:
+    """Identity bound to endpoint: two Macs with one host name get two objects; each records
+    its machine and identity; the admission policy lets no other ServiceAccount rewrite or
+    delete it; a server of another machine never takes it over, even under the same name and
+    identity; a graceful stop deletes only its own. No operator needed: this is the API server,
+    deploy/mac/{rbac,admission}.yaml and the registration of real `reranker serve` processes."""
+    ns = kube_namespace
+    kube_cluster.kubectl("apply", "-f", str(MAC_ADMISSION))
+    kube_cluster.kubectl("apply", "-n", ns, "-f", str(MAC_RBAC))
+    kubeconfigs = {}
+    for sa in ("reranker-mac-a", "reranker-mac-b"):  # one ServiceAccount per Mac
+        kube_cluster.kubectl("create", "serviceaccount", sa, "-n", ns)
+        kube_cluster.kubectl("create", "rolebinding", sa, "--role", "reranker-mac",
+                             f"--serviceaccount={ns}:{sa}", "-n", ns)
+        kubeconfigs[sa] = str(kube_cluster.mint_kubeconfig(ns, sa))
+
+    def env(sa: str, machine: str, address: str, **extra: str) -> dict[str, str]:
+        return {"RERANKER_DEVICE": "cpu", "RERANKER_MODEL": str(tiny_bert),
+                "RERANKER_MODEL_KIND": "cross-encoder", "RERANKER_DRAIN_SECONDS": "2",
+                "RERANKER_REGISTER_DEPLOYMENT": "fleet", "RERANKER_REGISTER_NAMESPACE": ns,
+                "RERANKER_REGISTER_KUBECONFIG": kubeconfigs[sa],
+                "RERANKER_REGISTER_ADDRESS": address, "RERANKER_REGISTER_PORT": "8000",
+                "RERANKER_REGISTER_MACHINE_ID": machine, **extra}
+
+    # Two Macs called alike, on the same port: two names, by machine.
+    host = socket.gethostname().split(".")[0].lower()
+    mac_a = uvicorn_server(env("reranker-mac-a", "aaaa", "192.0.2.10"))
+    mac_b = uvicorn_server(env("reranker-mac-b", "bbbb", "192.0.2.11"))
+
+    def endpoints() -> dict[str, dict[str, Any]]:
+        items = kube_cluster.get_json("rre", "-n", ns)["items"]
+        return {i["metadata"]["name"]: i for i in items}
+    found = kube_cluster.eventually(lambda: (e := endpoints()) and len(e) == 2 and e,
+                                    timeout=30, desc="two RerankerEndpoints")
+    name_a = next(n for n in found if "-aaaa-" in n)
+    name_b = next(n for n in found if "-bbbb-" in n)
+    assert name_a.endswith("-aaaa-8000") and name_b.endswith("-bbbb-8000")
+    assert name_a.startswith(host[:8]) and name_b.startswith(host[:8])
+    a = found[name_a]
+    assert a["spec"]["registeredBy"] == f"system:serviceaccount:{ns}:reranker-mac-a"
+    assert a["metadata"]["annotations"]["reranker.dev/machine-id"] == "aaaa"
+
+    # Mac B's identity may not rewrite, delete or impersonate Mac A's registration.
+    as_b = kubeconfigs["reranker-mac-b"]
+    hijack = kube_cluster.kubectl("patch", "rre", name_a, "-n", ns, "--type", "merge", "-p",
+                                  '{"spec": {"address": "10.0.0.1"}}', kubeconfig=as_b,
+                                  check=False)
+    assert hijack.returncode != 0
+    assert "was registered by another identity" in hijack.stderr, hijack.stderr
+    gone = kube_cluster.kubectl("delete", "rre", name_a, "-n", ns, kubeconfig=as_b, check=False)
+    assert gone.returncode != 0 and "only it may renew or delete it" in gone.stderr
+    forged = {**a, "metadata": {"name": "forged"}, "status": {}}
+    impersonate = kube_cluster.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(forged),
+                                       kubeconfig=as_b, check=False)
+    assert impersonate.returncode != 0
+    assert "registers a RerankerEndpoint only as itself" in impersonate.stderr
+    assert endpoints()[name_a]["spec"]["address"] == "192.0.2.10"
+    # The RBAC that makes the policy necessary: B may patch rerankerendpoints at all.
+    assert kube_cluster.kubectl("auth", "can-i", "patch", "rerankerendpoints.reranker.dev",
+                                "-n", ns, kubeconfig=as_b, check=False).stdout.strip() == "yes"
+
+    # Another machine under Mac A's name and identity (a clone, a copied config): refused,
+    # A's object untouched, and it says why.
+    clone = uvicorn_server(env("reranker-mac-a", "cccc", "192.0.2.12",
+                               RERANKER_REGISTER_NAME=name_a))
+    kube_cluster.eventually(lambda: "registered by another machine or identity"
+                            in clone.log.read_text(), timeout=30, desc="the clone refused")
+    assert endpoints()[name_a]["spec"]["address"] == "192.0.2.10"
+    assert clone.stop() == 0
+    assert name_a in endpoints(), "the clone deleted an object it did not register"
+
+    # A graceful stop deletes only its own.
+    assert mac_a.stop() == 0
+    assert set(endpoints()) == {name_b}
+    assert mac_b.stop() == 0
+    assert endpoints() == {}

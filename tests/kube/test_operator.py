@@ -293,8 +293,9 @@ def test_cuda_example_gets_gpus_placement_and_secrets(operator: Operator, kube_c
         "tolerations"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     env = {e["name"]: e for e in c["env"]}
-    assert env["RERANKER_API_KEYS"]["valueFrom"]["secretKeyRef"] == {
-        "name": "reranker-api-keys", "key": "api-keys"}
+    assert env["RERANKER_API_KEYS_FILE"]["value"] == "/etc/reranker/api-keys/api-keys"
+    assert {"name": "api-keys", "secret": {"secretName": "reranker-api-keys", "items": [
+        {"key": "api-keys", "path": "api-keys"}], "defaultMode": 420}} in pod["volumes"]
     assert env["REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "reranker-redis",
                                                             "key": "url"}
     data = kube_cluster.get_json("configmap", f"{name}-config", "-n", ns)["data"]

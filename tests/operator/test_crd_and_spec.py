@@ -7,13 +7,18 @@ The API server applies the CRD's defaults and CEL rules; the operator re-applies
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import annotated_types
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from reranker import contract
+from reranker.settings import Settings
+from reranker_operator import manifests
 from reranker_operator import spec as specmod
 from reranker_operator.spec import InvalidSpec, parse
 
@@ -130,9 +135,13 @@ INVALID = [
      "set cache.redis.urlSecretRef or cache.redis.managed.enabled, not both"),
     ({"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}},
      "set podDisruptionBudget.minAvailable or maxUnavailable, not both"),
+    ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}},
+     "rollout.maxSurge and rollout.maxUnavailable may not both be 0"),
     ({"model": {}}, "model needs id, localPath or pvc"),
     ({"model": {"localPath": "/m", "pvc": {"claimName": "c"}}},
      "set model.localPath or model.pvc, not both"),
+    ({"model": {"id": "m", "kind": "cross-encoder", "promptTemplate": "qwen3-reranker"}},
+     "model.promptTemplate applies only to LLM rerankers (kind llm or auto)"),
 ]
 
 
@@ -182,3 +191,113 @@ def test_examples_are_valid(spec_schema: dict[str, Any], path: Path) -> None:
         assert doc["apiVersion"] == f"{contract.API_GROUP}/{contract.API_VERSION}"
         parse(apply_defaults(spec_schema, doc["spec"]))
     assert reranker_docs or path.name.startswith("operator-")
+
+
+# --- the CRD's bounds are the server's bounds ------------------------------------------------
+# A value the CRD accepts but the server refuses makes pods crash-loop; a value the server
+# accepts but the CRD refuses is a setting users cannot reach. So every spec field that the
+# operator renders as a server setting must have exactly the bounds of that setting. The
+# mapping is not written down here: each numeric CRD field is set in turn, and whichever env
+# var `manifests.server_settings` renders from it names the server's pydantic field.
+
+def _leaves(schema: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
+    for name, prop in (schema.get("properties") or {}).items():
+        if prop.get("type") == "object":
+            yield from _leaves(prop, (*path, name))
+        else:
+            yield (*path, name), prop
+
+
+def _with(raw: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    node = out
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    return out
+
+
+def _rendered_setting(path: tuple[str, ...], value: Any) -> str | None:
+    """The env var the operator renders spec field `path` as, or None."""
+    base = {"model": {"id": "m"}}
+    before = manifests.server_settings(parse(base))
+    try:
+        after = manifests.server_settings(parse(_with(base, path, value)))
+    except InvalidSpec:  # needs other fields (gpus needs cuda): not a server setting anyway
+        return None
+    changed = [k for k in after if after.get(k) != before.get(k)]
+    assert len(changed) <= 1, (path, changed)
+    return changed[0] if changed else None
+
+
+def _server_field(env: str) -> Any:
+    for field in Settings.model_fields.values():
+        if env in getattr(field.validation_alias, "choices", ()):
+            return field
+    return None
+
+
+def _server_bounds(field: Any, integer: bool) -> dict[str, Any]:
+    """The field's bounds as the CRD must write them (OpenAPI v3.0: exclusiveMinimum is a
+    flag; for integers, > n is written as >= n + 1)."""
+    out: dict[str, Any] = {}
+    for m in field.metadata:
+        if isinstance(m, annotated_types.Ge):
+            out["minimum"] = m.ge
+        elif isinstance(m, annotated_types.Gt):
+            out.update({"minimum": m.gt + 1} if integer else
+                       {"minimum": m.gt, "exclusiveMinimum": True})
+        elif isinstance(m, annotated_types.Le):
+            out["maximum"] = m.le
+        elif isinstance(m, annotated_types.Lt):
+            out.update({"maximum": m.lt - 1} if integer else
+                       {"maximum": m.lt, "exclusiveMaximum": True})
+    return out
+
+
+def _numeric_settings(spec_schema: dict[str, Any]) -> list[tuple[tuple[str, ...], dict[str, Any], str]]:
+    found = []
+    for path, prop in _leaves(spec_schema):
+        if prop.get("type") not in ("integer", "number") or path[0] in ("replicas",):
+            continue
+        low = prop.get("minimum", 0)
+        env = _rendered_setting(path, max(low, 1) + 16 if prop["type"] == "integer" else 16.5)
+        if env is not None and _server_field(env) is not None:
+            found.append((path, prop, env))
+    return found
+
+
+def test_crd_bounds_equal_the_servers_bounds(spec_schema: dict[str, Any]) -> None:
+    checked = _numeric_settings(spec_schema)
+    # The derivation found the tunables the issue names (and would find new ones).
+    assert {".".join(p) for p, _, _ in checked} >= {
+        "model.maxLength", "parallelism.maxParallel", "parallelism.maxQueue",
+        "parallelism.queueTimeoutSeconds", "parallelism.batchSize",
+        "parallelism.microBatching.windowMs", "drainSeconds", "cache.ttlSeconds"}
+    wrong = {}
+    for path, prop, env in checked:
+        want = _server_bounds(_server_field(env), integer=prop["type"] == "integer")
+        have = {k: prop[k] for k in ("minimum", "maximum", "exclusiveMinimum",
+                                     "exclusiveMaximum") if k in prop}
+        if have != want:
+            wrong[".".join(path)] = {"crd": have, f"server ({env})": want}
+    assert wrong == {}
+
+
+def test_crd_enums_are_what_the_server_accepts(spec_schema: dict[str, Any]) -> None:
+    """Every value of a CRD enum rendered as a server setting validates in the server, and the
+    log levels the server knows are all offered."""
+    for path, prop in _leaves(spec_schema):
+        if "enum" not in prop or path[0] in ("device", "quantization", "imagePullPolicy"):
+            continue  # device/quantization: pod subsets, checked by test_enums_match_the_operator
+        env = _rendered_setting(path, prop["enum"][-1])
+        if env is None or _server_field(env) is None:
+            continue
+        for value in prop["enum"]:
+            Settings.model_validate({env: value})
+    levels = spec_schema["properties"]["logLevel"]
+    assert {v.upper() for v in levels["enum"]} == set(contract.LOG_LEVELS)
+    for value in levels["enum"]:
+        assert Settings.model_validate({"LOG_LEVEL": value}).log_level in contract.LOG_LEVELS
+    with pytest.raises(ValidationError, match="LOG_LEVEL"):
+        Settings.model_validate({"LOG_LEVEL": "chatty"})

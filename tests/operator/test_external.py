@@ -342,29 +342,38 @@ def rre(name: str, address: str, renew: str = "2024-01-01T00:00:00Z",
             "status": status or {}}
 
 
+#: The fleet's spec in the prober tests: registered endpoints of 192.0.2.0/24 admitted.
+FLEET = {"model": {"id": "m"}, "externalEndpoints": {"allowedCIDRs": ["192.0.2.0/24"]}}
+
+
 class World:
     """The indices, the probe answers and the writes a prober sees."""
 
     def __init__(self, config: ProbeConfig = ProbeConfig(period=1.0, timeout=0.5,
                                                          failure_threshold=2,
-                                                         success_threshold=1)) -> None:
+                                                         success_threshold=1),
+                 *, fleet: dict[str, Any] = FLEET,
+                 cluster_cidrs: tuple[str, ...] = ()) -> None:
         self.kube = Kube()
         self.clock = Clock()
         self.up: dict[str, bool] = {}
         self.changes: list[Summary | None] = []
         self.endpoints = Index()
-        self.indices = {RERANKERS_INDEX: Index({("ns", "rr"): [owner({"model": {"id": "m"}})]}),
+        self.indices = {RERANKERS_INDEX: Index({("ns", "rr"): [owner(fleet)]}),
                         ENDPOINTS_INDEX: self.endpoints}
+        self.probed: list[str] = []
 
         async def on_change(key: tuple[str, str]) -> bool:
             self.changes.append(self.prober.summary(key))
             return True
 
         self.prober = Prober(self.kube, config, on_change=on_change,  # type: ignore[arg-type]
-                             monotonic=self.clock, wall=lambda: T0)
+                             monotonic=self.clock, wall=lambda: T0,
+                             cluster_cidrs=external.networks(cluster_cidrs))
         self.client = httpx.AsyncClient(transport=httpx.MockTransport(self.answer))
 
     def answer(self, request: httpx.Request) -> httpx.Response:
+        self.probed.append(str(request.url.host))
         if not self.up.get(request.url.host, False):
             raise httpx.ConnectError("refused", request=request)
         return httpx.Response(200)
@@ -448,6 +457,65 @@ async def test_unknown_deployments_and_bad_addresses_are_reported_not_probed() -
         ("loop", False, False)]
 
 
+async def test_registered_endpoints_are_refused_until_the_fleet_allows_their_network() -> None:
+    """Any holder of a Mac identity could register any address (a pod's, a Service's) and
+    have the operator put it behind the fleet's Service: a registered endpoint is listed and
+    probed only inside the RerankerDeployment's spec.externalEndpoints.allowedCIDRs, which
+    is empty (refuse all) until set. Static endpoints are the fleet owner's own word."""
+    w = World(fleet={"model": {"id": "m"}, "externalEndpoints": {
+        "static": [{"name": "studio", "address": "203.0.113.5"}]}})
+    w.up["192.0.2.1"] = w.up["203.0.113.5"] = True
+    w.endpoints[("ns", "rr")] = [rre("mac-a", "192.0.2.1")]
+    await w.tick()
+    assert w.probed == ["203.0.113.5"]  # the registered one is not even probed
+    message = w.kube.endpoint_status["mac-a"]["message"]
+    assert "spec.externalEndpoints.allowedCIDRs" in message and "refused" in message
+    (summary,) = w.changes
+    assert summary is not None and [(r.name, r.listable) for r in summary.endpoints] == [
+        ("mac-a", False), ("studio", True)]
+
+    w = World(fleet={"model": {"id": "m"}, "externalEndpoints": {
+        "allowedCIDRs": ["198.51.100.0/24", "2001:db8::/32"]}})
+    w.up["192.0.2.1"] = w.up["198.51.100.7"] = True
+    w.endpoints[("ns", "rr")] = [rre("mac-a", "192.0.2.1"), rre("mac-b", "198.51.100.7")]
+    await w.tick()
+    assert w.probed == ["198.51.100.7"]
+    assert "192.0.2.1 is outside spec.externalEndpoints.allowedCIDRs" in w.kube.endpoint_status[
+        "mac-a"]["message"]
+    assert w.kube.endpoint_status["mac-b"]["ready"] is True
+
+
+async def test_the_clusters_pod_and_service_ranges_are_never_listed() -> None:
+    """Not even when the fleet allows them, nor as static endpoints: an address there is
+    another workload's, and listing it would send the fleet's clients to it."""
+    w = World(fleet={"model": {"id": "m"}, "externalEndpoints": {
+        "allowedCIDRs": ["0.0.0.0/0"],
+        "static": [{"name": "svc", "address": "10.96.0.10"}]}},
+        cluster_cidrs=("10.96.0.0/12", "10.244.0.0/16"))
+    w.up["10.244.1.7"] = w.up["10.96.0.10"] = w.up["192.0.2.1"] = True
+    w.endpoints[("ns", "rr")] = [rre("pod", "10.244.1.7"), rre("mac-a", "192.0.2.1")]
+    await w.tick()
+    assert w.probed == ["192.0.2.1"]
+    assert "inside the cluster's pod/Service range 10.244.0.0/16" in w.kube.endpoint_status[
+        "pod"]["message"]
+    (summary,) = w.changes
+    assert summary is not None
+    by_name = {r.name: r for r in summary.endpoints}
+    assert "inside the cluster's pod/Service range 10.96.0.0/12" in by_name["svc"].message
+    assert (by_name["svc"].listable, by_name["pod"].listable, by_name["mac-a"].listable) == (
+        False, False, True)
+
+
+def test_allowed_cidrs_are_parsed_and_checked() -> None:
+    spec = parse({"model": {"id": "m"}, "externalEndpoints": {
+        "allowedCIDRs": ["192.168.1.0/24", "fd00::/8"]}})
+    assert [str(n) for n in spec.allowed_cidrs] == ["192.168.1.0/24", "fd00::/8"]
+    with pytest.raises(InvalidSpec, match=r"externalEndpoints.allowedCIDRs\[1\]: '192.168.1.7/24'"):
+        parse({"model": {"id": "m"}, "externalEndpoints": {
+            "allowedCIDRs": ["10.0.0.0/8", "192.168.1.7/24"]}})  # host bits set: a typo?
+    assert parse({"model": {"id": "m"}}).allowed_cidrs == ()
+
+
 async def test_a_restarted_operator_writes_nothing_for_a_steady_endpoint() -> None:
     w = World()
     w.up["192.0.2.1"] = True
@@ -496,7 +564,7 @@ def test_the_endpoint_crd_follows_the_contract_and_the_registration() -> None:
                          lease_seconds=30, renew_time="2024-01-01T00:00:00.000001Z")
     assert set(spec) == set(schema["spec"]["properties"])
     assert set(spec["heartbeat"]) == set(schema["spec"]["properties"]["heartbeat"]["properties"])
-    body = endpoint_body(name="mac", namespace="ns", spec=spec)
+    body = endpoint_body(name="mac", namespace="ns", spec=spec, machine="0a1b2c3d4e5f")
     assert set(body["spec"]) >= set(schema["spec"]["required"])
     # ...and so does what the operator writes in the status.
     state = ProbeState(target=("a", 1), last_probe="t")
@@ -524,3 +592,13 @@ async def test_liveness_fails_once_the_prober_died() -> None:
     await asyncio.gather(memo.prober_task, return_exceptions=True)
     with pytest.raises(kopf.PermanentError, match="prober stopped"):
         handlers.external_prober(memo=memo)
+
+
+def test_the_cluster_ranges_come_from_the_operators_environment() -> None:
+    from reranker_operator.settings import OperatorConfig
+
+    config = OperatorConfig.from_env({"RERANKER_OPERATOR_CLUSTER_CIDRS": "10.244.0.0/16, fd00:10::/64"})
+    assert [str(n) for n in config.cluster_cidrs] == ["10.244.0.0/16", "fd00:10::/64"]
+    assert OperatorConfig.from_env({}).cluster_cidrs == ()
+    with pytest.raises(SystemExit, match="RERANKER_OPERATOR_CLUSTER_CIDRS"):
+        OperatorConfig.from_env({"RERANKER_OPERATOR_CLUSTER_CIDRS": "10.244.0.0/33"})

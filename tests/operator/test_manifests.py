@@ -51,7 +51,7 @@ def test_minimal_spec_builds_configmap_deployment_service_pdb() -> None:
     ({"autoscaling": {"enabled": True}}, {"HorizontalPodAutoscaler"}),
     ({"podDisruptionBudget": {"enabled": False}}, set()),
     ({"monitoring": {"serviceMonitor": {"enabled": True}}}, {"ServiceMonitor"}),
-    ({"cache": {"redis": {"managed": {"enabled": True}}}}, {"Deployment", "Service"}),
+    ({"cache": {"redis": {"managed": {"enabled": True}}}}, {"Deployment", "Service", "NetworkPolicy"}),
 ])
 def test_optional_children(extra: dict, kinds: set) -> None:
     base = {k for k, _ in build(BASE)}
@@ -104,6 +104,15 @@ def test_settings_are_named_by_the_server_contract() -> None:
     assert "REDIS_URL" not in data  # secrets never go through the ConfigMap
 
 
+def test_llm_reranker_settings() -> None:
+    """model.kind llm and promptTemplate reach the server as RERANKER_MODEL_KIND / RERANKER_PROMPT_TEMPLATE."""
+    spec = {**BASE, "model": {"id": "Qwen/Qwen3-Reranker-0.6B", "kind": "llm", "promptTemplate": "qwen3-reranker"}}
+    data = build(spec)[("ConfigMap", "rr-config")]["data"]
+    assert data["RERANKER_MODEL_KIND"] == "llm" and data["RERANKER_PROMPT_TEMPLATE"] == "qwen3-reranker"
+    assert "RERANKER_PROMPT_TEMPLATE" in contract.ENV_VARS
+    assert "RERANKER_PROMPT_TEMPLATE" not in build(BASE)[("ConfigMap", "rr-config")]["data"]
+
+
 def test_unset_tunables_are_left_to_the_server() -> None:
     data = build(BASE)[("ConfigMap", "rr-config")]["data"]
     for name in ("RERANKER_MAX_PARALLEL", "RERANKER_MAX_QUEUE", "RERANKER_BATCH_SIZE",
@@ -129,14 +138,21 @@ def test_pod_template_lists_each_setting_from_the_configmap() -> None:
 def test_secrets_are_env_value_from() -> None:
     env = env_of(build({**BASE, "apiKeySecretRef": {"name": "keys"},
                         "cache": {"redis": {"urlSecretRef": {"name": "redis", "key": "u"}}}}))
-    assert env["RERANKER_API_KEYS"]["valueFrom"] == {"secretKeyRef": {"name": "keys",
-                                                                      "key": "api-keys"}}
+    assert env["RERANKER_API_KEYS_FILE"]["value"].startswith(manifests.API_KEYS_MOUNT)
     assert env["REDIS_URL"]["valueFrom"] == {"secretKeyRef": {"name": "redis", "key": "u"}}
 
 
 def test_managed_redis() -> None:
     objs = build({**BASE, "cache": {"redis": {"managed": {"enabled": True}}}})
-    assert env_of(objs)["REDIS_URL"] == {"name": "REDIS_URL", "value": "redis://rr-redis:6379/0"}
+    env = env_of(objs)
+    # The password comes from the generated Secret; the kubelet expands $(VAR) in the URL.
+    assert env[manifests.REDIS_PASSWORD_ENV] == {
+        "name": manifests.REDIS_PASSWORD_ENV, "valueFrom": {"secretKeyRef": {
+            "name": "rr-redis-auth", "key": "password"}}}
+    assert env["REDIS_URL"] == {"name": "REDIS_URL",
+                                "value": f"redis://:$({manifests.REDIS_PASSWORD_ENV})@rr-redis:6379/0"}
+    names = [e["name"] for e in container(objs)["env"]]
+    assert names.index(manifests.REDIS_PASSWORD_ENV) < names.index("REDIS_URL")
     assert objs[("ConfigMap", "rr-config")]["data"]["REDIS_ENABLED"] == "true"
     redis = objs[("Deployment", "rr-redis")]
     c = redis["spec"]["template"]["spec"]["containers"][0]
@@ -192,6 +208,17 @@ def test_deployment_shape() -> None:
     grace = pod["spec"]["terminationGracePeriodSeconds"]
     assert grace > manifests.PRESTOP_SLEEP_SECONDS + 45
     assert objs[("ConfigMap", "rr-config")]["data"]["RERANKER_DRAIN_SECONDS"] == "45"
+
+
+@pytest.mark.parametrize("rollout,expected", [
+    # A GPU pool at capacity has no room for a surge pod: replace one pod at a time instead.
+    ({"maxSurge": 0, "maxUnavailable": 1}, {"maxSurge": 0, "maxUnavailable": 1}),
+    ({"maxSurge": "25%", "maxUnavailable": "25%"}, {"maxSurge": "25%", "maxUnavailable": "25%"}),
+    ({"maxSurge": 2}, {"maxSurge": 2, "maxUnavailable": 0}),
+])
+def test_rollout_strategy_is_configurable(rollout: dict, expected: dict) -> None:
+    dep = build({**BASE, "rollout": rollout})[("Deployment", "rr")]
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": expected}
 
 
 def test_pods_are_unprivileged_with_writable_tmp_and_model_cache() -> None:
@@ -315,3 +342,54 @@ def test_builders_are_pure() -> None:
     before = repr(spec)
     assert build(spec) == build(spec)
     assert repr(spec) == before  # the input is not mutated
+
+
+def test_api_keys_are_a_mounted_file_so_that_a_rotation_reaches_running_pods() -> None:
+    """Env vars from a Secret are fixed when the container starts; a Secret volume is updated
+    by the kubelet, and the server reads the keys file again when it changes."""
+    objs = build({**BASE, "apiKeySecretRef": {"name": "keys"}})
+    env = env_of(objs)
+    assert "RERANKER_API_KEYS" not in env
+    assert env["RERANKER_API_KEYS_FILE"] == {
+        "name": "RERANKER_API_KEYS_FILE", "value": f"{manifests.API_KEYS_MOUNT}/api-keys"}
+    pod = objs[("Deployment", "rr")]["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"] == {"secretName": "keys", "items": [{"key": "api-keys",
+                                                                  "path": "api-keys"}]}
+    mount = next(m for m in container(objs)["volumeMounts"] if m["name"] == "api-keys")
+    assert mount == {"name": "api-keys", "mountPath": manifests.API_KEYS_MOUNT, "readOnly": True}
+    # No subPath: a subPath mount is never updated by the kubelet.
+    assert "subPath" not in mount
+
+
+def test_managed_redis_needs_a_password_and_admits_only_the_fleets_pods() -> None:
+    objs = build({**BASE, "cache": {"redis": {"managed": {"enabled": True}}}})
+    redis = objs[("Deployment", "rr-redis")]["spec"]["template"]["spec"]
+    (c,) = redis["containers"]
+    assert c["args"][c["args"].index("--requirepass") + 1] == f"$({manifests.REDIS_PASSWORD_ENV})"
+    assert {e["name"]: e for e in c["env"]}[manifests.REDIS_PASSWORD_ENV]["valueFrom"] == {
+        "secretKeyRef": {"name": "rr-redis-auth", "key": "password"}}
+    policy = objs[("NetworkPolicy", "rr-redis")]
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == UID
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": manifests.selector_labels("rr", "redis")},
+        "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": manifests.selector_labels("rr")}}],
+                     "ports": [{"protocol": "TCP", "port": manifests.REDIS_PORT}]}]}
+    # The Secret is built apart (its password is generated once, by the reconciler).
+    assert ("Secret", "rr-redis-auth") not in objs
+    secret = manifests.redis_password_secret(owner(BASE), "s3cret")
+    assert secret["metadata"]["name"] == "rr-redis-auth"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == UID
+    assert secret["type"] == "Opaque" and secret["stringData"] == {"password": "s3cret"}
+
+
+def test_no_managed_redis_without_the_cache() -> None:
+    objs = build({**BASE, "cache": {"enabled": False, "redis": {"managed": {"enabled": True}}}})
+    assert not {k for k in objs if k[1].startswith("rr-redis")}
+    assert "REDIS_URL" not in env_of(objs)
+    assert objs[("ConfigMap", "rr-config")]["data"]["REDIS_ENABLED"] == "false"
+    objs = build({**BASE, "cache": {"enabled": False, "redis": {"urlSecretRef": {"name": "r"}}}})
+    assert "REDIS_URL" not in env_of(objs)
+    assert objs[("ConfigMap", "rr-config")]["data"]["REDIS_ENABLED"] == "false"

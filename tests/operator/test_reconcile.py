@@ -36,6 +36,7 @@ class FakeKube:
         self.status: dict[str, Any] = {}
         self.reject: dict[str, str] = {}  # kind -> message (422)
         self.version = 0
+        self.secrets: dict[tuple[str, str], dict[str, Any]] = {}  # created, never listed
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(("apply", f"{obj['kind']}/{obj['metadata']['name']}"))
@@ -47,6 +48,15 @@ class FakeKube:
                                   creationTimestamp="2024-01-01T00:00:00Z")
         self.objects[(obj["kind"], obj["metadata"]["name"])] = stored
         return copy.deepcopy(stored)
+
+    def create(self, obj: dict[str, Any]) -> bool:
+        """POST: False (409 AlreadyExists) when the object exists; never replaces it."""
+        self.calls.append(("create", f"{obj['kind']}/{obj['metadata']['name']}"))
+        key = (obj["kind"], obj["metadata"]["name"])
+        if key in self.secrets:
+            return False
+        self.secrets[key] = copy.deepcopy(obj)
+        return True
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
         self.calls.append(("get", f"{kind}/{name}"))
@@ -262,3 +272,32 @@ async def test_transient_failure_is_retried_after_a_delay_not_on_every_event(
     clock[0] += rec.RETRY_SECONDS  # Kopf's retry, after the delay: it works now
     later = await r.reconcile(owner(SPEC, status=kube.status), kube.live())
     assert later.created == ["Service rr"] and later.retry is None
+
+
+async def test_the_managed_redis_password_is_generated_once_before_redis_starts() -> None:
+    kube = FakeKube()
+    r = reconciler(kube)
+    body = owner({"model": {"id": "m"}, "cache": {"redis": {"managed": {"enabled": True}}}})
+    await r.reconcile(body, {})
+    writes = kube.writes()
+    created = writes.index(("create", "Secret/rr-redis-auth"))
+    assert created < writes.index(("apply", "Deployment/rr-redis"))
+    secret = kube.secrets[("Secret", "rr-redis-auth")]
+    password = secret["stringData"]["password"]
+    assert len(password) >= 32 and secret["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    # Idle: nothing written, the Secret not even asked for.
+    kube.calls.clear()
+    await r.reconcile(body, kube.live())
+    assert kube.writes() == []
+    # The Redis Deployment deleted (or the operator restarted and it drifted): it is applied
+    # again and the Secret asked for again, which keeps the existing password.
+    live = kube.live()
+    del live[("Deployment", "rr-redis")]
+    kube.objects.pop(("Deployment", "rr-redis"))
+    await r.reconcile(body, live)
+    assert ("create", "Secret/rr-redis-auth") in kube.writes()
+    assert kube.secrets[("Secret", "rr-redis-auth")]["stringData"]["password"] == password
+    # No managed Redis, no Secret asked for.
+    kube2 = FakeKube()
+    await reconciler(kube2).reconcile(owner({"model": {"id": "m"}}), {})
+    assert not [c for c in kube2.calls if c[0] == "create"]

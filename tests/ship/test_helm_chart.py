@@ -38,6 +38,7 @@ COPIES = {
     "files/crds": REPO / "crds",
     "files/rbac/cluster_role.yaml": REPO / "operator" / "rbac" / "cluster_role.yaml",
     "files/dashboards": REPO / "dashboards",
+    "files/macs/admission.yaml": REPO / "deploy" / "mac" / "admission.yaml",
     "files/prometheus/reranker-rules.yaml": REPO / "deploy" / "prometheus" / "reranker-rules.yaml",
     "files/prometheus/prometheus-adapter-values.yaml":
         REPO / "deploy" / "prometheus" / "prometheus-adapter-values.yaml",
@@ -99,7 +100,8 @@ def test_rendered_objects_pass_the_kubernetes_schemas_strictly(kube_version: str
     assert skipped == NOT_IN_SCHEMAS, "a kind kubernetes-validate cannot check appeared"
     assert validated == {"CustomResourceDefinition", "ServiceAccount", "ClusterRole",
                          "ClusterRoleBinding", "RoleBinding", "Role", "Deployment", "Service",
-                         "Secret", "ConfigMap"}
+                         "Secret", "ConfigMap", "NetworkPolicy", "ValidatingAdmissionPolicy",
+                         "ValidatingAdmissionPolicyBinding"}
 
 
 # --- copies of the repository's single sources ----------------------------------------------
@@ -157,12 +159,24 @@ def test_rbac_is_exactly_the_operators_rules() -> None:
                                     "namespace": "reranker-system"}]
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == sa["metadata"]["name"]
-    # Namespaced: the same ClusterRole, bound by RoleBindings in the watched namespaces only.
+    # Namespaced: the same rules as a Role in each watched namespace, bound there, and no
+    # ClusterRole at all: nothing that grants list/watch of every ConfigMap (or any other
+    # kind) in the cluster exists to be bound by mistake. Cluster-scoped kinds (the cluster
+    # peering object) cannot be granted by a Role and are left out.
     docs = objects({"watchNamespaces": ["search", "ranking"]})
-    assert by_kind(docs, "ClusterRoleBinding") == []
-    assert one(docs, "ClusterRole")["rules"] == source["ClusterRole"]["rules"]
-    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == [
-        "ranking", "search"]
+    assert by_kind(docs, "ClusterRoleBinding") == [] and by_kind(docs, "ClusterRole") == []
+    namespaced_rules = [
+        {**rule, "resources": [r for r in rule["resources"] if r != "clusterkopfpeerings"]}
+        for rule in source["ClusterRole"]["rules"]]
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["ranking", "search"]
+    for role in roles:
+        assert role["rules"] == namespaced_rules
+    bindings = by_kind(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["ranking", "search"]
+    for binding in bindings:
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": roles[0]["metadata"]["name"]}
     container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == ["--namespace=search", "--namespace=ranking"]
     # Without rbac.create the chart grants nothing.
@@ -181,6 +195,28 @@ def test_mac_role_allows_rerankerendpoints_only() -> None:
     assert len(accounts) == 2 and all(a["automountServiceAccountToken"] is False for a in accounts)
     assert len(by_kind(docs, "RoleBinding")) == 2
     assert not by_kind(objects(), "Role")
+
+    # The admission policy, exactly deploy/mac/admission.yaml but for its names.
+    source = {d["kind"]: d for d in yaml.safe_load_all(
+        (REPO / "deploy" / "mac" / "admission.yaml").read_text()) if d}
+    policy = one(docs, "ValidatingAdmissionPolicy")
+    binding = one(docs, "ValidatingAdmissionPolicyBinding")
+    assert policy["spec"] == source["ValidatingAdmissionPolicy"]["spec"]
+    assert policy["metadata"]["name"] == "rel-reranker-operator-rerankerendpoints"
+    assert binding["spec"] == {**source["ValidatingAdmissionPolicyBinding"]["spec"],
+                               "policyName": policy["metadata"]["name"]}
+    assert not by_kind(objects({"macs": {"enabled": True, "admissionPolicy": False}}),
+                       "ValidatingAdmissionPolicy")
+
+
+def test_one_service_account_per_mac() -> None:
+    docs = objects({"macs": {"enabled": True, "namespaces": ["search"],
+                             "machines": ["studio-1", "mini-2"]}})
+    names = sorted(a["metadata"]["name"] for a in by_kind(docs, "ServiceAccount")
+                   if a["metadata"]["name"].startswith("reranker-mac"))
+    assert names == ["reranker-mac-mini-2", "reranker-mac-studio-1"]
+    (binding,) = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"].endswith("-macs")]
+    assert sorted(s["name"] for s in binding["subjects"]) == names
 
 
 # --- the operator Deployment ----------------------------------------------------------------
@@ -208,12 +244,14 @@ def test_operator_pod_is_locked_down_and_probed_on_kopfs_liveness_endpoint() -> 
 
 def test_operator_options_reach_the_container() -> None:
     dep = one(objects({"serverImage": "registry.local/reranker:1", "redisImage": "redis:8",
-                       "logLevel": "verbose", "image": {"digest": "sha256:" + "a" * 64}}),
+                       "logLevel": "verbose", "image": {"digest": "sha256:" + "a" * 64},
+                       "clusterCIDRs": ["10.244.0.0/16", "10.96.0.0/12"]}),
               "Deployment")
     container = dep["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["RERANKER_OPERATOR_SERVER_IMAGE"] == "registry.local/reranker:1"
     assert env["RERANKER_OPERATOR_REDIS_IMAGE"] == "redis:8"
+    assert env["RERANKER_OPERATOR_CLUSTER_CIDRS"] == "10.244.0.0/16,10.96.0.0/12"
     assert container["args"] == ["--verbose"]
     assert container["image"].endswith("@sha256:" + "a" * 64)
 
@@ -278,10 +316,23 @@ def test_shared_redis_is_cache_only_and_locked_down() -> None:
     assert "allkeys-lru" in container["args"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert redis["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    # A password, generated, in the Secret the fleets use; only the fleets' pods admitted.
+    (secret,) = [d for d in by_kind(docs, "Secret") if d["metadata"]["name"].endswith("-redis")]
+    password = secret["stringData"]["password"]
+    assert len(password) == 40 and password.isalnum()
+    assert secret["stringData"]["url"].startswith(f"redis://:{password}@")
+    assert container["args"][container["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert container["env"] == [{"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {
+        "name": secret["metadata"]["name"], "key": "password"}}}]
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "reranker", "app.kubernetes.io/component": "server"}}}],
+        "ports": [{"protocol": "TCP", "port": 6379}]}]
     secret = one(docs, "Secret")
     service = one(docs, "Service")
     assert secret["stringData"]["url"] == (
-        f"redis://{service['metadata']['name']}.reranker-system.svc:6379/0")
+        f"redis://:{password}@{service['metadata']['name']}.reranker-system.svc:6379/0")
     # The Service selects the Redis pod and nothing else.
     assert service["spec"]["selector"] == {
         k: v for k, v in redis["spec"]["template"]["metadata"]["labels"].items()

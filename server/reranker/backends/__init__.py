@@ -28,6 +28,13 @@ RUNTIMES: dict[str, tuple[str, str]] = {
 }
 
 
+#: (runtime, model kind) -> (module, class), where a kind has a backend of its own on that runtime.
+KIND_BACKENDS: dict[tuple[str, str], tuple[str, str]] = {
+    ("torch", "llm"): ("reranker.backends.torch_llm", "TorchLLMBackend"),
+    ("mlx", "llm"): ("reranker.backends.mlx_llm", "MLXLLMBackend"),
+}
+
+
 def _apple_silicon() -> bool:
     return platform.system() == "Darwin" and platform.machine() == "arm64"
 
@@ -49,7 +56,8 @@ def load_backend(settings: "Settings") -> Backend:
         settings.model, revision=settings.model_revision, local_fallback=settings.local_model_path,
         kind=settings.model_kind, max_length=settings.max_length,
     )
-    module_name, class_name = RUNTIMES[pick_runtime(settings)]
+    runtime = pick_runtime(settings)
+    module_name, class_name = KIND_BACKENDS.get((runtime, files.kind), RUNTIMES[runtime])
     module = importlib.import_module(module_name)
     backend: Backend = getattr(module, class_name)(files, settings)
     return backend

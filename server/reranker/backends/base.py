@@ -21,10 +21,18 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
-Pair = tuple[str, str]
-Kind = Literal["cross-encoder", "bi-encoder"]
+Kind = Literal["cross-encoder", "bi-encoder", "llm"]
+
+
+class Pair(NamedTuple):
+    """What one score is computed from. `instruction` is what the backend resolved (see
+    `Backend.instruction`): None for models that take none (cross- and bi-encoders)."""
+
+    query: str
+    document: str
+    instruction: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +42,8 @@ class Encoded:
     Cross-encoders: `ids` is the whole sequence the model reads ([CLS] query [SEP] document [SEP])
     and `type_ids` its segment ids (None for models without them, e.g. XLM-R).
     Bi-encoders: `ids` is the document and `query` the query, each embedded on its own.
+    LLM rerankers: `ids` is the whole prompt and `query` the prompt with an empty document, the
+    same for every pair of one (query, instruction): the key that groups pairs for prefix reuse.
     """
 
     ids: list[int]
@@ -66,6 +76,7 @@ class BackendInfo:
     dtype: str
     max_length: int
     activation: Literal["sigmoid", "identity"]
+    template: str | None = None  # LLM rerankers: the prompt template's name@digest
 
     @property
     def fingerprint(self) -> str:
@@ -80,6 +91,8 @@ class BackendInfo:
                   "dtype": self.dtype, "max_length": self.max_length}
         if self.dtype == "int8":
             fields["runtime"] = self.backend
+        if self.template is not None:
+            fields["template"] = self.template
         material = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(material.encode()).hexdigest()[:16]
 
@@ -135,12 +148,29 @@ class Backend(abc.ABC):
     def special_tokens_per_pair(self) -> int:
         """Special tokens the tokenizer adds around one pair ([CLS] q [SEP] d [SEP]: 3)."""
 
+    def instruction(self, requested: str | None) -> str | None:
+        """The instruction pairs carry for a request that asked for `requested` (None: none asked).
+
+        Cross- and bi-encoders take no instruction: None, so it changes neither scores nor cache
+        keys. LLM rerankers fill in their template's default, so "no instruction" and "the default"
+        are one cache entry.
+        """
+        return None
+
+    def doc_window(self, query: str, instruction: str | None = None) -> int:
+        """Document tokens that fit in one forward next to the query (and prompt): the chunk size."""
+        limit = self.info.max_length - self.special_tokens_per_pair
+        if self.info.kind == "bi-encoder":
+            return max(1, limit)
+        query_tokens = self.token_counts([query])[0]
+        return max(limit // 2, limit - query_tokens)
+
     def warmup(self) -> None:
         """A few forwards of realistic shapes, so the first request is not the slow one."""
         query = "what is a reranker?"
         doc = "A reranker scores how relevant a document is to a query. " * 8
         for size in (1, 8):
-            self.score([(query, doc)] * size)
+            self.score([Pair(query, doc)] * size)
 
     def sizing(self) -> EngineSizing:
         """Batch size, token budget and forwards in flight that suit this backend's device."""

@@ -32,6 +32,7 @@ class ModelFiles:
     pooling: str  # mean | cls | max | lasttoken (bi-encoders only)
     normalize: bool
     max_length: int  # the model's own limit (positions, sentence-transformers max_seq_length)
+    model_type: str = ""  # config.json's model_type (LLM rerankers: picks the prompt template)
 
 
 def embedded_model_path() -> Path:
@@ -108,9 +109,15 @@ def describe(path: Path, *, name: str, revision: str, kind: str, max_length: int
         raise BackendError(f"{path} has no config.json: not a Hugging Face model folder")
     modules = _read_json(path / "modules.json") if (path / "modules.json").exists() else []
     architectures = config.get("architectures") or []
+    pools = any(isinstance(m, dict) and m.get("type", "").endswith("Pooling") for m in modules) \
+        if isinstance(modules, list) else False
     detected: Kind
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         detected = "cross-encoder"
+    elif any(a.endswith("ForCausalLM") for a in architectures) and not pools:
+        # A causal LM without a sentence-transformers pooling config (which would make it an
+        # embedding model, e.g. Qwen3-Embedding) is an LLM reranker: Qwen3-Reranker, bge-reranker-v2-gemma...
+        detected = "llm"
     else:
         detected = "bi-encoder"
     resolved: Kind = detected if kind == "auto" else kind  # type: ignore[assignment]
@@ -140,4 +147,4 @@ def describe(path: Path, *, name: str, revision: str, kind: str, max_length: int
         if st.get("max_seq_length"):
             limits.append(int(st["max_seq_length"]))
     return ModelFiles(path=path, name=name, revision=revision, kind=resolved, pooling=pooling,
-                      normalize=normalize, max_length=min(limits))
+                      normalize=normalize, max_length=min(limits), model_type=str(config.get("model_type", "")))

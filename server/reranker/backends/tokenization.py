@@ -113,19 +113,20 @@ class HFTokenization:
         if not pairs:
             return []
         if self.files.kind == "bi-encoder":
-            texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+            texts = list(dict.fromkeys(t for pair in pairs for t in pair[:2]))
             if self._engine is not None:
                 ids = [e.ids for e in self._encode_batch(texts)]
             else:
                 ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
             by_text = dict(zip(texts, ids))
-            return [Encoded(ids=by_text[d], query=by_text[q]) for q, d in pairs]
+            return [Encoded(ids=by_text[p[1]], query=by_text[p[0]]) for p in pairs]
+        # pair[0], pair[1]: a Pair or a plain (query, document) tuple; the instruction is for LLMs only.
         if self._engine is not None:
-            encodings = self._encode_batch(list(pairs))
+            encodings = self._encode_batch([(p[0], p[1]) for p in pairs])
             if self._uses_type_ids:
                 return [Encoded(ids=e.ids, type_ids=e.type_ids) for e in encodings]
             return [Encoded(ids=e.ids) for e in encodings]
-        enc = self.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=self.max_length)
+        enc = self.tokenizer([p[0] for p in pairs], [p[1] for p in pairs], truncation=True, max_length=self.max_length)
         types = enc.get("token_type_ids") if self._uses_type_ids else None
         return [Encoded(ids=ids, type_ids=types[i] if types is not None else None)
                 for i, ids in enumerate(enc["input_ids"])]

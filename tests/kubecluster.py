@@ -1,9 +1,16 @@
-"""A real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager) for tests.
+"""The development cluster (hack/cluster) as pytest fixtures; tests/conftest.py registers them.
 
-`kube_cluster` (session) runs `hack/cluster up` (which builds the pinned binaries on first use,
-see docs/cluster.md) and `hack/cluster down` at the end of the session. If the cluster in the
-state dir is already running (a developer ran `hack/cluster up`), it is reused and left running.
+`kube_cluster` (session): a real control plane (etcd, kube-apiserver, kube-controller-manager)
+with no node: `hack/cluster up --no-node` (which builds the pinned binaries on first use, see
+docs/cluster.md) and `hack/cluster down` at the end of the session. If the cluster in the state
+dir is already running (a developer ran `hack/cluster up`), it is reused and left running.
 If the control plane cannot be built or started the fixture FAILS: these tests never skip.
+
+`node_cluster` (session): a cluster with one real node (containerd, kubelet, kube-proxy) for
+tests/e2e: the developer's running cluster when it has a node, else its own state dir
+(`<state dir>-node`). The node is one per machine and needs root: when `up` could not start it
+(another cluster dir holds it, no root, no working runc) the tests using it are skipped with the
+reason `up` recorded; a node that should start but fails is a failure.
 
     def test_something(kube_cluster, kube_namespace):
         kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", input=manifest)
@@ -24,7 +31,7 @@ from typing import Callable, Iterator, Optional, TypeVar
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 HACK_CLUSTER = REPO / "hack" / "cluster"
 
 T = TypeVar("T")
@@ -151,28 +158,37 @@ def _hack_live(args: list, state_dir: Path) -> tuple:
 _build_error: list = []
 
 
-def pytest_collection_finish(session) -> None:
+def collection_finish(session) -> None:
     """Build (or find cached) binaries once, before any test runs, when a collected test uses
-    kube_cluster: a cold build takes minutes and must not count against a per-test timeout
-    (pytest-timeout). A failure is recorded and reported by the fixture as a test failure."""
+    a cluster: a cold build takes minutes and must not count against a per-test timeout
+    (pytest-timeout). A failure is recorded and reported by the fixture as a test failure.
+    The node's binaries are built only when a collected test uses `node_cluster`."""
     if session.config.option.collectonly or os.environ.get("KUBEBUILDER_ASSETS"):
         return
-    if not any("kube_cluster" in getattr(item, "fixturenames", ()) for item in session.items):
+    used = {f for item in session.items for f in getattr(item, "fixturenames", ())}
+    if not used & {"kube_cluster", "node_cluster"}:
         return
+    args = ["build"] if "node_cluster" in used else ["build", "--no-node"]
     capman = session.config.pluginmanager.getplugin("capturemanager")
     with capman.global_and_fixture_disabled() if capman else _nullcontext():
-        rc, err = _hack_live(["build"], _state_dir())
+        rc, err = _hack_live(args, _state_dir())
     if rc != 0:
         _build_error.append(f"hack/cluster build exited {rc}:\n"
                             + "\n".join(err.splitlines()[-40:]))
 
 
-@pytest.fixture(scope="session")
-def kube_cluster(pytestconfig) -> Iterator[KubeCluster]:
+def _info(state_dir: Path) -> dict:
+    try:
+        return json.loads((state_dir / "cluster.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _session_cluster(pytestconfig, state_dir: Path, up_args: list) -> Iterator[KubeCluster]:
+    """Reuse the cluster running in state_dir, or bring one up (and down at the end)."""
     if _build_error:
-        pytest.fail("could not build the Kubernetes control plane; see docs/cluster.md.\n"
+        pytest.fail("could not build the Kubernetes cluster binaries; see docs/cluster.md.\n"
                     + _build_error[0], pytrace=False)
-    state_dir = _state_dir()
     status = _hack(["status"], state_dir, capture_output=True)
     owned = status.returncode != 0
     if owned:
@@ -180,17 +196,16 @@ def kube_cluster(pytestconfig) -> Iterator[KubeCluster]:
         capman = pytestconfig.pluginmanager.getplugin("capturemanager")
         t0 = time.monotonic()
         with capman.global_and_fixture_disabled() if capman else _nullcontext():
-            print(f"\n[kube_cluster] hack/cluster up (state in {state_dir})", file=sys.stderr,
-                  flush=True)
-            rc, err = _hack_live(["up"], state_dir)
+            print(f"\n[kube_cluster] hack/cluster {' '.join(up_args)} (state in {state_dir})",
+                  file=sys.stderr, flush=True)
+            rc, err = _hack_live(up_args, state_dir)
         if rc != 0:
             tail = "\n".join(err.splitlines()[-40:])
-            pytest.fail(f"could not build/start the Kubernetes control plane "
-                        f"(hack/cluster up exited {rc}); see docs/cluster.md.\n{tail}",
-                        pytrace=False)
+            pytest.fail(f"could not build/start the Kubernetes cluster "
+                        f"(hack/cluster {' '.join(up_args)} exited {rc}); see docs/cluster.md."
+                        f"\n{tail}", pytrace=False)
         print(f"[kube_cluster] up in {time.monotonic() - t0:.1f}s", file=sys.stderr)
-    info = json.loads((state_dir / "cluster.json").read_text())
-    cluster = KubeCluster(state_dir, info)
+    cluster = KubeCluster(state_dir, _info(state_dir))
     try:
         yield cluster
     finally:
@@ -198,6 +213,35 @@ def kube_cluster(pytestconfig) -> Iterator[KubeCluster]:
             r = _hack(["down"], state_dir, capture_output=True)
             if r.returncode != 0:
                 print(f"[kube_cluster] hack/cluster down failed: {r.stderr}", file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(pytestconfig) -> Iterator[KubeCluster]:
+    yield from _session_cluster(pytestconfig, _state_dir(), ["up", "--no-node"])
+
+
+def node_state_dir() -> Path:
+    """The developer's cluster when it runs with a node, else a state dir of the tests' own."""
+    base = _state_dir()
+    if _info(base).get("node", {}).get("ready") and \
+            _hack(["status"], base, capture_output=True).returncode == 0:
+        return base
+    return base.with_name(f"{base.name}-node")
+
+
+@pytest.fixture(scope="session")
+def node_cluster(pytestconfig) -> Iterator[KubeCluster]:
+    """A cluster with a Ready node; skipped, with `up`'s reason, where the machine has none."""
+    gen = _session_cluster(pytestconfig, node_state_dir(), ["up"])
+    cluster = next(gen)
+    try:
+        node = cluster.info.get("node") or {}
+        if not node.get("ready"):
+            why = node.get("reason") or f"the running cluster in {cluster.dir} has none"
+            pytest.skip(f"no Kubernetes node: {why}")
+        yield cluster
+    finally:
+        gen.close()
 
 
 class _nullcontext:
