@@ -57,6 +57,7 @@ PRESTOP_SLEEP_SECONDS = 5
 GRACE_MARGIN_SECONDS = 15
 CACHE_MOUNT = "/cache"
 HF_HOME = f"{CACHE_MOUNT}/huggingface"
+MODEL_CACHE_DIR = f"{CACHE_MOUNT}/reranker"
 MODELS_MOUNT = "/models"
 API_KEYS_MOUNT = "/etc/reranker/api-keys"
 API_KEYS_FILE = "api-keys"
@@ -148,6 +149,9 @@ def server_settings(spec: RerankerSpec) -> dict[str, str]:
         "RERANKER_MAX_LENGTH": m.max_length,
         "RERANKER_DEVICE": spec.device,
         "RERANKER_QUANTIZATION": spec.quantization,
+        "RERANKER_RUNTIME": spec.runtime,
+        # converted models (OpenVINO IR) next to the downloaded ones: a container restart does not convert again
+        "RERANKER_MODEL_CACHE_DIR": MODEL_CACHE_DIR,
         "RERANKER_MAX_PARALLEL": p.max_parallel,
         "RERANKER_MAX_QUEUE": p.max_queue,
         "RERANKER_QUEUE_TIMEOUT": p.queue_timeout_seconds,

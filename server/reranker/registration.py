@@ -301,7 +301,8 @@ class Registration:
         recorded in spec.registeredBy; None where the API server does not serve the review."""
         try:
             review = kubernetes.client.AuthenticationV1Api(client).create_self_subject_review(
-                {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
+                kubernetes.client.V1SelfSubjectReview(api_version="authentication.k8s.io/v1",
+                                                      kind="SelfSubjectReview"),
                 _request_timeout=REQUEST_TIMEOUT)
         except (ApiException, HTTPError, OSError) as e:
             log.warning("registration: cannot tell who this identity is (%s); registering "

