@@ -343,3 +343,33 @@ async def test_mlx_llm_parity(family: str, tiny_llms: dict[str, Path]) -> None:
                 got = await route_scores(client, QUERY, DOCS, extra)
                 for route in ("native", "v2"):
                     np.testing.assert_allclose(got[route], scores, atol=1e-3, rtol=0, err_msg=f"{route} {extra} {sharing}")
+
+
+def test_shared_prefix_runs_once_per_request(tiny_llms: dict[str, Path]) -> None:
+    """With sharing on, a batch of two requests runs each prompt prefix once (one forward for both
+    prefixes), then every document after its own prefix; off, every pair runs its whole prompt."""
+    from reranker.backends import Pair, load_backend
+    from reranker.settings import Settings
+
+    backend = load_backend(Settings(model=str(tiny_llms["qwen3"]), max_length=MAX_LENGTH))
+    calls: list[tuple[int, int]] = []
+    forward = backend.decoder.forward
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(tuple(kwargs["input_ids"].shape))  # type: ignore[attr-defined]
+        return forward(*args, **kwargs)
+
+    backend.decoder.forward = spy
+    pairs = [Pair(QUERY, d, backend.instruction(None)) for d in DOCS] + \
+        [Pair("Where is Paris?", d, backend.instruction(INSTRUCTION)) for d in DOCS[:3]]
+    encoded = backend.encode(pairs)
+    longest = max(e.tokens for e in encoded)
+    shared = backend.score_encoded(encoded)
+    assert len(calls) == 2 and calls[0][0] == 2 and calls[1][0] == len(pairs)  # 2 prefixes, then the documents
+    prefix_width, rest_width = calls[0][1], calls[1][1]
+    assert prefix_width > 40 and rest_width < longest - 40  # the system line, instruction and query ran once
+    backend.share_prefix = False
+    calls.clear()
+    whole = backend.score_encoded(encoded)
+    assert calls == [(len(pairs), longest)]
+    np.testing.assert_allclose(shared, whole, atol=1e-5, rtol=0)
