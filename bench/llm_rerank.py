@@ -164,7 +164,14 @@ def main() -> int:
     parser.add_argument("--server", action="store_true", help="also measure `reranker serve` over HTTP")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients in the server section")
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads, here and in the "
+                        "server (default: torch's). On a machine shared by more busy processes than cores, 1 "
+                        "avoids OpenMP threads spinning at barriers while their peers are descheduled.")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     n = args.requests or (6 if args.device == "cpu" else 60)
 
     started = time.perf_counter()
@@ -177,7 +184,10 @@ def main() -> int:
     sample = backend.encode([Pair(reqs[0][0], d, backend.instruction(INSTRUCTION)) for d in reqs[0][1]])
     fixed = len(backend.encode([Pair(reqs[0][0], "", backend.instruction(INSTRUCTION))])[0].ids)
     iq = len(backend.tokenizer(f"<Instruct>: {INSTRUCTION}\n<Query>: {reqs[0][0]}\n", add_special_tokens=False)["input_ids"])
-    row("workload", f"{args.shape} {args.dtype} on {args.device}; {n} requests x {DOCS_PER_REQUEST} docs; "
+    import torch
+
+    row("workload", f"{args.shape} {args.dtype} on {args.device} ({torch.get_num_threads()} threads); "
+        f"{n} requests x {DOCS_PER_REQUEST} docs; "
         f"prompt {sum(e.tokens for e in sample) / len(sample):.0f} tokens/pair (instruction+query {iq}, "
         f"fixed with an empty document {fixed}); setup {time.perf_counter() - started:.0f}s")
 
@@ -204,6 +214,8 @@ def server_section(folder: Path, args: argparse.Namespace, shared: Any, reqs: li
            "RERANKER_MAX_LENGTH": str(args.max_length), "ENABLE_PREDICTION_CACHE": "false",
            "RERANKER_BATCH_SIZE": str(DOCS_PER_REQUEST), "RERANKER_MAX_BATCH_TOKENS": "1000000",
            "RERANKER_MAX_QUEUE": "100000", "RERANKER_QUEUE_TIMEOUT": "600", "RERANKER_WORKER_TIMEOUT": "600"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     server = w.Server(env)
     try:
         n = max(args.clients * 2, len(reqs))

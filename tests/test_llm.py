@@ -241,13 +241,13 @@ async def test_instruction_changes_scores_and_cache_keys(tiny_llms: dict[str, Pa
     async with running_app(model=str(tiny_llms["qwen3"]), max_length=MAX_LENGTH) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
         base = await route_scores(client, QUERY, DOCS[:3], {})
-        scored = runtime.metrics.pairs_scored._value.get()
+        scored = runtime.metrics.value("reranker_pairs_scored_total")
         # the default instruction spelled out is the same prompt: all cache hits
         again = await route_scores(client, QUERY, DOCS[:3], {"instruction": QWEN3_DEFAULT})
-        assert runtime.metrics.pairs_scored._value.get() == scored
+        assert runtime.metrics.value("reranker_pairs_scored_total") == scored
         np.testing.assert_array_equal(again["v2"], base["v2"])
         other = await route_scores(client, QUERY, DOCS[:3], {"instruction": INSTRUCTION})
-        assert runtime.metrics.pairs_scored._value.get() == scored + 3  # a new instruction is a new pair
+        assert runtime.metrics.value("reranker_pairs_scored_total") == scored + 3  # a new instruction is a new pair
         assert np.abs(other["v2"] - base["v2"]).max() > 1e-4
 
 
@@ -255,9 +255,9 @@ async def test_instruction_is_ignored_by_cross_encoders(tiny_bert: Path) -> None
     async with running_app(model=str(tiny_bert)) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
         plain = await route_scores(client, QUERY, DOCS[:3], {})
-        scored = runtime.metrics.pairs_scored._value.get()
+        scored = runtime.metrics.value("reranker_pairs_scored_total")
         instructed = await route_scores(client, QUERY, DOCS[:3], {"instruct": INSTRUCTION})
-        assert runtime.metrics.pairs_scored._value.get() == scored  # same pairs: cache hits
+        assert runtime.metrics.value("reranker_pairs_scored_total") == scored  # same pairs: cache hits
     for route in plain:
         np.testing.assert_array_equal(instructed[route], plain[route])
 
