@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "ranking.json"
 
-VARIANTS = [("torch", "none"), ("torch", "bf16"), ("torch", "int8"), ("mlx", "none"), ("mlx", "bf16"), ("mlx", "int8")]
+VARIANTS = [("torch", "none"), ("torch", "bf16"), ("openvino", "none"), ("openvino", "bf16"), ("openvino", "int8"),
+            ("mlx", "none"), ("mlx", "bf16"), ("mlx", "int8")]
 
 
 def workload(tokenizer: object, *, pairs: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -56,7 +57,7 @@ def load(runtime: str, quantization: str, model: str | None) -> "Backend":
     from reranker.backends import load_backend
     from reranker.settings import Settings
 
-    return load_backend(Settings(model=model, device="cpu" if runtime == "torch" else "mlx",
+    return load_backend(Settings(model=model, runtime=runtime, device="mlx" if runtime == "mlx" else "cpu",
                                  quantization=quantization, warmup_on_start=False))
 
 
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="pairs per forward pass")
     parser.add_argument("--repeats", type=int, help="timed passes over the workload (default 1)")
     parser.add_argument("--model", help="model id or folder (default: the embedded all-MiniLM-L6-v2)")
+    parser.add_argument("--cross-encoder", action="store_true",
+                        help="the MiniLM-sized cross-encoder of bench/workload.py instead of --model")
     parser.add_argument("--only", nargs="*", metavar="RUNTIME:DTYPE",
                         help="run only these variants, e.g. torch:none mlx:int8 (torch:none always runs)")
     args = parser.parse_args(argv)
@@ -102,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from reranker.backends import model_files
 
+    if args.cross_encoder:
+        sys.path.insert(0, str(Path(__file__).parent))
+        import workload as bench_workload
+
+        args.model = str(bench_workload.build_cross_encoder())
     files = model_files.resolve(args.model, revision=None, local_fallback=None)
     tokenizer = AutoTokenizer.from_pretrained(str(files.path))
     pairs = workload(tokenizer, pairs=n_pairs)

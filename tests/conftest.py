@@ -8,16 +8,25 @@ and are registered here for tests/kube and tests/e2e alike.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+# The references the tests compare with are PyTorch fp32 (sentence-transformers), so servers the tests
+# start default to that, here and in their subprocesses; the defaults a user gets (RERANKER_RUNTIME=auto,
+# RERANKER_QUANTIZATION=auto: OpenVINO bf16 on a CPU with native bf16) are tested by name in
+# tests/test_openvino_backend.py.
+os.environ.setdefault("RERANKER_RUNTIME", "torch")
+os.environ.setdefault("RERANKER_QUANTIZATION", "none")
+
 sys.path.insert(0, str(Path(__file__).parent))
 import models  # noqa: E402
 from kubecluster import collection_finish, kube_cluster, kube_namespace, node_cluster  # noqa: E402,F401
 from servers import ServerFactory, free_port  # noqa: E402
+from stand_in_macs import MacNetwork, mac_network_namespace  # noqa: E402
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -69,3 +78,19 @@ def redis_server(tmp_path: Path) -> Iterator["object"]:
     server = RedisServer(free_port(), tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mac_netns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MacNetwork]:
+    """The stand-in Macs' network namespace (tests/stand_in_macs.py), one per session."""
+    with mac_network_namespace(tmp_path_factory.mktemp("mac-netns")) as network:
+        yield network
+
+
+@pytest.fixture
+def mac_network(mac_netns: MacNetwork) -> Iterator[MacNetwork]:
+    """The Macs' namespace for one test; the relays it started are stopped afterwards."""
+    try:
+        yield mac_netns
+    finally:
+        mac_netns.stop_relays()

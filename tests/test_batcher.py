@@ -49,3 +49,48 @@ def test_every_job_is_eventually_cut() -> None:
         queue = [j for j in queue if j not in batch]
         seen += len(batch)
     assert seen == 35
+
+
+def test_oldest_request_completes_first_and_batches_stay_grouped() -> None:
+    """Six 20-pair requests of ~150-190 tokens: each batch finishes the oldest request still waiting
+    (a request is done when its last pair is), and fills up with the nearest lengths of the others."""
+    import random
+
+    loop = asyncio.new_event_loop()
+    rng = random.Random(3)
+    queue: list[Job] = []
+    origins = [object() for _ in range(6)]
+    try:
+        for r, origin in enumerate(origins):
+            for i in range(20):
+                queue.append(Job(pair=("q", f"{r}-{i}"), key=f"{r}-{i}", tokens=rng.randint(150, 190),
+                                 future=loop.create_future(), origin=origin))  # type: ignore[arg-type]
+    finally:
+        loop.close()
+    done_at: dict[int, int] = {}
+    cut = 0
+    while queue:
+        batch = cut_batch(queue, batch_size=32, max_tokens=100_000, by_length=True)
+        assert len(batch) == min(32, len(queue))
+        queue = [j for j in queue if j not in batch]
+        cut += 1
+        for r, origin in enumerate(origins):
+            if r not in done_at and not any(j.origin is origin for j in queue):
+                done_at[r] = cut
+    assert list(done_at) == list(range(6))  # completed in arrival order
+    assert done_at[0] == 1  # the oldest request in the first batch
+    assert max(done_at.values()) == 4  # 120 pairs in 4 full batches, as first-come would take
+
+
+def test_a_request_bigger_than_a_batch_is_cut_by_length_first() -> None:
+    loop = asyncio.new_event_loop()
+    origin, other = object(), object()
+    try:
+        own = [Job(pair=("q", str(i)), key=str(i), tokens=n, future=loop.create_future(), origin=origin)  # type: ignore[arg-type]
+               for i, n in enumerate([100, 400, 110, 390, 105, 395])]
+        later = [Job(pair=("p", str(i)), key=f"p{i}", tokens=100, future=loop.create_future(), origin=other)  # type: ignore[arg-type]
+                 for i in range(4)]
+    finally:
+        loop.close()
+    batch = cut_batch(own + later, batch_size=3, max_tokens=100_000, by_length=True)
+    assert sorted(j.tokens for j in batch) == [100, 105, 110]  # its own short pairs, not the later request's

@@ -271,18 +271,25 @@ def test_missing_head_is_a_clear_error() -> None:
 
 
 def test_device_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert pick_runtime(Settings(device="mlx")) == "mlx"  # forced: works on Linux with mlx[cpu]
-    assert pick_runtime(Settings(device="cpu")) == "torch"
+    def auto(**settings: object) -> str:
+        return pick_runtime(Settings(runtime="auto", **settings))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backends, "_gpu_present", lambda: False)
+    assert auto(device="mlx") == "mlx"  # forced: works on Linux with mlx[cpu]
+    assert pick_runtime(Settings(runtime="mlx")) == "mlx"
+    assert auto(device="cpu") == "openvino"  # a CPU without Apple silicon: tests/test_openvino_backend.py
     monkeypatch.setattr(backends, "_apple_silicon", lambda: False)
-    assert pick_runtime(Settings(device="auto")) == "torch"
+    assert auto(device="auto") == "openvino"
     monkeypatch.setattr(backends, "_apple_silicon", lambda: True)
-    assert pick_runtime(Settings(device="auto")) == "mlx"
-    assert pick_runtime(Settings(device="auto", use_mlx=False)) == "torch"
-    assert pick_runtime(Settings(device="cpu")) == "torch"
-    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)  # mlx not installed
-    assert pick_runtime(Settings(device="auto")) == "torch"
+    assert auto(device="auto") == "mlx"
+    assert auto(device="auto", use_mlx=False) == "openvino"
+    assert pick_runtime(Settings(runtime="torch", device="auto")) == "torch"
+    with pytest.raises(DeviceUnavailable, match="not RERANKER_RUNTIME=torch"):
+        pick_runtime(Settings(runtime="torch", device="mlx"))
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: None)  # neither mlx nor openvino installed
+    assert auto(device="auto") == "torch"
     with pytest.raises(DeviceUnavailable, match=r"pip install 'reranker-fleet\[mlx\]'"):
-        pick_runtime(Settings(device="mlx"))
+        auto(device="mlx")
 
 
 # --- servers ---------------------------------------------------------------------------------

@@ -39,6 +39,17 @@ def start_apiserver(d: Path, binary: Path, *, etcd_port: int, port: int, bind_ip
         "--authorization-mode=Node,RBAC",
         "--allow-privileged=true",
         "--profiling=false",
+        # The aggregation layer, for APIServices such as custom.metrics.k8s.io (metrics.py).
+        # Aggregator routing dials the APIService's endpoint directly, not its ClusterIP: the
+        # API server runs on the host, where no kube-proxy rule is needed for that.
+        f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+        "--requestheader-allowed-names=front-proxy-client",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+        f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+        "--enable-aggregator-routing=true",
     ]
     if node:
         args += [

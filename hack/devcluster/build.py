@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -28,7 +29,7 @@ CONTROL_PLANE = ("kube-apiserver", "kube-controller-manager", "kubectl", "etcd")
 NODE = ("kube-scheduler", "kubelet", "kube-proxy", "coredns")
 
 
-def _required_version(gomod: Path, module: str) -> str:
+def required_version(gomod: Path, module: str) -> str:
     m = re.search(rf"^\s*(?:require\s+)?{re.escape(module)}\s+(v\S+)", gomod.read_text(), re.M)
     if not m:
         die(f"cannot find {module} in {gomod}")
@@ -36,15 +37,15 @@ def _required_version(gomod: Path, module: str) -> str:
 
 
 def kube_version() -> str:
-    return _required_version(KUBE_MOD / "go.mod", "k8s.io/kubernetes")
+    return required_version(KUBE_MOD / "go.mod", "k8s.io/kubernetes")
 
 
 def etcd_version() -> str:
-    return _required_version(ETCD_MOD / "go.mod", "go.etcd.io/etcd/server/v3")
+    return required_version(ETCD_MOD / "go.mod", "go.etcd.io/etcd/server/v3")
 
 
 def coredns_version() -> str:
-    return _required_version(COREDNS_MOD / "go.mod", "github.com/coredns/coredns")
+    return required_version(COREDNS_MOD / "go.mod", "github.com/coredns/coredns")
 
 
 def kube_bin_dir() -> Path:
@@ -77,7 +78,8 @@ def _version_ldflags(version: str) -> str:
     return " ".join(flags)
 
 
-def _go_build(name: str, pkg: str, moddir: Path, out: Path, ldflags: str, logf: IO[str]) -> None:
+def _go_build(name: str, pkg: str, moddir: Path, out: Path, ldflags: str, logf: IO[str],
+              tags: str = "") -> None:
     go = shutil.which("go") or ""
     if not go:
         die("Go is needed to build the cluster binaries (hack/kube/go.mod needs go >= 1.24, "
@@ -85,7 +87,8 @@ def _go_build(name: str, pkg: str, moddir: Path, out: Path, ldflags: str, logf: 
     env = dict(os.environ, GOFLAGS="-mod=mod", CGO_ENABLED="0")
     jobs = os.environ.get("RERANKER_BUILD_JOBS", "2")
     tmp = out.with_name(out.name + ".tmp")
-    cmd = [go, "build", "-p", jobs, "-v", "-trimpath", f"-ldflags={ldflags}", "-o", str(tmp), pkg]
+    cmd = [go, "build", "-p", jobs, "-v", "-trimpath", f"-ldflags={ldflags}",
+           *([f"-tags={tags}"] if tags else []), "-o", str(tmp), pkg]
     logf.write(f"\n$ (cd {moddir} && {' '.join(cmd)})\n")
     logf.flush()
     start = last = time.monotonic()
@@ -171,6 +174,36 @@ def build(*, node: bool = True) -> dict[str, Path]:
                 _go_build(name, pkg, moddir, paths[name], flags, logf)
         log(f"build finished in {int(time.monotonic() - t0)}s")
     return paths
+
+
+@dataclass(frozen=True)
+class Target:
+    """One more binary built like the cluster's (metrics.py: Prometheus, prometheus-adapter)."""
+
+    name: str
+    out: Path
+    pkg: str
+    moddir: Path
+    tags: str = ""
+
+
+def build_extra(targets: list[Target]) -> None:
+    """Build the targets whose binary is missing, under the same lock and log as build()."""
+    if all(os.access(t.out, os.X_OK) for t in targets):
+        return
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with open(cache_root() / ".build.lock", "w") as lockf:
+        if _locked(lockf):
+            log(f"another build is running; waiting for the lock {lockf.name} ...")
+        fcntl.flock(lockf, fcntl.LOCK_EX)
+        logpath = cache_root() / "build.log"
+        with open(logpath, "a") as logf:
+            for t in targets:
+                if os.access(t.out, os.X_OK):
+                    continue
+                log(f"building {t.name} from {t.moddir} into {t.out.parent}; full log: {logpath}")
+                t.out.parent.mkdir(parents=True, exist_ok=True)
+                _go_build(t.name, t.pkg, t.moddir, t.out, "-s -w", logf, tags=t.tags)
 
 
 def _locked(lockf: IO[str]) -> bool:

@@ -38,6 +38,25 @@ def _client(pki: Path, name: str, subj: str) -> None:
     _issue(pki, name, subj, "extendedKeyUsage=clientAuth")
 
 
+def issue_serving(pki: Path, name: str, sans: str) -> None:
+    """A serving certificate from the dev CA (for a server the API server or tests dial)."""
+    _issue(pki, name, f"/CN={name}", "extendedKeyUsage=serverAuth", f"subjectAltName={sans}")
+
+
+def _front_proxy(pki: Path) -> None:
+    """The aggregation layer's identity: the API server proxies /apis/<group> of an
+    APIService (custom.metrics.k8s.io) with this client certificate, from a CA of its own that
+    extension API servers trust only for that (--requestheader-client-ca-file)."""
+    openssl("req", "-x509", "-new", *EC_KEY, "-keyout", "front-proxy-ca.key",
+            "-out", "front-proxy-ca.crt", "-days", "3650", "-sha256",
+            "-subj", "/CN=reranker-fleet-dev-front-proxy-ca", cwd=pki)
+    openssl("req", "-x509", "-new", *EC_KEY, "-keyout", "front-proxy-client.key",
+            "-out", "front-proxy-client.crt", "-days", "3650", "-sha256",
+            "-subj", "/CN=front-proxy-client", "-CA", "front-proxy-ca.crt",
+            "-CAkey", "front-proxy-ca.key", "-addext", "basicConstraints=CA:FALSE",
+            "-addext", "extendedKeyUsage=clientAuth", cwd=pki)
+
+
 def make_pki(pki: Path, *, node_ip: str | None = None, node_name: str | None = None) -> None:
     """CA, API server serving cert, admin and controller-manager client certs, the
     ServiceAccount signing key; with a node also its kubelet, scheduler and proxy certs."""
@@ -54,6 +73,7 @@ def make_pki(pki: Path, *, node_ip: str | None = None, node_name: str | None = N
            f"subjectAltName={sans}")
     _client(pki, "admin", "/O=system:masters/CN=admin")
     _client(pki, "kcm", "/CN=system:kube-controller-manager")
+    _front_proxy(pki)
     if node_ip and node_name:
         _client(pki, "scheduler", "/CN=system:kube-scheduler")
         _client(pki, "kube-proxy", "/CN=system:kube-proxy")

@@ -22,6 +22,10 @@ Usage:
   hack/cluster kubeconfig-for-sa NAMESPACE SA [--duration 1h]
                                        print a kubeconfig authenticating as a ServiceAccount
   hack/cluster env                     print `export KUBECONFIG=...` for eval
+  hack/cluster metrics up|down|status  Prometheus + prometheus-adapter serving
+                                       custom.metrics.k8s.io (HPAs on reranker_queue_depth);
+                                       needs the node and PyYAML (run it with .venv/bin/python)
+  hack/cluster metrics build           only build/locate their binaries; print their paths
 Only the Python standard library and the openssl CLI are needed (plus Go to build; the node
 needs root and the Debian packages hack/install-system-deps installs).
 """
@@ -33,7 +37,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import cluster
+from . import cluster, metrics
 from .build import build
 from .console import die
 from .paths import cluster_dir
@@ -81,6 +85,21 @@ def main(argv: list[str]) -> int:
         if len(rest) != 2:
             die("usage: hack/cluster kubeconfig-for-sa NAMESPACE SA [--duration 1h]", 2)
         sys.stdout.write(cluster.kubeconfig_for_sa(rest[0], rest[1], duration))
+    elif cmd == "metrics":
+        d = cluster_dir()
+        if rest == ["up"]:
+            print(json.dumps(metrics.up(d, cluster.require_up(d)), indent=2))
+        elif rest == ["down"]:
+            metrics.down(d)
+        elif rest == ["build"]:
+            for n, p in sorted(metrics.binaries().items()):
+                print(f"{n}\t{p}")
+        elif rest == ["status"]:
+            state = metrics.read_info(d)
+            print(json.dumps(state, indent=2))
+            return 0 if state else 1
+        else:
+            die("usage: hack/cluster metrics up|down|status|build", 2)
     elif cmd == "env":
         print(f"export KUBECONFIG={cluster_dir() / 'kubeconfig'}")
     else:

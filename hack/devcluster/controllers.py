@@ -29,6 +29,9 @@ def start_controller_manager(d: Path, binary: Path, server: str,
         "--controllers=*", "--leader-elect=false",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
         "--profiling=false",
+        # HPAs act within seconds on a dev cluster (default 15 s); their scale-down
+        # stabilization is each HPA's own `behavior`.
+        "--horizontal-pod-autoscaler-sync-period=5s",
     ])
     wait_healthz(d, "kube-controller-manager", f"https://127.0.0.1:{port}/healthz",
                  insecure_ssl(), {"kube-controller-manager": proc})

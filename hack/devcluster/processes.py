@@ -21,7 +21,7 @@ from .console import log, verbose
 
 #: Start order; `stop` goes backwards.
 ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "coredns",
-         "containerd", "kubelet", "kube-proxy")
+         "containerd", "kubelet", "kube-proxy", "prometheus", "prometheus-adapter")
 
 
 class StartFailed(Exception):

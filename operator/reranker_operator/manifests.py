@@ -57,6 +57,7 @@ PRESTOP_SLEEP_SECONDS = 5
 GRACE_MARGIN_SECONDS = 15
 CACHE_MOUNT = "/cache"
 HF_HOME = f"{CACHE_MOUNT}/huggingface"
+MODEL_CACHE_DIR = f"{CACHE_MOUNT}/reranker"
 MODELS_MOUNT = "/models"
 API_KEYS_MOUNT = "/etc/reranker/api-keys"
 API_KEYS_FILE = "api-keys"
@@ -67,7 +68,7 @@ REDIS_PASSWORD_ENV = "REDIS_PASSWORD"
 REDIS_PASSWORD_KEY = "password"
 GPU_RESOURCE = "nvidia.com/gpu"
 UNPRIVILEGED_UID = 10001
-REDIS_UID = 999  # the `redis` user of the official images
+REDIS_UID = 999  # the `redis` user of reranker-fleet/redis (deploy/redis) and the official images
 
 #: Settings the operator renders, each a name from the server's env contract. HF_HOME is
 #: Hugging Face's own variable (where models are cached), not the server's.
@@ -148,6 +149,9 @@ def server_settings(spec: RerankerSpec) -> dict[str, str]:
         "RERANKER_MAX_LENGTH": m.max_length,
         "RERANKER_DEVICE": spec.device,
         "RERANKER_QUANTIZATION": spec.quantization,
+        "RERANKER_RUNTIME": spec.runtime,
+        # converted models (OpenVINO IR) next to the downloaded ones: a container restart does not convert again
+        "RERANKER_MODEL_CACHE_DIR": MODEL_CACHE_DIR,
         "RERANKER_MAX_PARALLEL": p.max_parallel,
         "RERANKER_MAX_QUEUE": p.max_queue,
         "RERANKER_QUEUE_TIMEOUT": p.queue_timeout_seconds,
@@ -280,6 +284,9 @@ def server_container(name: str, spec: RerankerSpec, defaults: Defaults) -> Manif
         "resources": _resources(spec),
         "securityContext": _restricted_container_security(),
         "volumeMounts": mounts,
+        # The server writes why it stopped to the termination log (a model that cannot load);
+        # any other crash reports the log's tail. The operator's Degraded condition shows it.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy

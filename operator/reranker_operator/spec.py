@@ -19,7 +19,8 @@ from kubernetes.utils import parse_quantity
 
 #: Devices a pod can run the model on (mps/mlx are Macs: external endpoints, not pods).
 POD_DEVICES = ("cpu", "cuda")
-QUANTIZATIONS = ("none", "int8", "bf16", "fp16")
+QUANTIZATIONS = ("auto", "none", "int8", "bf16", "fp16")
+RUNTIMES = ("auto", "torch", "openvino")
 MODEL_KINDS = ("auto", "cross-encoder", "bi-encoder", "llm")
 AUTOSCALING_METRICS = ("queueDepth", "inflight", "cpu")
 
@@ -154,7 +155,8 @@ class RerankerSpec:
     image_pull_policy: str | None = None
     image_pull_secrets: tuple[str, ...] = ()
     device: str = "cpu"
-    quantization: str = "none"
+    quantization: str = "auto"
+    runtime: str = "auto"
     gpus: int | None = None
     parallelism: Parallelism = Parallelism()
     drain_seconds: int = DEFAULT_DRAIN_SECONDS
@@ -305,7 +307,8 @@ def parse(raw: Mapping[str, Any]) -> RerankerSpec:
         image_pull_policy=raw.get("imagePullPolicy"),
         image_pull_secrets=tuple(str(s["name"]) for s in raw.get("imagePullSecrets") or ()),
         device=raw.get("device") or "cpu",
-        quantization=raw.get("quantization") or "none",
+        quantization=raw.get("quantization") or "auto",
+        runtime=raw.get("runtime") or "auto",
         gpus=raw.get("gpus"),
         parallelism=parallelism,
         drain_seconds=int(raw.get("drainSeconds", DEFAULT_DRAIN_SECONDS)),
@@ -362,8 +365,14 @@ def validate(spec: RerankerSpec) -> None:
         raise InvalidSpec("quantization fp16 needs device cuda: the server rejects fp16 on cpu "
                           "(use bf16 or int8)")
     if spec.device == "cuda" and spec.quantization == "int8":
-        raise InvalidSpec("quantization int8 (dynamic quantization) runs on cpu only: the server "
+        raise InvalidSpec("quantization int8 (OpenVINO NNCF) runs on cpu only: the server "
                           "rejects int8 on cuda (use bf16 or fp16)")
+    if spec.runtime not in RUNTIMES:
+        raise InvalidSpec(f"runtime {spec.runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if spec.device == "cuda" and spec.runtime == "openvino":
+        raise InvalidSpec("runtime openvino runs on cpu only: use runtime torch (or auto) with device cuda")
+    if spec.runtime == "torch" and spec.quantization == "int8":
+        raise InvalidSpec("quantization int8 runs on the openvino runtime: use runtime openvino (or auto)")
     if spec.gpus is not None and spec.device != "cuda":
         raise InvalidSpec("gpus applies only to device cuda")
     if spec.model.kind not in MODEL_KINDS:

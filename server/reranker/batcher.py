@@ -5,8 +5,10 @@ task cuts batches and hands each to a worker thread (the event loop never runs a
 
 - a batch holds at most RERANKER_BATCH_SIZE pairs and RERANKER_MAX_BATCH_TOKENS padded
   tokens (longest pair x pairs, what the forward pass really pays for);
-- pairs are grouped by length to cut padding: the batch is grown around the oldest waiting
-  pair (so nothing starves) with the pairs whose lengths are closest to it;
+- a request is done when its last pair is, so the oldest request's pairs go first, all of them
+  (as many as fit), and the batch is filled with the waiting pairs whose lengths are closest to
+  its longest pair (padding saved, nothing starves): requests complete in arrival order, as under
+  first-come batching, while batches keep the length grouping's padding savings;
 - a batch that is not full waits at most MICRO_BATCH_WINDOW_MS (counted from its oldest
   pair's arrival) for more work, and never when it is already full;
 - at most RERANKER_MAX_PARALLEL forwards run at once; RERANKER_WORKER_TIMEOUT bounds one.
@@ -40,13 +42,25 @@ class Job:
     tokens: int
     future: asyncio.Future[float]
     encoded: Encoded | None = None  # the pair's token ids, from the one tokenizer call that measured `tokens`
+    origin: "Ticket | None" = None  # the request that queued it: its pairs are batched first together
     owners: set["Ticket"] = field(default_factory=set)
     enqueued_at: float = field(default_factory=time.monotonic)
     started: bool = False
     cancelled: bool = False
+    on_drop: Callable[["Job"], None] | None = None  # the queue holding it stops counting it
+
+    def start(self) -> None:
+        """The pair's computation began (here or on another server): no owner waits for it to start."""
+        self.started = True
+        for owner in list(self.owners):
+            owner.mark_started(self)
 
     def drop(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
+        if self.on_drop is not None:
+            self.on_drop(self)
         if not self.future.done():
             self.future.set_exception(ClientGone())
             self.future.exception()  # mark retrieved: nobody may be left to await it
@@ -111,36 +125,33 @@ def cut_batch(jobs: Sequence[Job], *, batch_size: int, max_tokens: int, by_lengt
             batch.append(job)
             longest = longest_next
         return batch
-    # Sort only the oldest few batches' worth: enough to group lengths, few enough that requests
-    # still finish roughly in arrival order (a request is done when its last pair is).
-    # Lengths within LENGTH_BUCKET tokens count as equal and keep arrival order, so a batch takes
-    # the oldest request's pairs before younger ones of nearly the same length.
-    candidates = jobs[: batch_size * SORT_WINDOW_BATCHES]
-    order = {id(j): i for i, j in enumerate(candidates)}
-    window = sorted(candidates, key=lambda j: (j.tokens // LENGTH_BUCKET, order[id(j)]))
+    # The oldest request first: all its waiting pairs (a request is done when its last pair is).
     oldest = jobs[0]
-    pos = window.index(oldest)
-    lo, hi = pos, pos + 1  # window[lo:hi] is the batch
-    longest = oldest.tokens
-    bucket = oldest.tokens // LENGTH_BUCKET
-    while hi - lo < batch_size:
-        size = hi - lo + 1
-        can_right = hi < len(window) and max(longest, window[hi].tokens) * size <= max_tokens
-        can_left = lo > 0 and max(longest, window[lo - 1].tokens) * size <= max_tokens
-        if can_right and can_left:
-            # the neighbour whose length bucket is closer to the oldest job's; ties go right (older first)
-            take_right = window[hi].tokens // LENGTH_BUCKET - bucket <= bucket - window[lo - 1].tokens // LENGTH_BUCKET
-        elif can_right or can_left:
-            take_right = can_right
-        else:
+    own = [j for j in jobs if j.origin is oldest.origin] if oldest.origin is not None else [oldest]
+    if len(own) > batch_size or max(j.tokens for j in own) * len(own) > max_tokens:
+        # More than one batch: cut its own pairs by length, around its oldest one.
+        return _grow(oldest, own, [], batch_size=batch_size, max_tokens=max_tokens)
+    # Then fill from the next few batches' worth of other pairs, nearest lengths first (lengths within
+    # LENGTH_BUCKET tokens count as equal and keep arrival order: older requests' pairs first).
+    chosen = set(own)
+    others = [j for j in jobs[: batch_size * SORT_WINDOW_BATCHES + len(own)] if j not in chosen]
+    return _grow(oldest, others, own, batch_size=batch_size, max_tokens=max_tokens)
+
+
+def _grow(anchor: Job, candidates: Sequence[Job], batch: list[Job], *, batch_size: int, max_tokens: int) -> list[Job]:
+    """`batch` (or the anchor alone) plus the candidates nearest in length to its longest pair,
+    within the pair and padded-token budgets."""
+    batch = list(batch) or [anchor]
+    longest = max(j.tokens for j in batch)
+    order = {id(j): i for i, j in enumerate(candidates)}
+    for job in sorted((j for j in candidates if j is not anchor),
+                      key=lambda j: (abs(j.tokens - longest) // LENGTH_BUCKET, j.tokens > longest, order[id(j)])):
+        if len(batch) >= batch_size:
             break
-        if take_right:
-            longest = max(longest, window[hi].tokens)
-            hi += 1
-        else:
-            lo -= 1
-            longest = max(longest, window[lo].tokens)
-    return window[lo:hi]
+        if max(longest, job.tokens) * (len(batch) + 1) <= max_tokens:
+            batch.append(job)
+            longest = max(longest, job.tokens)
+    return batch
 
 
 class Batcher:
@@ -160,6 +171,7 @@ class Batcher:
         self.by_length = by_length
         self.on_done = on_done
         self.pending: list[Job] = []
+        self._dropped = 0  # cancelled jobs still in `pending` until the loop prunes them
         self.active = 0
         self.throughput = 0.0  # pairs/s, moving average: used for Retry-After
         self._slots = asyncio.Semaphore(max_parallel)
@@ -171,16 +183,25 @@ class Batcher:
     # --- queue ---------------------------------------------------------------------------
     @property
     def pending_pairs(self) -> int:
-        return len(self.pending)
+        """Pairs waiting for the model; a dropped pair stops counting at once (admission, HPA signal)."""
+        return len(self.pending) - self._dropped
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        self.pending.extend(jobs)
-        self.metrics.queue_depth.set(len(self.pending))
+        live = [job for job in jobs if not job.cancelled]
+        for job in live:
+            job.on_drop = self._dropped_while_pending
+        self.pending.extend(live)
+        self.metrics.queue_depth.set(self.pending_pairs)
         self._wake.set()
 
+    def _dropped_while_pending(self, _job: Job) -> None:
+        self._dropped += 1
+        self.metrics.queue_depth.set(self.pending_pairs)
+
     def _prune(self) -> None:
-        if any(j.cancelled for j in self.pending):
+        if self._dropped:
             self.pending = [j for j in self.pending if not j.cancelled]
+            self._dropped = 0
             self.metrics.queue_depth.set(len(self.pending))
 
     def _full(self) -> bool:
@@ -202,14 +223,15 @@ class Batcher:
                 pass
         if self._running:
             await asyncio.wait(self._running, timeout=timeout)
-        for job in self.pending:
+        pending, self.pending, self._dropped = self.pending, [], 0
+        for job in pending:
+            job.on_drop = None
             job.drop()
-        self.pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def idle(self) -> None:
         """Wait until nothing is queued or running (used by graceful shutdown and tests)."""
-        while self.pending or self.active:
+        while self.pending_pairs or self.active:
             await asyncio.sleep(0.01)
 
     # --- the batching task ---------------------------------------------------------------
@@ -231,6 +253,8 @@ class Batcher:
                 continue
             chosen = set(batch)
             self.pending = [j for j in self.pending if j not in chosen]
+            for job in batch:
+                job.on_drop = None
             self.metrics.queue_depth.set(len(self.pending))
             if not self.pending:
                 self._wake.clear()
@@ -258,9 +282,7 @@ class Batcher:
     async def _run(self, batch: list[Job]) -> None:
         now = time.monotonic()
         for job in batch:
-            job.started = True
-            for owner in list(job.owners):
-                owner.mark_started(job)
+            job.start()
             wait = now - job.enqueued_at
             self.metrics.queue_wait.observe(wait)
             self.metrics.wait_window.add(wait)

@@ -4,7 +4,7 @@ The operator renders these environment variables onto pods, the dashboards and H
 query these metric names, and the CRDs live in this API group. Both `reranker` (the server)
 and `reranker_operator` read this module, so it must stay free of third-party imports and
 of anything else from the server package. Change a name here only on purpose, everywhere at
-once (see ../shared/DESIGN.md).
+once (docs/architecture.md lists the contracts).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ ENV_VARS: tuple[str, ...] = (
     "RERANKER_LOCAL_MODEL_PATH",
     "RERANKER_MAX_LENGTH",
     "RERANKER_QUANTIZATION",
+    "RERANKER_RUNTIME",
+    "RERANKER_MODEL_CACHE_DIR",
     "RERANKER_USE_MLX",
     "RERANKER_DEVICE",
     "RERANKER_MAX_PARALLEL",
@@ -30,6 +32,9 @@ ENV_VARS: tuple[str, ...] = (
     "RERANKER_MAX_RETRIES",
     "RERANKER_MAX_DOCUMENTS",
     "RERANKER_MAX_BODY_BYTES",
+    "RERANKER_MAX_QUERY_CHARS",
+    "RERANKER_MAX_CONCURRENT_REQUESTS",
+    "RERANKER_SERVED_MODEL_NAMES",
     "RERANKER_API_KEYS",
     "RERANKER_API_KEYS_FILE",
     "RERANKER_PROTECT_METRICS",
@@ -62,9 +67,10 @@ ENV_VARS: tuple[str, ...] = (
     "LOG_LEVEL",
 )
 
-#: Values the server accepts for RERANKER_DEVICE and RERANKER_QUANTIZATION.
+#: Values the server accepts for RERANKER_DEVICE, RERANKER_QUANTIZATION and RERANKER_RUNTIME.
 DEVICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu", "mlx")
-QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "bf16", "fp16")
+QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int8", "bf16", "fp16")
+RUNTIMES: tuple[str, ...] = ("auto", "torch", "openvino", "mlx")
 #: Values the server accepts for LOG_LEVEL (any case).
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

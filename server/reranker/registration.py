@@ -301,7 +301,8 @@ class Registration:
         recorded in spec.registeredBy; None where the API server does not serve the review."""
         try:
             review = kubernetes.client.AuthenticationV1Api(client).create_self_subject_review(
-                {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
+                kubernetes.client.V1SelfSubjectReview(api_version="authentication.k8s.io/v1",
+                                                      kind="SelfSubjectReview"),
                 _request_timeout=REQUEST_TIMEOUT)
         except (ApiException, HTTPError, OSError) as e:
             log.warning("registration: cannot tell who this identity is (%s); registering "
@@ -344,6 +345,8 @@ class Registration:
                     "the object if it is a stale registration of this Mac") from None
             # The uid precondition: the object read above, not one that replaced it since.
             uid = existing["metadata"]["uid"]
+            # registeredBy is immutable: an identity that cannot tell who it is keeps it.
+            spec["registeredBy"] = (existing.get("spec") or {}).get("registeredBy")
             result = self._api.patch_namespaced_custom_object(
                 *args, self.name, {"metadata": {"uid": uid, "labels": body["metadata"]["labels"]},
                                    "spec": spec},

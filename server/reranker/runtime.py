@@ -37,6 +37,7 @@ class Runtime:
         self.settings = settings
         self.metrics = Metrics()
         self.api_keys = ApiKeys(settings)
+        self.model_names = settings.resolved_model_names()
         self.backend: Backend | None = backend
         self.load_error: str | None = None
         self.remote: RemoteTier | None = None
@@ -44,7 +45,8 @@ class Runtime:
         self.cache: ScoreCache | None = None
         self.ranker: Ranker | None = None
         self.admission = Admission(metrics=self.metrics, max_queue=settings.max_queue, max_parallel=settings.max_parallel,
-                                   queue_timeout=settings.queue_timeout)
+                                   queue_timeout=settings.queue_timeout,
+                                   max_concurrent=settings.max_concurrent_requests)
         self.dropped_pairs = 0
         self.loaded = asyncio.Event()
         self.registration: Registration | None = None
@@ -148,7 +150,7 @@ class Runtime:
             "status": status,
             "version": __version__,
             "model": info,
-            "controller": self.admission.controller(),
+            "controller": {**self.admission.controller(), "jobs_held": len(self.ranker.inflight) if self.ranker else 0},
             "cache": {"enabled": self.settings.enable_prediction_cache, "local_entries": len(self.cache) if self.cache else 0,
                       "redis": self.settings.redis_enabled},
             "error": self.load_error,

@@ -7,8 +7,8 @@
 - Cohere v1 + Jina (`POST /v1/rerank`): one response carries both APIs' fields
 - Cohere v2 (`POST /v2/rerank`)
 
-Field lists follow ../shared/reference/rerank-apis.md. Unknown fields are ignored (clients
-send extras such as `priority`), but a known field with a bad value is a 422 naming it.
+Field lists follow the peer APIs (docs/api.md). Unknown fields are ignored (clients send
+extras such as `priority`), but a known field with a bad value is a 422 naming it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     query: str = Field(..., description="The search query.")
-    model: str | None = Field(None, description="Accepted for compatibility and echoed; the server serves its one loaded model.")
+    model: str | None = Field(None, description="The model to rank with: any name is accepted, unless "
+                              "RERANKER_SERVED_MODEL_NAMES lists the names served (others: 404).")
     instruction: str | None = Field(
         None, validation_alias=AliasChoices("instruction", "instruct"),
         description="LLM rerankers (Qwen3-Reranker...): the task instruction in the prompt; unset or empty: the "
@@ -44,7 +45,8 @@ def _documents_not_empty(value: list[Any]) -> list[Any]:
 
 class NativeRerankRequest(_Request):
     documents: list[str] = Field(..., description="Documents to rank.")
-    top_k: int | None = Field(None, ge=1, description="Return only the best k.")
+    top_k: int | None = Field(None, ge=1, validation_alias=AliasChoices("top_k", "top_n"),
+                              description="Return only the best k (`top_n`, as vLLM, Jina and llama.cpp clients send it, is an alias).")
     return_documents: bool = Field(True, description="Echo each document's text.")
     raw_scores: bool = Field(False, description="Return raw logits instead of sigmoid scores.")
 
@@ -102,6 +104,7 @@ class NativeResult(BaseModel):
     index: int
     document: str | None = None
     score: float
+    relevance_score: float  # = score: the name vLLM/Jina/llama.cpp-style clients read
 
 
 class NativeRerankResponse(BaseModel):

@@ -27,25 +27,11 @@ import yaml
 from servers import free_port, stop_process_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ship"))
-from helm_render import CHART, notes_sample, objects  # noqa: E402
+from helm_render import CHART, CRDS, adopt_crds, notes_sample  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-#: The CRDs the chart ships (every file of crds/).
-CRDS = tuple(d["metadata"]["name"] for d in objects() if d["kind"] == "CustomResourceDefinition")
+CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
 CHILD_KINDS = "configmaps,deployments,services,horizontalpodautoscalers,poddisruptionbudgets"
-
-
-
-def adopt_crds(cluster: Any, release: str, namespace: str) -> None:
-    """CRDs outlive releases (helm.sh/resource-policy: keep) and other tests apply them with
-    kubectl: mark existing ones as this release's, as Helm documents for adopting objects."""
-    for crd in CRDS:
-        if cluster.kubectl("get", "crd", crd, check=False).returncode != 0:
-            continue
-        cluster.kubectl("annotate", "crd", crd, "--overwrite",
-                        f"meta.helm.sh/release-name={release}",
-                        f"meta.helm.sh/release-namespace={namespace}")
-        cluster.kubectl("label", "crd", crd, "--overwrite", "app.kubernetes.io/managed-by=Helm")
 
 
 class Release:
@@ -131,6 +117,24 @@ def release(request: pytest.FixtureRequest, kube_cluster: Any, kube_namespace: s
         rel.uninstall()
         kube_cluster.kubectl("delete", "rrd", "--all", "-n", kube_namespace, "--wait=false",
                              check=False)
+
+
+def test_crds_are_stored_as_written(kube_cluster: Any) -> None:
+    """A CRD installed with `kubectl apply -f crds/` (as the README says) and later by the
+    chart (Helm applies server-side) must not conflict. spec.versions is an atomic list: if the
+    API server stores it differently from the file (a field it drops, like a printer column's
+    `priority: 0`), every other field manager's apply of the very same file conflicts with
+    kubectl's ownership. So the stored CRDs must equal the files, and a server-side apply by
+    another manager must go through without --force-conflicts."""
+    for path in sorted(CRD_DIR.glob("*.yaml")):
+        kube_cluster.kubectl("apply", "-f", str(path))
+        for doc in (d for d in yaml.safe_load_all(path.read_text()) if d):
+            live = kube_cluster.get_json("crd", doc["metadata"]["name"])
+            assert live["spec"]["versions"] == doc["spec"]["versions"], path.name
+        dry = kube_cluster.kubectl("apply", "--server-side", "--dry-run=server",
+                                   "--field-manager=another-manager", "-f", str(path),
+                                   check=False)
+        assert dry.returncode == 0, dry.stderr
 
 
 def can_i(cluster: Any, kubeconfig: str, verb: str, resource: str, *flags: str) -> bool:

@@ -8,103 +8,21 @@ so pods never run: Ready must stay False, and the status must say why.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from servers import free_port, stop_process_group
+from operator_process import Operator, bind_rbac
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "rerankerdeployments.reranker.dev.yaml"
-RBAC_DIR = REPO / "operator" / "rbac"
-OPERATOR_BIN = Path(sys.executable).parent / "reranker-operator"
 CHILD_KINDS = "configmaps,deployments,services,horizontalpodautoscalers,poddisruptionbudgets"
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-class Operator:
-    """One `reranker-operator` process; its log goes to a file."""
-
-    def __init__(self, cluster: Any, namespace: str, kubeconfig: str, log_path: Path) -> None:
-        self.cluster, self.namespace, self.kubeconfig = cluster, namespace, kubeconfig
-        self.log_path = log_path
-        self.port = 0
-        self.offset = 0  # where the current run's log starts
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Operator:
-        self.port = free_port()
-        env = dict(os.environ, KUBECONFIG=self.kubeconfig)
-        log = open(self.log_path, "ab")
-        log.write(b"\n===== operator start =====\n")
-        log.flush()
-        self.offset = log.tell()
-        self.proc = subprocess.Popen(
-            [str(OPERATOR_BIN), "--namespace", self.namespace,
-             "--liveness", f"http://127.0.0.1:{self.port}/healthz"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"operator exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                self.probe()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"operator not live after 60s:\n{self.log()}")
-                time.sleep(0.1)
-
-    def probe(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
-            return dict(json.loads(r.read()))
-
-    def stop(self) -> None:
-        stop_process_group(self.proc)
-        assert self.proc is None or self.proc.returncode is not None
-
-    @contextlib.contextmanager
-    def running(self, cleanup: Callable[[], None], *, tail: int = 6000) -> Iterator[Operator]:
-        """Start; at the end stop, clean up, print the log's tail and check it for RBAC denials
-        and unexpected errors."""
-        try:
-            yield self.start()
-        finally:
-            self.stop()
-            cleanup()
-            log = self.log()
-            print(f"----- operator log (tail) -----\n{log[-tail:]}")
-            assert "forbidden" not in log.lower(), "the operator hit an RBAC denial"
-            assert "Traceback" not in log, "the operator met an unexpected error"
-
-    def log(self, *, current: bool = False) -> str:
-        """The whole log, or only the current run's."""
-        if not self.log_path.exists():
-            return ""
-        with open(self.log_path, "rb") as f:
-            f.seek(self.offset if current else 0)
-            return f.read().decode(errors="replace")
-
-    def writes(self) -> list[str]:
-        """The API writes of the current run (the operator logs each one)."""
-        return [line for line in self.log(current=True).splitlines()
-                if "API write: " in line]
-
-    def wait_log(self, text: str, *, count: int = 1, timeout: float = 30) -> None:
-        self.cluster.eventually(lambda: self.log(current=True).count(text) >= count,
-                                timeout=timeout, desc=f"{text!r} x{count} in the operator log")
 
 
 def rrd(name: str, **spec: Any) -> str:
@@ -124,8 +42,19 @@ def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or ()}
 
 
+def _written_part(obj: dict[str, Any]) -> str:
+    """What the operator writes of an HPA (its spec, labels, annotations): the HPA controller
+    rewrites the status every sync period (15 s) whatever the operator does, so neither the
+    resourceVersion nor (unset on HPAs) the generation tells whether the operator wrote."""
+    meta = obj["metadata"]
+    return json.dumps({"spec": obj["spec"], "labels": meta.get("labels"),
+                       "annotations": meta.get("annotations")}, sort_keys=True)
+
+
 def versions(cluster: Any, ns: str, name: str) -> dict[str, str]:
-    out = {f"{k}/{n}": o["metadata"]["resourceVersion"]
+    """Each child's resourceVersion (an HPA's written part: `_written_part`)."""
+    out = {f"{k}/{n}": _written_part(o) if k == "HorizontalPodAutoscaler"
+           else o["metadata"]["resourceVersion"]
            for (k, n), o in children(cluster, ns, name).items()}
     out["RerankerDeployment"] = cluster.get_json("rrd", name, "-n", ns)["metadata"][
         "resourceVersion"]
@@ -154,35 +83,6 @@ def crd_installed(kube_cluster: Any) -> None:
     kube_cluster.kubectl("apply", "-f", str(CRD))
     kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
                          "crd/rerankerdeployments.reranker.dev")
-
-
-def bind_rbac(cluster: Any, ns: str) -> tuple[str, Callable[[], None]]:
-    """operator/rbac/*.yaml, unchanged but for names (per test) and the namespace."""
-    suffix = f"reranker-operator-{ns}"
-    docs = []
-    for path in sorted(RBAC_DIR.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if not doc:
-                continue
-            if doc["kind"] == "ServiceAccount":
-                doc["metadata"]["namespace"] = ns
-            elif doc["kind"] == "ClusterRole":
-                doc["metadata"]["name"] = suffix
-            elif doc["kind"] == "ClusterRoleBinding":
-                doc["metadata"]["name"] = suffix
-                doc["roleRef"]["name"] = suffix
-                for subject in doc["subjects"]:
-                    subject["namespace"] = ns
-            docs.append(doc)
-    assert sorted(d["kind"] for d in docs) == ["ClusterRole", "ClusterRoleBinding",
-                                               "ServiceAccount"]
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
-    kubeconfig = cluster.mint_kubeconfig(ns, "reranker-operator")
-
-    def cleanup() -> None:
-        cluster.kubectl("delete", "clusterrolebinding,clusterrole", suffix,
-                        "--ignore-not-found", check=False)
-    return kubeconfig, cleanup
 
 
 @pytest.fixture(params=["admin", "rbac"])
@@ -427,6 +327,13 @@ def test_restart_creates_nothing_and_writes_nothing(operator: Operator, kube_clu
     before = settled_versions(kube_cluster, ns, name)
     assert len(before) == 8  # cm, deploy, svc, hpa, pdb, redis deploy + svc, the rrd
     assert len(operator.writes()) >= 8  # 7 children and the status, at least
+    # The managed Redis' password: a Secret owned by the fleet, and its NetworkPolicy.
+    uid = kube_cluster.get_json("rrd", name, "-n", ns)["metadata"]["uid"]
+    secret = kube_cluster.get_json("secret", f"{name}-redis-auth", "-n", ns)
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert len(secret["data"]["password"]) > 40
+    policy = kube_cluster.get_json("networkpolicy", f"{name}-redis", "-n", ns)
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == uid
 
     operator.stop()
     operator.start()
@@ -434,6 +341,8 @@ def test_restart_creates_nothing_and_writes_nothing(operator: Operator, kube_clu
     time.sleep(3)  # let any late write land
     assert operator.writes() == []
     assert versions(kube_cluster, ns, name) == before
+    again = kube_cluster.get_json("secret", f"{name}-redis-auth", "-n", ns)
+    assert again["metadata"]["resourceVersion"] == secret["metadata"]["resourceVersion"]
     kinds = [k for k, _ in children(kube_cluster, ns, name)]
     assert sorted(kinds) == ["ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler",
                              "PodDisruptionBudget", "Service", "Service"]

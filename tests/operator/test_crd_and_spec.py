@@ -87,6 +87,8 @@ def test_enums_match_the_operator(spec_schema: dict[str, Any]) -> None:
     assert "mps" not in props["device"]["enum"] and "mlx" not in props["device"]["enum"]
     assert tuple(props["quantization"]["enum"]) == specmod.QUANTIZATIONS
     assert set(specmod.QUANTIZATIONS) <= set(contract.QUANTIZATIONS)
+    assert tuple(props["runtime"]["enum"]) == specmod.RUNTIMES
+    assert set(specmod.RUNTIMES) <= set(contract.RUNTIMES)
     assert tuple(props["model"]["properties"]["kind"]["enum"]) == specmod.MODEL_KINDS
     metric = props["autoscaling"]["properties"]["metric"]
     assert tuple(metric["enum"]) == specmod.AUTOSCALING_METRICS
@@ -107,7 +109,7 @@ def test_python_defaults_equal_crd_defaults(spec_schema: dict[str, Any], raw: di
 def test_crd_defaults_cover_the_documented_ones(spec_schema: dict[str, Any]) -> None:
     defaulted = apply_defaults(spec_schema, {"model": {"id": "m"}})
     assert defaulted["replicas"] == specmod.DEFAULT_REPLICAS
-    assert defaulted["device"] == "cpu" and defaulted["quantization"] == "none"
+    assert defaulted["device"] == "cpu" and defaulted["quantization"] == "auto" and defaulted["runtime"] == "auto"
     assert defaulted["drainSeconds"] == specmod.DEFAULT_DRAIN_SECONDS
     assert defaulted["service"] == {"type": "ClusterIP", "port": specmod.DEFAULT_SERVICE_PORT}
     assert defaulted["podDisruptionBudget"] == {"enabled": True}
@@ -125,7 +127,9 @@ def _cel_messages(schema: dict[str, Any]) -> list[str]:
 # (spec, the message both the CRD's CEL rule and spec.parse give)
 INVALID = [
     ({"device": "cpu", "quantization": "fp16"}, "quantization fp16 needs device cuda"),
-    ({"device": "cuda", "quantization": "int8"}, "quantization int8 (dynamic quantization) runs on cpu only"),
+    ({"device": "cuda", "quantization": "int8"}, "quantization int8 (OpenVINO NNCF) runs on cpu only"),
+    ({"device": "cuda", "runtime": "openvino"}, "runtime openvino runs on cpu only"),
+    ({"runtime": "torch", "quantization": "int8"}, "quantization int8 runs on the openvino runtime"),
     ({"device": "cpu", "gpus": 2}, "gpus applies only to device cuda"),
     ({"autoscaling": {"enabled": True, "minReplicas": 4, "maxReplicas": 2}},
      "autoscaling.minReplicas must be less than or equal to autoscaling.maxReplicas"),

@@ -13,19 +13,24 @@ import platform
 from typing import TYPE_CHECKING
 
 from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, Pair
-from . import model_files
+from . import model_files, precision
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..settings import Settings
 
-__all__ = ["Backend", "BackendError", "BackendInfo", "DeviceUnavailable", "Encoded", "Pair", "load_backend", "pick_runtime"]
+__all__ = ["Backend", "BackendError", "BackendInfo", "DeviceUnavailable", "Encoded", "Pair", "load_backend", "pick_runtime",
+           "precision"]
 
 #: Runtime name -> (module, class). One line per runtime.
 RUNTIMES: dict[str, tuple[str, str]] = {
     "torch": ("reranker.backends.torch", "TorchBackend"),
     "mlx": ("reranker.backends.mlx", "MLXBackend"),
+    "openvino": ("reranker.backends.openvino", "OpenVINOBackend"),
 }
 
+
+#: Kinds every runtime's own class serves.
+ENCODER_KINDS = ("cross-encoder", "bi-encoder")
 
 #: (runtime, model kind) -> (module, class), where a kind has a backend of its own on that runtime.
 KIND_BACKENDS: dict[tuple[str, str], tuple[str, str]] = {
@@ -38,14 +43,36 @@ def _apple_silicon() -> bool:
     return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
+def _gpu_present() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    mps = getattr(torch.backends, "mps", None)
+    return bool(torch.cuda.is_available() or (mps is not None and mps.is_available()))
+
+
 def pick_runtime(settings: "Settings") -> str:
-    """mlx when forced, or on Apple silicon with mlx installed and allowed; else torch."""
-    if settings.device == "mlx":
+    """RERANKER_RUNTIME when set; auto: mlx on Apple silicon (if installed and allowed), torch on a GPU,
+    openvino on a CPU when installed (the fastest CPU runtime, docs/benchmarks.md), else torch."""
+    runtime, device = settings.runtime, settings.device
+    if runtime == "mlx" or device == "mlx":
+        if runtime not in ("auto", "mlx"):
+            raise DeviceUnavailable(f"RERANKER_DEVICE=mlx runs on the mlx runtime, not RERANKER_RUNTIME={runtime}")
         if importlib.util.find_spec("mlx") is None:
-            raise DeviceUnavailable("RERANKER_DEVICE=mlx but mlx is not installed: pip install 'reranker-fleet[mlx]'")
+            raise DeviceUnavailable("mlx is not installed: pip install 'reranker-fleet[mlx]'")
         return "mlx"
-    if settings.device == "auto" and settings.use_mlx and _apple_silicon() and importlib.util.find_spec("mlx") is not None:
+    if runtime == "openvino":
+        if importlib.util.find_spec("openvino") is None:
+            raise DeviceUnavailable("RERANKER_RUNTIME=openvino but openvino is not installed: pip install 'reranker-fleet[server]'")
+        return "openvino"
+    if runtime == "torch":
+        return "torch"
+    if device == "auto" and settings.use_mlx and _apple_silicon() and importlib.util.find_spec("mlx") is not None:
         return "mlx"
+    on_cpu = device == "cpu" or (device == "auto" and not _gpu_present())
+    if on_cpu and importlib.util.find_spec("openvino") is not None:
+        return "openvino"
     return "torch"
 
 
@@ -56,6 +83,11 @@ def load_backend(settings: "Settings") -> Backend:
         kind=settings.model_kind, max_length=settings.max_length,
     )
     runtime = pick_runtime(settings)
+    if files.kind not in ENCODER_KINDS and (runtime, files.kind) not in KIND_BACKENDS:
+        if settings.runtime != "auto":
+            raise BackendError(f"RERANKER_RUNTIME={runtime} serves cross-encoders and bi-encoders, not {files.kind} "
+                               "models: use torch or mlx")
+        runtime = "torch"  # auto: the runtime that serves this kind
     module_name, class_name = KIND_BACKENDS.get((runtime, files.kind), RUNTIMES[runtime])
     module = importlib.import_module(module_name)
     backend: Backend = getattr(module, class_name)(files, settings)

@@ -77,6 +77,8 @@ class BackendInfo:
     max_length: int
     activation: Literal["sigmoid", "identity"]
     template: str | None = None  # LLM rerankers: the prompt template's name@digest
+    precision: str = ""  # why this dtype: RERANKER_QUANTIZATION as asked, or what `auto` picked and why
+    autocast: str | None = None  # the dtype the forward runs under with ENABLE_MIXED_PRECISION (fp32 weights)
 
     @property
     def fingerprint(self) -> str:
@@ -85,7 +87,10 @@ class BackendInfo:
         The runtime (torch or mlx) and device are left out for fp32/bf16/fp16: they produce
         the same scores within 1e-4 in fp32 (tests/test_mlx_backend.py), so pods and Macs share
         one cache. int8 is not one method: torch's dynamic quantization and MLX's weight-only
-        8-bit differ by ~0.1, so for int8 the runtime is part of the fingerprint.
+        8-bit differ by ~0.1, so for int8 the runtime is part of the fingerprint. Mixed precision
+        (autocast) changes scores by ~1e-2, so it is part of it too; so is everything else that
+        changes the numbers: weights (revision: a commit, or a local folder's content digest),
+        dtype, max length, kind, the LLM prompt template.
         """
         fields = {"model": self.model, "revision": self.revision, "kind": self.kind,
                   "dtype": self.dtype, "max_length": self.max_length}
@@ -93,6 +98,8 @@ class BackendInfo:
             fields["runtime"] = self.backend
         if self.template is not None:
             fields["template"] = self.template
+        if self.autocast is not None:
+            fields["autocast"] = self.autocast
         material = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(material.encode()).hexdigest()[:16]
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded
 from .model_files import ModelFiles
+from .precision import resolve
 from .tokenization import Features, HFTokenization
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -371,11 +372,13 @@ class MLXBackend(HFTokenization, Backend):
         self._init_tokenizer(files)
         # The one thread that touches MLX (see the module docstring).
         self._mlx = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
-        dtype_name, self.model = self._on_mlx(lambda: self._load_model(settings.quantization))
+        picked = resolve(settings.quantization, device="mlx")
+        dtype_name, self.model = self._on_mlx(lambda: self._load_model(picked.quantization))
         activation: Literal["sigmoid", "identity"] = "sigmoid" if files.kind == "cross-encoder" else "identity"
         self.info = BackendInfo(
             model=files.name, revision=files.revision, kind=files.kind, backend="mlx",
             device=device_name(), dtype=dtype_name, max_length=self.max_length, activation=activation,
+            precision=picked.reason,
         )
 
     def _on_mlx(self, work: Callable[[], T]) -> T:

@@ -70,7 +70,8 @@ class MLXLLMBackend(LLMPrompts, Backend):
         self.max_length = min(settings.max_length, files.max_length)
         self._init_prompts(files, settings)
         self._mlx = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")
-        dtype_name, self.model = self._on_mlx(lambda: self._load_model(settings.quantization))
+        quantization = "none" if settings.quantization == "auto" else settings.quantization  # auto: fp32, as torch_llm
+        dtype_name, self.model = self._on_mlx(lambda: self._load_model(quantization))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.info = BackendInfo(
             model=files.name, revision=files.revision, kind="llm", backend="mlx", device=device_name(),

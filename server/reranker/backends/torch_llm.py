@@ -58,7 +58,9 @@ class TorchLLMBackend(LLMPrompts, Backend):
         self.device = pick_device(settings.device if settings.device != "mlx" else "auto")
         if settings.quantization == "int8":
             raise BackendError("RERANKER_QUANTIZATION=int8 is not supported for LLM rerankers: use bf16 (or fp16 on a GPU)")
-        self.torch_dtype, dtype_name = _dtype_for(settings.quantization, self.device)
+        # auto: fp32 here (auto's bf16 rule rests on encoder fidelity measurements, not an LLM's)
+        quantization = "none" if settings.quantization == "auto" else settings.quantization
+        self.torch_dtype, dtype_name = _dtype_for(quantization, self.device)
         self.max_length = min(settings.max_length, files.max_length)
         self._init_prompts(files, settings)
         self.model = AutoModelForCausalLM.from_pretrained(str(files.path), dtype=self.torch_dtype).eval().to(self.device)

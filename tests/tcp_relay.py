@@ -1,6 +1,6 @@
 """A TCP relay that gives a test server a network address of its own (stdlib only).
 
-tests/kube/test_external_endpoints.py runs one inside its network namespace per stand-in Mac:
+tests/stand_in_macs.py runs one inside the stand-in Macs' network namespace per Mac:
 
     ip netns exec NS python tcp_relay.py --listen 198.18.0.2:8000 --to 198.18.0.1:41234
 

@@ -1,0 +1,160 @@
+"""The OpenVINO backend against PyTorch fp32, its on-disk conversion cache, and the `auto` choices.
+
+Real OpenVINO on this CPU, real conversions of the tiny BERT / XLM-R cross-encoders the tests build
+and of the embedded MiniLM bi-encoder. Fidelity of bf16/int8 on the ranking fixture is in
+tests/test_quantization.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import models  # noqa: E402
+from servers import running_app  # noqa: E402
+
+from reranker import backends  # noqa: E402
+from reranker.backends import Backend, BackendError, DeviceUnavailable, load_backend, pick_runtime, precision  # noqa: E402
+from reranker.settings import Settings  # noqa: E402
+
+pytest.importorskip("openvino", reason="openvino is part of the server extra")
+
+PAIRS = [
+    ("what is the capital of france", "The capital of France is Paris, a city on the Seine."),
+    ("rerankers", "Rerankers score how relevant a document is to a search query."),
+    ("kubernetes restarts", " ".join(models.CORPUS[:30])),  # truncated by every model here
+    ("a", "b"),
+    ("Berlin", "Die Hauptstadt von Deutschland ist Berlin."),
+]
+
+
+def load(model: Path | None, cache: Path, **settings: object) -> Backend:
+    return load_backend(Settings(model=str(model) if model else None, warmup_on_start=False, model_cache_dir=cache,
+                                 **{"runtime": "openvino", "quantization": "none", **settings}))
+
+
+def torch_fp32(model: Path | None) -> Backend:
+    return load_backend(Settings(model=str(model) if model else None, runtime="torch", device="cpu",
+                                 quantization="none", warmup_on_start=False))
+
+
+def max_diff(a: list[float], b: list[float]) -> float:
+    return float(np.max(np.abs(np.array(a) - np.array(b))))
+
+
+@pytest.mark.parametrize("family,labels", [("bert", 1), ("bert", 2), ("xlmr", 1)])
+def test_cross_encoders_match_torch_fp32(family: str, labels: int, tmp_path: Path) -> None:
+    build = models.build_tiny_bert if family == "bert" else models.build_tiny_xlmr
+    folder = build(tmp_path / "model", num_labels=labels)
+    ov, ref = load(folder, tmp_path / "cache"), torch_fp32(folder)
+    assert (ov.info.backend, ov.info.dtype, ov.info.kind) == ("openvino", "fp32", "cross-encoder")
+    assert ov.pair_lengths(PAIRS) == ref.pair_lengths(PAIRS)
+    # one padded batch of mixed lengths, and each pair alone: padding does not change a score
+    batched = ov.score(PAIRS)
+    assert max_diff(batched, ref.score(PAIRS)) <= 1e-4
+    assert max_diff(batched, [ov.score([p])[0] for p in PAIRS]) <= 1e-4
+
+
+def test_minilm_bi_encoder_matches_torch_fp32_and_bf16_stays_close(tmp_path: Path) -> None:
+    ref = torch_fp32(None).score(PAIRS)
+    fp32 = load(None, tmp_path)
+    assert (fp32.info.kind, fp32.info.dtype) == ("bi-encoder", "fp32")
+    assert max_diff(fp32.score(PAIRS), ref) <= 1e-4
+    bf16 = load(None, tmp_path, quantization="bf16")
+    expected = "bf16" if precision.native_bf16() else "fp32"
+    assert bf16.info.dtype == expected
+    assert max_diff(bf16.score(PAIRS), ref) <= 0.02
+
+
+def test_converted_model_is_cached_on_disk_by_fingerprint(tiny_bert: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from reranker.backends import openvino as ov_backend
+
+    first = load(tiny_bert, tmp_path)
+    converted = sorted(p.parent.name for p in (tmp_path / "openvino").glob("*/model.xml"))
+    assert len(converted) == 1 and converted[0].endswith(first.ir_fingerprint("float"))
+    scores = first.score(PAIRS)
+
+    def no_conversion(self: object, graph: str) -> None:
+        raise AssertionError("a restart converted the model again")
+
+    monkeypatch.setattr(ov_backend.OpenVINOBackend, "_convert", no_conversion)
+    again = load(tiny_bert, tmp_path)  # a restart: read from disk
+    assert again.score(PAIRS) == scores
+    bf16 = load(tiny_bert, tmp_path, quantization="bf16")  # same graph, another compile hint: no conversion
+    assert bf16.info.backend == "openvino"
+
+    # a new runtime version is another fingerprint: converted again, next to the old one
+    monkeypatch.undo()
+    monkeypatch.setattr(ov_backend.ov, "get_version", lambda: "9999.0")
+    load(tiny_bert, tmp_path)
+    assert len(list((tmp_path / "openvino").glob("*/model.xml"))) == 2
+
+
+def test_int8_is_quantized_with_nncf_and_cached(tiny_bert: Path, tmp_path: Path) -> None:
+    int8 = load(tiny_bert, tmp_path, quantization="int8")
+    assert (int8.info.backend, int8.info.dtype) == ("openvino", "int8")
+    folder = next((tmp_path / "openvino").glob("*-int8-*"))
+    assert "FakeQuantize" in (folder / "model.xml").read_text() or "FakeConvert" in (folder / "model.xml").read_text()
+    assert np.isfinite(int8.score(PAIRS)).all()
+
+
+def test_unwritable_cache_still_serves(tiny_bert: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    backend = load(tiny_bert, blocker / "cache")  # cannot be created: converted in memory, with a warning
+    assert len(backend.score(PAIRS)) == len(PAIRS)
+
+
+def test_auto_precision_follows_the_cpu_flags() -> None:
+    assert precision.resolve("auto", device="cpu", flags=frozenset({"avx2", "avx512_bf16"})).quantization == "bf16"
+    assert precision.resolve("auto", device="cpu", flags=frozenset({"avx2", "amx_bf16"})).quantization == "bf16"
+    no_bf16 = precision.resolve("auto", device="cpu", flags=frozenset({"avx2", "avx512f"}))
+    assert no_bf16.quantization == "none" and "no native bf16" in no_bf16.reason
+    assert precision.resolve("auto", device="cuda").quantization == "none"
+    assert precision.resolve("int8", device="cpu").quantization == "int8"  # asked for: as asked
+
+
+def test_auto_runtime_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backends, "_apple_silicon", lambda: False)
+    monkeypatch.setattr(backends, "_gpu_present", lambda: False)
+    assert pick_runtime(Settings(runtime="auto", device="auto")) == "openvino"  # a CPU node
+    assert pick_runtime(Settings(runtime="auto", device="cpu")) == "openvino"
+    assert pick_runtime(Settings(runtime="torch", device="cpu")) == "torch"
+    assert pick_runtime(Settings(runtime="auto", device="mlx")) == "mlx"
+    monkeypatch.setattr(backends, "_gpu_present", lambda: True)
+    assert pick_runtime(Settings(runtime="auto", device="auto")) == "torch"  # a GPU node
+    real_find_spec = backends.importlib.util.find_spec
+    monkeypatch.setattr(backends.importlib.util, "find_spec",
+                        lambda name: None if name == "openvino" else real_find_spec(name))
+    assert pick_runtime(Settings(runtime="auto", device="cpu")) == "torch"  # not installed: torch
+    with pytest.raises(DeviceUnavailable, match=r"openvino is not installed: pip install 'reranker-fleet\[server\]'"):
+        pick_runtime(Settings(runtime="openvino"))
+
+
+def test_openvino_refuses_gpus_and_torch_refuses_int8(tiny_bert: Path, tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="runs on the CPU"):
+        load(tiny_bert, tmp_path, device="cuda", quantization="bf16")
+    with pytest.raises(BackendError, match="RERANKER_RUNTIME=openvino"):
+        load_backend(Settings(model=str(tiny_bert), runtime="torch", device="cpu", quantization="int8"))
+
+
+async def test_defaults_serve_openvino_at_auto_precision(tiny_bert: Path, tmp_path: Path) -> None:
+    """What a user gets on a CPU node with nothing set: OpenVINO, precision picked for this CPU, said so."""
+    async with running_app(model=str(tiny_bert), runtime="auto", device="cpu", quantization="auto",
+                           model_cache_dir=tmp_path) as client:
+        model = (await client.get("/health")).json()["model"]
+        assert model["backend"] == "openvino"
+        assert model["precision"].startswith("auto:")
+        if precision.native_bf16():
+            assert model["dtype"] in ("bf16", "fp32") and "measured" in model["precision"]
+        else:
+            assert model["dtype"] == "fp32"
+        metrics = (await client.get("/metrics")).text
+        assert f'backend="openvino"' in metrics and f'dtype="{model["dtype"]}"' in metrics
+        body = (await client.post("/rerank", json={"query": "capital of france", "documents": [d for _, d in PAIRS]})).json()
+        assert len(body["results"]) == len(PAIRS)
