@@ -335,7 +335,7 @@ async def test_mlx_llm_parity(family: str, tiny_llms: dict[str, Path]) -> None:
     cases = [({}, np.array([reference(QUERY, d, None) for d in DOCS])),
              ({"instruction": INSTRUCTION}, np.array([reference(QUERY, d, INSTRUCTION) for d in DOCS]))]
     for sharing in (True, False):
-        async with running_app(model=str(path), device="mlx", max_length=MAX_LENGTH, enable_prediction_cache=False,
+        async with running_app(model=str(path), device="mlx", runtime="mlx", max_length=MAX_LENGTH, enable_prediction_cache=False,
                                prefix_sharing=sharing, prompt_template=template_for(family)) as client:
             health = (await client.get("/health")).json()["model"]
             assert health["backend"] == "mlx" and health["kind"] == "llm"
