@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PORT   ?= 8000
 
-.PHONY: serve test e2e bench bench-quick system-deps cluster-binaries clean
+.PHONY: serve test e2e bench bench-quick system-deps cluster-binaries images clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -33,6 +33,19 @@ system-deps:
 # on 2 cores for the control plane, plus the node's), see docs/cluster.md.
 cluster-binaries:
 	hack/cluster build
+
+# Container images with buildah (no Docker daemon, no registry; root): reranker-fleet/server:dev
+# (CPU torch), reranker-fleet/operator:dev and reranker-fleet/redis:dev, docker-archives under
+# ~/.cache/reranker-fleet/images, loaded into the dev node when one runs. docs/images.md.
+#   make images REGISTRY=ghcr.io/acme/reranker-fleet TAG=0.1.0 PUSH=1    build and push
+#   make images TORCH_VARIANT=cuda                                        server:TAG-cuda
+REGISTRY      ?= reranker-fleet
+TAG           ?= dev
+TORCH_VARIANT ?= cpu
+PUSH          ?=
+images: system-deps
+	REGISTRY=$(REGISTRY) TAG=$(TAG) TORCH_VARIANT=$(TORCH_VARIANT) hack/images
+	$(if $(filter 1 yes true,$(PUSH)),REGISTRY=$(REGISTRY) TAG=$(TAG) TORCH_VARIANT=$(TORCH_VARIANT) hack/images push)
 
 test: $(VENV)/.installed-dev system-deps cluster-binaries
 	$(PY) -m pytest $(PYTEST_ARGS)

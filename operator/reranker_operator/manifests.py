@@ -68,7 +68,7 @@ REDIS_PASSWORD_ENV = "REDIS_PASSWORD"
 REDIS_PASSWORD_KEY = "password"
 GPU_RESOURCE = "nvidia.com/gpu"
 UNPRIVILEGED_UID = 10001
-REDIS_UID = 999  # the `redis` user of the official images
+REDIS_UID = 999  # the `redis` user of reranker-fleet/redis (deploy/redis) and the official images
 
 #: Settings the operator renders, each a name from the server's env contract. HF_HOME is
 #: Hugging Face's own variable (where models are cached), not the server's.

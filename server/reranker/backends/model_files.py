@@ -1,7 +1,7 @@
 """Finding a model's files and reading what they say about it.
 
-Shared by every runtime: where the weights are (the embedded default, a local folder, the
-Hugging Face hub, or the offline fallback), whether the model is a cross-encoder or a
+Shared by every runtime: where the weights are (the embedded default, also under its hub id,
+a local folder, the Hugging Face hub, or the offline fallback), whether the model is a cross-encoder or a
 bi-encoder, which pooling its sentence-transformers config asks for, and how long its inputs
 may be. Only the standard library and huggingface_hub are imported here.
 """
@@ -59,8 +59,23 @@ def _embedded_revision() -> str:
 
 def resolve(model: str | None, *, revision: str | None, local_fallback: Path | None,
             kind: str = "auto", max_length: int = 512) -> ModelFiles:
-    """Locate the model folder: embedded default, local folder, hub, then the fallback."""
-    if model is None:
+    """Locate the model folder.
+
+    - No model id: the folder RERANKER_LOCAL_MODEL_PATH names (exactly that one: a missing
+      folder is an error, never the embedded model in its place), else the embedded default.
+    - The embedded model's id without a revision: the embedded weights, with no hub call (the
+      package ships that model's files, so a pod serves it offline and starts without a
+      download). A pinned revision goes to the hub like any other id.
+    - A local folder; else the hub, then RERANKER_LOCAL_MODEL_PATH as the offline fallback.
+    """
+    if model is None and local_fallback is not None:
+        path = Path(local_fallback).expanduser()
+        if not path.is_dir():
+            raise BackendError(f"RERANKER_LOCAL_MODEL_PATH={local_fallback} is not a folder "
+                               "(no RERANKER_MODEL is set, so that folder is the model)")
+        path = path.resolve()
+        name, rev = str(local_fallback), revision or _folder_revision(path)
+    elif model is None or (model == EMBEDDED_MODEL_NAME and revision is None):
         path, name, rev = embedded_model_path(), EMBEDDED_MODEL_NAME, _embedded_revision()
     elif Path(model).expanduser().is_dir():
         path = Path(model).expanduser().resolve()
