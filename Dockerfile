@@ -5,14 +5,28 @@
 #   docker build --target server   -t reranker .            the reranking server (PyTorch)
 #   docker build --target operator -t reranker-operator .   the operator (no torch: .[operator])
 #
+# `make images` builds both (and a Redis image) with buildah on a locally made Debian base,
+# without Docker or a registry: see docs/images.md.
+#
 # Build arguments:
-#   BASE_IMAGE       base of every stage (default python:3.12-slim-bookworm). For CUDA, a CUDA
-#                    runtime base, e.g. nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 (its
-#                    Python is installed from the distribution when the base has none).
+#   BASE_IMAGE       base of every stage (default python:3.12-slim-bookworm). A base without
+#                    Python (a Debian base, a CUDA runtime base such as
+#                    nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04) gets the distribution's.
 #   TORCH_INDEX_URL  where pip gets torch (server only). Empty (the default): PyPI, whose Linux
-#                    x86_64 wheels are the CUDA build (large; they also run on CPU). For a small
-#                    CPU-only image: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-#                    (or .../whl/cu128 for a given CUDA version).
+#                    x86_64 wheels are the CUDA build. Or e.g. https://download.pytorch.org/whl/cpu
+#   TORCH_VARIANT    cuda (the default): torch with every CUDA library its wheel depends on.
+#                    cpu: triton and the CUDA files torch does not link against are removed
+#                    (GPU-only; docs/images.md has the sizes). With a CPU index above, there
+#                    is nothing CUDA to remove.
+#
+#   PIP_CERT         behind a TLS-intercepting proxy: its CA bundle for pip, given as a build
+#                    secret: --secret id=pip-ca,src=CA.pem --build-arg PIP_CERT=/run/secrets/pip-ca
+#
+# Layers, from the bottom: the base, the dependencies (read from pyproject.toml alone, so a
+# source change does not reinstall them), then the project's own wheel. The wheels pip
+# downloads stay in a wheelhouse on a build cache mount, so a rebuild downloads only what is
+# new (pip's HTTP cache is not relied on: proxies may forbid caching); nothing of it lands in
+# an image.
 #
 # Both images run as the unprivileged user 10001 (the uid the operator's pods run as), hold no
 # secret (API keys, Redis URLs come from the environment at run time), and work with a
@@ -30,44 +44,80 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# CUDA bases ship without Python: take the distribution's (python:* bases skip this). Its
+# Bases without Python (Debian, CUDA) take the distribution's (python:* bases skip this). Its
 # version is the one of the base image's release, pinned by the BASE_IMAGE tag.
 # hadolint ignore=DL3008
 RUN if ! command -v python3 >/dev/null; then \
         apt-get update \
         && apt-get install -y --no-install-recommends python3 python3-venv \
-        && rm -rf /var/lib/apt/lists/*; \
+        && apt-get clean && rm -rf /var/lib/apt/lists/*; \
     fi \
     && groupadd --system --gid 10001 reranker \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/reranker --create-home \
         --shell /usr/sbin/nologin reranker
 
-# --- build stages: a virtual environment in /opt/venv, copied whole into the image ------------
-FROM base AS build
+# --- dependencies: a virtual environment in /opt/venv per image, from pyproject.toml alone ----
+FROM base AS deps
 WORKDIR /src
 RUN python3 -m venv /opt/venv
-# Only what the install needs (see .dockerignore): a code change does not re-download torch.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
+# The requirements of each extra, as pyproject.toml lists them (ranges, not pins).
+RUN python3 -c 'import tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; [open(f"{name}.txt", "w").write("\n".join(reqs) + "\n") for name, reqs in extras.items()]'
+
+FROM deps AS deps-server
+ARG TORCH_INDEX_URL=
+ARG TORCH_VARIANT=cuda
+ARG PIP_CERT
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# torch first, from the chosen index; then the rest of the server extra (torch satisfied).
+# cpu: PyPI's torch links its CUDA build against a set of CUDA libraries, so those stay (torch
+# does not load without them); triton and every CUDA file nothing links to (cuDNN's engines,
+# headers, tools: loaded only on a GPU, if ever) go.
+# The torch requirement is pyproject.toml's (its range, hence DL3013).
+# hadolint ignore=DL3013
+RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=pip-ca \
+    pip download --dest /root/.cache/pip/wheelhouse \
+        ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$(grep -E '^torch\b' server.txt)" \
+    && pip download --dest /root/.cache/pip/wheelhouse --find-links /root/.cache/pip/wheelhouse \
+        -r server.txt \
+    && pip install --no-index --find-links /root/.cache/pip/wheelhouse -r server.txt \
+    && case "$TORCH_VARIANT" in \
+        cuda) ;; \
+        cpu) site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+            && if pip show --quiet triton 2>/dev/null; then pip uninstall -y triton; fi \
+            && if [ -d "$site/nvidia" ]; then \
+                ldd "$site"/torch/lib/*.so "$site"/torch/_C*.so \
+                    | awk '$3 ~ /\/nvidia\// {print $3}' | xargs realpath | sort -u > linked.txt \
+                && find "$site/nvidia" -type f -print0 | xargs -0 realpath | sort -u > shipped.txt \
+                && comm -23 shipped.txt linked.txt | xargs --no-run-if-empty rm -f; \
+            fi ;; \
+        *) echo "TORCH_VARIANT must be cuda or cpu, not $TORCH_VARIANT" >&2; exit 2 ;; \
+    esac
+
+FROM deps AS deps-operator
+ARG PIP_CERT
+RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=pip-ca \
+    pip download --dest /root/.cache/pip/wheelhouse --find-links /root/.cache/pip/wheelhouse \
+        -r operator.txt \
+    && pip install --no-index --find-links /root/.cache/pip/wheelhouse -r operator.txt
+
+# --- the project itself: one wheel (server/ and operator/), installed without dependencies ----
+FROM deps AS wheel
+COPY README.md ./
 COPY server/ server/
 COPY operator/ operator/
-
-FROM build AS build-server
-ARG TORCH_INDEX_URL=
-# torch first, from the chosen index; then the server extra (torch already satisfied).
-# Versions are pyproject.toml's ranges, as for `pip install .[server]` anywhere.
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch>=2.2" \
-    && pip install --no-cache-dir ".[server]"
-
-FROM build AS build-operator
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[operator]"
+ARG PIP_CERT
+RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=pip-ca \
+    pip wheel --no-deps --wheel-dir /wheels .
 
 # --- operator ---------------------------------------------------------------------------------
-FROM base AS operator
+# Built on its dependency stage (not a copy of /opt/venv: that would be hashed, gigabytes for
+# the server, on every build to find it cached); the stage adds only /src/*.txt to the base.
+FROM deps-operator AS operator
 LABEL org.opencontainers.image.title="reranker-operator" \
       org.opencontainers.image.description="Kopf operator running RerankerDeployment fleets"
-COPY --from=build-operator /opt/venv /opt/venv
+COPY --from=wheel /wheels/ /tmp/wheels/
+RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 USER 10001:10001
 WORKDIR /home/reranker
 # Kopf's liveness endpoint (RERANKER_OPERATOR_LIVENESS, default http://0.0.0.0:8080/healthz).
@@ -77,15 +127,19 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
 CMD ["reranker-operator"]
 
 # --- server (the default target) --------------------------------------------------------------
-FROM base AS server
+FROM deps-server AS server
 LABEL org.opencontainers.image.title="reranker" \
       org.opencontainers.image.description="Reranking server: native, TEI, Cohere and Jina APIs"
-COPY --from=build-server /opt/venv /opt/venv
-# Models downloaded from the hub land in HF_HOME, on a volume (an emptyDir or PVC on Kubernetes).
+# Models downloaded from the hub land in HF_HOME, on a volume (an emptyDir or PVC on Kubernetes);
+# other caches (XDG) too. The embedded model (sentence-transformers/all-MiniLM-L6-v2) is in
+# the environment itself and needs no hub.
 ENV HF_HOME=/cache/huggingface \
+    XDG_CACHE_HOME=/cache \
     HOST=0.0.0.0 \
     PORT=8000
 RUN mkdir -p /cache/huggingface && chown -R 10001:10001 /cache
+COPY --from=wheel /wheels/ /tmp/wheels/
+RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 VOLUME ["/cache"]
 USER 10001:10001
 WORKDIR /home/reranker

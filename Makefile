@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PORT   ?= 8000
 
-.PHONY: serve test e2e bench bench-quick system-deps cluster-binaries clean
+.PHONY: serve test e2e bench bench-quick system-deps cluster-binaries images clean test-lower-bounds
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -34,6 +34,19 @@ system-deps:
 cluster-binaries:
 	hack/cluster build
 
+# Container images with buildah (no Docker daemon, no registry; root): reranker-fleet/server:dev
+# (CPU torch), reranker-fleet/operator:dev and reranker-fleet/redis:dev, docker-archives under
+# ~/.cache/reranker-fleet/images, loaded into the dev node when one runs. docs/images.md.
+#   make images REGISTRY=ghcr.io/acme/reranker-fleet TAG=0.1.0 PUSH=1    build and push
+#   make images TORCH_VARIANT=cuda                                        server:TAG-cuda
+REGISTRY      ?= reranker-fleet
+TAG           ?= dev
+TORCH_VARIANT ?= cpu
+PUSH          ?=
+images: system-deps
+	REGISTRY=$(REGISTRY) TAG=$(TAG) TORCH_VARIANT=$(TORCH_VARIANT) hack/images
+	$(if $(filter 1 yes true,$(PUSH)),REGISTRY=$(REGISTRY) TAG=$(TAG) TORCH_VARIANT=$(TORCH_VARIANT) hack/images push)
+
 test: $(VENV)/.installed-dev system-deps cluster-binaries
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -49,3 +62,9 @@ bench: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Every dependency at its declared lower bound, in a fresh venv (.lower-bounds/), then the unit
+# tests: the bounds in pyproject.toml are ones the code works with. Large downloads (PyTorch and
+# its CUDA libraries from PyPI): not part of `make test`.
+test-lower-bounds:
+	python3 hack/lower_bounds.py

@@ -6,6 +6,7 @@ rankings are meaningful).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,7 +31,8 @@ async def test_native_shape_and_ranking(client: httpx.AsyncClient) -> None:
     body = r.json()
     assert set(body) == {"results", "model", "processing_time_ms"}
     assert [x["index"] for x in body["results"]][0] == 1
-    assert body["results"][0] == {"index": 1, "document": DOCS[1], "score": pytest.approx(body["results"][0]["score"])}
+    assert body["results"][0] == {"index": 1, "document": DOCS[1], "score": pytest.approx(body["results"][0]["score"]),
+                                  "relevance_score": body["results"][0]["score"]}
     scores = [x["score"] for x in body["results"]]
     assert scores == sorted(scores, reverse=True)
     assert r.headers["x-request-id"]
@@ -55,7 +57,7 @@ async def test_v1_cohere_and_jina_fields(client: httpx.AsyncClient) -> None:
     body = r.json()
     assert r.status_code == 200
     assert {"id", "results", "meta", "model", "usage"} <= set(body)
-    assert body["model"] == "jina-reranker-v2-base-multilingual"
+    assert body["model"] == "sentence-transformers/all-MiniLM-L6-v2"  # the model that scored (any name accepted)
     assert body["usage"]["total_tokens"] > 0
     assert body["meta"] == {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}}
     assert len(body["results"]) == 2
@@ -204,3 +206,117 @@ async def test_probes_and_metrics(client: httpx.AsyncClient) -> None:
     assert set(summary["process_time_ms"]) >= {"p50", "p95", "p99"}
     docs = (await client.get("/openapi.json")).json()
     assert {"/rerank", "/v1/rerank", "/v2/rerank"} <= set(docs["paths"])
+
+
+# --- hardening: inputs that used to give 500, compatibility with vLLM-style clients ----------
+
+HOSTILE = [
+    # (route, raw body, status, words the message must contain)
+    ("/rerank", b'{"query": "\\ud800", "documents": ["a"]}', 422, ["query", "lone surrogate"]),
+    ("/v2/rerank", b'{"query": "q", "documents": ["fine", "bad \\udc80 text"]}', 422, ["documents.1", "lone surrogate"]),
+    ("/v1/rerank", b'{"query": "q", "documents": [{"text": "t", "meta": {"\\ud800": 1}}]}', 422, ["documents.0.meta", "lone surrogate"]),
+    ("/rerank", b'{"query": "q", "documents": ["a"], "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 400, ["nested"]),
+    ("/v1/rerank", b'{"query": "q", "documents": [{"text": "t", "deep": ' + b"[" * 500 + b"]" * 500 + b"}]}", 422,
+     ["documents.0.deep", "nested deeper"]),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "words"), HOSTILE, ids=[f"{r}-{i}" for i, (r, *_) in enumerate(HOSTILE)])
+async def test_hostile_json_is_a_4xx_naming_the_field(client: httpx.AsyncClient, route: str, body: bytes, status: int,
+                                                       words: list[str]) -> None:
+    """Issue 15.6: lone surrogates and deep nesting are refused before any work, naming where."""
+    r = await client.post(route, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    for word in words:
+        assert word in r.json()["message"], r.json()["message"]
+    assert (await client.post("/rerank", json={"query": QUERY, "documents": DOCS})).status_code == 200
+
+
+async def test_client_gone_mid_upload_is_not_a_server_error(client: httpx.AsyncClient) -> None:
+    """Issue 15.6: a body cut off by a disconnect is a 499 (client closed), not a 500."""
+    app = client.app  # type: ignore[attr-defined]
+    messages = [{"type": "http.request", "body": b'{"query": "q", "docu', "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/rerank", "raw_path": b"/v1/rerank", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    await app(scope, receive, send)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    text = (await client.get("/metrics")).text
+    assert 'status="500"' not in text
+
+
+async def test_broken_model_nan_scores_are_424(tmp_path: Any) -> None:
+    """Issue 15.6: a model that returns NaN is a failed dependency (424), and NaN is never cached."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import models
+
+    folder = models.build_tiny_bert(tmp_path / "nan-bert")
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder))
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    model.save_pretrained(str(folder))
+    async with running_app(model=str(folder)) as c:
+        for _ in range(2):  # the second time too: nothing was cached
+            r = await c.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
+            assert r.status_code == 424, r.text
+            assert r.json()["error"] == "backend_error" and "NaN" in r.json()["message"]
+        assert c.app.state.runtime.cache.local.currsize == 0  # type: ignore[attr-defined]
+
+
+async def test_native_route_speaks_top_n_and_relevance_score(client: httpx.AsyncClient) -> None:
+    """Issue 15.9: vLLM/Jina/llama.cpp-style clients send `top_n` to /rerank and read `relevance_score`."""
+    body = (await client.post("/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 1})).json()
+    assert [x["index"] for x in body["results"]] == [1]
+    assert body["results"][0]["relevance_score"] == body["results"][0]["score"]
+    assert body["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+async def test_served_model_names() -> None:
+    """Issue 15.9: RERANKER_SERVED_MODEL_NAMES refuses other names with 404; responses name the model."""
+    async with running_app(served_model_names="my-reranker, rerank-english") as c:
+        r = await c.post("/v1/rerank", json={"model": "gpt-4", "query": QUERY, "documents": DOCS})
+        assert r.status_code == 404 and r.json()["error"] == "model_not_found" and "my-reranker" in r.json()["message"]
+        assert (await c.post("/v2/rerank", json={"model": "nope", "query": QUERY, "documents": DOCS})).status_code == 404
+        ok = (await c.post("/v1/rerank", json={"model": "rerank-english", "query": QUERY, "documents": DOCS})).json()
+        assert ok["model"] == "rerank-english"  # the alias the client asked for
+        native = (await c.post("/rerank", json={"model": "my-reranker", "query": QUERY, "documents": DOCS})).json()
+        assert native["model"] == "my-reranker"
+        loaded = (await c.post("/rerank", json={"query": QUERY, "documents": DOCS})).json()
+        assert loaded["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    async with running_app() as lenient:  # the default: any name is accepted, the response names what scored
+        r = await lenient.post("/v1/rerank", json={"model": "gpt-4", "query": QUERY, "documents": DOCS})
+        assert r.status_code == 200 and r.json()["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+async def test_health_fails_liveness_after_a_failed_load(tmp_path: Any) -> None:
+    """Issue 15.7: a failed model load makes /health 503 (Kubernetes restarts the pod with back-off)."""
+    from reranker.app import create_app
+    from reranker.settings import Settings
+
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    app = create_app(Settings(model=str(empty)))
+    async with app.router.lifespan_context(app):
+        runtime = app.state.runtime
+        for _ in range(200):
+            if runtime.load_error:
+                break
+            await asyncio.sleep(0.05)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            health = await c.get("/health")
+            assert health.status_code == 503
+            assert health.json()["status"] == "error" and "config.json" in health.json()["error"]
+            ready = await c.get("/ready")
+            assert ready.status_code == 503 and ready.json()["reason"] == "error"

@@ -146,10 +146,20 @@ async def test_each_pair_is_tokenized_once(tiny_bert: Path, monkeypatch) -> None
         tokenized.append(len(text) if isinstance(text, list) else 1)
         return real_call(self, text, text_pair, *args, **kwargs)
 
+    # The fast path calls the tokenizer's Rust engine directly: count those calls too.
+    from reranker.backends.tokenization import HFTokenization
+
+    real_engine = HFTokenization._encode_batch
+
+    def counting_engine(self, inputs):  # type: ignore[no-untyped-def]
+        tokenized.append(len(inputs))
+        return real_engine(self, inputs)
+
     rng = random.Random(5)
     # a long queue timeout: admission must not refuse any of it on a slow, shared machine
     async with running_app(model=str(tiny_bert), batch_size=8, micro_batch_window_ms=5, queue_timeout=600) as client:
         monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", counting)
+        monkeypatch.setattr(HFTokenization, "_encode_batch", counting_engine)
         bodies = [{"query": f"query {i}", "documents": make_docs(rng, 12)} for i in range(6)]
         responses = await asyncio.gather(*(client.post("/rerank", json=b) for b in bodies))
         assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
@@ -158,3 +168,130 @@ async def test_each_pair_is_tokenized_once(tiny_bert: Path, monkeypatch) -> None
         assert sum(tokenized) == scored  # one tokenization per pair, none in the forward
         await client.post("/rerank", json=bodies[0])  # all cached: no tokenizer work at all
         assert sum(tokenized) == scored
+
+
+# --- lifecycle of jobs and admission (hardening) ---------------------------------------------
+
+class ForwardGate:
+    """Holds the real backend's forwards until released: the queue fills up deterministically.
+
+    The model still runs (the gate only delays each forward), so nothing here is mocked.
+    """
+
+    def __init__(self, runtime: object) -> None:
+        import threading
+
+        self.open = threading.Event()
+        backend = runtime.backend  # type: ignore[attr-defined]
+        original = backend.score_encoded
+
+        def gated(encoded):  # type: ignore[no-untyped-def]
+            self.open.wait(60)
+            return original(encoded)
+
+        backend.score_encoded = gated
+
+    def release(self) -> None:
+        self.open.set()
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_idle_server_holds_no_jobs_after_timeouts_and_disconnects(minilm: Path) -> None:
+    """Issue 15.1: dropped jobs (queue timeout, client gone) leave Ranker.inflight."""
+    rng = random.Random(4)
+    async with running_app(batch_size=2, enable_prediction_cache=False, queue_timeout=0.3, micro_batch_window_ms=0,
+                           warmup_on_start=False) as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        gate = ForwardGate(runtime)
+        timed_out = await client.post("/rerank", json={"query": "timeout", "documents": make_docs(rng, 30)})
+        assert timed_out.status_code == 503
+        # a client that goes away: its request task is cancelled (what an ASGI server does on disconnect)
+        gone = asyncio.get_running_loop().create_task(
+            client.post("/rerank", json={"query": "gone", "documents": make_docs(rng, 30)}))
+        await wait_until(lambda: runtime.admission.inflight == 1)
+        await asyncio.sleep(0.2)  # its jobs are queued behind the held forward
+        gone.cancel()
+        gate.release()
+        await runtime.batcher.idle()
+        await asyncio.sleep(0.05)
+        assert len(runtime.ranker.inflight) == 0, f"{len(runtime.ranker.inflight)} jobs held by an idle server"
+        assert (await client.get("/health")).json()["controller"]["jobs_held"] == 0
+
+
+async def test_cancelled_pairs_leave_the_queue_depth_at_once(minilm: Path) -> None:
+    """Issue 15.3: pairs of a timed-out request stop counting (429s, reranker_queue_depth) right away."""
+    rng = random.Random(5)
+    async with running_app(batch_size=2, enable_prediction_cache=False, queue_timeout=0.3, micro_batch_window_ms=0,
+                           warmup_on_start=False) as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        gate = ForwardGate(runtime)  # the first batch is stuck in its forward: the batcher cannot prune
+        r = await client.post("/rerank", json={"query": "q", "documents": make_docs(rng, 20)})
+        assert r.status_code == 503
+        try:
+            assert runtime.admission.waiting == 0
+            assert metric(client, "reranker_queue_depth") == 0
+        finally:
+            gate.release()
+            await runtime.batcher.idle()
+
+
+async def test_refused_requests_cost_no_tokenizer_time(minilm: Path) -> None:
+    """Issue 15.4: admission comes before tokenization; a full queue refuses before any tokenizer call."""
+    rng = random.Random(6)
+    async with running_app(batch_size=2, max_queue=8, enable_prediction_cache=False, micro_batch_window_ms=0,
+                           warmup_on_start=False) as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        gate = ForwardGate(runtime)
+        first = asyncio.get_running_loop().create_task(
+            client.post("/rerank", json={"query": "first", "documents": make_docs(rng, 10)}))
+        await wait_until(lambda: runtime.admission.waiting >= 8)
+        calls = []
+        backend = runtime.backend
+        for name in ("encode", "pair_lengths", "token_offsets", "token_counts"):
+            original = getattr(backend, name)
+            setattr(backend, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+        refused = await client.post("/v1/rerank", json={"query": "late", "documents": make_docs(rng, 5)})
+        chunked = await client.post("/v1/rerank", json={"query": "late", "documents": make_docs(rng, 5),
+                                                         "max_chunks_per_doc": 3})
+        gate.release()
+        assert (await first).status_code == 200
+        assert refused.status_code == 429 and chunked.status_code == 429
+        assert calls == []
+
+
+async def test_concurrent_requests_are_capped_with_429(minilm: Path) -> None:
+    """Issue 15.4: at most RERANKER_MAX_CONCURRENT_REQUESTS requests at once; the rest get 429 + Retry-After."""
+    rng = random.Random(7)
+    async with running_app(max_concurrent_requests=2, enable_prediction_cache=False, warmup_on_start=False) as client:
+        runtime = client.app.state.runtime  # type: ignore[attr-defined]
+        gate = ForwardGate(runtime)
+        held = [asyncio.get_running_loop().create_task(client.post("/rerank", json={"query": f"q{i}", "documents": make_docs(rng, 2)}))
+                for i in range(2)]
+        await wait_until(lambda: runtime.admission.inflight == 2)
+        third = await client.post("/rerank", json={"query": "third", "documents": make_docs(rng, 2)})
+        gate.release()
+        assert [(await t).status_code for t in held] == [200, 200]
+        assert third.status_code == 429 and "retry-after" in third.headers
+        assert "RERANKER_MAX_CONCURRENT_REQUESTS" in third.json()["message"]
+        assert metric(client, "reranker_rejected_total", {"reason": "concurrency"}) == 1
+
+
+async def test_query_is_bounded_and_hashed_once(minilm: Path) -> None:
+    """Issue 15.4: an overlong query is refused (413 naming it) before any work; keys hash the query once."""
+    from reranker.cache import pair_key
+
+    async with running_app(max_query_chars=100) as client:
+        r = await client.post("/rerank", json={"query": "q" * 101, "documents": ["a", "b"]})
+        assert r.status_code == 413 and r.json()["message"].startswith("query")
+        assert "RERANKER_MAX_QUERY_CHARS" in r.json()["message"]
+        assert metric(client, "reranker_cache_misses_total") == 0  # not even looked up
+        assert (await client.post("/rerank", json={"query": "q" * 100, "documents": ["a"]})).status_code == 200
+        cache = client.app.state.runtime.cache  # type: ignore[attr-defined]
+        docs = ["one", "two", "\udc80 lone"]
+        assert cache.keys("the query", docs) == [pair_key(cache.fingerprint, ("the query", d)) for d in docs]

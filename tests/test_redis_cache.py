@@ -214,3 +214,133 @@ def test_redact_hides_passwords(url: str) -> None:
 
     assert "pw" not in redact(url).replace("pw@", "") or ":***@" in redact(url)
     assert ":pw@" not in redact(url)
+
+
+# --- leases: joined requests, failures, owners, fall-backs (hardening) ------------------------
+
+class HeldForwards:
+    """Holds the real backend's forwards until released (or makes them raise): deterministic queues."""
+
+    def __init__(self, runtime: object, *, fail: bool = False) -> None:
+        self.open = threading.Event()
+        backend = runtime.backend  # type: ignore[attr-defined]
+        original = backend.score_encoded
+
+        def held(encoded):  # type: ignore[no-untyped-def]
+            self.open.wait(60)
+            if fail:
+                raise RuntimeError("the model broke")
+            return original(encoded)
+
+        backend.score_encoded = held
+
+    def release(self) -> None:
+        self.open.set()
+
+
+def lease_and_score_keys(runtime: object, query: str, doc: str) -> tuple[str, str]:
+    remote = runtime.remote  # type: ignore[attr-defined]
+    key = runtime.cache.key((query, doc))  # type: ignore[attr-defined]
+    return remote._lease_key(key), remote._score_key(key)
+
+
+async def test_request_joining_a_job_during_a_slow_claim_is_not_left_waiting(redis_server: RedisServer) -> None:
+    """Issue 15.2: a request that joins a job while its owner awaits a (50 ms) claim is told when the
+    job turns out to be another server's, instead of waiting out the queue timeout for a local start."""
+    async with running_app(redis_enabled=True, redis_url=redis_server.url, queue_timeout=3) as a:
+        runtime = a.app.state.runtime  # type: ignore[attr-defined]
+        claim = runtime.remote.claim
+
+        async def slow_claim(keys: list[str]) -> tuple[list[str], list[str]]:
+            await asyncio.sleep(0.05)
+            return await claim(keys)
+
+        runtime.remote.claim = slow_claim
+        doc = "the seine flows through paris"
+        lease, score = lease_and_score_keys(runtime, QUERY, doc)
+        redis = redis_server.client()
+        redis.set(lease, b"another-server", px=5000)  # another server of the fleet is computing this pair
+
+        async def other_server_delivers() -> None:
+            await asyncio.sleep(0.4)
+            redis.set(score, struct.pack("<d", 1.25))
+            redis.delete(lease)
+
+        async def joiner() -> httpx.Response:
+            await asyncio.sleep(0.02)  # arrives while the first request awaits its claim
+            return await a.post("/rerank", json={"query": QUERY, "documents": [doc], "raw_scores": True})
+
+        started = time.monotonic()
+        first, second, _ = await asyncio.gather(
+            a.post("/rerank", json={"query": QUERY, "documents": [doc], "raw_scores": True}), joiner(),
+            other_server_delivers())
+        assert (first.status_code, second.status_code) == (200, 200), second.text
+        assert second.json()["results"][0]["score"] == 1.25
+        assert time.monotonic() - started < 2.5
+        assert app_metric(a, "reranker_pairs_scored_total") == 0
+
+
+async def test_failed_job_gives_its_lease_back(redis_server: RedisServer) -> None:
+    """Issue 15.5: a lease is released when its computation fails, not left for the others to wait out."""
+    async with running_app(redis_enabled=True, redis_url=redis_server.url, redis_lease_seconds=30) as a:
+        runtime = a.app.state.runtime  # type: ignore[attr-defined]
+        held = HeldForwards(runtime, fail=True)
+        doc = "a pair whose forward fails"
+        lease, _ = lease_and_score_keys(runtime, QUERY, doc)
+        task = asyncio.get_running_loop().create_task(a.post("/rerank", json={"query": QUERY, "documents": [doc]}))
+        deadline = time.monotonic() + 10
+        while not redis_server.client().exists(lease):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        held.release()
+        failed = await task
+        assert failed.status_code == 424, failed.text
+        await asyncio.sleep(0.3)
+        assert not redis_server.client().exists(lease)
+
+
+async def test_only_the_owner_deletes_a_lease(redis_server: RedisServer) -> None:
+    """Issue 15.5: storing a score deletes the lease only if this server still holds it."""
+    async with running_app(redis_enabled=True, redis_url=redis_server.url) as a:
+        runtime = a.app.state.runtime  # type: ignore[attr-defined]
+        held = HeldForwards(runtime)
+        doc = "a pair whose lease changes hands"
+        lease, score = lease_and_score_keys(runtime, QUERY, doc)
+        task = asyncio.get_running_loop().create_task(a.post("/rerank", json={"query": QUERY, "documents": [doc]}))
+        redis = redis_server.client()
+        deadline = time.monotonic() + 10
+        while not redis.exists(lease):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        redis.set(lease, b"another-server", px=30_000)  # ours expired meanwhile; another server took it
+        held.release()
+        assert (await task).status_code == 200
+        await asyncio.sleep(0.3)
+        assert redis.exists(score)
+        assert redis.get(lease) == b"another-server"
+
+
+async def test_fleet_fallbacks_go_through_admission(redis_server: RedisServer) -> None:
+    """Issue 15.5: pairs computed here after another server's lease expired are admitted like new work."""
+    async with running_app(redis_enabled=True, redis_url=redis_server.url, max_queue=4, batch_size=1,
+                           micro_batch_window_ms=0, warmup_on_start=False) as a:
+        runtime = a.app.state.runtime  # type: ignore[attr-defined]
+        held = HeldForwards(runtime)
+        redis = redis_server.client()
+        orphans = [f"orphan {i}" for i in range(4)]
+        for doc in orphans:  # another server claimed these and died: its leases expire with no score
+            redis.set(lease_and_score_keys(runtime, QUERY, doc)[0], b"dead-server", px=600)
+        waiting = asyncio.get_running_loop().create_task(
+            a.post("/rerank", json={"query": QUERY, "documents": orphans}))
+        await asyncio.sleep(0.1)
+        busy = asyncio.get_running_loop().create_task(
+            a.post("/rerank", json={"query": "other", "documents": [f"fresh {i}" for i in range(5)]}))
+        deadline = time.monotonic() + 10
+        while runtime.batcher.pending_pairs < 4:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        fallback = await waiting  # the leases expired: its 4 pairs would overflow the queue
+        assert runtime.batcher.pending_pairs <= 4
+        held.release()
+        assert (await busy).status_code == 200
+        assert fallback.status_code == 429 and fallback.json()["error"] == "queue_full", fallback.text

@@ -7,6 +7,8 @@
   reaches the status.
 
 - an event of a RerankerEndpoint (a Mac registered, renewed or left): wakes the prober.
+- a server pod starting or stopping to fail (crash loop, image pull, a model that cannot
+  load): a pass for its fleet, whose Degraded condition then carries the pod's reason.
 
 The live state comes from Kopf indices (in-memory, fed by the watch streams), so a pass reads
 nothing from the API server and an idle operator makes no requests beyond its watches.
@@ -28,7 +30,7 @@ from typing import Any
 import kopf
 
 from reranker import contract
-from reranker_operator import manifests
+from reranker_operator import manifests, status
 from reranker_operator.kube import Kube, load_config
 from reranker_operator.prober import ENDPOINTS_INDEX, RERANKERS_INDEX, Prober
 from reranker_operator.reconcile import (
@@ -47,6 +49,8 @@ RRD = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL_DEPLOYMENT)
 RRE = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL_ENDPOINT)
 MANAGED = {manifests.LABEL_MANAGED_BY: manifests.OPERATOR_NAME}
 SLICES = {manifests.LABEL_SLICE_MANAGED_BY: manifests.SLICE_MANAGER}
+SERVER_PODS = {**MANAGED, manifests.LABEL_COMPONENT: "server"}
+PODS_INDEX = "reranker_pods"
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
@@ -65,8 +69,13 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
     # later is used after a restart, and the status says so meanwhile.
     service_monitors = kube.serves(SERVICE_MONITOR_GV, SERVICE_MONITOR_PLURAL)
     # The indices are live views: the prober and its passes read them as the watches fill them.
-    indices = {name: kwargs[name] for name in (RERANKERS_INDEX, ENDPOINTS_INDEX, *CHILD_INDICES)
+    indices = {name: kwargs[name] for name in (RERANKERS_INDEX, ENDPOINTS_INDEX, PODS_INDEX,
+                                               *CHILD_INDICES)
                if name in kwargs}
+
+    def pod_failures(key: OwnerKey) -> list[Mapping[str, str]]:
+        index = indices.get(PODS_INDEX)
+        return [f for f in (index.get(key, ()) if index is not None else ()) if f]
 
     async def external_changed(key: OwnerKey) -> bool:
         """A pass for a fleet whose external endpoints changed; False: try again later."""
@@ -80,8 +89,10 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
                     cluster_cidrs=config.cluster_cidrs)
     memo.kube = kube
     memo.prober = prober
+    memo.pod_failures_seen = {}  # pod uid -> its last status.pod_failure (failing pods only)
     memo.reconciler = Reconciler(kube, config.defaults(), service_monitors=service_monitors,
-                                 api_workers=config.api_workers, external=prober.summary)
+                                 api_workers=config.api_workers, external=prober.summary,
+                                 pod_failures=pod_failures)
     memo.prober_task = asyncio.get_running_loop().create_task(prober.run(indices),
                                                               name="external-endpoint prober")
     memo.prober_task.add_done_callback(_prober_ended)
@@ -183,6 +194,15 @@ def reranker_servicemonitors(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] |
 @kopf.index("discovery.k8s.io", "v1", "endpointslices", labels=SLICES)
 def reranker_endpointslices(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
     return _child(body, "discovery.k8s.io/v1", "EndpointSlice")
+
+
+# Server pods are no children (the ReplicaSet owns them): indexed by their fleet's name label,
+# only why they fail (None while they do not).
+@kopf.index("v1", "pods", labels=SERVER_PODS)
+def reranker_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body,
+                  **_: Any) -> dict[OwnerKey, Any] | None:
+    fleet = labels.get(manifests.LABEL_INSTANCE)
+    return {(str(namespace), fleet): status.pod_failure(body)} if fleet else None
 
 
 CHILD_INDICES = ("reranker_configmaps", "reranker_services", "reranker_deployments",
@@ -290,3 +310,25 @@ async def servicemonitor_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> N
 @kopf.on.event("discovery.k8s.io", "v1", "endpointslices", labels=SLICES)
 async def endpointslice_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     await _child_changed(body, memo, kwargs)
+
+
+# --- server pods: only a change of whether (and why) one fails runs a pass --------------------
+
+@kopf.on.event("v1", "pods", labels=SERVER_PODS)
+async def server_pod_changed(type: str | None, body: kopf.Body, labels: Mapping[str, str],
+                             memo: Any, **kwargs: Any) -> None:
+    """A pass for the fleet when one of its pods starts or stops failing; the Deployment's
+    events already cover pods becoming ready, so ordinary pod updates cost nothing."""
+    uid = str(body.metadata.uid)
+    failure = None if type == "DELETED" else status.pod_failure(body)
+    seen: dict[str, Any] = memo.pod_failures_seen
+    if seen.get(uid) == failure:
+        return
+    if failure is None:
+        seen.pop(uid, None)
+    else:
+        seen[uid] = failure
+    key = (str(body.metadata.namespace), str(labels.get(manifests.LABEL_INSTANCE)))
+    owner = next(iter(kwargs["rerankers"].get(key, ())), None)
+    if owner is not None:
+        await memo.reconciler.reconcile(owner, _live(key, kwargs))

@@ -68,7 +68,7 @@ REDIS_PASSWORD_ENV = "REDIS_PASSWORD"
 REDIS_PASSWORD_KEY = "password"
 GPU_RESOURCE = "nvidia.com/gpu"
 UNPRIVILEGED_UID = 10001
-REDIS_UID = 999  # the `redis` user of the official images
+REDIS_UID = 999  # the `redis` user of reranker-fleet/redis (deploy/redis) and the official images
 
 #: Settings the operator renders, each a name from the server's env contract. HF_HOME is
 #: Hugging Face's own variable (where models are cached), not the server's.
@@ -284,6 +284,9 @@ def server_container(name: str, spec: RerankerSpec, defaults: Defaults) -> Manif
         "resources": _resources(spec),
         "securityContext": _restricted_container_security(),
         "volumeMounts": mounts,
+        # The server writes why it stopped to the termination log (a model that cannot load);
+        # any other crash reports the log's tail. The operator's Degraded condition shows it.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy

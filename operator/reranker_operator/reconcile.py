@@ -23,7 +23,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import kopf
@@ -139,8 +139,16 @@ EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
 ExternalView = Callable[[OwnerKey], external.Summary | None]
 
 
+#: The failures of a fleet's server pods (status.pod_failure of each failing one).
+PodFailures = Callable[[OwnerKey], Sequence[Mapping[str, str]]]
+
+
 def _no_external(_key: OwnerKey) -> external.Summary | None:
     return None
+
+
+def _no_pod_failures(_key: OwnerKey) -> Sequence[Mapping[str, str]]:
+    return ()
 
 
 def post_event(owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
@@ -158,7 +166,8 @@ class Reconciler:
 
     `service_monitors` says whether the API server served ServiceMonitors when the operator
     started (and so whether their watch stream, and their index, exist). `external` gives the
-    prober's summary of a fleet's external endpoints: their EndpointSlices and status.
+    prober's summary of a fleet's external endpoints: their EndpointSlices and status;
+    `pod_failures` why its server pods fail (Degraded).
     """
 
     def __init__(self, kube: Kube, defaults: manifests.Defaults, *,
@@ -166,9 +175,11 @@ class Reconciler:
                  api_workers: int = 16,
                  clock: Callable[[], str] = utcnow,
                  events: EventPoster = post_event,
-                 external: ExternalView = _no_external) -> None:
+                 external: ExternalView = _no_external,
+                 pod_failures: PodFailures = _no_pod_failures) -> None:
         self.kube = kube
         self.external = external
+        self.pod_failures = pod_failures
         # Blocking API calls run here, not in the loop's default executor, so that a burst
         # of creations cannot starve (or be starved by) anything else.
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -391,6 +402,7 @@ class Reconciler:
             service_port=spec.service.port if spec is not None else _raw_port(owner),
             now=self.clock(),
             external=self.external(owner_key(owner)),
+            pod_failures=self.pod_failures(owner_key(owner)),
         )
 
     def _write_status(self, owner: Mapping[str, Any], patch: Mapping[str, Any],

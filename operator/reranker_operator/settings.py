@@ -22,8 +22,11 @@ from reranker import contract
 from reranker_operator import external, manifests
 from reranker_operator.external import ProbeConfig
 
-DEFAULT_SERVER_IMAGE = "ghcr.io/reranker-fleet/reranker:0.1.0"
-DEFAULT_REDIS_IMAGE = "redis:7.4-alpine"
+#: The images `make images` builds (README: building and pushing images). A cluster that
+#: pulls from a registry sets RERANKER_OPERATOR_SERVER_IMAGE / _REDIS_IMAGE (the chart's
+#: serverImage / redisImage) to the names they were pushed under.
+DEFAULT_SERVER_IMAGE = "reranker-fleet/server:dev"
+DEFAULT_REDIS_IMAGE = "reranker-fleet/redis:dev"
 
 #: The kinds whose watch streams are filtered server-side to the operator's children.
 CHILD_RESOURCES = (

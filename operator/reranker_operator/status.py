@@ -68,6 +68,42 @@ def _deployment_condition(deployment: Mapping[str, Any] | None, type_: str
     return None
 
 
+#: Waiting reasons of a server container that do not go away by waiting.
+FAILING_WAITING = frozenset({"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff",
+                             "ErrImageNeverPull", "InvalidImageName", "CreateContainerError",
+                             "CreateContainerConfigError", "RunContainerError"})
+
+
+def pod_failure(pod: Mapping[str, Any]) -> dict[str, str] | None:
+    """Why a server pod fails, from its container statuses, or None.
+
+    A container fails when it is not ready and either waits for a reason that does not resolve
+    itself (FAILING_WAITING) or has exited with an error. The message carries the container's
+    termination message: the server writes there why it stopped (e.g. the model that cannot
+    load), and the pod template falls back to the log's tail."""
+    name = str((pod.get("metadata") or {}).get("name"))
+    for cs in (pod.get("status") or {}).get("containerStatuses") or ():
+        if cs.get("ready"):
+            continue
+        state, last = cs.get("state") or {}, cs.get("lastState") or {}
+        waiting = state.get("waiting") or {}
+        terminated = state.get("terminated") or last.get("terminated") or {}
+        exited = int(terminated.get("exitCode") or 0) != 0
+        if waiting.get("reason") not in FAILING_WAITING and not exited:
+            continue
+        reason = str(waiting.get("reason") if waiting.get("reason") in FAILING_WAITING
+                     else "ContainerFailed")
+        what = [f"exited {terminated['exitCode']}"] if exited else [str(waiting.get("reason"))]
+        if cs.get("restartCount"):
+            what.append(f"restarted {cs['restartCount']} times")
+        detail = str((terminated.get("message") if exited else waiting.get("message")) or "")
+        detail = " ".join(detail.split())[-400:]
+        message = f"pod {name}: container {cs.get('name')} {', '.join(what)}"
+        return {"pod": name, "reason": reason,
+                "message": f"{message}: {detail}" if detail else message}
+    return None
+
+
 def external_condition(summary: ext.Summary) -> tuple[bool, str, str]:
     """(ok, reason, message) of ExternalEndpointsReady. No external endpoint is not a fault."""
     if summary.total == 0:
@@ -81,8 +117,10 @@ def external_condition(summary: ext.Summary) -> tuple[bool, str, str]:
 
 def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
           problems: Sequence[Problem], config_hash: str | None, service_port: int,
-          now: str, external: ext.Summary | None = None) -> dict[str, Any]:
-    """The full status for `owner` (a RerankerDeployment body)."""
+          now: str, external: ext.Summary | None = None,
+          pod_failures: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """The full status for `owner` (a RerankerDeployment body); `pod_failures` are the
+    `pod_failure`s of its server pods."""
     meta = owner["metadata"]
     name, namespace = meta["name"], meta.get("namespace", "default")
     generation = int(meta.get("generation") or 0)
@@ -158,9 +196,15 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
         progressing_c = (False, "RolloutComplete" if not blocking else blocking[0].reason,
                          counts if not blocking else "not rolling out: " + blocking[0].message)
 
-    # Degraded: the operator could not realise the spec, or the rollout is failing.
+    # Degraded: the operator could not realise the spec, server pods fail (with their own
+    # reason: a crash-looping server says why it stopped), or the rollout is failing.
     if problems:
         degraded_c = (True, problems[0].reason, "; ".join(p.message for p in problems))
+    elif pod_failures:
+        failures = sorted(pod_failures, key=lambda f: f["pod"])
+        more = f"; and {len(failures) - 3} more pods" if len(failures) > 3 else ""
+        degraded_c = (True, failures[0]["reason"],
+                      "; ".join(f["message"] for f in failures[:3]) + more)
     elif failing:
         degraded_c = (True, "ReplicaFailure", str(replica_failure.get("message") or ""))
     elif deadline_exceeded:

@@ -9,9 +9,13 @@ task cuts batches and hands each to a worker thread (the event loop never runs a
   (as many as fit), and the batch is filled with the waiting pairs whose lengths are closest to
   its longest pair (padding saved, nothing starves): requests complete in arrival order, as under
   first-come batching, while batches keep the length grouping's padding savings;
+- a padding-free backend (the packed CUDA path) pays for real tokens only: there the budget
+  counts real tokens and batches are first-come first-served (requests complete in arrival order);
 - a batch that is not full waits at most MICRO_BATCH_WINDOW_MS (counted from its oldest
   pair's arrival) for more work, and never when it is already full;
-- at most RERANKER_MAX_PARALLEL forwards run at once; RERANKER_WORKER_TIMEOUT bounds one.
+- at most RERANKER_MAX_PARALLEL forwards run at once (on CUDA each worker thread has its own
+  stream, so the next batch is packed and uploaded while the current one runs);
+  RERANKER_WORKER_TIMEOUT bounds one.
 
 A job may belong to several requests (`Ticket`s) when they asked for the same pair at once;
 it is dropped before it is computed only when every one of them has gone away.
@@ -47,9 +51,20 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     started: bool = False
     cancelled: bool = False
+    on_drop: Callable[["Job"], None] | None = None  # the queue holding it stops counting it
+
+    def start(self) -> None:
+        """The pair's computation began (here or on another server): no owner waits for it to start."""
+        self.started = True
+        for owner in list(self.owners):
+            owner.mark_started(self)
 
     def drop(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
+        if self.on_drop is not None:
+            self.on_drop(self)
         if not self.future.done():
             self.future.set_exception(ClientGone())
             self.future.exception()  # mark retrieved: nobody may be left to await it
@@ -96,16 +111,28 @@ SORT_WINDOW_BATCHES = 4
 LENGTH_BUCKET = 16
 
 
-def cut_batch(jobs: Sequence[Job], *, batch_size: int, max_tokens: int, by_length: bool) -> list[Job]:
+def cut_batch(jobs: Sequence[Job], *, batch_size: int, max_tokens: int, by_length: bool,
+              padded: bool = True) -> list[Job]:
     """Choose the next batch from the waiting jobs (oldest first in `jobs`).
 
     by_length: grow around the oldest job with the nearest lengths (padding-aware);
     otherwise first-come first-served (the baseline the benchmark compares against).
+    padded=False (a padding-free backend): the budget counts real tokens, and batches are
+    first-come first-served, since grouping lengths saves nothing there.
     """
     if not jobs:
         return []
-    if not by_length:
+    if not padded:
         batch: list[Job] = []
+        total = 0
+        for job in jobs:
+            if batch and (len(batch) >= batch_size or total + job.tokens > max_tokens):
+                break
+            batch.append(job)
+            total += job.tokens
+        return batch
+    if not by_length:
+        batch = []
         longest = 0
         for job in jobs:
             longest_next = max(longest, job.tokens)
@@ -148,7 +175,8 @@ class Batcher:
 
     def __init__(self, backend: Backend, metrics: Metrics, *, batch_size: int, max_batch_tokens: int,
                  window_ms: float, max_parallel: int, worker_timeout: float, max_retries: int = 0,
-                 by_length: bool = True, on_done: Callable[[list[Job]], None] | None = None) -> None:
+                 by_length: bool = True, padded: bool = True,
+                 on_done: Callable[[list[Job]], None] | None = None) -> None:
         self.backend = backend
         self.metrics = metrics
         self.batch_size = batch_size
@@ -158,8 +186,10 @@ class Batcher:
         self.worker_timeout = worker_timeout
         self.max_retries = max_retries
         self.by_length = by_length
+        self.padded = padded
         self.on_done = on_done
         self.pending: list[Job] = []
+        self._dropped = 0  # cancelled jobs still in `pending` until the loop prunes them
         self.active = 0
         self.throughput = 0.0  # pairs/s, moving average: used for Retry-After
         self._slots = asyncio.Semaphore(max_parallel)
@@ -171,21 +201,32 @@ class Batcher:
     # --- queue ---------------------------------------------------------------------------
     @property
     def pending_pairs(self) -> int:
-        return len(self.pending)
+        """Pairs waiting for the model; a dropped pair stops counting at once (admission, HPA signal)."""
+        return len(self.pending) - self._dropped
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        self.pending.extend(jobs)
-        self.metrics.queue_depth.set(len(self.pending))
+        live = [job for job in jobs if not job.cancelled]
+        for job in live:
+            job.on_drop = self._dropped_while_pending
+        self.pending.extend(live)
+        self.metrics.queue_depth.set(self.pending_pairs)
         self._wake.set()
 
+    def _dropped_while_pending(self, _job: Job) -> None:
+        self._dropped += 1
+        self.metrics.queue_depth.set(self.pending_pairs)
+
     def _prune(self) -> None:
-        if any(j.cancelled for j in self.pending):
+        if self._dropped:
             self.pending = [j for j in self.pending if not j.cancelled]
+            self._dropped = 0
             self.metrics.queue_depth.set(len(self.pending))
 
     def _full(self) -> bool:
         if len(self.pending) >= self.batch_size:
             return True
+        if not self.padded:
+            return sum(j.tokens for j in self.pending) >= self.max_batch_tokens
         longest = max((j.tokens for j in self.pending), default=0)
         return longest * (len(self.pending) + 1) > self.max_batch_tokens
 
@@ -202,14 +243,15 @@ class Batcher:
                 pass
         if self._running:
             await asyncio.wait(self._running, timeout=timeout)
-        for job in self.pending:
+        pending, self.pending, self._dropped = self.pending, [], 0
+        for job in pending:
+            job.on_drop = None
             job.drop()
-        self.pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def idle(self) -> None:
         """Wait until nothing is queued or running (used by graceful shutdown and tests)."""
-        while self.pending or self.active:
+        while self.pending_pairs or self.active:
             await asyncio.sleep(0.01)
 
     # --- the batching task ---------------------------------------------------------------
@@ -225,12 +267,14 @@ class Batcher:
             await self._slots.acquire()
             self._prune()
             batch = cut_batch(self.pending, batch_size=self.batch_size, max_tokens=self.max_batch_tokens,
-                              by_length=self.by_length)
+                              by_length=self.by_length, padded=self.padded)
             if not batch:
                 self._slots.release()
                 continue
             chosen = set(batch)
             self.pending = [j for j in self.pending if j not in chosen]
+            for job in batch:
+                job.on_drop = None
             self.metrics.queue_depth.set(len(self.pending))
             if not self.pending:
                 self._wake.clear()
@@ -258,9 +302,7 @@ class Batcher:
     async def _run(self, batch: list[Job]) -> None:
         now = time.monotonic()
         for job in batch:
-            job.started = True
-            for owner in list(job.owners):
-                owner.mark_started(job)
+            job.start()
             wait = now - job.enqueued_at
             self.metrics.queue_wait.observe(wait)
             self.metrics.wait_window.add(wait)
@@ -297,7 +339,7 @@ class Batcher:
         self.metrics.inference_duration.observe(elapsed)
         self.metrics.process_window.add(elapsed)
         self.metrics.batch_size.observe(len(batch))
-        self.metrics.batch_tokens.observe(longest * len(batch))
+        self.metrics.batch_tokens.observe(longest * len(batch) if self.padded else sum(j.tokens for j in batch))
         self.metrics.pairs_scored.inc(len(batch))
         self.metrics.tokens.inc(sum(j.tokens for j in batch))
         rate = len(batch) / max(elapsed, 1e-6)

@@ -22,7 +22,8 @@ class RemoteTier(Protocol):
     """A cache shared by the fleet (Redis). Must never raise: failures read as misses.
 
     `claim` and `wait_for` de-duplicate work across servers: pairs another server is computing
-    are waited for rather than computed (see redis_tier.py).
+    are waited for rather than computed; `release` gives back claims whose work failed or was
+    dropped, and `put_many` those whose scores it stores (see redis_tier.py).
     """
 
     async def get_many(self, keys: list[str]) -> dict[str, float]: ...
@@ -33,21 +34,36 @@ class RemoteTier(Protocol):
 
     async def wait_for(self, keys: list[str], *, timeout: float) -> dict[str, float]: ...
 
+    async def release(self, keys: list[str]) -> None: ...
+
     async def close(self) -> None: ...
+
+
+def _feed(digest: "hashlib.blake2b", text: str) -> None:
+    encoded = text.encode("utf-8", "surrogatepass")
+    digest.update(len(encoded).to_bytes(8, "little"))
+    digest.update(encoded)
+
+
+def query_keys(fingerprint: str, query: str, documents: Iterable[str], instruction: str | None = None) -> list[str]:
+    """The keys of (query, document[, instruction]) pairs. The query is hashed once and the hash
+    state copied per document, so a long query costs its length once, not once per document."""
+    prefix = hashlib.blake2b(digest_size=16)
+    prefix.update(fingerprint.encode())
+    _feed(prefix, query)
+    keys = []
+    for doc in documents:
+        digest = prefix.copy()
+        _feed(digest, doc)
+        if instruction is not None:
+            _feed(digest, instruction)
+        keys.append(digest.hexdigest())
+    return keys
 
 
 def pair_key(fingerprint: str, pair: Pair) -> str:
     """Digest of the fingerprint, query, document and (LLM rerankers) the instruction."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(fingerprint.encode())
-    texts = [pair[0], pair[1]]
-    if len(pair) > 2 and pair[2] is not None:
-        texts.append(pair[2])
-    for text in texts:
-        encoded = text.encode("utf-8", "surrogatepass")
-        digest.update(len(encoded).to_bytes(8, "little"))
-        digest.update(encoded)
-    return digest.hexdigest()
+    return query_keys(fingerprint, pair[0], [pair[1]], pair[2] if len(pair) > 2 else None)[0]
 
 
 class ScoreCache:
@@ -63,6 +79,9 @@ class ScoreCache:
 
     def key(self, pair: Pair) -> str:
         return pair_key(self.fingerprint, pair)
+
+    def keys(self, query: str, documents: Iterable[str], instruction: str | None = None) -> list[str]:
+        return query_keys(self.fingerprint, query, documents, instruction)
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, float]:
         if not self.enabled:

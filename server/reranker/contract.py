@@ -4,7 +4,7 @@ The operator renders these environment variables onto pods, the dashboards and H
 query these metric names, and the CRDs live in this API group. Both `reranker` (the server)
 and `reranker_operator` read this module, so it must stay free of third-party imports and
 of anything else from the server package. Change a name here only on purpose, everywhere at
-once (see ../shared/DESIGN.md).
+once (docs/architecture.md lists the contracts).
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ ENV_VARS: tuple[str, ...] = (
     "RERANKER_MAX_RETRIES",
     "RERANKER_MAX_DOCUMENTS",
     "RERANKER_MAX_BODY_BYTES",
+    "RERANKER_MAX_QUERY_CHARS",
+    "RERANKER_MAX_CONCURRENT_REQUESTS",
+    "RERANKER_SERVED_MODEL_NAMES",
     "RERANKER_API_KEYS",
     "RERANKER_API_KEYS_FILE",
     "RERANKER_PROTECT_METRICS",

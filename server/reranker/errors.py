@@ -32,6 +32,12 @@ class Unauthorized(APIError):
     status, code = 401, "unauthorized"
 
 
+class ModelNotFound(APIError):
+    """The request names a model this server does not serve (RERANKER_SERVED_MODEL_NAMES set)."""
+
+    status, code = 404, "model_not_found"
+
+
 class PayloadTooLarge(APIError):
     status, code = 413, "payload_too_large"
 
@@ -61,7 +67,7 @@ class WorkerTimeout(APIError):
 
 
 class BackendFailure(APIError):
-    """The model raised while scoring (TEI answers 424 for the same)."""
+    """The model raised while scoring, or returned NaN (TEI answers 424 for the same)."""
 
     status, code = 424, "backend_error"
 

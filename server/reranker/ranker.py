@@ -5,12 +5,20 @@ documents -> pairs (chunks) -> cache look-up -> join identical pairs already in 
 admission -> batcher -> scores (max over a document's chunks). Scores of new pairs are
 written to the cache by the batcher's completion hook, so a score is cached even when the
 request that asked for it has gone.
+
+Every job leaves `inflight` when its future settles (scored, failed, dropped by a timeout, a
+gone client or shutdown), so an idle server holds no jobs. A Redis lease this server took is
+given back when its job fails or is dropped (a scored job's lease goes with the cache fill),
+and only by its owner (redis_tier.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+import math
+from collections.abc import Coroutine, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 from .admission import Admission
@@ -18,8 +26,10 @@ from .backends import Backend, Pair
 from .batcher import Batcher, Job, Ticket
 from .cache import RemoteTier, ScoreCache
 from .chunking import Split, split_documents
-from .errors import ClientGone, QueueTimeout
+from .errors import BackendFailure, ClientGone, QueueFull, QueueTimeout
 from .metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,6 +39,9 @@ class Ranked:
 
 
 class Ranker:
+    #: Hash pair keys in a worker thread past this many characters (a long query times many documents).
+    HASH_OFF_LOOP_CHARS = 256 * 1024
+
     def __init__(self, *, backend: Backend, batcher: Batcher, cache: ScoreCache, admission: Admission,
                  metrics: Metrics, queue_timeout: float, worker_timeout: float) -> None:
         self.backend = backend
@@ -40,8 +53,10 @@ class Ranker:
         self.worker_timeout = worker_timeout
         self.inflight: dict[str, Job] = {}
         batcher.on_done = self._completed
-        self._background: set[asyncio.Task[None]] = set()  # cache fills and waits on other servers
+        self._background: set[asyncio.Task[Any]] = set()  # cache fills, lease releases, waits on other servers
         self.tickets: set[Ticket] = set()
+        self._leased: dict[str, Job] = {}  # jobs whose Redis lease this server holds
+        self._unlease: list[str] = []  # leases to give back, sent together
 
     def abort_waiting(self, error: Exception) -> int:
         """Answer every request whose pairs have not all started with `error` (shutdown deadline)."""
@@ -52,17 +67,72 @@ class Ranker:
                 aborted += 1
         return aborted
 
+    # --- jobs' lifecycle ---------------------------------------------------------------------
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _register(self, job: Job) -> None:
+        self.inflight[job.key] = job
+        job.future.add_done_callback(lambda _f: self._settled(job))
+
+    @staticmethod
+    def _score_of(job: Job) -> float | None:
+        """The job's score if it has a usable one (scored, finite), else None."""
+        future = job.future
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            return None
+        score = future.result()
+        return score if math.isfinite(score) else None
+
+    def _settled(self, job: Job) -> None:
+        """Whatever ended the job (score, failure, drop), it leaves `inflight`; a failed one's lease goes back."""
+        if self.inflight.get(job.key) is job:
+            del self.inflight[job.key]
+        if self._leased.get(job.key) is job:
+            del self._leased[job.key]
+            if self._score_of(job) is None:  # a scored job's lease is released with its cache fill
+                self._give_back(job.key)
+
+    def _give_back(self, key: str) -> None:
+        remote = self.cache.remote
+        if remote is None:
+            return
+        if not self._unlease:
+            asyncio.get_running_loop().call_soon(self._flush_unlease)
+        self._unlease.append(key)
+
+    def _flush_unlease(self) -> None:
+        keys, self._unlease = self._unlease, []
+        if keys and self.cache.remote is not None:
+            self._spawn(self.cache.remote.release(keys))
+
     def _completed(self, jobs: list[Job]) -> None:
         done: dict[str, float] = {}
         for job in jobs:
-            if self.inflight.get(job.key) is job:
-                del self.inflight[job.key]
-            if job.future.done() and not job.future.cancelled() and job.future.exception() is None:
-                done[job.key] = job.future.result()
+            score = self._score_of(job)
+            if score is not None:
+                done[job.key] = score
         if done:
-            task = asyncio.get_running_loop().create_task(self.cache.put_many(done))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self.cache.put_many(done))
+
+    async def _prepare(self, jobs: list[Job]) -> None:
+        """Tokenize new jobs, once (off the event loop): the ids carry their length for batching and go
+        to the forward as they are. Then queue them."""
+        try:
+            encoded = await asyncio.to_thread(self.backend.encode, [job.pair for job in jobs])
+        except Exception as exc:  # the tokenizer may raise anything; the jobs' requests get one typed error
+            log.exception("tokenizing %d pairs failed", len(jobs))
+            failure = BackendFailure(f"the tokenizer failed: {exc.__class__.__name__}: {exc}")
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(failure)
+                    job.future.exception()
+            return
+        for job, ids in zip(jobs, encoded):
+            job.encoded, job.tokens = ids, ids.tokens
+        await self._dispatch(jobs)
 
     async def _dispatch(self, jobs: list[Job]) -> None:
         """Queue new jobs here, except pairs another server of the fleet is computing right now."""
@@ -72,14 +142,20 @@ class Ranker:
             return
         ours, theirs = await remote.claim([job.key for job in jobs])
         by_key = {job.key: job for job in jobs}
-        self.batcher.submit([by_key[k] for k in ours])
-        if theirs:
-            waiting = [by_key[k] for k in theirs]
+        mine = []
+        for key in ours:
+            job = by_key[key]
+            if job.future.done():  # dropped while the lease was being taken: give it back
+                self._give_back(key)
+            else:
+                self._leased[key] = job
+                mine.append(job)
+        self.batcher.submit(mine)
+        waiting = [by_key[k] for k in theirs if not by_key[k].future.done()]
+        if waiting:
             for job in waiting:
-                job.started = True  # started elsewhere: the local queue timeout does not apply
-            task = asyncio.get_running_loop().create_task(self._await_fleet(remote, waiting))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+                job.start()  # started elsewhere: the local queue timeout does not apply
+            self._spawn(self._await_fleet(remote, waiting))
 
     async def _await_fleet(self, remote: "RemoteTier", jobs: list[Job]) -> None:
         found = await remote.wait_for([job.key for job in jobs], timeout=self.queue_timeout + self.worker_timeout)
@@ -88,63 +164,81 @@ class Ranker:
         for job in jobs:
             if job.key in found:
                 self.cache.local[job.key] = found[job.key]
-                if self.inflight.get(job.key) is job:
-                    del self.inflight[job.key]
                 if not job.future.done():
                     job.future.set_result(found[job.key])
-            else:
+            elif not job.future.done():
                 missing.append(job)
-        if missing:  # the other server died or failed: compute here
-            self.batcher.submit(missing)
+        if not missing:
+            return
+        # The other server died or failed: compute here, admitted like any other work.
+        try:
+            self.admission.admit(len(missing))
+        except QueueFull as exc:
+            for job in missing:
+                job.future.set_exception(exc)
+                job.future.exception()  # the requests may be gone: nobody else retrieves it
+            return
+        await self._dispatch(missing)
 
+    # --- one request ---------------------------------------------------------------------------
     async def rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket,
                    instruction: str | None = None) -> Ranked:
         self.tickets.add(ticket)
         try:
             return await self._rank(query, documents, split=split, ticket=ticket, instruction=instruction)
+        except BaseException:
+            ticket.cancel()  # whatever ended the request (error, timeout, gone client): drop what only it wanted
+            raise
         finally:
             self.tickets.discard(ticket)
+
+    async def _keys(self, query: str, texts: list[str], instruction: str | None) -> list[str]:
+        if len(query) * len(texts) + sum(map(len, texts)) > self.HASH_OFF_LOOP_CHARS:
+            return await asyncio.to_thread(self.cache.keys, query, texts, instruction)
+        return self.cache.keys(query, texts, instruction)
 
     async def _rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket,
                     instruction: str | None) -> Ranked:
         self.admission.check_serving()
         # The backend says what the pairs carry: None for models without instructions.
         instruction = self.backend.instruction(instruction)
-        if split.trivial:
-            chunks = [[doc] for doc in documents]  # no tokenizer needed: skip the thread hop
-        else:
-            chunks = await asyncio.to_thread(split_documents, self.backend, query, documents, split, instruction)
-        pairs: list[Pair] = [Pair(query, text, instruction) for doc_chunks in chunks for text in doc_chunks]
-        keys = [self.cache.key(pair) for pair in pairs]
-        scores = await self.cache.get_many(keys)
-
-        pair_of = dict(zip(keys, pairs))
-        missing = [k for k in pair_of if k not in scores]
-        # Only pairs the model may see are tokenized, once: the ids carry their length for batching
-        # and go to the forward as they are. Cache hits cost no tokenizer time.
-        encoded = await asyncio.to_thread(self.backend.encode, [pair_of[k] for k in missing]) if missing else []
-        encoded_of = dict(zip(missing, encoded))
-        # No await from here until the jobs are registered: concurrent requests see each other's jobs.
-        waiting: dict[str, Job] = {}
-        new_keys: list[str] = []
-        for key in missing:
-            job = self.inflight.get(key)
-            if job is not None and not job.cancelled:
-                waiting[key] = job
-                self.metrics.dedup.labels(scope="local").inc()
+        with self.admission.reserve() as places:
+            if split.trivial:
+                chunks = [[doc] for doc in documents]  # no tokenizer needed: skip the thread hop
             else:
-                new_keys.append(key)
-        if new_keys:
-            self.admission.admit(len(new_keys))
+                places.resize(len(documents))  # at least one pair per document, admitted before the tokenizer runs
+                chunks = await asyncio.to_thread(split_documents, self.backend, query, documents, split, instruction)
+            texts = [text for doc_chunks in chunks for text in doc_chunks]
+            keys = await self._keys(query, texts, instruction)
+            scores = await self.cache.get_many(keys)
+
+            text_of = dict(zip(keys, texts))
+            missing = [k for k in text_of if k not in scores]
+            # No await from here until every job is registered and tracked by the ticket: concurrent
+            # requests see (and join) each other's jobs before any is tokenized, and nothing can start
+            # or drop a job the ticket does not know.
+            waiting: dict[str, Job] = {}
+            new_keys: list[str] = []
+            for key in missing:
+                job = self.inflight.get(key)
+                if job is not None and not job.cancelled:
+                    waiting[key] = job
+                    self.metrics.dedup.labels(scope="local").inc()
+                else:
+                    new_keys.append(key)
+            places.resize(len(new_keys))  # admitted before its pairs are tokenized; joined pairs cost no place
             loop = asyncio.get_running_loop()
-            jobs = [Job(pair=pair_of[k], key=k, tokens=encoded_of[k].tokens, encoded=encoded_of[k],
-                        origin=ticket, future=loop.create_future()) for k in new_keys]
+            jobs = [Job(pair=Pair(query, text_of[k], instruction), key=k, tokens=0, origin=ticket,
+                        future=loop.create_future()) for k in new_keys]
             for job in jobs:
-                self.inflight[job.key] = job
+                self._register(job)
                 waiting[job.key] = job
-            await self._dispatch(jobs)
-        for job in waiting.values():
-            ticket.track(job)
+            for job in waiting.values():
+                ticket.track(job)
+            if jobs:
+                # Shielded: requests that joined these jobs depend on them being queued even if this
+                # request is cancelled meanwhile (its dropped jobs are skipped, their leases given back).
+                await asyncio.shield(self._prepare(jobs))
 
         if waiting:
             try:
@@ -158,6 +252,10 @@ class Ranker:
             if ticket.cancelled:
                 raise ticket.reason or ClientGone()
             results = await asyncio.gather(*(job.future for job in waiting.values()))
+            broken = sum(1 for r in results if not math.isfinite(r))
+            if broken:
+                raise BackendFailure(f"the model returned a non-finite score (NaN or infinity) for {broken} "
+                                     f"of {len(results)} pairs; the model or its weights are broken")
             scores.update(zip(waiting.keys(), results))
 
         raw: list[float] = []
@@ -165,4 +263,4 @@ class Ranker:
         for doc_chunks in chunks:
             raw.append(max(scores[k] for k in keys[cursor: cursor + len(doc_chunks)]))
             cursor += len(doc_chunks)
-        return Ranked(raw=raw, tokens=sum(e.tokens for e in encoded))  # tokens this request sent to the model
+        return Ranked(raw=raw, tokens=sum(job.tokens for job in jobs))  # tokens this request sent to the model

@@ -10,7 +10,9 @@ found by every other server serving the same model fingerprint.
 - De-duplication: before computing pairs, a server takes a lease per pair
   (`...:l:{digest}`, SET NX PX). A server that finds a lease taken waits for the score
   instead of computing it, polling both keys in one round trip; if the lease expires (its
-  holder died or failed) without a score, it computes the pair itself.
+  holder died or failed) without a score, it computes the pair itself. A lease is deleted only
+  by the server that holds it (a compare-and-delete script): when its score is stored, or at
+  once when its computation failed or was dropped, so the others stop waiting.
 - Faults never fail requests: every call is bounded by a short timeout; an error counts in
   `reranker_redis_errors_total{op}`, is logged at most once per interval, and opens a circuit
   for a backoff (0.25 s doubling up to 5 s) during which Redis is skipped entirely; then the next call
@@ -41,6 +43,18 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _DOUBLE = struct.Struct("<d")
+
+#: Delete each lease in KEYS that ARGV[1] (this server) holds; leave other servers' leases alone.
+_RELEASE = """
+local released = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('DEL', key)
+    released = released + 1
+  end
+end
+return released
+"""
 
 
 def redact(url: str) -> str:
@@ -73,6 +87,7 @@ class RedisTier:
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}".encode()
         self.client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                               health_check_interval=30)
+        self._release = self.client.register_script(_RELEASE)
         self._down_until = 0.0
         self._backoff = 0.25
         self._last_log = 0.0
@@ -153,7 +168,7 @@ class RedisTier:
             pipe = self.client.pipeline(transaction=False)
             for key, score in items.items():
                 pipe.set(self._score_key(key), _DOUBLE.pack(score), px=self.ttl_ms)
-                pipe.delete(self._lease_key(key))
+            await self._release(keys=[self._lease_key(k) for k in items], args=[self.owner], client=pipe)
             return await pipe.execute()
 
         await self._call("set", fill, None)
@@ -176,6 +191,12 @@ class RedisTier:
         ours = [k for k, ok in zip(keys, taken) if ok]
         theirs = [k for k, ok in zip(keys, taken) if not ok]
         return ours, theirs
+
+    async def release(self, keys: list[str]) -> None:
+        """Give back leases this server holds on pairs it will not score (failed or dropped)."""
+        if keys:
+            await self._call("release", lambda: self._release(keys=[self._lease_key(k) for k in keys],
+                                                                 args=[self.owner]), None)
 
     async def wait_for(self, keys: list[str], *, timeout: float) -> dict[str, float]:
         """Scores of pairs other servers hold leases on, as they arrive. Returns when every key

@@ -4,6 +4,10 @@ Each rerank route parses its dialect, hands the texts to the `Ranker`, and shape
 answer the way that dialect's clients expect. Bodies are parsed here rather than by FastAPI's
 body injection so that one limit (413), one JSON error (400) and one validation error shape
 (422, naming the field) hold for every route; the OpenAPI schema is declared explicitly.
+
+Nothing a client sends may reach the model or the JSON encoder unchecked: strings that are not
+valid Unicode (lone surrogates), JSON nested deeper than any dialect needs, a query longer than
+RERANKER_MAX_QUERY_CHARS and a body cut off by a gone client are answered here, before any work.
 """
 
 from __future__ import annotations
@@ -12,21 +16,22 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from . import activation
 from .batcher import Ticket
 from .chunking import Split
-from .errors import InvalidJSON, InvalidRequest, PayloadTooLarge
+from .errors import ClientGone, InvalidJSON, InvalidRequest, ModelNotFound, PayloadTooLarge
 from .runtime import Runtime
-from .schemas import (NativeRerankRequest, NativeRerankResponse, TEIRerankRequest, TEIResult,
+from .schemas import (ErrorResponse, NativeRerankRequest, NativeRerankResponse, TEIRerankRequest, TEIResult,
                       V1RerankRequest, V1RerankResponse, V2RerankRequest, V2RerankResponse)
 
 router = APIRouter()
@@ -44,19 +49,78 @@ def _openapi(*models: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
+#: Every error a rerank route can answer, each with the one error shape (errors.py).
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "Body is not JSON", 401: "Missing or invalid API key", 404: "Model not served (RERANKER_SERVED_MODEL_NAMES)",
+    413: "Body or query too large", 422: "Invalid field (the message names it)",
+    424: "The model failed to score", 429: "Queue full or too many requests (Retry-After)",
+    503: "Loading, draining or queue timeout (Retry-After)"}.items()}
+
+#: JSON deeper than this is refused: no dialect nests beyond a few levels (a v1 document object's fields).
+MAX_JSON_DEPTH = 32
+#: Bodies larger than this are parsed in a worker thread, off the event loop.
+_PARSE_OFF_LOOP_BYTES = 256 * 1024
+
+
+def _check_tree(data: Any) -> None:
+    """Refuse what parses as JSON but cannot be served: lone surrogates, absurd nesting."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise InvalidRequest(f"{path or 'body'}: not valid Unicode (lone surrogate "
+                                         f"{value[exc.start]!r} at character {exc.start})") from None
+            continue
+        if depth >= MAX_JSON_DEPTH and isinstance(value, (dict, list)):
+            raise InvalidRequest(f"{path or 'body'}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not key.isascii():
+                    try:
+                        key.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise InvalidRequest(f"{path or 'body'}: a key is not valid Unicode (lone surrogate)") from None
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}" if path else str(i), depth + 1) for i, item in enumerate(value))
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidJSON(f"request body is JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    _check_tree(data)
+    return data
+
+
 async def _read_json(request: Request, limit: int) -> Any:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit} (RERANKER_MAX_BODY_BYTES)")
     body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes (RERANKER_MAX_BODY_BYTES)")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes (RERANKER_MAX_BODY_BYTES)")
+    except ClientDisconnect:
+        raise ClientGone() from None  # gone mid-upload: nothing to answer
+    if len(body) > _PARSE_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(_parse, bytes(body))
+    return _parse(bytes(body))
+
+
+async def _in_flight(request: Request) -> AsyncIterator[None]:
+    """Counts a rerank request from its first byte to its answer; 429 past RERANKER_MAX_CONCURRENT_REQUESTS."""
+    with _runtime(request).admission.request():
+        yield
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
@@ -84,10 +148,33 @@ def _authorize(request: Request, runtime: Runtime) -> None:
     runtime.api_keys.authorize(request.headers.get("authorization"))
 
 
-def _check_count(runtime: Runtime, n: int, field: str) -> None:
+def _check_size(runtime: Runtime, req: Any, n: int, field: str) -> None:
+    """The request's bounds, checked before any work: documents per request; the query's length and
+    the instruction's (each is paired with every document)."""
     limit = runtime.settings.max_documents
     if n > limit:
         raise InvalidRequest(f"{field}: {n} documents, more than the limit of {limit} (RERANKER_MAX_DOCUMENTS)")
+    max_query = runtime.settings.max_query_chars
+    for name in ("query", "instruction"):
+        text = getattr(req, name) or ""
+        if len(text) > max_query:
+            raise PayloadTooLarge(f"{name}: {len(text)} characters, more than the limit of {max_query} "
+                                  "(RERANKER_MAX_QUERY_CHARS)")
+
+
+def _served_model(runtime: Runtime, requested: str | None) -> str:
+    """The model name a response carries: the client's when it asked for a name served here, else
+    the loaded model's. With RERANKER_SERVED_MODEL_NAMES set, any other name is a 404."""
+    loaded = runtime.backend_info.model
+    names = runtime.model_names
+    if requested is None or requested == loaded:
+        return loaded
+    if requested in names:
+        return requested
+    if names:
+        raise ModelNotFound(f"model: {requested!r} is not served here; served: {sorted(names | {loaded})} "
+                            "(RERANKER_SERVED_MODEL_NAMES)")
+    return loaded
 
 
 async def _watch_disconnect(request: Request, ticket: Ticket) -> None:
@@ -108,8 +195,7 @@ async def _rank(request: Request, runtime: Runtime, query: str, texts: Sequence[
     try:
         runtime.admission.check_serving()
         assert runtime.ranker is not None  # ready implies loaded
-        with runtime.admission.request():
-            ranked = await runtime.ranker.rank(query, texts, split=split, ticket=ticket, instruction=instruction)
+        ranked = await runtime.ranker.rank(query, texts, split=split, ticket=ticket, instruction=instruction)
     finally:
         watcher.cancel()
     return ranked.raw, ranked.tokens
@@ -131,7 +217,12 @@ def _activate(runtime: Runtime, raw: list[float], raw_scores: bool) -> list[floa
 
 
 @router.post("/rerank", openapi_extra=_openapi(NativeRerankRequest, TEIRerankRequest), tags=["rerank"],
-             summary="Rerank (native shape; TEI shape when the body has `texts`)")
+             summary="Rerank (native shape; TEI shape when the body has `texts`)",
+             dependencies=[Depends(_in_flight)],
+             responses={200: {"content": {"application/json": {"schema": {"anyOf": [
+                 NativeRerankResponse.model_json_schema(ref_template="#/components/schemas/{model}"),
+                 {"type": "array", "items": TEIResult.model_json_schema(ref_template="#/components/schemas/{model}")},
+             ]}}}}, **_ERRORS})
 async def rerank(request: Request) -> Any:
     runtime = _runtime(request)
     _authorize(request, runtime)
@@ -139,7 +230,8 @@ async def rerank(request: Request) -> Any:
     started = time.perf_counter()
     if isinstance(data, dict) and "texts" in data:
         tei = _validate(TEIRerankRequest, data)
-        _check_count(runtime, len(tei.texts), "texts")
+        _check_size(runtime, tei, len(tei.texts), "texts")
+        _served_model(runtime, tei.model)
         split = Split(truncate=tei.truncate is not False, left=tei.truncation_direction.lower() == "left", field="texts")
         raw, _ = await _rank(request, runtime, tei.query, tei.texts, split, tei.instruction)
         scores = _activate(runtime, raw, tei.raw_scores)
@@ -148,13 +240,14 @@ async def rerank(request: Request) -> Any:
         return JSONResponse(ranked, headers=_timing_headers(started))
 
     native = _validate(NativeRerankRequest, data)
-    _check_count(runtime, len(native.documents), "documents")
+    _check_size(runtime, native, len(native.documents), "documents")
+    model = _served_model(runtime, native.model)
 
     raw, _ = await _rank(request, runtime, native.query, native.documents, Split(), native.instruction)
     scores = _activate(runtime, raw, native.raw_scores)
-    results = [{"index": i, "document": native.documents[i] if native.return_documents else None, "score": scores[i]}
-               for i in _order(scores, native.top_k)]
-    body = NativeRerankResponse(results=results, model=runtime.backend_info.model,  # type: ignore[arg-type]
+    results = [{"index": i, "document": native.documents[i] if native.return_documents else None, "score": scores[i],
+                "relevance_score": scores[i]} for i in _order(scores, native.top_k)]
+    body = NativeRerankResponse(results=results, model=model,  # type: ignore[arg-type]
                                 processing_time_ms=round((time.perf_counter() - started) * 1000, 3))
     return JSONResponse(body.model_dump(), headers=_timing_headers(started))
 
@@ -177,12 +270,13 @@ def _rank_text(doc: str | dict[str, Any], fields: list[str], i: int) -> str:
 
 @router.post("/v1/rerank", openapi_extra=_openapi(V1RerankRequest), tags=["rerank"],
              summary="Rerank (Cohere v1 and Jina)", response_model=V1RerankResponse,
-             response_model_exclude_none=True)
+             response_model_exclude_none=True, dependencies=[Depends(_in_flight)], responses=_ERRORS)
 async def rerank_v1(request: Request) -> Any:
     runtime = _runtime(request)
     _authorize(request, runtime)
     req = _validate(V1RerankRequest, await _read_json(request, runtime.settings.max_body_bytes))
-    _check_count(runtime, len(req.documents), "documents")
+    _check_size(runtime, req, len(req.documents), "documents")
+    model = _served_model(runtime, req.model)
     fields = req.rank_fields or ["text"]
     texts = [_rank_text(doc, fields, i) for i, doc in enumerate(req.documents)]
 
@@ -196,18 +290,20 @@ async def rerank_v1(request: Request) -> Any:
             doc = req.documents[i]
             item["document"] = {"text": doc} if isinstance(doc, str) else doc
         results.append(item)
-    return {"id": str(uuid.uuid4()), "results": results, "model": req.model or runtime.backend_info.model,
+    return {"id": str(uuid.uuid4()), "results": results, "model": model,
             "usage": {"total_tokens": tokens},
             "meta": {"api_version": {"version": "1"}, "billed_units": {"search_units": 1}}}
 
 
 @router.post("/v2/rerank", openapi_extra=_openapi(V2RerankRequest), tags=["rerank"],
-             summary="Rerank (Cohere v2)", response_model=V2RerankResponse, response_model_exclude_none=True)
+             summary="Rerank (Cohere v2)", response_model=V2RerankResponse, response_model_exclude_none=True,
+             dependencies=[Depends(_in_flight)], responses=_ERRORS)
 async def rerank_v2(request: Request) -> Any:
     runtime = _runtime(request)
     _authorize(request, runtime)
     req = _validate(V2RerankRequest, await _read_json(request, runtime.settings.max_body_bytes))
-    _check_count(runtime, len(req.documents), "documents")
+    _check_size(runtime, req, len(req.documents), "documents")
+    _served_model(runtime, req.model)
 
     raw, _ = await _rank(request, runtime, req.query, req.documents,
                          Split(max_doc_tokens=req.max_tokens_per_doc), req.instruction)
@@ -222,13 +318,20 @@ async def rerank_v2(request: Request) -> Any:
             "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
 
 
-@router.get("/health", tags=["probes"], summary="Liveness and stats")
+@router.get("/health", tags=["probes"], summary="Liveness and stats; 503 once the model failed to load",
+            responses={503: {"description": "The model failed to load (the body says why)"}})
 async def health(request: Request) -> Any:
     runtime = _runtime(request)
-    return runtime.health()
+    stats = runtime.health()
+    if runtime.load_error:
+        # A failed load never recovers in this process: failing liveness gets it restarted with
+        # back-off (Kubernetes; launchd and systemd via the container or unit), and says why.
+        return JSONResponse(stats, status_code=503)
+    return stats
 
 
-@router.get("/ready", tags=["probes"], summary="Readiness: 200 once warm, 503 while loading or draining")
+@router.get("/ready", tags=["probes"], summary="Readiness: 200 once warm, 503 while loading or draining",
+            responses={503: {"description": "Loading, draining, or the load failed"}})
 async def ready(request: Request) -> Any:
     runtime = _runtime(request)
     if runtime.admission.ready and not runtime.admission.draining:
@@ -238,7 +341,10 @@ async def ready(request: Request) -> Any:
                         status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/metrics", tags=["probes"], summary="Prometheus text; the JSON summary with Accept: application/json")
+@router.get("/metrics", tags=["probes"], summary="Prometheus text; the JSON summary with Accept: application/json",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}},
+                                         "application/json": {"schema": {"type": "object"}}}},
+                       401: {"model": ErrorResponse, "description": "RERANKER_PROTECT_METRICS and no valid key"}})
 async def metrics(request: Request) -> Response:
     runtime = _runtime(request)
     if runtime.settings.protect_metrics:

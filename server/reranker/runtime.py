@@ -37,14 +37,17 @@ class Runtime:
         self.settings = settings
         self.metrics = Metrics()
         self.api_keys = ApiKeys(settings)
+        self.model_names = settings.resolved_model_names()
         self.backend: Backend | None = backend
         self.load_error: str | None = None
         self.remote: RemoteTier | None = None
         self.batcher: Batcher | None = None
         self.cache: ScoreCache | None = None
         self.ranker: Ranker | None = None
-        self.admission = Admission(metrics=self.metrics, max_queue=settings.max_queue, max_parallel=settings.max_parallel,
-                                   queue_timeout=settings.queue_timeout)
+        # max_parallel may be left to the backend (sized for its device): settled in _build_engine.
+        self.admission = Admission(metrics=self.metrics, max_queue=settings.max_queue,
+                                   max_parallel=settings.max_parallel or 1, queue_timeout=settings.queue_timeout,
+                                   max_concurrent=settings.max_concurrent_requests)
         self.dropped_pairs = 0
         self.loaded = asyncio.Event()
         self.registration: Registration | None = None
@@ -102,10 +105,14 @@ class Runtime:
 
     def _build_engine(self, backend: Backend) -> None:
         s = self.settings
+        sized = backend.sizing()  # what the device wants, where the settings leave it open
+        self.admission.max_parallel = s.max_parallel or sized.max_parallel
         self.batcher = Batcher(
-            backend, self.metrics, batch_size=s.batch_size, max_batch_tokens=s.max_batch_tokens,
-            window_ms=s.micro_batch_window_ms if s.micro_batch_enabled else 0.0, max_parallel=s.max_parallel,
-            worker_timeout=s.worker_timeout, max_retries=s.max_retries,
+            backend, self.metrics, batch_size=s.batch_size or sized.batch_size,
+            max_batch_tokens=s.max_batch_tokens or sized.max_batch_tokens,
+            window_ms=s.micro_batch_window_ms if s.micro_batch_enabled else 0.0,
+            max_parallel=self.admission.max_parallel, worker_timeout=s.worker_timeout, max_retries=s.max_retries,
+            padded=sized.padded,
         )
         self.cache = ScoreCache(fingerprint=backend.info.fingerprint, size=s.cache_size, ttl=s.cache_ttl_seconds,
                                 metrics=self.metrics, enabled=s.enable_prediction_cache, remote=self.remote)
@@ -148,7 +155,7 @@ class Runtime:
             "status": status,
             "version": __version__,
             "model": info,
-            "controller": self.admission.controller(),
+            "controller": {**self.admission.controller(), "jobs_held": len(self.ranker.inflight) if self.ranker else 0},
             "cache": {"enabled": self.settings.enable_prediction_cache, "local_entries": len(self.cache) if self.cache else 0,
                       "redis": self.settings.redis_enabled},
             "error": self.load_error,

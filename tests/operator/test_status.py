@@ -131,3 +131,50 @@ def test_transition_time_moves_only_on_a_status_change() -> None:
 
 def test_status_patch_removes_stale_keys() -> None:
     assert status.status_patch({"a": 1, "old": 2}, {"a": 1}) == {"old": None}
+
+
+def server_pod(name: str, **container: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name},
+            "status": {"containerStatuses": [{"name": "reranker", "ready": False,
+                                              "restartCount": 0, **container}]}}
+
+
+def test_a_crash_looping_server_pod_fails_with_its_termination_message() -> None:
+    pod = server_pod("rr-abc", restartCount=3,
+                     state={"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+                     lastState={"terminated": {"exitCode": 4, "reason": "Error",
+                                               "message": "model load failed: OSError: no-such"}})
+    failure = status.pod_failure(pod)
+    assert failure == {"pod": "rr-abc", "reason": "CrashLoopBackOff", "message":
+                       "pod rr-abc: container reranker exited 4, restarted 3 times: "
+                       "model load failed: OSError: no-such"}
+
+
+def test_pods_that_start_or_serve_do_not_fail() -> None:
+    assert status.pod_failure(server_pod("a", state={"waiting": {"reason": "ContainerCreating"}})) is None
+    assert status.pod_failure(server_pod("b", state={"running": {}})) is None  # loading the model
+    recovered = server_pod("c", ready=True, state={"running": {}},
+                           lastState={"terminated": {"exitCode": 137, "reason": "OOMKilled"}})
+    assert status.pod_failure(recovered) is None
+    pulling = status.pod_failure(server_pod("d", state={"waiting": {
+        "reason": "ImagePullBackOff", "message": "Back-off pulling image \"x:1\""}}))
+    assert pulling is not None and pulling["reason"] == "ImagePullBackOff"
+    assert "Back-off pulling image" in pulling["message"]
+
+
+def test_failing_pods_make_the_fleet_degraded_with_their_reason() -> None:
+    failures = [status.pod_failure(server_pod(
+        f"rr-{i}", state={"waiting": {"reason": "CrashLoopBackOff"}},
+        lastState={"terminated": {"exitCode": 4, "message": "model load failed"}}))
+        for i in range(5)]
+    st = status.build(owner(), deployment=deployment(ready=0), problems=[], config_hash="h",
+                      service_port=8000, now=T0, pod_failures=[f for f in failures if f])
+    c = conds(st)
+    assert c["Ready"]["status"] == "False"
+    assert c["Degraded"]["status"] == "True" and c["Degraded"]["reason"] == "CrashLoopBackOff"
+    assert c["Degraded"]["message"].startswith("pod rr-0: container reranker exited 4")
+    assert c["Degraded"]["message"].endswith("; and 2 more pods")
+    # healthy pods again: no longer degraded
+    c = conds(status.build(owner(), deployment=deployment(ready=2), problems=[],
+                           config_hash="h", service_port=8000, now=T1, pod_failures=[]))
+    assert c["Degraded"]["status"] == "False" and c["Ready"]["status"] == "True"

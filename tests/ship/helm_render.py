@@ -1,8 +1,8 @@
 """Render the Helm chart with Helm's own Go SDK (helm-python-sdk: no helm binary), as
 `helm template` would, and split the result into Kubernetes objects.
 
-Shared by tests/ship/test_helm_chart.py (lint, schemas, copies) and tests/kube/test_chart.py
-(install into a real control plane).
+Shared by tests/ship/test_helm_chart.py (lint, schemas, copies), tests/kube/test_chart.py
+(install into a real control plane) and tests/e2e (the operator as a pod on a real node).
 """
 
 from __future__ import annotations
@@ -73,3 +73,19 @@ def notes_sample(values: dict[str, Any] | None = None, **kw: Any) -> dict[str, A
     sample = yaml.safe_load("\n".join(line[2:] for line in body.splitlines()))
     assert isinstance(sample, dict)
     return sample
+
+
+#: The CRDs the chart ships (every file of crds/).
+CRDS = tuple(d["metadata"]["name"] for d in objects() if d["kind"] == "CustomResourceDefinition")
+
+
+def adopt_crds(cluster: Any, release: str, namespace: str) -> None:
+    """CRDs outlive releases (helm.sh/resource-policy: keep) and other tests apply them with
+    kubectl: mark existing ones as this release's, as Helm documents for adopting objects."""
+    for crd in CRDS:
+        if cluster.kubectl("get", "crd", crd, check=False).returncode != 0:
+            continue
+        cluster.kubectl("annotate", "crd", crd, "--overwrite",
+                        f"meta.helm.sh/release-name={release}",
+                        f"meta.helm.sh/release-namespace={namespace}")
+        cluster.kubectl("label", "crd", crd, "--overwrite", "app.kubernetes.io/managed-by=Helm")

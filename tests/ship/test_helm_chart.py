@@ -238,7 +238,7 @@ def test_operator_pod_is_locked_down_and_probed_on_kopfs_liveness_endpoint() -> 
     assert env["RERANKER_OPERATOR_LIVENESS"] == "http://0.0.0.0:9090/healthz"
     assert container["ports"] == [{"name": "liveness", "containerPort": 9090, "protocol": "TCP"}]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
-    assert container["image"] == "ghcr.io/reranker-fleet/reranker-operator:0.1.0"
+    assert container["image"] == "reranker-fleet/operator:dev"  # what `make images` builds
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
 
 
@@ -314,6 +314,7 @@ def test_shared_redis_is_cache_only_and_locked_down() -> None:
     container = redis["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:4] == ["--save", "", "--appendonly", "no"]
     assert "allkeys-lru" in container["args"]
+    assert container["image"] == "reranker-fleet/redis:dev"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert redis["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     # A password, generated, in the Secret the fleets use; only the fleets' pods admitted.

@@ -78,6 +78,7 @@ class BackendInfo:
     activation: Literal["sigmoid", "identity"]
     template: str | None = None  # LLM rerankers: the prompt template's name@digest
     precision: str = ""  # why this dtype: RERANKER_QUANTIZATION as asked, or what `auto` picked and why
+    autocast: str | None = None  # the dtype the forward runs under with ENABLE_MIXED_PRECISION (fp32 weights)
 
     @property
     def fingerprint(self) -> str:
@@ -86,7 +87,10 @@ class BackendInfo:
         The runtime (torch or mlx) and device are left out for fp32/bf16/fp16: they produce
         the same scores within 1e-4 in fp32 (tests/test_mlx_backend.py), so pods and Macs share
         one cache. int8 is not one method: torch's dynamic quantization and MLX's weight-only
-        8-bit differ by ~0.1, so for int8 the runtime is part of the fingerprint.
+        8-bit differ by ~0.1, so for int8 the runtime is part of the fingerprint. Mixed precision
+        (autocast) changes scores by ~1e-2, so it is part of it too; so is everything else that
+        changes the numbers: weights (revision: a commit, or a local folder's content digest),
+        dtype, max length, kind, the LLM prompt template.
         """
         fields = {"model": self.model, "revision": self.revision, "kind": self.kind,
                   "dtype": self.dtype, "max_length": self.max_length}
@@ -94,11 +98,27 @@ class BackendInfo:
             fields["runtime"] = self.backend
         if self.template is not None:
             fields["template"] = self.template
+        if self.autocast is not None:
+            fields["autocast"] = self.autocast
         material = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(material.encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "fingerprint": self.fingerprint}
+
+
+@dataclass(frozen=True)
+class EngineSizing:
+    """How the batcher feeds this backend when the settings leave it open: what fits the device.
+
+    padded: the forward pays for longest pair x pairs (token budget counted that way, lengths
+    grouped to cut padding); False for padding-free forwards, which pay for the real tokens.
+    """
+
+    batch_size: int = 32
+    max_batch_tokens: int = 16384
+    max_parallel: int = 1
+    padded: bool = True
 
 
 class Backend(abc.ABC):
@@ -158,6 +178,10 @@ class Backend(abc.ABC):
         doc = "A reranker scores how relevant a document is to a query. " * 8
         for size in (1, 8):
             self.score([Pair(query, doc)] * size)
+
+    def sizing(self) -> EngineSizing:
+        """Batch size, token budget and forwards in flight that suit this backend's device."""
+        return EngineSizing()
 
     def close(self) -> None:
         """Free device memory (optional)."""

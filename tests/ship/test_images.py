@@ -1,0 +1,187 @@
+"""The images for real: `hack/images build` (buildah), then each image run by podman the way
+the operator's pod spec asks a kubelet to run it.
+
+The server image runs with exactly what the operator renders for a RerankerDeployment whose
+`model.id` is the embedded model's id: the ConfigMap's environment, the pod's user, its
+read-only root filesystem with emptyDir-like /tmp and /cache, no capabilities, and no network
+at all, so the model can only come from inside the image. Its scores must be the scores this
+environment's server gives. The operator image starts its entry point without torch; the Redis
+image serves with the arguments the operator gives the managed Redis.
+
+Needs root, buildah, mmdebstrap, podman and runc (`make system-deps`); skipped with the reason
+without them. Cold, the build downloads torch and takes minutes (docs/images.md); warm,
+buildah's layer cache makes it a few seconds per image unless the sources changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reranker.backends import model_files
+from reranker_operator import manifests
+from reranker_operator.spec import parse
+from servers import running_app
+
+REPO = Path(__file__).resolve().parents[2]
+HACK_IMAGES = REPO / "hack" / "images"
+CHECK = Path(__file__).with_name("image_check.py")
+QUERY = "What is machine learning?"
+DOCUMENTS = ["Paris is the capital of France.",
+             "Machine learning is a subset of artificial intelligence that learns from data.",
+             "Python is a programming language."]
+# podman's runtime here: crun refuses this VM's hybrid cgroups. The rlimits are set below the
+# host's: this VM drops CAP_SYS_RESOURCE even for root, and podman's defaults raise them.
+PODMAN_RUN = ["podman", "--runtime", "runc", "run", "--rm", "--network=none",
+              "--no-healthcheck", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
+
+pytestmark = pytest.mark.timeout(3600)  # a cold build downloads torch
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "building images needs root (buildah's storage, mmdebstrap's chroot)"
+    absent = [t for t in ("buildah", "mmdebstrap", "podman", "runc") if shutil.which(t) is None]
+    return f"{', '.join(absent)} not installed: make system-deps" if absent else None
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, str]:
+    """`hack/images build`: the three images and their archives (cached layers when warm)."""
+    if reason := _missing():
+        pytest.skip(reason)
+    r = subprocess.run([str(HACK_IMAGES), "build"], capture_output=True, text=True,
+                       timeout=3500)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    names = subprocess.run([str(HACK_IMAGES), "names"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    return {name.split("/")[-1].split(":")[0]: name for name in names}
+
+
+def _image_config(name: str) -> dict[str, Any]:
+    r = subprocess.run(["podman", "image", "inspect", name], capture_output=True, text=True,
+                       check=True)
+    config: dict[str, Any] = json.loads(r.stdout)[0]["Config"]
+    return config
+
+
+def test_archives_are_docker_archives_of_the_images(images: dict[str, str]) -> None:
+    assert set(images) == {"server", "operator", "redis"}
+    archives = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "reranker-fleet" / "images"
+    for short, name in images.items():
+        with tarfile.open(archives / f"{short}.tar") as tar:
+            member = tar.extractfile("manifest.json")
+            assert member is not None
+            (manifest,) = json.load(member)
+        # The name a kubelet looks up for `image: reranker-fleet/server:dev` (containerd
+        # normalizes a name without a registry host to docker.io).
+        registry = name.split("/")[0]
+        expected = name if "." in registry or ":" in registry else f"docker.io/{name}"
+        assert expected in manifest["RepoTags"], manifest["RepoTags"]
+        assert manifest["Layers"], name
+
+
+def _server_pod() -> tuple[dict[str, Any], dict[str, str]]:
+    """The server container the operator renders for the embedded model, and its env."""
+    spec = parse({"model": {"id": model_files.EMBEDDED_MODEL_NAME}})
+    defaults = manifests.Defaults(server_image="unused", redis_image="unused")
+    pod = manifests.pod_template("rr", spec, defaults)["spec"]
+    return pod, manifests.server_settings(spec)
+
+
+async def test_server_image_serves_the_embedded_model_offline_read_only(
+        images: dict[str, str]) -> None:
+    pod, env = _server_pod()
+    (container,) = pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    user = f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    assert _image_config(images["server"])["User"] == user  # the image's own user is the pod's
+    # The pod's volumes are emptyDirs: writable, empty, the only writable paths.
+    assert all("emptyDir" in v for v in pod["volumes"])
+    mounts = [m["mountPath"] for m in container["volumeMounts"]]
+    assert sorted(mounts) == ["/cache", "/tmp"]
+
+    cmd = ["python3", "/check.py", QUERY, json.dumps(DOCUMENTS),
+           json.dumps(_image_config(images["server"])["Cmd"])]
+    # --read-only puts a tmpfs on /tmp; /cache is the image's VOLUME, which podman makes a
+    # fresh volume the image's user owns (the pod: an emptyDir its fsGroup may write).
+    args = [*PODMAN_RUN, "--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges",
+            "--user", user, "-v", f"{CHECK}:/check.py:ro",
+            *[f"--env={k}={v}" for k, v in env.items()],
+            images["server"], *cmd]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, r.stdout[-3000:] + r.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+
+    assert (result["uid"], result["gid"]) == (manifests.UNPRIVILEGED_UID,) * 2
+    assert result["writes"] == {"/opt/venv/probe": "Read-only file system",
+                                "/home/reranker/probe": "Read-only file system",
+                                "/probe": "Read-only file system",
+                                "/tmp/probe": "written", "/cache/probe": "written"}
+    assert result["model"]["model"] == model_files.EMBEDDED_MODEL_NAME
+    assert result["model"]["revision"].startswith("embedded") and result["model"]["device"] == "cpu"
+    assert result["exit_code"] == 0, "SIGTERM: the drain ends the server cleanly"
+
+    # The same scores as this environment's server for the same model.
+    async with running_app(warmup_on_start=False) as client:
+        r2 = await client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS})
+    expected = r2.json()["results"]
+    assert [x["index"] for x in result["results"]] == [x["index"] for x in expected]
+    assert [x["relevance_score"] for x in result["results"]] == pytest.approx(
+        [x["relevance_score"] for x in expected], abs=1e-4)
+
+
+def test_operator_image_starts_without_torch(images: dict[str, str]) -> None:
+    config = _image_config(images["operator"])
+    assert config["User"] == f"{manifests.UNPRIVILEGED_UID}:{manifests.UNPRIVILEGED_UID}"
+    assert config["Cmd"] == ["reranker-operator"]
+    base = [*PODMAN_RUN, "--read-only", "--cap-drop=ALL", images["operator"]]
+    r = subprocess.run([*base, "reranker-operator", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "--namespace" in r.stdout, r.stderr
+    probe = ("import importlib.util, reranker_operator.handlers; "
+             "print(importlib.util.find_spec('torch') is None)")
+    r = subprocess.run([*base, "python3", "-c", probe], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["True"], r.stderr
+
+
+def test_redis_image_serves_with_the_operators_arguments(images: dict[str, str]) -> None:
+    spec = parse({"model": {"id": "x"}, "cache": {"redis": {"managed": {"enabled": True}}}})
+    deployment = manifests.redis_deployment("rr", spec, manifests.Defaults(
+        server_image="unused", redis_image=images["redis"]))
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    user = f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    config = _image_config(images["redis"])
+    assert config["User"] == user and config["Entrypoint"] == ["redis-server"]
+    # The kubelet expands $(VAR) in args from the container's env (the password's Secret).
+    password = "test-password"
+    env_names = {e["name"] for e in container.get("env", [])}
+    args = [a.replace(f"$({manifests.REDIS_PASSWORD_ENV})", password)
+            if manifests.REDIS_PASSWORD_ENV in env_names else a for a in container["args"]]
+    script = ('redis-server "$@" >/dev/null & for _ in $(seq 100); do '
+              'if redis-cli ping 2>&1 | grep -q -e PONG -e NOAUTH; then '
+              'redis-cli ping 2>&1; REDISCLI_AUTH=' + password + ' redis-cli set k v >/dev/null '
+              '&& REDISCLI_AUTH=' + password + ' redis-cli get k '
+              '&& REDISCLI_AUTH=' + password + ' redis-cli shutdown nosave; exit; fi; '
+              'sleep 0.1; done; exit 1')
+    r = subprocess.run([*PODMAN_RUN, "--read-only", "--cap-drop=ALL", "--user", user,
+                        "--tmpfs=/data:rw,mode=1777", "--entrypoint", "bash", images["redis"],
+                        "-c", script, "redis", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("NOAUTH"), "no client without the password"
+    assert lines[1:] == ["v"]
