@@ -9,8 +9,8 @@ for --seconds. Samples are then put in buckets by the innermost part of the serv
 and printed as shares of all samples of busy threads (py-spy leaves idle threads out):
 
   forward        the model's forward pass (OpenVINO infer request, or torch)
-  tokenize       the one tokenizer call per pair (tokenization.py encode)
   collate        padding a batch into arrays
+  tokenize       the one tokenizer call per pair (tokenization.py encode)
   engine         batcher, ranker, cache, admission (the server's own Python)
   http           uvicorn, starlette/FastAPI, pydantic validation, JSON
   other          anything else (asyncio's loop, logging, ...)
@@ -35,8 +35,8 @@ import workload as w  # noqa: E402
 #: bucket -> substrings of a frame ("function (path:line)"); the first bucket with a frame in a stack wins.
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("forward", ("backends/openvino.py:", "openvino/", "torch/nn/", "backends/torch.py:")),
+    ("collate", ("collate",)),  # before tokenize: collate lives in tokenization.py
     ("tokenize", ("tokenization.py", "tokenizers/", "tokenization_utils")),
-    ("collate", ("collate",)),
     ("engine", ("reranker/batcher.py", "reranker/ranker.py", "reranker/cache.py", "reranker/admission.py",
                 "reranker/chunking.py")),
     ("http", ("uvicorn/", "starlette/", "fastapi/", "pydantic", "json", "h11", "httptools", "reranker/routes.py",
