@@ -45,5 +45,5 @@ def test_overflow_or_reordering_moves_on_then_falls_back_to_fp32() -> None:
 def test_calibration_pairs_are_fixed_and_varied() -> None:
     pairs = calibration_pairs()
     assert pairs == calibration_pairs() and len(set(pairs)) == len(pairs) == 96
-    assert len({q for q, _ in pairs}) == 8 and min(len(d.split()) for _, d in pairs) >= 10
+    assert len({p.query for p in pairs}) == 8 and min(len(p.document.split()) for p in pairs) >= 10
     assert spearman([1, 2, 3], [10, 20, 30]) == 1.0 and spearman([1, 2, 3], [3, 2, 1]) == -1.0

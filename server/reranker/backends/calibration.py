@@ -51,7 +51,7 @@ def calibration_pairs(n: int = 96, seed: int = 0) -> list[Pair]:
             doc_topics[0] = query_topic
         words = " ".join(_TOPICS[t] for t in doc_topics).split()
         rng.shuffle(words)
-        pairs.append((f"what is {query_topic}", " ".join(words[: rng.randint(min(10, len(words)), len(words))])))
+        pairs.append(Pair(f"what is {query_topic}", " ".join(words[: rng.randint(min(10, len(words)), len(words))])))
     return pairs
 
 

@@ -101,7 +101,7 @@ def _varlen_attn() -> Callable[..., torch.Tensor] | None:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.10: the padded fallback below serves
         return None
-    return varlen_attn  # type: ignore[no-any-return]
+    return varlen_attn  # type: ignore[return-value]
 
 
 _VARLEN = _varlen_attn()
