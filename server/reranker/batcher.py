@@ -352,10 +352,10 @@ class Batcher:
 
     def _forward(self, batch: list[Job]) -> list[float]:
         """Score a batch from its token ids (jobs built without them are tokenized here)."""
-        encoded = [job.encoded for job in batch]
-        if any(e is None for e in encoded):
+        encoded = [job.encoded for job in batch if job.encoded is not None]
+        if len(encoded) < len(batch):
             encoded = self.backend.encode([job.pair for job in batch])
-        return self.backend.score_encoded(encoded)  # type: ignore[arg-type]
+        return self.backend.score_encoded(encoded)
 
     def _fail(self, batch: list[Job], error: Exception) -> None:
         for job in batch:

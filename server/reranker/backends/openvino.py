@@ -27,6 +27,7 @@ identical to the other runtimes; infer requests are per thread (one per forward 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded
+from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, Pair
 from .model_files import ModelFiles
 from .precision import SAMPLE_TEXT, native_bf16, race, raced, resolve, sample_pairs
 from .tokenization import BiBatch, Features, HFTokenization
@@ -121,7 +122,7 @@ class OpenVINOBackend(HFTokenization, Backend):
             for batch in probe:
                 request.infer(self._inputs(candidate, batch))
 
-        picked = raced(race({name: (lambda c=c: run(c)) for name, c in compiled.items()}))
+        picked = raced(race({name: functools.partial(run, c) for name, c in compiled.items()}))
         log.info("OpenVINO: %s", picked.reason)
         return ("bf16" if picked.quantization == "bf16" else "f32"), picked.reason
 
@@ -187,7 +188,7 @@ class OpenVINOBackend(HFTokenization, Backend):
 
     def _example(self) -> dict[str, np.ndarray]:
         """A small batch of two rows of different lengths: the traced shapes stay dynamic."""
-        pairs = [("example query", "a short document"), ("another example query", "a somewhat longer document " * 4)]
+        pairs = [Pair("example query", "a short document"), Pair("another example query", "a somewhat longer document " * 4)]
         if self.files.kind == "cross-encoder":
             return self.collate_cross(self.encode(pairs)).as_dict()
         return self.collate([e.ids for e in self.encode(pairs)]).as_dict()

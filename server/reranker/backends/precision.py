@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .base import Pair
+
 #: CPU flags (Linux /proc/cpuinfo names) that mean bf16 matrix products run natively.
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -79,11 +81,11 @@ def resolve(quantization: str, *, device: str, flags: frozenset[str] | None = No
 SAMPLE_TEXT = Path(__file__).with_name("data") / "calibration.json"
 
 
-def sample_pairs(*, batches: int, size: int) -> list[list[tuple[str, str]]]:
+def sample_pairs(*, batches: int, size: int) -> list[list[Pair]]:
     """`batches` batches of `size` (query, passage) pairs from SAMPLE_TEXT, each batch one query."""
     data = json.loads(SAMPLE_TEXT.read_text(encoding="utf-8"))
     queries, passages = data["queries"], data["passages"]
-    return [[(queries[i % len(queries)], passages[(i * size + j) % len(passages)]) for j in range(size)]
+    return [[Pair(queries[i % len(queries)], passages[(i * size + j) % len(passages)]) for j in range(size)]
             for i in range(batches)]
 
 

@@ -145,8 +145,9 @@ class HFTokenization:
         for i, row in enumerate(rows):
             ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
-            if type_ids is not None and types is not None and types[i] is not None:
-                type_ids[i, : len(row)] = types[i]  # type: ignore[index]
+            row_types = types[i] if types is not None else None
+            if type_ids is not None and row_types is not None:
+                type_ids[i, : len(row)] = row_types
         return Features(input_ids=ids, attention_mask=mask, token_type_ids=type_ids)
 
     def collate_cross(self, batch: Sequence[Encoded]) -> Features:
