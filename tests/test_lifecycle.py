@@ -147,3 +147,33 @@ def test_a_model_that_cannot_load_ends_the_process_with_code_4(
     server = uvicorn_server({"RERANKER_MODEL": str(missing), "HF_HUB_OFFLINE": "1"}, wait=False)
     assert server.proc.wait(timeout=120) == 4, server.log.read_text()[-2000:]
     assert "model load failed" in server.log.read_text()
+
+
+def test_draining_closes_kept_alive_connections(uvicorn_server: Callable[..., ServerProcess]) -> None:
+    """By SIGTERM the pod is out of the Service: an idle kept-alive connection is closed so the
+    client's next request opens a connection to another pod instead of getting a 503 here."""
+    server = uvicorn_server({"ENABLE_PREDICTION_CACHE": "false", "RERANKER_DRAIN_SECONDS": "60"})
+    results: list = []  # type: ignore[type-arg]
+    busy = post_in_thread(server.url + "/rerank", {"query": "q", "documents": docs(60, "busy")}, results)
+    url = urlparse(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as kept:
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += kept.recv(65536)
+        head, body = response.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += kept.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 10
+        while summary(server)["controller"]["inflight_requests"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server.proc.send_signal(signal.SIGTERM)
+        kept.settimeout(2)  # well within uvicorn's own 5 s keep-alive timeout
+        assert kept.recv(65536) == b"", "the idle connection stayed open while draining"
+        assert server.proc.poll() is None  # still draining the busy request
+    busy.join(120)
+    assert server.proc.wait(60) == 0
+    assert [status for status, _, _ in results] == [200], results

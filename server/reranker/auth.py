@@ -74,9 +74,6 @@ class ApiKeys:
         self._refresh()
         return self._fixed | self._from_file
 
-    def __bool__(self) -> bool:
-        return bool(self.keys)
-
     def authorize(self, header: str | None) -> None:
         """Raise Unauthorized unless `header` is `Bearer KEY` with an accepted KEY (or no keys are set)."""
         keys = self.keys

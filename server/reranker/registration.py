@@ -345,6 +345,8 @@ class Registration:
                     "the object if it is a stale registration of this Mac") from None
             # The uid precondition: the object read above, not one that replaced it since.
             uid = existing["metadata"]["uid"]
+            # registeredBy is immutable: an identity that cannot tell who it is keeps it.
+            spec["registeredBy"] = (existing.get("spec") or {}).get("registeredBy")
             result = self._api.patch_namespaced_custom_object(
                 *args, self.name, {"metadata": {"uid": uid, "labels": body["metadata"]["labels"]},
                                    "spec": spec},

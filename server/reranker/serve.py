@@ -3,7 +3,10 @@
 uvicorn on its own closes the listening socket at the first SIGTERM, so a Kubernetes
 readiness probe can never see the pod go unready and clients still routed to it get
 connection errors. Here the first SIGTERM (or Ctrl-C) only starts draining: /ready turns 503,
-new rerank requests get 503 with Retry-After, requests in flight finish. When none is left,
+new rerank requests get 503 with Retry-After, requests in flight finish. Kept-alive client
+connections are closed as they go idle (at once if idle, after their response if busy): by
+SIGTERM Kubernetes has taken the pod out of the Service, so a client's next connection goes to
+another pod instead of meeting the 503 here. When none is left,
 or RERANKER_DRAIN_SECONDS have passed, uvicorn's own shutdown runs and the process exits 0.
 A second signal exits at once.
 
@@ -40,6 +43,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.drain_seconds = drain_seconds
         self.drain_started: float | None = None
+        self.connections_released = False
         self.load_error: str | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -67,6 +71,10 @@ class DrainingServer(uvicorn.Server):
             if TERMINATION_LOG.exists():
                 TERMINATION_LOG.write_text(message[-4000:])
             self.should_exit = True
+        if self.drain_started is not None and not self.connections_released:
+            self.connections_released = True
+            for connection in list(self.server_state.connections):
+                connection.shutdown()  # idle: closed now; busy: `Connection: close` after it
         if self.drain_started is not None and not self.should_exit:
             app = self._app()
             inflight = app.state.runtime.admission.inflight if app is not None and hasattr(app.state, "runtime") else 0

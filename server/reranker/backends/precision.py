@@ -8,7 +8,9 @@
   in every runtime measured. int8 is faster still but measured at Spearman 0.99-0.993: below the
   bar, so it is never picked automatically; ask for it with RERANKER_QUANTIZATION=int8.
 - CPU without native bf16: fp32 (bf16 is emulated there, slower than fp32).
-- GPUs and MLX: fp32, the reference; ask for bf16/fp16 explicitly where it pays (docs/cuda.md).
+- CUDA (PyTorch): measured at load on the model itself: the first of fp16, bf16 that keeps
+  Spearman >= 0.999 against fp32 on calibration pairs (calibration.py, docs/cuda.md), else fp32.
+- MPS and MLX: fp32, the reference; ask for bf16/fp16 explicitly where it pays.
 
 The pick and the reason are reported by /health (`model.precision`), and the dtype by
 `reranker_model_info`.
@@ -58,6 +60,8 @@ def resolve(quantization: str, *, device: str, flags: frozenset[str] | None = No
     """The precision to load: `quantization` unless it is `auto`, then the pick for `device`."""
     if quantization != "auto":
         return Precision(quantization, f"RERANKER_QUANTIZATION={quantization}")
+    if device == "cuda":  # loaded in fp32, then the backend measures fp16/bf16 (calibration.py)
+        return Precision("none", "auto: fp32 until the calibration at load picks")
     if device != "cpu":
         return Precision("none", f"auto: fp32 on {device} (the reference; bf16/fp16 only when asked)")
     flag = native_bf16(flags)
