@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PORT   ?= 8000
 
-.PHONY: serve test e2e bench bench-quick system-deps cluster-binaries images clean
+.PHONY: serve test e2e bench bench-quick system-deps cluster-binaries images clean test-lower-bounds
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -62,3 +62,9 @@ bench: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Every dependency at its declared lower bound, in a fresh venv (.lower-bounds/), then the unit
+# tests: the bounds in pyproject.toml are ones the code works with. Large downloads (PyTorch and
+# its CUDA libraries from PyPI): not part of `make test`.
+test-lower-bounds:
+	python3 hack/lower_bounds.py

@@ -77,7 +77,7 @@ def mac_kubeconfig(kube_cluster: Any, kube_namespace: str, crds: None) -> str:
 
 def mac_env(tiny_bert: Path, namespace: str, kubeconfig: str, name: str,
             address: str) -> dict[str, str]:
-    return {"RERANKER_DEVICE": "mlx", "RERANKER_MODEL": str(tiny_bert),
+    return {"RERANKER_DEVICE": "mlx", "RERANKER_RUNTIME": "mlx", "RERANKER_MODEL": str(tiny_bert),
             "RERANKER_MODEL_KIND": "cross-encoder", "RERANKER_DRAIN_SECONDS": "5",
             "RERANKER_REGISTER_DEPLOYMENT": "fleet", "RERANKER_REGISTER_NAMESPACE": namespace,
             "RERANKER_REGISTER_KUBECONFIG": kubeconfig, "RERANKER_REGISTER_NAME": name,
@@ -329,7 +329,7 @@ def test_static_endpoints_are_probed_and_listed(operator: Operator, kube_cluster
     ns = kube_namespace
     addr_up, addr_down = mac_network.addresses
     port = mac_network.free_port()
-    env = {"RERANKER_DEVICE": "mlx", "RERANKER_MODEL": str(tiny_bert),
+    env = {"RERANKER_DEVICE": "mlx", "RERANKER_RUNTIME": "mlx", "RERANKER_MODEL": str(tiny_bert),
            "RERANKER_MODEL_KIND": "cross-encoder"}
     Mac(uvicorn_server, mac_network, address=addr_up, port=port, env=env).start()  # no registration
     static = [{"name": "studio", "address": addr_up, "port": port},
