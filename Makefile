@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PORT   ?= 8000
 
-.PHONY: serve test e2e bench bench-quick system-deps cluster-binaries images clean
+.PHONY: serve test e2e bench bench-quick system-deps cluster-binaries images clean test-lower-bounds
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -47,11 +47,11 @@ images: system-deps
 	REGISTRY=$(REGISTRY) TAG=$(TAG) TORCH_VARIANT=$(TORCH_VARIANT) hack/images
 	$(if $(filter 1 yes true,$(PUSH)),REGISTRY=$(REGISTRY) TAG=$(TAG) TORCH_VARIANT=$(TORCH_VARIANT) hack/images push)
 
-test: $(VENV)/.installed-dev system-deps cluster-binaries
+test: $(VENV)/.installed-dev system-deps cluster-binaries images
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Only the end-to-end tests: a real node, the images, the chart (tests/e2e; part of `test`).
-e2e: $(VENV)/.installed-dev system-deps cluster-binaries
+e2e: $(VENV)/.installed-dev system-deps cluster-binaries images
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 bench-quick: $(VENV)/.installed-dev
@@ -62,3 +62,9 @@ bench: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Every dependency at its declared lower bound, in a fresh venv (.lower-bounds/), then the unit
+# tests: the bounds in pyproject.toml are ones the code works with. Large downloads (PyTorch and
+# its CUDA libraries from PyPI): not part of `make test`.
+test-lower-bounds:
+	python3 hack/lower_bounds.py

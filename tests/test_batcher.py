@@ -51,6 +51,15 @@ def test_every_job_is_eventually_cut() -> None:
     assert seen == 35
 
 
+def test_padding_free_cut_counts_real_tokens_first_come() -> None:
+    queue = jobs([100, 400, 12, 390, 95])
+    batch = cut_batch(queue, batch_size=10, max_tokens=505, by_length=True, padded=False)
+    assert [j.key for j in batch] == ["0", "1"]  # arrival order; 100 + 400 real tokens, a third would pass 505
+    batch = cut_batch(queue, batch_size=10, max_tokens=950, by_length=True, padded=False)
+    assert [j.key for j in batch] == ["0", "1", "2", "3"]  # 902 real tokens; padded, 4 x 400 would not fit in 950
+    assert [j.key for j in cut_batch(jobs([5000, 1]), batch_size=8, max_tokens=600, padded=False, by_length=True)] == ["0"]
+
+
 def test_oldest_request_completes_first_and_batches_stay_grouped() -> None:
     """Six 20-pair requests of ~150-190 tokens: each batch finishes the oldest request still waiting
     (a request is done when its last pair is), and fills up with the nearest lengths of the others."""

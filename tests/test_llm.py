@@ -170,22 +170,24 @@ def test_every_template_file_loads() -> None:
         assert template.positive and template.model_types
 
 
-def test_bad_templates_are_refused(tmp_path: Path) -> None:
+BAD_TEMPLATES: dict[str, Callable[[dict], dict]] = {  # type: ignore[type-arg]
+    "no document segment": lambda good: {**good, "segments": [{"text": "{{ query }}"}]},
+    "unknown variable": lambda good: {**good, "segments": [*good["segments"], {"text": "{{ passage }}"}]},
+    "document outside its segment": lambda good: {**good, "segments": [{"text": "{{ document }}"}, *good["segments"]]},
+    "missing answer": lambda good: {k: v for k, v in good.items() if k != "answer"},
+    "bad jinja": lambda good: {**good, "segments": [{"text": "{% if %}"}, *good["segments"]]},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TEMPLATES))
+def test_bad_templates_are_refused(case: str, tmp_path: Path) -> None:
     from reranker.backends import prompts
 
     good = json.loads((Path(prompts.__file__).parents[1] / "templates" / "qwen3-reranker.json").read_text())
-    cases = {
-        "no document segment": {**good, "segments": [{"text": "{{ query }}"}]},
-        "unknown variable": {**good, "segments": [*good["segments"], {"text": "{{ passage }}"}]},
-        "document outside its segment": {**good, "segments": [{"text": "{{ document }}"}, *good["segments"]]},
-        "missing answer": {k: v for k, v in good.items() if k != "answer"},
-    }
-    for case, data in cases.items():
-        path = tmp_path / "t.json"
-        path.write_text(json.dumps(data))
-        with pytest.raises(prompts.BackendError):
-            prompts.PromptTemplate.load(path)
-        del case
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(BAD_TEMPLATES[case](good)))
+    with pytest.raises(prompts.BackendError, match="prompt template"):
+        prompts.PromptTemplate.load(path)
 
 
 async def test_custom_template_file_needs_no_code(tiny_llms: dict[str, Path], tmp_path: Path) -> None:
@@ -241,13 +243,13 @@ async def test_instruction_changes_scores_and_cache_keys(tiny_llms: dict[str, Pa
     async with running_app(model=str(tiny_llms["qwen3"]), max_length=MAX_LENGTH) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
         base = await route_scores(client, QUERY, DOCS[:3], {})
-        scored = runtime.metrics.pairs_scored._value.get()
+        scored = runtime.metrics.value("reranker_pairs_scored_total")
         # the default instruction spelled out is the same prompt: all cache hits
         again = await route_scores(client, QUERY, DOCS[:3], {"instruction": QWEN3_DEFAULT})
-        assert runtime.metrics.pairs_scored._value.get() == scored
+        assert runtime.metrics.value("reranker_pairs_scored_total") == scored
         np.testing.assert_array_equal(again["v2"], base["v2"])
         other = await route_scores(client, QUERY, DOCS[:3], {"instruction": INSTRUCTION})
-        assert runtime.metrics.pairs_scored._value.get() == scored + 3  # a new instruction is a new pair
+        assert runtime.metrics.value("reranker_pairs_scored_total") == scored + 3  # a new instruction is a new pair
         assert np.abs(other["v2"] - base["v2"]).max() > 1e-4
 
 
@@ -255,9 +257,9 @@ async def test_instruction_is_ignored_by_cross_encoders(tiny_bert: Path) -> None
     async with running_app(model=str(tiny_bert)) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]
         plain = await route_scores(client, QUERY, DOCS[:3], {})
-        scored = runtime.metrics.pairs_scored._value.get()
+        scored = runtime.metrics.value("reranker_pairs_scored_total")
         instructed = await route_scores(client, QUERY, DOCS[:3], {"instruct": INSTRUCTION})
-        assert runtime.metrics.pairs_scored._value.get() == scored  # same pairs: cache hits
+        assert runtime.metrics.value("reranker_pairs_scored_total") == scored  # same pairs: cache hits
     for route in plain:
         np.testing.assert_array_equal(instructed[route], plain[route])
 
@@ -335,7 +337,7 @@ async def test_mlx_llm_parity(family: str, tiny_llms: dict[str, Path]) -> None:
     cases = [({}, np.array([reference(QUERY, d, None) for d in DOCS])),
              ({"instruction": INSTRUCTION}, np.array([reference(QUERY, d, INSTRUCTION) for d in DOCS]))]
     for sharing in (True, False):
-        async with running_app(model=str(path), device="mlx", max_length=MAX_LENGTH, enable_prediction_cache=False,
+        async with running_app(model=str(path), device="mlx", runtime="mlx", max_length=MAX_LENGTH, enable_prediction_cache=False,
                                prefix_sharing=sharing, prompt_template=template_for(family)) as client:
             health = (await client.get("/health")).json()["model"]
             assert health["backend"] == "mlx" and health["kind"] == "llm"
@@ -343,3 +345,33 @@ async def test_mlx_llm_parity(family: str, tiny_llms: dict[str, Path]) -> None:
                 got = await route_scores(client, QUERY, DOCS, extra)
                 for route in ("native", "v2"):
                     np.testing.assert_allclose(got[route], scores, atol=1e-3, rtol=0, err_msg=f"{route} {extra} {sharing}")
+
+
+def test_shared_prefix_runs_once_per_request(tiny_llms: dict[str, Path]) -> None:
+    """With sharing on, a batch of two requests runs each prompt prefix once (one forward for both
+    prefixes), then every document after its own prefix; off, every pair runs its whole prompt."""
+    from reranker.backends import Pair, load_backend
+    from reranker.settings import Settings
+
+    backend = load_backend(Settings(model=str(tiny_llms["qwen3"]), max_length=MAX_LENGTH))
+    calls: list[tuple[int, int]] = []
+    forward = backend.decoder.forward
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(tuple(kwargs["input_ids"].shape))  # type: ignore[attr-defined]
+        return forward(*args, **kwargs)
+
+    backend.decoder.forward = spy
+    pairs = [Pair(QUERY, d, backend.instruction(None)) for d in DOCS] + \
+        [Pair("Where is Paris?", d, backend.instruction(INSTRUCTION)) for d in DOCS[:3]]
+    encoded = backend.encode(pairs)
+    longest = max(e.tokens for e in encoded)
+    shared = backend.score_encoded(encoded)
+    assert len(calls) == 2 and calls[0][0] == 2 and calls[1][0] == len(pairs)  # 2 prefixes, then the documents
+    prefix_width, rest_width = calls[0][1], calls[1][1]
+    assert prefix_width > 40 and rest_width < longest - 40  # the system line, instruction and query ran once
+    backend.share_prefix = False
+    calls.clear()
+    whole = backend.score_encoded(encoded)
+    assert calls == [(len(pairs), longest)]
+    np.testing.assert_allclose(shared, whole, atol=1e-5, rtol=0)

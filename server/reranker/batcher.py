@@ -9,9 +9,13 @@ task cuts batches and hands each to a worker thread (the event loop never runs a
   (as many as fit), and the batch is filled with the waiting pairs whose lengths are closest to
   its longest pair (padding saved, nothing starves): requests complete in arrival order, as under
   first-come batching, while batches keep the length grouping's padding savings;
+- a padding-free backend (the packed CUDA path) pays for real tokens only: there the budget
+  counts real tokens and batches are first-come first-served (requests complete in arrival order);
 - a batch that is not full waits at most MICRO_BATCH_WINDOW_MS (counted from its oldest
   pair's arrival) for more work, and never when it is already full;
-- at most RERANKER_MAX_PARALLEL forwards run at once; RERANKER_WORKER_TIMEOUT bounds one.
+- at most RERANKER_MAX_PARALLEL forwards run at once (on CUDA each worker thread has its own
+  stream, so the next batch is packed and uploaded while the current one runs);
+  RERANKER_WORKER_TIMEOUT bounds one.
 
 A job may belong to several requests (`Ticket`s) when they asked for the same pair at once;
 it is dropped before it is computed only when every one of them has gone away.
@@ -107,16 +111,28 @@ SORT_WINDOW_BATCHES = 4
 LENGTH_BUCKET = 16
 
 
-def cut_batch(jobs: Sequence[Job], *, batch_size: int, max_tokens: int, by_length: bool) -> list[Job]:
+def cut_batch(jobs: Sequence[Job], *, batch_size: int, max_tokens: int, by_length: bool,
+              padded: bool = True) -> list[Job]:
     """Choose the next batch from the waiting jobs (oldest first in `jobs`).
 
     by_length: grow around the oldest job with the nearest lengths (padding-aware);
     otherwise first-come first-served (the baseline the benchmark compares against).
+    padded=False (a padding-free backend): the budget counts real tokens, and batches are
+    first-come first-served, since grouping lengths saves nothing there.
     """
     if not jobs:
         return []
-    if not by_length:
+    if not padded:
         batch: list[Job] = []
+        total = 0
+        for job in jobs:
+            if batch and (len(batch) >= batch_size or total + job.tokens > max_tokens):
+                break
+            batch.append(job)
+            total += job.tokens
+        return batch
+    if not by_length:
+        batch = []
         longest = 0
         for job in jobs:
             longest_next = max(longest, job.tokens)
@@ -159,7 +175,8 @@ class Batcher:
 
     def __init__(self, backend: Backend, metrics: Metrics, *, batch_size: int, max_batch_tokens: int,
                  window_ms: float, max_parallel: int, worker_timeout: float, max_retries: int = 0,
-                 by_length: bool = True, on_done: Callable[[list[Job]], None] | None = None) -> None:
+                 by_length: bool = True, padded: bool = True,
+                 on_done: Callable[[list[Job]], None] | None = None) -> None:
         self.backend = backend
         self.metrics = metrics
         self.batch_size = batch_size
@@ -169,6 +186,7 @@ class Batcher:
         self.worker_timeout = worker_timeout
         self.max_retries = max_retries
         self.by_length = by_length
+        self.padded = padded
         self.on_done = on_done
         self.pending: list[Job] = []
         self._dropped = 0  # cancelled jobs still in `pending` until the loop prunes them
@@ -207,6 +225,8 @@ class Batcher:
     def _full(self) -> bool:
         if len(self.pending) >= self.batch_size:
             return True
+        if not self.padded:
+            return sum(j.tokens for j in self.pending) >= self.max_batch_tokens
         longest = max((j.tokens for j in self.pending), default=0)
         return longest * (len(self.pending) + 1) > self.max_batch_tokens
 
@@ -247,7 +267,7 @@ class Batcher:
             await self._slots.acquire()
             self._prune()
             batch = cut_batch(self.pending, batch_size=self.batch_size, max_tokens=self.max_batch_tokens,
-                              by_length=self.by_length)
+                              by_length=self.by_length, padded=self.padded)
             if not batch:
                 self._slots.release()
                 continue
@@ -319,7 +339,7 @@ class Batcher:
         self.metrics.inference_duration.observe(elapsed)
         self.metrics.process_window.add(elapsed)
         self.metrics.batch_size.observe(len(batch))
-        self.metrics.batch_tokens.observe(longest * len(batch))
+        self.metrics.batch_tokens.observe(longest * len(batch) if self.padded else sum(j.tokens for j in batch))
         self.metrics.pairs_scored.inc(len(batch))
         self.metrics.tokens.inc(sum(j.tokens for j in batch))
         rate = len(batch) / max(elapsed, 1e-6)

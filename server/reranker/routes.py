@@ -318,7 +318,8 @@ async def rerank_v2(request: Request) -> Any:
             "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
 
 
-@router.get("/health", tags=["probes"], summary="Liveness and stats; 503 once the model failed to load")
+@router.get("/health", tags=["probes"], summary="Liveness and stats; 503 once the model failed to load",
+            responses={503: {"description": "The model failed to load (the body says why)"}})
 async def health(request: Request) -> Any:
     runtime = _runtime(request)
     stats = runtime.health()
@@ -329,7 +330,8 @@ async def health(request: Request) -> Any:
     return stats
 
 
-@router.get("/ready", tags=["probes"], summary="Readiness: 200 once warm, 503 while loading or draining")
+@router.get("/ready", tags=["probes"], summary="Readiness: 200 once warm, 503 while loading or draining",
+            responses={503: {"description": "Loading, draining, or the load failed"}})
 async def ready(request: Request) -> Any:
     runtime = _runtime(request)
     if runtime.admission.ready and not runtime.admission.draining:
@@ -339,7 +341,10 @@ async def ready(request: Request) -> Any:
                         status_code=503, headers={"Retry-After": "5"})
 
 
-@router.get("/metrics", tags=["probes"], summary="Prometheus text; the JSON summary with Accept: application/json")
+@router.get("/metrics", tags=["probes"], summary="Prometheus text; the JSON summary with Accept: application/json",
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}},
+                                         "application/json": {"schema": {"type": "object"}}}},
+                       401: {"model": ErrorResponse, "description": "RERANKER_PROTECT_METRICS and no valid key"}})
 async def metrics(request: Request) -> Response:
     runtime = _runtime(request)
     if runtime.settings.protect_metrics:

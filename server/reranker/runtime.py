@@ -44,8 +44,9 @@ class Runtime:
         self.batcher: Batcher | None = None
         self.cache: ScoreCache | None = None
         self.ranker: Ranker | None = None
-        self.admission = Admission(metrics=self.metrics, max_queue=settings.max_queue, max_parallel=settings.max_parallel,
-                                   queue_timeout=settings.queue_timeout,
+        # max_parallel may be left to the backend (sized for its device): settled in _build_engine.
+        self.admission = Admission(metrics=self.metrics, max_queue=settings.max_queue,
+                                   max_parallel=settings.max_parallel or 1, queue_timeout=settings.queue_timeout,
                                    max_concurrent=settings.max_concurrent_requests)
         self.dropped_pairs = 0
         self.loaded = asyncio.Event()
@@ -104,10 +105,14 @@ class Runtime:
 
     def _build_engine(self, backend: Backend) -> None:
         s = self.settings
+        sized = backend.sizing()  # what the device wants, where the settings leave it open
+        self.admission.max_parallel = s.max_parallel or sized.max_parallel
         self.batcher = Batcher(
-            backend, self.metrics, batch_size=s.batch_size, max_batch_tokens=s.max_batch_tokens,
-            window_ms=s.micro_batch_window_ms if s.micro_batch_enabled else 0.0, max_parallel=s.max_parallel,
-            worker_timeout=s.worker_timeout, max_retries=s.max_retries,
+            backend, self.metrics, batch_size=s.batch_size or sized.batch_size,
+            max_batch_tokens=s.max_batch_tokens or sized.max_batch_tokens,
+            window_ms=s.micro_batch_window_ms if s.micro_batch_enabled else 0.0,
+            max_parallel=self.admission.max_parallel, worker_timeout=s.worker_timeout, max_retries=s.max_retries,
+            padded=sized.padded,
         )
         self.cache = ScoreCache(fingerprint=backend.info.fingerprint, size=s.cache_size, ttl=s.cache_ttl_seconds,
                                 metrics=self.metrics, enabled=s.enable_prediction_cache, remote=self.remote)

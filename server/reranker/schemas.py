@@ -19,9 +19,12 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a JSON value of another type (0.0 for a bool, "3" for a number) is a 422, as the schema says
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    query: str = Field(..., description="The search query.")
+    # Schema-only bounds (the validators below give the messages): what a client may send, exactly.
+    query: str = Field(..., description="The search query (not blank).",
+                       json_schema_extra={"minLength": 1, "pattern": r"\S"})
     model: str | None = Field(None, description="The model to rank with: any name is accepted, unless "
                               "RERANKER_SERVED_MODEL_NAMES lists the names served (others: 404).")
     instruction: str | None = Field(
@@ -44,7 +47,7 @@ def _documents_not_empty(value: list[Any]) -> list[Any]:
 
 
 class NativeRerankRequest(_Request):
-    documents: list[str] = Field(..., description="Documents to rank.")
+    documents: list[str] = Field(..., description="Documents to rank.", json_schema_extra={"minItems": 1})
     top_k: int | None = Field(None, ge=1, validation_alias=AliasChoices("top_k", "top_n"),
                               description="Return only the best k (`top_n`, as vLLM, Jina and llama.cpp clients send it, is an alias).")
     return_documents: bool = Field(True, description="Echo each document's text.")
@@ -54,7 +57,7 @@ class NativeRerankRequest(_Request):
 
 
 class TEIRerankRequest(_Request):
-    texts: list[str] = Field(..., description="Documents to rank (TEI's name).")
+    texts: list[str] = Field(..., description="Documents to rank (TEI's name).", json_schema_extra={"minItems": 1})
     truncate: bool | None = Field(None, description="Truncate inputs longer than the max length (default true here; false: 422 for long inputs).")
     truncation_direction: Literal["right", "left", "Right", "Left"] = Field("right", description="Which end of a long document is cut.")
     raw_scores: bool = Field(False, description="Return raw logits instead of sigmoid scores.")
@@ -71,10 +74,12 @@ class TEIRerankRequest(_Request):
 class V1RerankRequest(_Request):
     """Cohere v1 and Jina share this path and these fields."""
 
-    documents: list[str | dict[str, Any]] = Field(..., description="Strings, or objects carrying the rank_fields (default `text`).")
+    documents: list[str | dict[str, Any]] = Field(..., description="Strings, or objects carrying the rank_fields (default `text`).",
+                                                  json_schema_extra={"minItems": 1})
     top_n: int | None = Field(None, ge=1, description="Return only the best n.")
     return_documents: bool = Field(True, description="Echo each document (`{text}`, or the object as sent).")
-    rank_fields: list[str] | None = Field(None, description="Object fields scored, in order (default ['text']).")
+    rank_fields: list[str] | None = Field(None, description="Object fields scored, in order (default ['text']).",
+                                          json_schema_extra={"minItems": 1})
     max_chunks_per_doc: int | None = Field(None, ge=1, description="Split long documents into up to this many chunks; a document scores the max over its chunks.")
     raw_scores: bool = Field(False, description="Return raw logits instead of sigmoid scores.")
 
@@ -89,7 +94,8 @@ class V1RerankRequest(_Request):
 
 
 class V2RerankRequest(_Request):
-    documents: list[str] = Field(..., description="Documents to rank (strings only in Cohere v2).")
+    documents: list[str] = Field(..., description="Documents to rank (strings only in Cohere v2).",
+                                 json_schema_extra={"minItems": 1})
     top_n: int | None = Field(None, ge=1, description="Return only the best n.")
     max_tokens_per_doc: int | None = Field(None, ge=1, description="Documents are cut to this many tokens, then chunked to the model's window; a document scores the max over its chunks.")
     return_documents: bool = Field(False, description="Echo each document as {text} (not part of Cohere v2; off by default).")

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     quantization: Quantization = Field(
         "auto", validation_alias=_env("RERANKER_QUANTIZATION"),
         description="auto (the fastest precision that keeps Spearman >= 0.999 vs fp32: on CPUs with native "
-        "bf16 (avx512_bf16/amx_bf16) bf16 where it is faster, else fp32; fp32 on GPUs and for LLM rerankers), "
+        "bf16 (avx512_bf16/amx_bf16) bf16 where it is faster, else fp32; on CUDA the first of fp16, bf16 that keeps it on calibration pairs, measured at load; fp32 for LLM rerankers), "
         "none (fp32), bf16, int8 (CPU: OpenVINO NNCF int8 weights and activations; MLX: 8-bit weights), "
         "fp16 (CUDA/MPS/MLX only).",
     )
@@ -114,9 +114,11 @@ class Settings(BaseSettings):
     )
 
     # --- throughput engine ---------------------------------------------------------------
-    max_parallel: int = Field(
-        1, ge=1, le=64, validation_alias=_env("RERANKER_MAX_PARALLEL"),
-        description="Forward passes allowed to run at once (worker threads).",
+    max_parallel: int | None = Field(
+        None, ge=1, le=64, validation_alias=_env("RERANKER_MAX_PARALLEL"),
+        description="Forward passes allowed to run at once (worker threads). Unset: sized for the "
+        "device (1 on CPU; 2 on CUDA, each thread on its own stream, so one batch is packed and "
+        "uploaded while the other runs).",
     )
     max_queue: int = Field(
         4096, ge=1, validation_alias=_env("RERANKER_MAX_QUEUE"),
@@ -128,13 +130,14 @@ class Settings(BaseSettings):
         description="Seconds a request may wait for the model; past it the request gets 503 "
         "with Retry-After and its pending pairs are dropped.",
     )
-    batch_size: int = Field(
-        32, ge=1, le=4096, validation_alias=_env("RERANKER_BATCH_SIZE"),
-        description="Max pairs per forward pass.",
+    batch_size: int | None = Field(
+        None, ge=1, le=4096, validation_alias=_env("RERANKER_BATCH_SIZE"),
+        description="Max pairs per forward pass. Unset: sized for the device (32 on CPU, 512 on CUDA).",
     )
-    max_batch_tokens: int = Field(
-        16384, ge=64, validation_alias=_env("RERANKER_MAX_BATCH_TOKENS"),
-        description="Token budget per forward pass, counted padded (longest pair x pairs).",
+    max_batch_tokens: int | None = Field(
+        None, ge=64, validation_alias=_env("RERANKER_MAX_BATCH_TOKENS"),
+        description="Token budget per forward pass: counted padded (longest pair x pairs), or real "
+        "tokens on the padding-free CUDA path. Unset: sized for the device (16384 on CPU, 65536 on CUDA).",
     )
     worker_timeout: float = Field(
         120.0, gt=0, validation_alias=_env("RERANKER_WORKER_TIMEOUT"),

@@ -12,14 +12,14 @@ import importlib.util
 import platform
 from typing import TYPE_CHECKING
 
-from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, Pair
+from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, EngineSizing, Pair
 from . import model_files, precision
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..settings import Settings
 
-__all__ = ["Backend", "BackendError", "BackendInfo", "DeviceUnavailable", "Encoded", "Pair", "load_backend", "pick_runtime",
-           "precision"]
+__all__ = ["Backend", "BackendError", "BackendInfo", "DeviceUnavailable", "Encoded", "EngineSizing", "Pair",
+           "load_backend", "pick_runtime", "precision"]
 
 #: Runtime name -> (module, class). One line per runtime.
 RUNTIMES: dict[str, tuple[str, str]] = {

@@ -107,6 +107,20 @@ class BackendInfo:
         return {**asdict(self), "fingerprint": self.fingerprint}
 
 
+@dataclass(frozen=True)
+class EngineSizing:
+    """How the batcher feeds this backend when the settings leave it open: what fits the device.
+
+    padded: the forward pays for longest pair x pairs (token budget counted that way, lengths
+    grouped to cut padding); False for padding-free forwards, which pay for the real tokens.
+    """
+
+    batch_size: int = 32
+    max_batch_tokens: int = 16384
+    max_parallel: int = 1
+    padded: bool = True
+
+
 class Backend(abc.ABC):
     """One loaded model on one device."""
 
@@ -164,6 +178,10 @@ class Backend(abc.ABC):
         doc = "A reranker scores how relevant a document is to a query. " * 8
         for size in (1, 8):
             self.score([Pair(query, doc)] * size)
+
+    def sizing(self) -> EngineSizing:
+        """Batch size, token budget and forwards in flight that suit this backend's device."""
+        return EngineSizing()
 
     def close(self) -> None:
         """Free device memory (optional)."""

@@ -175,7 +175,7 @@ def resolve(setting: str | None, *, model_name: str, model_type: str | None) -> 
 
 @dataclass(frozen=True)
 class Prompt:
-    """One pair's token ids, and where its document starts (the cut point for truncation)."""
+    """One pair's token ids, and how many tokens of its document segment were kept."""
 
     ids: tuple[int, ...]
     doc_tokens: int  # tokens of the document segment that made it in

@@ -76,6 +76,25 @@ class HFTokenization:
         return tok
 
     @property
+    def _engine(self) -> Any:
+        """This thread's copy of the fast tokenizer's Rust engine, set once to truncate as the
+        transformers call does (longest first, to max_length; no padding). `encode` calls it
+        directly: transformers' per-pair Python around the same call held the GIL for most of the
+        time, which capped a GPU server at ~9k pairs/s (docs/cuda.md). None: no fast tokenizer."""
+        engine = getattr(self._local, "engine", None)
+        if engine is None and getattr(self._tokenizer, "is_fast", False):
+            engine = self._local.engine = copy.deepcopy(self._tokenizer.backend_tokenizer)
+            engine.no_padding()
+            engine.enable_truncation(self.max_length, strategy="longest_first",
+                                     direction=getattr(self._tokenizer, "truncation_side", "right"))
+        return engine
+
+    def _encode_batch(self, inputs: list[Any]) -> list[Any]:
+        engine = self._engine
+        fast = getattr(engine, "encode_batch_fast", None)  # tokenizers >= 0.21: no offsets computed
+        return (fast or engine.encode_batch)(inputs)  # type: ignore[no-any-return]
+
+    @property
     def special_tokens_per_pair(self) -> int:
         if self.files.kind == "bi-encoder":
             return int(self.tokenizer.num_special_tokens_to_add(pair=False))
@@ -95,10 +114,18 @@ class HFTokenization:
             return []
         if self.files.kind == "bi-encoder":
             texts = list(dict.fromkeys(t for pair in pairs for t in pair[:2]))
-            ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+            if self._engine is not None:
+                ids = [e.ids for e in self._encode_batch(texts)]
+            else:
+                ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
             by_text = dict(zip(texts, ids))
             return [Encoded(ids=by_text[p[1]], query=by_text[p[0]]) for p in pairs]
         # pair[0], pair[1]: a Pair or a plain (query, document) tuple; the instruction is for LLMs only.
+        if self._engine is not None:
+            encodings = self._encode_batch([(p[0], p[1]) for p in pairs])
+            if self._uses_type_ids:
+                return [Encoded(ids=e.ids, type_ids=e.type_ids) for e in encodings]
+            return [Encoded(ids=e.ids) for e in encodings]
         enc = self.tokenizer([p[0] for p in pairs], [p[1] for p in pairs], truncation=True, max_length=self.max_length)
         types = enc.get("token_type_ids") if self._uses_type_ids else None
         return [Encoded(ids=ids, type_ids=types[i] if types is not None else None)
@@ -126,13 +153,19 @@ class HFTokenization:
         """A cross-encoder batch: one row per pair."""
         return self.collate([e.ids for e in batch], [e.type_ids for e in batch])
 
-    def collate_bi(self, batch: Sequence[Encoded]) -> BiBatch:
-        """A bi-encoder batch: each distinct text embedded once (usually one query, many documents)."""
+    @staticmethod
+    def distinct_rows(batch: Sequence[Encoded]) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+        """A bi-encoder batch's distinct texts (usually one query, many documents), each once, and
+        which row is each pair's query and document."""
         rows: dict[tuple[int, ...], int] = {}
         queries, documents = [], []
         for e in batch:
             assert e.query is not None, "a bi-encoder pair carries its query's ids"
             queries.append(rows.setdefault(tuple(e.query), len(rows)))
             documents.append(rows.setdefault(tuple(e.ids), len(rows)))
-        return BiBatch(features=self.collate([list(r) for r in rows]), queries=np.array(queries),
-                       documents=np.array(documents))
+        return [list(r) for r in rows], np.array(queries, dtype=np.int64), np.array(documents, dtype=np.int64)
+
+    def collate_bi(self, batch: Sequence[Encoded]) -> BiBatch:
+        """A bi-encoder batch: each distinct text embedded once."""
+        rows, queries, documents = self.distinct_rows(batch)
+        return BiBatch(features=self.collate(rows), queries=queries, documents=documents)

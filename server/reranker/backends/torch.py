@@ -10,17 +10,24 @@ fp16 on CUDA/MPS. int8 on a CPU is the OpenVINO runtime's (backends/openvino.py)
 quantization is deprecated. Logits are cast to fp32 before anything else touches them.
 
 Tokenization (shared with MLX) lives in tokenization.py.
+
+On CUDA, BERT- and XLM-R-shaped models run padding-free: each batch is packed into one row
+(packing.py) and moved through a per-thread stream with pinned buffers (staging.py), so the host
+prepares the next batch while the GPU runs the current one and each batch waits once, for its
+scores. Other architectures, and CPU/MPS, run padded batches as before.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded
+from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, EngineSizing
 from .model_files import ModelFiles
-from .precision import resolve
+from .precision import Precision, race, raced, resolve, sample_pairs
 from .tokenization import BiBatch, Features, HFTokenization
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,6 +55,7 @@ def pick_device(requested: str) -> str:
 
 
 def _dtype_for(quantization: str, device: str) -> tuple[Any, str]:
+    """The dtype to load in. auto loads fp32: on CUDA the precision is then chosen by measurement."""
     if quantization == "bf16":
         return torch.bfloat16, "bf16"
     if quantization == "fp16":
@@ -62,6 +70,12 @@ def _dtype_for(quantization: str, device: str) -> tuple[Any, str]:
     return torch.float32, "fp32"
 
 
+#: CUDA defaults where the settings leave batching open (see `TorchBackend.sizing`).
+CUDA_BATCH_SIZE = 512
+CUDA_BATCH_TOKENS = 65536
+CUDA_PARALLEL = 2
+
+
 class TorchBackend(HFTokenization, Backend):
     """A Hugging Face model on a torch device."""
 
@@ -69,11 +83,20 @@ class TorchBackend(HFTokenization, Backend):
         self.files = files
         self.device = pick_device(settings.device if settings.device != "mlx" else "auto")
         picked = resolve(settings.quantization, device=self.device)
-        self.torch_dtype, dtype_name = _dtype_for(picked.quantization, self.device)
+        # auto with native bf16 on a CPU: load fp32, then time a bf16 copy against it and keep the faster.
+        racing = settings.quantization == "auto" and picked.quantization == "bf16" and self.device == "cpu"
+        self.torch_dtype, dtype_name = _dtype_for("none" if racing else picked.quantization, self.device)
         self.max_length = min(settings.max_length, files.max_length)
         self.mixed_precision = settings.enable_mixed_precision
         self._init_tokenizer(files)
         self.model = self._load_model(files)
+        self.packed, self.lanes = self._packed_path()
+        if racing:
+            picked = self._race_bf16()
+            self.torch_dtype, dtype_name = _dtype_for(picked.quantization, self.device)
+        if settings.quantization == "auto" and self.device == "cuda":
+            dtype_name, reason = self._choose_precision()
+            picked = replace(picked, quantization="none" if dtype_name == "fp32" else dtype_name, reason=reason)
         if settings.enable_torch_compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         activation: Literal["sigmoid", "identity"] = "sigmoid" if files.kind == "cross-encoder" else "identity"
@@ -83,6 +106,21 @@ class TorchBackend(HFTokenization, Backend):
             precision=picked.reason,
             autocast=self._autocast_dtype(),
         )
+
+    def _race_bf16(self) -> Precision:
+        """bf16 against fp32 on the same probe batch (precision.race); the slower copy is dropped."""
+        fp32 = self.model
+        bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+        batch = self.encode(sample_pairs(batches=1, size=8)[0])
+
+        def run(model: Any, dtype: Any) -> None:
+            self.model, self.torch_dtype = model, dtype
+            self.score_encoded(batch)
+
+        picked = raced(race({"bf16": lambda: run(bf16, torch.bfloat16), "none": lambda: run(fp32, torch.float32)}))
+        self.model = bf16 if picked.quantization == "bf16" else fp32
+        log.info("torch: %s", picked.reason)
+        return picked
 
     def _load_model(self, files: ModelFiles) -> Any:
         path = str(files.path)
@@ -95,6 +133,60 @@ class TorchBackend(HFTokenization, Backend):
             model = AutoModel.from_pretrained(path, dtype=self.torch_dtype)
         model.eval()
         return model.to(self.device)
+
+    def _choose_precision(self) -> tuple[str, str]:
+        """quantization=auto on CUDA: the first half precision whose scores keep the fp32 ranking
+        on calibration pairs (calibration.py), measured on this model; fp32 if none does.
+        Returns the dtype and the reason /health reports."""
+        import copy
+
+        from .calibration import calibration_pairs, choose
+
+        encoded = self.encode(calibration_pairs())
+        fp32 = self.model
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+        def score_in(name: str) -> list[float]:
+            self.model = fp32 if name == "fp32" else copy.deepcopy(fp32).to(dtypes[name])
+            self.packed, self.lanes = self._packed_path()
+            return self.score_encoded(encoded)
+
+        choice = choose(score_in)
+        if choice.dtype != "fp32":
+            score_in(choice.dtype)  # keep the chosen copy; the fp32 weights are freed
+        else:
+            score_in("fp32")
+        self.torch_dtype = dtypes[choice.dtype]
+        del fp32
+        torch.cuda.empty_cache()
+        measured = ", ".join(f"{name} {rho:.4f}" for name, rho in choice.measured.items())
+        return choice.dtype, (f"auto: {choice.dtype} on cuda, measured at load: Spearman vs fp32 on "
+                              f"{len(encoded)} calibration pairs {measured} (floor 0.999)")
+
+    def _packed_path(self) -> tuple[Any, Any]:
+        """The padding-free CUDA path, where the model's architecture allows it (else the padded one)."""
+        if self.device != "cuda":
+            return None, None
+        from .packing import PackedEncoder
+        from .staging import Lanes
+
+        # The weights were copied on the default stream; the lanes' streams must not race them.
+        torch.cuda.synchronize()
+
+        cross = self.files.kind == "cross-encoder"
+        if not PackedEncoder.supports(self.model, cross_encoder=cross):
+            log.info("%s (%s) runs padded batches on CUDA: no packed head for it", self.files.name,
+                     self.model.config.model_type)
+            return None, Lanes(self.device)
+        return PackedEncoder(self.model, cross_encoder=cross), Lanes(self.device)
+
+    def sizing(self) -> EngineSizing:
+        if self.device != "cuda":
+            return EngineSizing()
+        # Measured on an H200 (docs/cuda.md): a MiniLM-sized model needs hundreds of pairs per
+        # forward to leave launch overhead behind; two batches in flight keep the GPU busy.
+        return EngineSizing(batch_size=CUDA_BATCH_SIZE, max_batch_tokens=CUDA_BATCH_TOKENS,
+                            max_parallel=CUDA_PARALLEL, padded=self.packed is None)
 
     # --- scoring ---------------------------------------------------------------------------
     def _autocast_dtype(self) -> str | None:
@@ -114,6 +206,8 @@ class TorchBackend(HFTokenization, Backend):
         if not batch:
             return []
         with torch.inference_mode(), self._autocast():
+            if self.packed is not None:
+                return self._score_packed(batch)
             if self.files.kind == "cross-encoder":
                 return self._score_cross(self.collate_cross(batch))
             return self._score_bi(self.collate_bi(batch))
@@ -121,26 +215,31 @@ class TorchBackend(HFTokenization, Backend):
     def _tensors(self, features: Features) -> dict[str, Any]:
         return {name: torch.from_numpy(array).to(self.device) for name, array in features.as_dict().items()}
 
-    def _score_cross(self, features: Features) -> list[float]:
-        logits = self.model(**self._tensors(features)).logits.float()
+    def _raw(self, logits: Any) -> Any:
         if self.num_labels == 2:
             # softmax(l)[1] == sigmoid(l1 - l0): keep the log-odds as the raw score.
-            raw = logits[:, 1] - logits[:, 0]
-        else:
-            raw = logits[:, 0]
-        return raw.cpu().tolist()
+            return logits[:, 1] - logits[:, 0]
+        return logits[:, 0]
+
+    def _score_cross(self, features: Features) -> list[float]:
+        logits = self.model(**self._tensors(features)).logits.float()
+        return self._raw(logits).cpu().tolist()  # type: ignore[no-any-return]
 
     def embed(self, features: Features) -> Any:
         inputs = self._tensors(features)
         hidden = self.model(**inputs).last_hidden_state.float()
-        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return self._pool(hidden, inputs["attention_mask"])
+
+    def _pool(self, hidden: Any, attention_mask: Any) -> Any:
+        """Sentence embeddings from (N, L, hidden) states and their (N, L) mask, L2-normalized."""
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooling = self.files.pooling
         if pooling == "cls":
             pooled = hidden[:, 0]
         elif pooling == "max":
             pooled = hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
         elif pooling == "lasttoken":
-            last = inputs["attention_mask"].sum(dim=1) - 1
+            last = attention_mask.sum(dim=1) - 1
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         else:
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
@@ -150,7 +249,39 @@ class TorchBackend(HFTokenization, Backend):
         emb = self.embed(batch.features)
         q = emb[torch.from_numpy(batch.queries).to(emb.device)]
         d = emb[torch.from_numpy(batch.documents).to(emb.device)]
-        return (q * d).sum(dim=1).cpu().tolist()
+        return (q * d).sum(dim=1).cpu().tolist()  # type: ignore[no-any-return]
+
+    # --- the padding-free CUDA path ----------------------------------------------------------
+    def _score_packed(self, batch: Sequence[Encoded]) -> list[float]:
+        """Scores of a batch, packed, on this thread's CUDA stream: one upload, one wait."""
+        from .packing import pack
+
+        lane = self.lanes.get()
+        offset = self.packed.position_offset
+        if self.files.kind == "cross-encoder":
+            packed = pack([e.ids for e in batch], [e.type_ids for e in batch], position_offset=offset)
+            with torch.cuda.stream(lane.stream):
+                dev, _ = self._upload(lane, packed)
+                logits = self.packed.logits(self.packed.hidden(dev), dev).float()
+                return lane.download(self._raw(logits))
+        rows, queries, documents = self.distinct_rows(batch)
+        packed = pack(rows, position_offset=offset)
+        with torch.cuda.stream(lane.stream):
+            dev, (q, d) = self._upload(lane, packed, queries, documents)
+            block, mask = self.packed.unpack(self.packed.hidden(dev), dev)
+            emb = self._pool(block.float(), mask)
+            return lane.download((emb[q] * emb[d]).sum(dim=1))
+
+    @staticmethod
+    def _upload(lane: Any, packed: Any, *extra: Any) -> tuple[Any, list[Any]]:
+        """One non-blocking copy of a packed batch (and `extra` int64 arrays) to the device."""
+        from .packing import DevicePacked
+
+        types = [] if packed.token_type_ids is None else [packed.token_type_ids]
+        views = lane.upload([packed.input_ids, packed.position_ids, packed.cu_seqlens, packed.slots, *extra, *types])
+        batch = DevicePacked(input_ids=views[0], position_ids=views[1], cu_seqlens=views[2].int(), slots=views[3],
+                             token_type_ids=views[-1] if types else None, max_len=packed.max_len)
+        return batch, views[4:4 + len(extra)]
 
     def close(self) -> None:
         del self.model
