@@ -11,7 +11,10 @@ Sections (full run), all on the same MiniLM-sized cross-encoder, dtype and workl
  5. one request of 1 query x 20 documents vs the in-process forward of the same 20 pairs
  6. repeated requests (warm cache) vs cold
  7. overload at 4x capacity: statuses, p99 of admitted requests vs the queue timeout, RSS
- 8. fp32, bf16, int8 in-process side by side
+ 8. fp32, bf16, int8 in-process side by side (the same runtime)
+
+The runtime and precision are the defaults' picks (RERANKER_RUNTIME=auto, RERANKER_QUANTIZATION=auto:
+OpenVINO on a CPU), read from the in-process backend; every server here runs the same ones.
 Ratios, not absolute times, are the result: the machine is shared and noisy.
 """
 
@@ -31,11 +34,16 @@ DOC_TOKENS = (120, 140)  # with the query and special tokens: ~145-token pairs
 DOCS_PER_REQUEST = 20
 
 
-def load_backend(model: Path, quantization: str = "none", batch_size: int = 32):  # type: ignore[no-untyped-def]
+def load_backend(model: Path, quantization: str = "auto", batch_size: int = 32):  # type: ignore[no-untyped-def]
     from reranker.backends import load_backend as load
     from reranker.settings import Settings
 
     return load(Settings(model=str(model), quantization=quantization, batch_size=batch_size))
+
+
+def env_quantization(dtype: str) -> str:
+    """The RERANKER_QUANTIZATION that loads `dtype` (what auto picked in-process: the server runs the same)."""
+    return "none" if dtype == "fp32" else dtype
 
 
 def in_process(backend, pairs: list[tuple[str, str]], batch: int = 32, warm_batches: int = 6) -> float:  # type: ignore[no-untyped-def]
@@ -87,15 +95,21 @@ def main() -> int:
     args = parser.parse_args()
 
     model = w.build_cross_encoder()
-    backend = load_backend(model)
+    backend = load_backend(model)  # the defaults: RERANKER_RUNTIME=auto, RERANKER_QUANTIZATION=auto
+    info = backend.info
+    print(f"# {info.backend} {info.dtype} ({info.precision})", flush=True)
     n_base = 192 if args.quick else 384
     base_pairs = [(b["query"], d) for b in bodies(n_base // DOCS_PER_REQUEST + 1, seed=1) for d in b["documents"]][:n_base]
+    lengths = backend.pair_lengths(base_pairs)
     base_before = in_process(backend, base_pairs)
-    row("1. in-process fp32, batch 32, ~145-token pairs (before)", f"{base_before:8.1f} pairs/s")
+    row(f"1. in-process {info.backend} {info.dtype}, batch 32, {min(lengths)}-{max(lengths)}-token pairs (before)",
+        f"{base_before:8.1f} pairs/s")
     base = base_before
 
+    # The server runs exactly what the in-process baseline runs (auto could race to another pick).
     env = {"RERANKER_MODEL": str(model), "ENABLE_PREDICTION_CACHE": "false", "RERANKER_BATCH_SIZE": "32",
-           "RERANKER_MAX_QUEUE": "100000", "RERANKER_QUEUE_TIMEOUT": "120"}
+           "RERANKER_MAX_QUEUE": "100000", "RERANKER_QUEUE_TIMEOUT": "120", "RERANKER_RUNTIME": info.backend,
+           "RERANKER_QUANTIZATION": env_quantization(info.dtype)}
     server = w.Server(env)
     ratio16 = 0.0
     try:
@@ -111,11 +125,12 @@ def main() -> int:
         # The machine drifts (other work, clocks): the baseline is the mean of before and after.
         base_after = in_process(backend, base_pairs)
         base = (base_before + base_after) / 2
-        row("1. in-process fp32 (after the server runs)", f"{base_after:8.1f} pairs/s; baseline = mean {base:.1f}")
+        row(f"1. in-process {info.backend} {info.dtype} (after the server runs)", f"{base_after:8.1f} pairs/s; baseline = mean {base:.1f}")
         ratio16 /= base
         row("3. target: server@16 / in-process >= 0.95", f"{ratio16:.3f} {'MET' if ratio16 >= 0.95 else 'MISSED'}")
         if not args.quick:
-            sections_full(backend, model, server, base, base_pairs)
+            pick = {k: env[k] for k in ("RERANKER_RUNTIME", "RERANKER_QUANTIZATION")}
+            sections_full(backend, model, server, base, base_pairs, pick)
     finally:
         server.stop()
     print(f"ratio={ratio16:.3f}")
@@ -123,7 +138,7 @@ def main() -> int:
 
 
 def sections_full(backend, model: Path, server: "w.Server", base: float,  # type: ignore[no-untyped-def]
-                  base_pairs: list[tuple[str, str]]) -> None:
+                  base_pairs: list[tuple[str, str]], pick: dict[str, str]) -> None:
     import httpx
 
     grouped, fifo = asyncio.run(mixed_lengths(backend))
@@ -148,7 +163,7 @@ def sections_full(backend, model: Path, server: "w.Server", base: float,  # type
     row("5. 1 x 20 request latency (median of 5) / in-process forward",
         f"{lat[2] * 1000:.0f} ms / {forward * 1000:.0f} ms = {lat[2] / forward:.3f} (target <= 1.15)")
 
-    cached = w.Server({"RERANKER_MODEL": str(model), "ENABLE_PREDICTION_CACHE": "true"})
+    cached = w.Server({"RERANKER_MODEL": str(model), "ENABLE_PREDICTION_CACHE": "true", **pick})
     try:
         warm_bodies = bodies(8, seed=700)
         cold = asyncio.run(w.load(cached.url, warm_bodies, clients=8, max_seconds=60))
@@ -160,7 +175,7 @@ def sections_full(backend, model: Path, server: "w.Server", base: float,  # type
 
     queue_timeout = 5.0
     over = w.Server({"RERANKER_MODEL": str(model), "ENABLE_PREDICTION_CACHE": "false", "RERANKER_MAX_QUEUE": "256",
-                     "RERANKER_QUEUE_TIMEOUT": str(queue_timeout)})
+                     "RERANKER_QUEUE_TIMEOUT": str(queue_timeout), **pick})
     try:
         rss0 = over.rss_mb()
         rate = 4 * base / DOCS_PER_REQUEST  # requests/s: 4x what the model can score
@@ -178,10 +193,12 @@ def sections_full(backend, model: Path, server: "w.Server", base: float,  # type
     finally:
         over.stop()
 
-    for quant in ("bf16", "int8"):
+    rates = {}
+    for quant in ("none", "bf16", "int8"):  # the same runtime at each precision
         other = load_backend(model, quantization=quant)
-        rate = in_process(other, base_pairs)
-        row(f"8. in-process {quant} / fp32", f"{rate:8.1f} pairs/s = x{rate / base:.2f}")
+        rates[quant] = in_process(other, base_pairs)
+        name = f"{other.info.backend} {other.info.dtype}"
+        row(f"8. in-process {name} / fp32", f"{rates[quant]:8.1f} pairs/s = x{rates[quant] / rates['none']:.2f}")
         other.close()
 
 

@@ -170,22 +170,24 @@ def test_every_template_file_loads() -> None:
         assert template.positive and template.model_types
 
 
-def test_bad_templates_are_refused(tmp_path: Path) -> None:
+BAD_TEMPLATES: dict[str, Callable[[dict], dict]] = {  # type: ignore[type-arg]
+    "no document segment": lambda good: {**good, "segments": [{"text": "{{ query }}"}]},
+    "unknown variable": lambda good: {**good, "segments": [*good["segments"], {"text": "{{ passage }}"}]},
+    "document outside its segment": lambda good: {**good, "segments": [{"text": "{{ document }}"}, *good["segments"]]},
+    "missing answer": lambda good: {k: v for k, v in good.items() if k != "answer"},
+    "bad jinja": lambda good: {**good, "segments": [{"text": "{% if %}"}, *good["segments"]]},
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TEMPLATES))
+def test_bad_templates_are_refused(case: str, tmp_path: Path) -> None:
     from reranker.backends import prompts
 
     good = json.loads((Path(prompts.__file__).parents[1] / "templates" / "qwen3-reranker.json").read_text())
-    cases = {
-        "no document segment": {**good, "segments": [{"text": "{{ query }}"}]},
-        "unknown variable": {**good, "segments": [*good["segments"], {"text": "{{ passage }}"}]},
-        "document outside its segment": {**good, "segments": [{"text": "{{ document }}"}, *good["segments"]]},
-        "missing answer": {k: v for k, v in good.items() if k != "answer"},
-    }
-    for case, data in cases.items():
-        path = tmp_path / "t.json"
-        path.write_text(json.dumps(data))
-        with pytest.raises(prompts.BackendError):
-            prompts.PromptTemplate.load(path)
-        del case
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(BAD_TEMPLATES[case](good)))
+    with pytest.raises(prompts.BackendError, match="prompt template"):
+        prompts.PromptTemplate.load(path)
 
 
 async def test_custom_template_file_needs_no_code(tiny_llms: dict[str, Path], tmp_path: Path) -> None:

@@ -158,3 +158,15 @@ async def test_defaults_serve_openvino_at_auto_precision(tiny_bert: Path, tmp_pa
         assert f'backend="openvino"' in metrics and f'dtype="{model["dtype"]}"' in metrics
         body = (await client.post("/rerank", json={"query": "capital of france", "documents": [d for _, d in PAIRS]})).json()
         assert len(body["results"]) == len(PAIRS)
+
+
+def test_torch_auto_races_bf16_against_fp32_on_a_bf16_cpu(tiny_bert: Path) -> None:
+    backend = load_backend(Settings(model=str(tiny_bert), runtime="torch", device="cpu", quantization="auto",
+                                    warmup_on_start=False))
+    if precision.native_bf16():
+        assert backend.info.dtype in ("bf16", "fp32") and "measured at start" in backend.info.precision
+        assert str(next(backend.model.parameters()).dtype) == ("torch.bfloat16" if backend.info.dtype == "bf16"
+                                                              else "torch.float32")
+    else:
+        assert backend.info.dtype == "fp32" and "no native bf16" in backend.info.precision
+    assert max_diff(backend.score(PAIRS), torch_fp32(tiny_bert).score(PAIRS)) <= 0.05

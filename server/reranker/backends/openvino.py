@@ -34,7 +34,6 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -44,7 +43,7 @@ import numpy as np
 
 from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded
 from .model_files import ModelFiles
-from .precision import native_bf16, resolve
+from .precision import SAMPLE_TEXT, native_bf16, race, raced, resolve, sample_pairs
 from .tokenization import BiBatch, Features, HFTokenization
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,8 +57,7 @@ except ImportError as exc:  # pragma: no cover - the `server` extra brings it
     raise DeviceUnavailable("the OpenVINO runtime is not installed: pip install 'reranker-fleet[server]' "
                             "(or RERANKER_RUNTIME=torch)") from exc
 
-CALIBRATION = Path(__file__).with_name("data") / "calibration.json"
-CALIBRATION_BATCH = 8
+CALIBRATION_BATCHES, CALIBRATION_BATCH = 12, 8
 
 
 def default_cache_dir() -> Path:
@@ -100,7 +98,7 @@ class OpenVINOBackend(HFTokenization, Backend):
         runs = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16" or "f32"
         dtype = "int8" if graph == "int8" else ("bf16" if runs == "bf16" else "fp32")
         activation: Literal["sigmoid", "identity"] = "sigmoid" if files.kind == "cross-encoder" else "identity"
-        if picked.quantization == "bf16" and dtype != "bf16":
+        if settings.quantization == "bf16" and dtype != "bf16":
             reason += f"; this CPU has no native bf16: OpenVINO runs {runs}"
         self.info = BackendInfo(
             model=files.name, revision=files.revision, kind=files.kind, backend="openvino", device="cpu",
@@ -113,27 +111,19 @@ class OpenVINOBackend(HFTokenization, Backend):
             config["CACHE_DIR"] = str(self.cache_dir / "compiled")
         return self.core.compile_model(model, "CPU", config)
 
-    def _race(self, model: Any, rounds: int = 3) -> tuple[str, str]:
-        """`auto` on a CPU with native bf16: time bf16 and fp32 on the same probe batches, interleaved
-        (background load falls on both alike), and keep the faster."""
+    def _race(self, model: Any) -> tuple[str, str]:
+        """`auto` on a CPU with native bf16: bf16 against fp32 on the same probe batches; the faster stays."""
         probe = self._calibration()[:2]
-        compiled = {hint: self._compile(model, hint) for hint in ("bf16", "f32")}
-        seconds = dict.fromkeys(compiled, 0.0)
-        for round_ in range(rounds + 1):
-            for hint, candidate in compiled.items():
-                request = candidate.create_infer_request()
-                started = time.perf_counter()
-                for batch in probe:
-                    request.infer(self._inputs(candidate, batch))
-                if round_:  # the first round warms the kernels
-                    seconds[hint] += time.perf_counter() - started
-        fastest = min(seconds, key=seconds.__getitem__)
-        ratio = seconds["f32"] / seconds["bf16"]
-        flag = native_bf16()
-        reason = (f"auto: the CPU has native bf16 ({flag}); measured at start, bf16 ran {ratio:.2f}x fp32's speed: "
-                  f"{'bf16' if fastest == 'bf16' else 'fp32'} (both keep Spearman >= 0.999 vs fp32)")
-        log.info("OpenVINO: %s", reason)
-        return fastest, reason
+        compiled = {"bf16": self._compile(model, "bf16"), "none": self._compile(model, "f32")}
+
+        def run(candidate: Any) -> None:
+            request = candidate.create_infer_request()
+            for batch in probe:
+                request.infer(self._inputs(candidate, batch))
+
+        picked = raced(race({name: (lambda c=c: run(c)) for name, c in compiled.items()}))
+        log.info("OpenVINO: %s", picked.reason)
+        return ("bf16" if picked.quantization == "bf16" else "f32"), picked.reason
 
     # --- conversion, cached on disk by fingerprint -------------------------------------------
     def ir_fingerprint(self, graph: str) -> str:
@@ -142,7 +132,7 @@ class OpenVINOBackend(HFTokenization, Backend):
                   "openvino": ov.get_version(), "torch": version("torch"), "transformers": version("transformers")}
         if graph == "int8":
             fields["nncf"] = version("nncf")
-            fields["calibration"] = hashlib.sha256(CALIBRATION.read_bytes()).hexdigest()[:12]
+            fields["calibration"] = hashlib.sha256(SAMPLE_TEXT.read_bytes()).hexdigest()[:12]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def _load_ir(self, graph: str) -> Any:
@@ -203,12 +193,9 @@ class OpenVINOBackend(HFTokenization, Backend):
         return self.collate([e.ids for e in self.encode(pairs)]).as_dict()
 
     def _calibration(self) -> list[dict[str, np.ndarray]]:
-        data = json.loads(CALIBRATION.read_text(encoding="utf-8"))
-        queries, passages = data["queries"], data["passages"]
         batches = []
-        for i, query in enumerate(queries):
-            chosen = [passages[(i * CALIBRATION_BATCH + j) % len(passages)] for j in range(CALIBRATION_BATCH)]
-            encoded = self.encode([(query, p) for p in chosen])
+        for pairs in sample_pairs(batches=CALIBRATION_BATCHES, size=CALIBRATION_BATCH):
+            encoded = self.encode(pairs)
             if self.files.kind == "cross-encoder":
                 batches.append(self.collate_cross(encoded).as_dict())
             else:

@@ -4,9 +4,11 @@
 >= 0.999 against fp32 on tests/fixtures/ranking.json (the fidelity table in docs/benchmarks.md).
 
 - CPU with native bf16 (the `avx512_bf16` or `amx_bf16` flags: Intel Cooper Lake, Sapphire
-  Rapids and later, AMD Zen 4 and later): bf16, Spearman 0.9999 and 1.5-2.3x fp32's throughput
-  in every runtime measured. int8 is faster still but measured at Spearman 0.99-0.993: below the
-  bar, so it is never picked automatically; ask for it with RERANKER_QUANTIZATION=int8.
+  Rapids and later, AMD Zen 4 and later): bf16 keeps Spearman 0.9999 and often runs 1.5-2.3x
+  fp32, but not always (AVX512-BF16 without AMX, small models: 0.64-0.89x measured on this
+  project's VM), so the backends time bf16 against fp32 on probe batches at start (`race`) and
+  keep the faster. int8 is faster still but measured at Spearman 0.9986: below the bar, so it is
+  never picked automatically; ask for it with RERANKER_QUANTIZATION=int8.
 - CPU without native bf16: fp32 (bf16 is emulated there, slower than fp32).
 - CUDA (PyTorch): measured at load on the model itself: the first of fp16, bf16 that keeps
   Spearman >= 0.999 against fp32 on calibration pairs (calibration.py, docs/cuda.md), else fp32.
@@ -19,7 +21,10 @@ The pick and the reason are reported by /health (`model.precision`), and the dty
 from __future__ import annotations
 
 import functools
+import json
 import platform
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,3 +73,37 @@ def resolve(quantization: str, *, device: str, flags: frozenset[str] | None = No
     if flag is not None:
         return Precision("bf16", f"auto: the CPU has native bf16 ({flag}); bf16 keeps Spearman >= 0.999 vs fp32")
     return Precision("none", "auto: the CPU has no native bf16 (no avx512_bf16/amx_bf16): fp32")
+
+
+#: Generic text (not the test fixture): int8 calibration and the probe batches `auto` times.
+SAMPLE_TEXT = Path(__file__).with_name("data") / "calibration.json"
+
+
+def sample_pairs(*, batches: int, size: int) -> list[list[tuple[str, str]]]:
+    """`batches` batches of `size` (query, passage) pairs from SAMPLE_TEXT, each batch one query."""
+    data = json.loads(SAMPLE_TEXT.read_text(encoding="utf-8"))
+    queries, passages = data["queries"], data["passages"]
+    return [[(queries[i % len(queries)], passages[(i * size + j) % len(passages)]) for j in range(size)]
+            for i in range(batches)]
+
+
+def race(candidates: Mapping[str, Callable[[], object]], *, rounds: int = 3) -> dict[str, float]:
+    """Seconds each candidate takes over `rounds` runs, interleaved so that background load falls on
+    all alike, after one warm-up run each (kernels are chosen on first use)."""
+    seconds = dict.fromkeys(candidates, 0.0)
+    for round_ in range(rounds + 1):
+        for name, run in candidates.items():
+            started = time.perf_counter()
+            run()
+            if round_:
+                seconds[name] += time.perf_counter() - started
+    return seconds
+
+
+def raced(seconds: Mapping[str, float]) -> Precision:
+    """`auto`'s pick from a race of "bf16" against "none" (fp32), and the reason /health shows."""
+    fastest = min(seconds, key=seconds.__getitem__)
+    ratio = seconds["none"] / seconds["bf16"]
+    return Precision(fastest, f"auto: the CPU has native bf16 ({native_bf16()}); measured at start, bf16 ran "
+                              f"{ratio:.2f}x fp32's speed: {'bf16' if fastest == 'bf16' else 'fp32'} "
+                              "(both keep Spearman >= 0.999 vs fp32)")

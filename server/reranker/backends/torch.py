@@ -19,6 +19,7 @@ scores. Other architectures, and CPU/MPS, run padded batches as before.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, EngineSizing
 from .model_files import ModelFiles
-from .precision import resolve
+from .precision import Precision, race, raced, resolve, sample_pairs
 from .tokenization import BiBatch, Features, HFTokenization
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,12 +83,17 @@ class TorchBackend(HFTokenization, Backend):
         self.files = files
         self.device = pick_device(settings.device if settings.device != "mlx" else "auto")
         picked = resolve(settings.quantization, device=self.device)
-        self.torch_dtype, dtype_name = _dtype_for(picked.quantization, self.device)
+        # auto with native bf16 on a CPU: load fp32, then time a bf16 copy against it and keep the faster.
+        racing = settings.quantization == "auto" and picked.quantization == "bf16" and self.device == "cpu"
+        self.torch_dtype, dtype_name = _dtype_for("none" if racing else picked.quantization, self.device)
         self.max_length = min(settings.max_length, files.max_length)
         self.mixed_precision = settings.enable_mixed_precision
         self._init_tokenizer(files)
         self.model = self._load_model(files)
         self.packed, self.lanes = self._packed_path()
+        if racing:
+            picked = self._race_bf16()
+            self.torch_dtype, dtype_name = _dtype_for(picked.quantization, self.device)
         if settings.quantization == "auto" and self.device == "cuda":
             dtype_name, reason = self._choose_precision()
             picked = replace(picked, quantization="none" if dtype_name == "fp32" else dtype_name, reason=reason)
@@ -100,6 +106,21 @@ class TorchBackend(HFTokenization, Backend):
             precision=picked.reason,
             autocast=self._autocast_dtype(),
         )
+
+    def _race_bf16(self) -> Precision:
+        """bf16 against fp32 on the same probe batch (precision.race); the slower copy is dropped."""
+        fp32 = self.model
+        bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+        batch = self.encode(sample_pairs(batches=1, size=8)[0])
+
+        def run(model: Any, dtype: Any) -> None:
+            self.model, self.torch_dtype = model, dtype
+            self.score_encoded(batch)
+
+        picked = raced(race({"bf16": lambda: run(bf16, torch.bfloat16), "none": lambda: run(fp32, torch.float32)}))
+        self.model = bf16 if picked.quantization == "bf16" else fp32
+        log.info("torch: %s", picked.reason)
+        return picked
 
     def _load_model(self, files: ModelFiles) -> Any:
         path = str(files.path)
