@@ -103,7 +103,7 @@ RUN --mount=type=cache,target=/root/.cache/pip --mount=type=secret,id=pip-ca \
 
 # --- the project itself: one wheel (server/ and operator/), installed without dependencies ----
 FROM deps AS wheel
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY server/ server/
 COPY operator/ operator/
 ARG PIP_CERT

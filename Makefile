@@ -47,11 +47,11 @@ images: system-deps
 	REGISTRY=$(REGISTRY) TAG=$(TAG) TORCH_VARIANT=$(TORCH_VARIANT) hack/images
 	$(if $(filter 1 yes true,$(PUSH)),REGISTRY=$(REGISTRY) TAG=$(TAG) TORCH_VARIANT=$(TORCH_VARIANT) hack/images push)
 
-test: $(VENV)/.installed-dev system-deps cluster-binaries
+test: $(VENV)/.installed-dev system-deps cluster-binaries images
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Only the end-to-end tests: a real node, the images, the chart (tests/e2e; part of `test`).
-e2e: $(VENV)/.installed-dev system-deps cluster-binaries
+e2e: $(VENV)/.installed-dev system-deps cluster-binaries images
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 bench-quick: $(VENV)/.installed-dev

@@ -172,11 +172,13 @@ def start_kubelet(d: Path, binary: Path, *, server: str, port: int, healthz_port
         "resolvConf": "",  # pods resolve through the cluster DNS only: nothing leaves
         "clusterDNS": [network.NODE_IP],
         "clusterDomain": CLUSTER_DOMAIN,
-        # the dev machine's disk may be fuller than a real node's: do not evict for it
+        # the dev machine's disk is shared and fuller than a real node's: evict only when it
+        # is really full, and lift the pressure taint soon after (default 5 min)
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
-        "evictionHard": {"nodefs.available": "2%", "imagefs.available": "2%",
+        "evictionHard": {"nodefs.available": "1Gi", "imagefs.available": "1Gi",
                          "memory.available": "100Mi"},
+        "evictionPressureTransitionPeriod": "30s",
         "serializeImagePulls": False,
     }
     cfg = node / "kubelet.yaml"

@@ -76,7 +76,8 @@ def test_queue_depth_scales_the_fleet_up_and_back(node_cluster: KubeCluster, e2e
                                                   tmp_path: Path) -> None:
     ns = e2e_namespace
     node_cluster.apply(json.dumps(autoscaled_rd()), namespace=ns)
-    node_cluster.kubectl("wait", "rrd", NAME, "-n", ns, "--for=condition=Ready", "--timeout=300s")
+    node_cluster.kubectl("wait", "rrd", NAME, "-n", ns, "--for=condition=Ready", "--timeout=300s",
+                         timeout=330)
     ip, port = cluster_ip(node_cluster, ns, NAME)
     url = f"http://{ip}:{port}"
     api = ApiReader(node_cluster.kubeconfig)

@@ -56,7 +56,7 @@ def served(url: str) -> float:
 
 
 def mac_env(model: Path, ns: str, kubeconfig: str, name: str, address: str) -> dict[str, str]:
-    return {"RERANKER_DEVICE": "mlx", "RERANKER_MODEL": str(model),
+    return {"RERANKER_DEVICE": "mlx", "RERANKER_RUNTIME": "mlx", "RERANKER_MODEL": str(model),
             "RERANKER_MODEL_KIND": "cross-encoder", "RERANKER_DRAIN_SECONDS": "5",
             "RERANKER_REGISTER_DEPLOYMENT": NAME, "RERANKER_REGISTER_NAMESPACE": ns,
             "RERANKER_REGISTER_KUBECONFIG": kubeconfig, "RERANKER_REGISTER_NAME": name,
@@ -81,7 +81,8 @@ def test_service_spreads_over_pods_and_macs_and_drops_a_dead_mac(
     macs = {addr: Mac(uvicorn_server, mac_network, address=addr, port=port,
                       env=mac_env(tiny_bert, ns, kubeconfig, f"mac-{i}", addr)).start()
             for i, addr in enumerate((addr_a, addr_b))}
-    node_cluster.kubectl("wait", "rrd", NAME, "-n", ns, "--for=condition=Ready", "--timeout=300s")
+    node_cluster.kubectl("wait", "rrd", NAME, "-n", ns, "--for=condition=Ready", "--timeout=300s",
+                         timeout=330)
     both = {addr: {"ready": True, "serving": True, "port": port} for addr in macs}
     node_cluster.eventually(lambda: slice_endpoints(node_cluster, ns, NAME) == both,
                            timeout=30, desc="both Macs ready in the Service's EndpointSlice")

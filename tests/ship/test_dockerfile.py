@@ -171,7 +171,8 @@ def test_a_source_change_leaves_the_dependency_layers_alone() -> None:
     assert copies["deps"] == [["pyproject.toml", "./"]]
     for name in ("base", "deps-server", "deps-operator"):
         assert copies[name] == [], name
-    assert sorted(c[0] for c in copies["wheel"]) == ["README.md", "operator/", "server/"]
+    assert sorted(p for c in copies["wheel"] for p in c[:-1]) == ["LICENSE", "README.md",
+                                                                  "operator/", "server/"]
     assert [s.name for s in lineage("deps-server")] == ["base", "deps", "deps-server"]
     assert [s.name for s in lineage("wheel")] == ["base", "deps", "wheel"]
 
@@ -203,7 +204,7 @@ def test_no_secrets_and_small_layers() -> None:
     # The context is only what the build copies.
     sources = [p.rstrip("/") for s in ("deps", "wheel") for c in STAGES[s].all("COPY")
                for p in shlex.split(c)[:-1]]
-    assert sorted(sources) == ["README.md", "operator", "pyproject.toml", "server"]
+    assert sorted(sources) == ["LICENSE", "README.md", "operator", "pyproject.toml", "server"]
     for rel in sources + ["server/reranker/app.py", "operator/reranker_operator/main.py"]:
         assert dockerignore_allows(rel), rel
     for rel in (".venv/bin/python", ".git/config", "tests/conftest.py", ".cluster/kubeconfig",

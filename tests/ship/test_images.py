@@ -66,6 +66,25 @@ def images() -> dict[str, str]:
     return {name.split("/")[-1].split(":")[0]: name for name in names}
 
 
+def test_names_follow_registry_tag_and_variant() -> None:
+    """What `make images REGISTRY=... TAG=... [TORCH_VARIANT=cuda] PUSH=1` builds and pushes."""
+    def names(**env: str) -> list[str]:
+        return subprocess.run([str(HACK_IMAGES), "names"], capture_output=True, text=True,
+                              check=True, env={**os.environ, **env}).stdout.split()
+    assert names(REGISTRY="", TAG="", TORCH_VARIANT="") == [
+        "reranker-fleet/server:dev", "reranker-fleet/operator:dev", "reranker-fleet/redis:dev"]
+    assert names(REGISTRY="ghcr.io/acme/rf", TAG="0.1.0", TORCH_VARIANT="cuda") == [
+        "ghcr.io/acme/rf/server:0.1.0-cuda", "ghcr.io/acme/rf/operator:0.1.0",
+        "ghcr.io/acme/rf/redis:0.1.0"]
+    # The defaults are the operator's (and so the chart's) default images.
+    from reranker_operator.settings import DEFAULT_REDIS_IMAGE, DEFAULT_SERVER_IMAGE
+    assert {DEFAULT_SERVER_IMAGE, DEFAULT_REDIS_IMAGE} <= set(names(REGISTRY="", TAG=""))
+    # Pushing the local names is refused: they name no registry.
+    r = subprocess.run([str(HACK_IMAGES), "push"], capture_output=True, text=True,
+                       env={**os.environ, "REGISTRY": ""})
+    assert r.returncode != 0 and "set REGISTRY" in r.stderr
+
+
 def _image_config(name: str) -> dict[str, Any]:
     r = subprocess.run(["podman", "image", "inspect", name], capture_output=True, text=True,
                        check=True)
@@ -182,6 +201,6 @@ def test_redis_image_serves_with_the_operators_arguments(images: dict[str, str])
                         "-c", script, "redis", *args],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    lines = r.stdout.splitlines()
+    lines = [line for line in r.stdout.splitlines() if line.strip()]
     assert lines[0].startswith("NOAUTH"), "no client without the password"
     assert lines[1:] == ["v"]
