@@ -42,7 +42,11 @@ TOL = 1e-4
 
 
 def load(model: Path | None, device: str, **settings: object) -> Backend:
-    return load_backend(Settings(model=str(model) if model else None, device=device, warmup_on_start=False, **settings))
+    # tests/conftest.py defaults test servers to RERANKER_RUNTIME=torch (the references are torch fp32):
+    # the MLX side names its runtime, as a user who sets RERANKER_RUNTIME must.
+    runtime = "mlx" if device == "mlx" else "torch"
+    return load_backend(Settings(model=str(model) if model else None, device=device, runtime=runtime,  # type: ignore[arg-type]
+                                 warmup_on_start=False, **settings))
 
 
 def max_diff(a: list[float], b: list[float]) -> float:
@@ -332,7 +336,7 @@ def assert_same_ranking(got: dict[str, list[tuple[int, float]]], want: dict[str,
 async def test_mlx_server_answers_every_route_like_torch() -> None:
     async with running_app(device="cpu") as client:
         torch_answers = await route_answers(client)
-    async with running_app(device="mlx") as client:
+    async with running_app(device="mlx", runtime="mlx") as client:
         mlx_answers = await route_answers(client)
         health = (await client.get("/health")).json()
         metrics = (await client.get("/metrics")).text
@@ -346,7 +350,7 @@ async def test_mlx_server_answers_every_route_like_torch() -> None:
 
 def test_uvicorn_server_with_mlx(uvicorn_server, minilm_pair: tuple[Backend, Backend]) -> None:  # type: ignore[no-untyped-def]
     """The real `reranker serve` with RERANKER_DEVICE=mlx ranks as the PyTorch backend does."""
-    server = uvicorn_server({"RERANKER_DEVICE": "mlx"})
+    server = uvicorn_server({"RERANKER_DEVICE": "mlx", "RERANKER_RUNTIME": "mlx"})
     health = httpx.get(server.url + "/health", timeout=10).json()
     assert health["model"]["backend"] == "mlx" and health["status"] == "healthy"
     raw = minilm_pair[0].score([(QUERY, d) for d in DOCS])
