@@ -82,7 +82,9 @@ def test_disconnected_client_pairs_are_not_computed(uvicorn_server: Callable[...
     sock = socket.create_connection((url.hostname, url.port))
     sock.sendall(b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30  # gone only once its request is in flight (admitted, pairs queued)
+    while summary(server)["controller"]["inflight_requests"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     sock.close()
     busy.join(120)
     assert out and out[0][0] == 200

@@ -110,7 +110,7 @@ def test_valid_resource_is_accepted_with_defaults(kube_cluster: Any, kube_namesp
     kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-",
                          input=manifest({"model": MODEL}, "good"))
     spec = kube_cluster.get_json("rrd", "good", "-n", kube_namespace)["spec"]
-    assert spec["replicas"] == 1 and spec["device"] == "cpu" and spec["quantization"] == "none"
+    assert spec["replicas"] == 1 and spec["device"] == "cpu" and spec["quantization"] == "auto"
     assert spec["autoscaling"] == {"enabled": False, "minReplicas": 1, "maxReplicas": 5,
                                    "metric": "queueDepth"}
     assert spec["service"] == {"type": "ClusterIP", "port": 8000}
