@@ -91,7 +91,11 @@ async def test_work_that_cannot_finish_in_time_is_refused_up_front(minilm: Path)
         bodies = [{"query": f"q{i}", "documents": make_docs(rng, 60)} for i in range(4)]
         responses = await asyncio.wait_for(asyncio.gather(*(client.post("/rerank", json=b) for b in bodies)), 120)
         statuses = [r.status_code for r in responses]
-        assert 200 in statuses  # an empty queue always admits
+        # An empty queue always admits. The admitted request may still run past the 1 s queue
+        # timeout on a slow machine (503 + Retry-After, not a refusal at the door).
+        admitted = [r for r in responses if r.status_code != 429]
+        assert admitted and all(r.status_code in (200, 503) for r in admitted), statuses
+        assert all("retry-after" in r.headers for r in admitted if r.status_code == 503)
         refused = [r for r in responses if r.status_code == 429]
         assert refused, statuses
         assert "RERANKER_QUEUE_TIMEOUT" in refused[0].json()["message"] and "retry-after" in refused[0].headers

@@ -124,12 +124,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_load(urls: list[str], *, seconds: float = 12.0, max_requests: int = 3000) -> dict[int, int]:
-    """Bounded load on loopback: stops after `seconds` or `max_requests`, whichever first."""
+def run_load(urls: list[str], *, seconds: float = 8.0, per_second: float = 250.0) -> dict[int, int]:
+    """Bounded load on loopback for `seconds`, at most `per_second` requests a second.
+
+    The load spans several scrape intervals on any machine: on a fast one an unpaced load was
+    over before Prometheus' second scrape, every sample held the final counts, and every
+    rate() was 0 (the error-rate and overload signals then return nothing)."""
     statuses: dict[int, int] = {}
     lock = threading.Lock()
     sent = [0]
-    deadline = time.monotonic() + seconds
+    start = time.monotonic()
+    deadline = start + seconds
     shared_docs = [f"shared document number {i} about rerankers" for i in range(10)]
 
     def record(status: int) -> None:
@@ -137,9 +142,15 @@ def run_load(urls: list[str], *, seconds: float = 12.0, max_requests: int = 3000
             statuses[status] = statuses.get(status, 0) + 1
 
     def budget() -> bool:
-        with lock:
-            sent[0] += 1
-            return sent[0] <= max_requests and time.monotonic() < deadline
+        while True:
+            with lock:
+                now = time.monotonic()
+                if now >= deadline:
+                    return False
+                if sent[0] < (now - start) * per_second:
+                    sent[0] += 1
+                    return True
+            time.sleep(0.005)
 
     with httpx.Client(timeout=30) as client:
         # Misses on pod 0, then Redis hits on pod 1 (same pairs), then local hits on both.
@@ -210,6 +221,11 @@ def scraped(module_server_factory: Any, tiny_bert: Path,
             url = f"http://127.0.0.1:{port}"
             _wait(f"{url}/-/ready", "prometheus", proc, log)
             handle = Scraped(url, servers, {})
+            # Both targets scraped once before the load: rate() needs a sample from before it.
+            deadline = time.monotonic() + 30
+            while len(handle.query(f'up{{job="{SERVICE}"}} == 1')) < len(PODS):
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
             handle.statuses = run_load([s.url for s in servers])
             # Scrape what the load left, twice over.
             time.sleep(3)
