@@ -15,6 +15,7 @@ libraries from PyPI), so this is not part of `make test`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRAS = ("server", "operator", "dev")
@@ -33,7 +36,11 @@ UNIT_TESTS = ("tests/test_api.py", "tests/test_batcher.py", "tests/test_engine.p
 
 
 def lower_bounds(pyproject: Path, extras: tuple[str, ...]) -> dict[str, str]:
-    """name -> lowest version allowed, for every requirement with a `>=` bound in these extras."""
+    """name -> lowest version allowed, for every requirement with a `>=` bound in these extras.
+
+    A name listed by several extras gets the highest of their bounds: that is the lowest version
+    an install of all of them can have.
+    """
     project = tomllib.loads(pyproject.read_text())["project"]
     requirements = list(project.get("dependencies", []))
     for extra in extras:
@@ -44,8 +51,9 @@ def lower_bounds(pyproject: Path, extras: tuple[str, ...]) -> dict[str, str]:
         if req.marker is not None and not req.marker.evaluate():
             continue
         for spec in req.specifier:
-            if spec.operator == ">=":
-                bounds[req.name.lower()] = spec.version
+            name = canonicalize_name(req.name)
+            if spec.operator == ">=" and (name not in bounds or Version(spec.version) > Version(bounds[name])):
+                bounds[name] = spec.version
     return bounds
 
 
@@ -75,9 +83,12 @@ def main() -> int:
         run([sys.executable, "-m", "venv", str(venv)])
         run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
         run([str(python), "-m", "pip", "install", "-c", str(constraints), f".[{','.join(EXTRAS)}]"], cwd=REPO)
-    installed = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout
-    pinned = {line.split("==")[0].lower(): line.split("==")[1] for line in installed.splitlines() if "==" in line}
-    drift = {n: (v, pinned.get(n)) for n, v in bounds.items() if pinned.get(n) not in (v, None)}
+    listed = subprocess.run([str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True,
+                            check=True).stdout
+    pinned = {canonicalize_name(d["name"]): d["version"] for d in json.loads(listed)}
+    # Versions compare as versions ("29" is "29.0.0"); a bound that is not installed at all is drift too.
+    drift = {n: (v, pinned.get(n)) for n, v in bounds.items()
+             if n not in pinned or Version(pinned[n]) != Version(v)}
     if drift:
         print("not installed at the lower bound:", drift, file=sys.stderr)
         return 1

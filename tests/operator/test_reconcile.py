@@ -26,6 +26,9 @@ class FakeResponse:
         self.data = json.dumps({"kind": "Status", "message": message}).encode()
         self.headers: dict[str, str] = {}
 
+    def getheaders(self) -> dict[str, str]:  # how kubernetes<30's ApiException reads them
+        return self.headers
+
 
 class FakeKube:
     """Stores applied objects like an API server would (minus validation)."""

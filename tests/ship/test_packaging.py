@@ -1,13 +1,20 @@
-"""The package's metadata builds without setuptools deprecation warnings, with an SPDX license.
+"""The package's metadata builds without setuptools deprecation warnings, with an SPDX license,
+and every requirement has a lower bound that `make test-lower-bounds` installs and tests.
 
 The build backend runs for real (setuptools' PEP 517 hook in a subprocess, as pip calls it).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from types import ModuleType
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,3 +30,34 @@ def test_metadata_has_an_spdx_license_and_no_deprecation_warning(tmp_path: Path)
     metadata = (tmp_path / proc.stdout.strip().splitlines()[-1] / "METADATA").read_text()
     assert "License-Expression: Apache-2.0" in metadata
     assert "License-File: LICENSE" in metadata
+
+
+def _lower_bounds_job() -> ModuleType:
+    """hack/lower_bounds.py (`make test-lower-bounds`), imported from its file: hack/ is no package."""
+    spec = importlib.util.spec_from_file_location("lower_bounds", REPO / "hack" / "lower_bounds.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_requirement_has_a_lower_bound_the_lower_bounds_job_pins() -> None:
+    job = _lower_bounds_job()
+    extras: dict[str, list[str]] = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    unbounded = [f"{extra}: {line}" for extra, lines in extras.items() for line in lines
+                 if not any(spec.operator == ">=" for spec in Requirement(line).specifier)]
+    assert unbounded == []
+    pinned = job.lower_bounds(REPO / "pyproject.toml", job.EXTRAS)
+    for extra in job.EXTRAS:
+        for line in extras[extra]:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate():
+                assert canonicalize_name(req.name) in pinned, line
+
+
+def test_a_name_in_several_extras_is_pinned_at_the_highest_bound(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "x"\nversion = "0"\n[project.optional-dependencies]\n'
+        'a = ["Kubernetes>=30.1", "PyYAML>=6"]\nb = ["kubernetes>=29", "never>=1; sys_platform == \'no-such-os\'"]\n')
+    assert _lower_bounds_job().lower_bounds(tmp_path / "pyproject.toml", ("a", "b")) == \
+        {"kubernetes": "30.1", "pyyaml": "6"}
