@@ -204,6 +204,12 @@ async def test_probes_and_metrics(client: httpx.AsyncClient) -> None:
     assert summary["total_requests"] >= 1
     assert set(summary["queue_wait_ms"]) >= {"p50", "p95", "p99"}
     assert set(summary["process_time_ms"]) >= {"p50", "p95", "p99"}
+    # kubectl get --raw .../proxy/metrics and Prometheus accept JSON or anything: they get the text
+    for accept in ("application/json, */*", "application/openmetrics-text;version=1.0.0;q=0.5,"
+                   "text/plain;version=0.0.4;q=0.4,*/*;q=0.1", "application/json;q=0.5, text/plain"):
+        r = await client.get("/metrics", headers={"accept": accept})
+        assert r.headers["content-type"].startswith("text/plain") and "reranker_requests_total{" in r.text, accept
+    assert (await client.get("/metrics", headers={"accept": "text/plain;q=0.2, application/json"})).json()
     docs = (await client.get("/openapi.json")).json()
     assert {"/rerank", "/v1/rerank", "/v2/rerank"} <= set(docs["paths"])
 

@@ -103,6 +103,31 @@ def test_int8_is_quantized_with_nncf_and_cached(tiny_bert: Path, tmp_path: Path)
     assert np.isfinite(int8.score(PAIRS)).all()
 
 
+@pytest.mark.parametrize("winner", ["bf16", "none"])
+def test_int8_float_layers_run_the_faster_of_bf16_and_fp32(winner: str, tiny_bert: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU with native bf16, int8's float layers are raced like `auto` (bf16 was 2x slower there)."""
+    import reranker.backends.openvino as ov_backend
+    monkeypatch.setattr(ov_backend, "native_bf16", lambda: "avx512_bf16")
+    raced = []
+
+    def fake_race(candidates: dict[str, object]) -> dict[str, float]:
+        raced.append(sorted(candidates))  # the real race times real runs; here the winner is set
+        return {"bf16": 1.0, "none": 2.0} if winner == "bf16" else {"bf16": 2.0, "none": 1.0}
+
+    monkeypatch.setattr(ov_backend, "race", fake_race)
+    int8 = load(tiny_bert, tmp_path, quantization="int8")
+    assert raced == [["bf16", "none"]]
+    hint = int8.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    if winner == "none":
+        assert hint == "f32"
+    else:  # a CPU without native bf16 runs f32 whatever the hint asked
+        assert hint == ("bf16" if precision.native_bf16() else "f32")
+    assert int8.info.dtype == "int8"
+    assert int8.info.precision.startswith("RERANKER_QUANTIZATION=int8; its float layers:")
+    assert np.isfinite(int8.score(PAIRS)).all()
+
+
 def test_unwritable_cache_still_serves(tiny_bert: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -105,20 +105,26 @@ def _stamps_path() -> Path:
 def import_changed(d: Path, tars: Iterable[Path], *, force: bool = False) -> list[str]:
     """Import the archives that changed since they were last imported into this containerd
     root (its content outlives `down`), so a warm `up` imports nothing; all with force.
-    Tars that are no image archive are skipped (and remembered as such)."""
+    A stamp counts only while the images it imported are still in the store (a full disk or
+    a pruned store loses them: they are imported again). Tars that are no image archive are
+    skipped (and remembered as such)."""
     try:
         stamps = dict(json.loads(_stamps_path().read_text()))
     except (OSError, ValueError):
         stamps = {}
+    present = set(ctr(d, "images", "ls", "-q", check=False).stdout.split())
     names = []
     for tar in tars:
         st = tar.stat()
-        stamp = [st.st_size, st.st_mtime_ns]
-        if stamps.get(str(tar)) == stamp and not force:
+        stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        old = stamps.get(str(tar))
+        if (not force and isinstance(old, dict)
+                and {k: old.get(k) for k in stamp} == stamp
+                and set(old.get("images", [])) <= present):
             continue
-        if is_image_archive(tar):
-            names += import_archives(d, [tar])
-        stamps[str(tar)] = stamp
+        imported = import_archives(d, [tar]) if is_image_archive(tar) else []
+        names += imported
+        stamps[str(tar)] = {**stamp, "images": imported}
         _stamps_path().write_text(json.dumps(stamps, indent=2) + "\n")
     return names
 

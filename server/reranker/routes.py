@@ -341,6 +341,25 @@ async def ready(request: Request) -> Any:
                         status_code=503, headers={"Retry-After": "5"})
 
 
+def _prefers_json(accept: str) -> bool:
+    """JSON only for a client that prefers it to the Prometheus text: `Accept: application/json`
+    does, kubectl's `application/json, */*` (`kubectl get --raw .../proxy/metrics`) and
+    Prometheus' own header do not."""
+    def q(media: str) -> float:
+        best = 0.0
+        for part in accept.split(","):
+            name, *params = (p.strip() for p in part.split(";"))
+            if name.lower() == media:
+                weight = next((p[2:] for p in params if p.lower().startswith("q=")), "1")
+                try:
+                    best = max(best, float(weight))
+                except ValueError:
+                    continue
+        return best
+
+    return q("application/json") > max(q("text/plain"), q("application/openmetrics-text"), q("*/*"))
+
+
 @router.get("/metrics", tags=["probes"], summary="Prometheus text; the JSON summary with Accept: application/json",
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}},
                                          "application/json": {"schema": {"type": "object"}}}},
@@ -349,7 +368,7 @@ async def metrics(request: Request) -> Response:
     runtime = _runtime(request)
     if runtime.settings.protect_metrics:
         _authorize(request, runtime)
-    if "application/json" in request.headers.get("accept", ""):
+    if _prefers_json(request.headers.get("accept", "")):
         return JSONResponse({**runtime.metrics.summary(), "controller": runtime.admission.controller()})
     return PlainTextResponse(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -107,6 +107,24 @@ def test_node_up_and_down_leaves_the_host_as_it_was(tmp_path: Path) -> None:
         # ... and its `down` left the first cluster's node running
         assert hack(first, "status").returncode == 0
         kubectl(info, "exec", "probe", "--", "/pause", "-v")
+
+        # images lost from the store (a full disk, a prune) are imported again by the next
+        # `up`, though their archives did not change: the pause image is the pods' sandbox
+        sock = ["ctr", "--address", str(first / "node" / "containerd.sock"), "-n", "k8s.io"]
+        refs = [r for r in subprocess.run([*sock, "images", "ls", "-q"], capture_output=True,
+                                          text=True, check=True).stdout.split() if "/pause:" in r]
+        assert refs
+        kubectl(info, "delete", "pod", "probe", "--wait=true")
+        subprocess.run([*sock, "images", "rm", *refs], capture_output=True, check=True)
+        assert hack(first, "down").returncode == 0
+        again = hack(first, "up")
+        assert again.returncode == 0, again.stderr
+        info = json.loads((first / "cluster.json").read_text())
+        after_up = subprocess.run([*sock, "images", "ls", "-q"], capture_output=True, text=True,
+                                  check=True).stdout.split()
+        assert set(refs) <= set(after_up), after_up
+        kubectl(info, "apply", "-f", "-", stdin=PAUSE_POD)
+        kubectl(info, "wait", "--for=condition=Ready", "pod/probe", "--timeout=90s")
     finally:
         hack(second, "down")
         down = hack(first, "down")
