@@ -25,13 +25,19 @@ def docs(n: int, tag: str, words: int = 120) -> list[str]:
     return [f"{tag} {i} " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words)) for i in range(n)]
 
 
-def post_in_thread(url: str, body: dict, out: list) -> threading.Thread:  # type: ignore[type-arg]
+def post_in_thread(url: str, body: dict, out: list,  # type: ignore[type-arg]
+                   start: threading.Barrier | None = None) -> threading.Thread:
+    """POST from a thread; with `start`, every thread's client is made before any sends, so the
+    requests reach the server within milliseconds of each other."""
     def run() -> None:
-        try:
-            r = httpx.post(url, json=body, timeout=120)
-            out.append((r.status_code, dict(r.headers), r.text))
-        except httpx.HTTPError as exc:  # recorded: the test asserts none happened
-            out.append((0, {}, repr(exc)))
+        with httpx.Client(timeout=120) as client:
+            if start is not None:
+                start.wait(30)
+            try:
+                r = client.post(url, json=body)
+                out.append((r.status_code, dict(r.headers), r.text))
+            except httpx.HTTPError as exc:  # recorded: the test asserts none happened
+                out.append((0, {}, repr(exc)))
     t = threading.Thread(target=run)
     t.start()
     return t
@@ -44,8 +50,11 @@ def summary(server: ServerProcess) -> dict:  # type: ignore[type-arg]
 def test_sigterm_drains_in_flight_work_and_exits_zero(uvicorn_server: Callable[..., ServerProcess]) -> None:
     server = uvicorn_server({"ENABLE_PREDICTION_CACHE": "false", "RERANKER_BATCH_SIZE": "8", "RERANKER_DRAIN_SECONDS": "60"})
     results: list = []  # type: ignore[type-arg]
-    threads = [post_in_thread(server.url + "/rerank", {"query": f"query {i}", "documents": docs(40, f"t{i}")}, results)
-               for i in range(6)]
+    # Sent together: on a quiet machine, requests sent one after another finished before the
+    # last one arrived, and six were never in flight at once.
+    start = threading.Barrier(6)
+    threads = [post_in_thread(server.url + "/rerank", {"query": f"query {i}", "documents": docs(40, f"t{i}")},
+                              results, start) for i in range(6)]
     deadline = time.monotonic() + 60  # tokenizing 6 x 40 long documents next to a busy forward takes seconds on 2 cores
     while summary(server)["controller"]["inflight_requests"] < 6 and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -72,11 +72,10 @@ class Runtime:
                 self.remote = await self._connect_redis(info.fingerprint)
             self._build_engine(self.backend)
             if self.settings.warmup_on_start:
-                warm_started = time.monotonic()
-                await asyncio.to_thread(self.backend.warmup)
+                rate = await asyncio.to_thread(self.backend.warmup)
                 # A first throughput estimate for admission, before any real batch has run.
                 assert self.batcher is not None
-                self.batcher.throughput = 9 / max(time.monotonic() - warm_started, 1e-3)
+                self.batcher.throughput = rate
         except Exception as exc:  # a failed load must show in /health and /ready, not kill the loop silently
             self.load_error = f"{exc.__class__.__name__}: {exc}"
             log.error("model load failed: %s", self.load_error)

@@ -16,6 +16,8 @@ Hardware libraries (torch, mlx, openvino) are imported only inside the backend m
 
 from __future__ import annotations
 
+import time
+
 import abc
 import hashlib
 import json
@@ -172,12 +174,21 @@ class Backend(abc.ABC):
         query_tokens = self.token_counts([query])[0]
         return max(limit // 2, limit - query_tokens)
 
-    def warmup(self) -> None:
-        """A few forwards of realistic shapes, so the first request is not the slow one."""
-        query = "what is a reranker?"
-        doc = "A reranker scores how relevant a document is to a query. " * 8
+    def warmup_pair(self) -> Pair:
+        """A realistic pair (~100 tokens) for the warm-up forwards."""
+        return Pair("what is a reranker?", "A reranker scores how relevant a document is to a query. " * 8)
+
+    def warmup(self) -> float:
+        """A few forwards of realistic shapes, so the first request is not the slow one; returns
+        the pairs/s of a last, timed forward of 8: admission's first throughput estimate. The
+        first forwards pay one-off costs (kernel choice, allocation) that say nothing of the rate:
+        counted in, they made a fresh server refuse a burst it could serve."""
+        pair = self.warmup_pair()
         for size in (1, 8):
-            self.score([Pair(query, doc)] * size)
+            self.score([pair] * size)
+        started = time.perf_counter()
+        self.score([pair] * 8)
+        return 8 / max(time.perf_counter() - started, 1e-6)
 
     def sizing(self) -> EngineSizing:
         """Batch size, token budget and forwards in flight that suit this backend's device."""

@@ -348,8 +348,6 @@ class LLMPrompts(HFTokenization):
     def encode(self, pairs: Sequence[Pair]) -> list[Encoded]:
         return self._encoder().encode_pairs(pairs)
 
-    def warmup(self) -> None:
-        query = "what is a reranker?"
-        doc = "A reranker scores how relevant a document is to a query. " * 8
-        for size in (1, 8):
-            self.score([Pair(query, doc, self.instruction(None))] * size)  # type: ignore[attr-defined]
+    def warmup_pair(self) -> Pair:
+        pair = super().warmup_pair()  # type: ignore[misc]
+        return Pair(pair.query, pair.document, self.instruction(None))  # type: ignore[attr-defined]
