@@ -66,8 +66,9 @@ bench: $(VENV)/.installed-dev
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Every dependency at its declared lower bound, in a fresh venv (.lower-bounds/), then the unit
-# tests: the bounds in pyproject.toml are ones the code works with. Large downloads (PyTorch and
-# its CUDA libraries from PyPI): not part of `make test`.
-test-lower-bounds:
+# Every dependency at its declared lower bound, in a fresh venv (.lower-bounds/), then every test
+# that needs no Kubernetes control plane: the bounds in pyproject.toml are ones the code works
+# with. Large downloads (PyTorch and its CUDA libraries from PyPI), ~8 min here: not part of
+# `make test`. docs/dependencies.md.
+test-lower-bounds: system-deps
 	python3 hack/lower_bounds.py

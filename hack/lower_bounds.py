@@ -93,7 +93,7 @@ def install(python: Path, constraints: Path, extras: tuple[str, ...], bounds: di
     run([str(python), "-m", "pip", "install", "-c", str(constraints), f".[{','.join(extras)}]"], cwd=REPO)
     listed = subprocess.run([str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True,
                             check=True).stdout
-    pinned = {canonicalize_name(d["name"]): d["version"] for d in json.loads(listed)}
+    pinned: dict[str, str] = {canonicalize_name(d["name"]): d["version"] for d in json.loads(listed)}
     # Versions compare as versions ("29" is "29.0.0"); a bound that is not installed at all is drift too.
     return {n: (v, pinned.get(n)) for n, v in bounds.items() if n not in pinned or Version(pinned[n]) != Version(v)}
 
@@ -102,7 +102,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", action="store_true", help="reuse .lower-bounds/venv if it exists")
     parser.add_argument("pytest_args", nargs="*", help="pytest arguments for every pass (default: each pass's tests)")
-    args = parser.parse_args()
+    args, unknown = parser.parse_known_args()  # pytest's own options (-x, -k ...) pass through
+    pytest_args = [*args.pytest_args, *unknown]
 
     work = REPO / ".lower-bounds"
     venv = work / "venv"
@@ -114,6 +115,7 @@ def main() -> int:
         run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'server'}:{REPO / 'operator'}"}
     summary: list[str] = []
+    codes: list[int] = []
     for number, step in enumerate(PASSES, 1):
         bounds = lower_bounds(REPO / "pyproject.toml", step.extras)
         print(f"pass {number} ({','.join(step.extras)}), {len(bounds)} lower bounds:",
@@ -126,13 +128,12 @@ def main() -> int:
         install_s = time.monotonic() - started
         started = time.monotonic()
         code = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               *(args.pytest_args or step.tests)], cwd=REPO, env=env).returncode
+                               *(pytest_args or step.tests)], cwd=REPO, env=env).returncode
+        codes.append(code)
         summary.append(f"pass {number}: install {install_s:.0f}s, tests {time.monotonic() - started:.0f}s, exit {code}")
         print(summary[-1], flush=True)
-        if code != 0:
-            break
     print("lower bounds:", "; ".join(summary))
-    return code
+    return max(codes)
 
 
 if __name__ == "__main__":
