@@ -97,7 +97,9 @@ def pod_failure(pod: Mapping[str, Any]) -> dict[str, str] | None:
         if cs.get("restartCount"):
             what.append(f"restarted {cs['restartCount']} times")
         detail = str((terminated.get("message") if exited else waiting.get("message")) or "")
-        detail = " ".join(detail.split())[-400:]
+        detail = " ".join(detail.split())
+        if len(detail) > 400:  # the head names what failed (the server's words), the tail ends a log
+            detail = f"{detail[:240]} ... {detail[-150:]}"
         message = f"pod {name}: container {cs.get('name')} {', '.join(what)}"
         return {"pod": name, "reason": reason,
                 "message": f"{message}: {detail}" if detail else message}

@@ -144,7 +144,8 @@ def pod_metric(cluster: KubeCluster, namespace: str, pod: str, name: str,
     raw = cluster.kubectl("get", "--raw",
                           f"/api/v1/namespaces/{namespace}/pods/{pod}:8000/proxy/metrics").stdout
     total = 0.0
-    assert f"# TYPE {name.removesuffix('_total')} " in raw, f"{pod} exposes no {name}:\n{raw[:2000]}"
+    assert re.search(rf"^# TYPE {re.escape(name.removesuffix('_total'))}(_total)? ", raw, re.M), \
+        f"{pod} exposes no {name}:\n{raw[:2000]}"
     for line in raw.splitlines():
         m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
         if not m:

@@ -120,6 +120,10 @@ def test_node_up_and_down_leaves_the_host_as_it_was(tmp_path: Path) -> None:
         again = hack(first, "up")
         assert again.returncode == 0, again.stderr
         info = json.loads((first / "cluster.json").read_text())
+        deadline = time.monotonic() + 60  # the namespace's default ServiceAccount comes a moment later
+        while kubectl(info, "get", "serviceaccount", "default", check=False).returncode != 0:
+            assert time.monotonic() < deadline, "no default ServiceAccount 60 s after up"
+            time.sleep(0.5)
         after_up = subprocess.run([*sock, "images", "ls", "-q"], capture_output=True, text=True,
                                   check=True).stdout.split()
         assert set(refs) <= set(after_up), after_up

@@ -150,6 +150,16 @@ def test_a_crash_looping_server_pod_fails_with_its_termination_message() -> None
                        "model load failed: OSError: no-such"}
 
 
+def test_a_long_termination_message_keeps_what_failed_and_how_it_ended() -> None:
+    hub = "LocalEntryNotFoundError: " + "cannot find the snapshot folder on the local disk. " * 20
+    pod = server_pod("rr-abc", state={"terminated": {"exitCode": 4, "message":
+                     f"model load failed: could not load 'acme/no-such-model' ({hub}) and the folder is not set"}})
+    failure = status.pod_failure(pod)
+    assert failure is not None and len(failure["message"]) < 500
+    assert "could not load 'acme/no-such-model'" in failure["message"]
+    assert failure["message"].endswith("and the folder is not set")
+
+
 def test_pods_that_start_or_serve_do_not_fail() -> None:
     assert status.pod_failure(server_pod("a", state={"waiting": {"reason": "ContainerCreating"}})) is None
     assert status.pod_failure(server_pod("b", state={"running": {}})) is None  # loading the model

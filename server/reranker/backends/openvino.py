@@ -21,8 +21,8 @@ How, without hand-written graph code:
 Precision is a compile-time hint: fp32 sets INFERENCE_PRECISION_HINT=f32 (OpenVINO would
 otherwise run bf16 on a bf16-capable CPU), bf16 sets bf16; int8 runs its quantized layers in int8
 and the rest in fp32, or in bf16 where the CPU has native bf16 and bf16 measures faster at start
-(like `auto`'s fp32/bf16 race; on an AVX512-BF16 CPU without AMX, int8 ran 2x faster with fp32
-float layers). `info.dtype` reports what the
+(like `auto`'s fp32/bf16 race: on an AVX512-BF16 CPU without AMX neither won every time, from
+2x apart to even, so it is measured where it runs). `info.dtype` reports what the
 compiled model really uses. Tokenization is the model's Hugging Face tokenizer (tokenization.py),
 identical to the other runtimes; infer requests are per thread (one per forward worker).
 """
@@ -94,7 +94,7 @@ class OpenVINOBackend(HFTokenization, Backend):
         if hint == "bf16" and (settings.quantization == "auto" or graph == "int8"):
             # Native bf16 is not always faster (e.g. AVX512-BF16 without AMX, small models): both keep the
             # ranking (Spearman >= 0.999), so measure both on this CPU and keep the faster; for int8 the
-            # race is between its float layers in bf16 and in fp32 (measured 2x apart on an AVX512-BF16 CPU).
+            # race is between its float layers in bf16 and in fp32.
             hint, raced_reason = self._race(model)
             reason = raced_reason if graph == "float" else \
                 f"{picked.reason}; its float layers: {raced_reason.removeprefix('auto: ')}"
