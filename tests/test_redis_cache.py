@@ -78,8 +78,8 @@ def test_concurrent_identical_requests_to_two_servers_compute_each_pair_once(
 
 
 def test_redis_killed_mid_load_fails_nothing_and_sharing_resumes(
-        tmp_path: Path, uvicorn_server: Callable[..., ServerProcess]) -> None:
-    redis = RedisServer(free_port(), tmp_path).start()
+        redis_server: RedisServer, uvicorn_server: Callable[..., ServerProcess]) -> None:
+    redis = redis_server  # the fixture stops the restarted server too, also when this fails
     env = env_for(redis, RERANKER_REDIS_TIMEOUT="0.2")
     a, b = uvicorn_server(env), uvicorn_server(env)
     statuses: list[int] = []
