@@ -1,8 +1,8 @@
 """The OpenVINO backend: Hugging Face cross-encoders and bi-encoders on x86 CPUs, the fast way.
 
-Why a second CPU runtime: on a CPU node OpenVINO runs the same BERT/XLM-R graphs 1.5-2x faster
-than PyTorch eager at the same precision (fused attention and GEMM kernels chosen for the CPU's
-AVX-512/VNNI/AMX units), and its int8 path (NNCF post-training quantization of weights *and*
+Why a second CPU runtime: on a CPU node OpenVINO runs the same BERT/XLM-R graphs at least as fast
+as PyTorch eager at the same precision (fused attention and GEMM kernels chosen for the CPU's
+AVX-512/VNNI/AMX units; the gain depends on the CPU), and its int8 path (NNCF post-training quantization of weights *and*
 activations) is both faster and far more faithful than torch's deprecated dynamic quantization.
 Figures: docs/benchmarks.md.
 
