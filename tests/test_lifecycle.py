@@ -60,14 +60,14 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(uvicorn_server: Callable[.
         time.sleep(0.02)
     assert summary(server)["controller"]["inflight_requests"] == 6
     server.proc.send_signal(signal.SIGTERM)
-    saw_unready, refused = False, None
+    saw_unready, late = False, None
     deadline = time.monotonic() + 60
     while server.proc.poll() is None and time.monotonic() < deadline:
         try:
             if httpx.get(server.url + "/ready", timeout=1).status_code == 503:
                 saw_unready = True
-                if refused is None:
-                    refused = httpx.post(server.url + "/rerank", json={"query": "late", "documents": ["x"]}, timeout=5)
+                if late is None:  # arrives while draining (as through a kube-proxy not yet updated)
+                    late = httpx.post(server.url + "/rerank", json={"query": "late", "documents": ["x"]}, timeout=60)
         except httpx.HTTPError:
             pass  # the socket closes once drained
         time.sleep(0.05)
@@ -75,7 +75,9 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(uvicorn_server: Callable[.
         t.join(60)
     assert server.proc.wait(30) == 0
     assert saw_unready, "/ready never answered 503 while draining"
-    assert refused is not None and refused.status_code == 503 and "retry-after" in refused.headers
+    # served, not refused, and told to go elsewhere next time
+    assert late is not None and late.status_code == 200, late and late.text
+    assert late.headers["connection"] == "close"
     assert [status for status, _, _ in results] == [200] * 6, results
     assert all(len(json.loads(text)["results"]) == 40 for _, _, text in results)
 

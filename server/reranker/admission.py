@@ -61,9 +61,9 @@ class Admission:
         return self.batcher.active if self.batcher else 0
 
     def check_serving(self) -> None:
-        if self.draining:
-            self.metrics.rejected.labels(reason="draining").inc()
-            raise NotReady("the server is shutting down; retry on another replica", retry_after=1)
+        # Draining refuses nothing: a request that still arrives (a kept-alive connection in the
+        # moment before it is closed, a kube-proxy not yet updated) is served, with
+        # `Connection: close` (app.py), rather than failed with a 503 while the model is loaded.
         if not self.ready:
             self.metrics.rejected.labels(reason="not_ready").inc()
             raise NotReady("the model is still loading", retry_after=5)

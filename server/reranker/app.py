@@ -54,7 +54,11 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode("latin-1"))]
+                extra = [(b"x-request-id", rid.encode("latin-1"))]
+                runtime = getattr(getattr(scope.get("app"), "state", None), "runtime", None)
+                if runtime is not None and runtime.admission.draining:
+                    extra.append((b"connection", b"close"))  # the client's next request goes elsewhere
+                message["headers"] = list(message["headers"]) + extra
             await send(message)
 
         try:
