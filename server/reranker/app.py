@@ -48,6 +48,8 @@ class RequestContext:
         route = path if path in _ROUTES else "other"
         status = 500
         started = time.perf_counter()
+        app = scope.get("app")
+        runtime: Runtime | None = getattr(app.state, "runtime", None) if app is not None else None
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -55,7 +57,6 @@ class RequestContext:
                 status = message["status"]
                 message.setdefault("headers", [])
                 extra = [(b"x-request-id", rid.encode("latin-1"))]
-                runtime = getattr(getattr(scope.get("app"), "state", None), "runtime", None)
                 if runtime is not None and runtime.admission.draining:
                     extra.append((b"connection", b"close"))  # the client's next request goes elsewhere
                 message["headers"] = list(message["headers"]) + extra
@@ -65,8 +66,6 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
-            app = scope.get("app")
-            runtime: Runtime | None = getattr(app.state, "runtime", None) if app is not None else None
             if runtime is not None and route not in ("/metrics", "/health", "/ready"):
                 runtime.metrics.requests.labels(route=route, status=str(status)).inc()
                 runtime.metrics.request_duration.labels(route=route).observe(elapsed)

@@ -345,19 +345,16 @@ def _prefers_json(accept: str) -> bool:
     """JSON only for a client that prefers it to the Prometheus text: `Accept: application/json`
     does, kubectl's `application/json, */*` (`kubectl get --raw .../proxy/metrics`) and
     Prometheus' own header do not."""
-    def q(media: str) -> float:
-        best = 0.0
-        for part in accept.split(","):
-            name, *params = (p.strip() for p in part.split(";"))
-            if name.lower() == media:
-                weight = next((p[2:] for p in params if p.lower().startswith("q=")), "1")
-                try:
-                    best = max(best, float(weight))
-                except ValueError:
-                    continue
-        return best
-
-    return q("application/json") > max(q("text/plain"), q("application/openmetrics-text"), q("*/*"))
+    weights: dict[str, float] = {}
+    for part in accept.split(","):
+        media, *params = (p.strip().lower() for p in part.split(";"))
+        q = next((p[2:] for p in params if p.startswith("q=")), "1")
+        try:
+            weights[media] = max(weights.get(media, 0.0), float(q))
+        except ValueError:
+            continue
+    text = max(weights.get(m, 0.0) for m in ("text/plain", "application/openmetrics-text", "*/*"))
+    return weights.get("application/json", 0.0) > text
 
 
 @router.get("/metrics", tags=["probes"], summary="Prometheus text; the JSON summary with Accept: application/json",
