@@ -111,8 +111,12 @@ def test_node_up_and_down_leaves_the_host_as_it_was(tmp_path: Path) -> None:
         # images lost from the store (a full disk, a prune) are imported again by the next
         # `up`, though their archives did not change: the pause image is the pods' sandbox
         sock = ["ctr", "--address", str(first / "node" / "containerd.sock"), "-n", "k8s.io"]
-        refs = [r for r in subprocess.run([*sock, "images", "ls", "-q"], capture_output=True,
-                                          text=True, check=True).stdout.split() if "/pause:" in r]
+
+        def images_in_store() -> list[str]:
+            return subprocess.run([*sock, "images", "ls", "-q"], capture_output=True, text=True,
+                                  check=True).stdout.split()
+
+        refs = [r for r in images_in_store() if "/pause:" in r]
         assert refs
         kubectl(info, "delete", "pod", "probe", "--wait=true")
         subprocess.run([*sock, "images", "rm", *refs], capture_output=True, check=True)
@@ -124,8 +128,7 @@ def test_node_up_and_down_leaves_the_host_as_it_was(tmp_path: Path) -> None:
         while kubectl(info, "get", "serviceaccount", "default", check=False).returncode != 0:
             assert time.monotonic() < deadline, "no default ServiceAccount 60 s after up"
             time.sleep(0.5)
-        after_up = subprocess.run([*sock, "images", "ls", "-q"], capture_output=True, text=True,
-                                  check=True).stdout.split()
+        after_up = images_in_store()
         assert set(refs) <= set(after_up), after_up
         kubectl(info, "apply", "-f", "-", stdin=PAUSE_POD)
         kubectl(info, "wait", "--for=condition=Ready", "pod/probe", "--timeout=90s")
