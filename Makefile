@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PORT   ?= 8000
 
-.PHONY: serve test e2e bench bench-quick system-deps cluster-binaries images clean test-lower-bounds
+.PHONY: serve test test-deps e2e bench bench-quick system-deps cluster-binaries images clean test-lower-bounds
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -33,6 +33,7 @@ system-deps:
 # on 2 cores for the control plane, plus the node's), see docs/cluster.md.
 cluster-binaries:
 	hack/cluster build
+	hack/cluster metrics build
 
 # Container images with buildah (no Docker daemon, no registry; root): reranker-fleet/server:dev
 # (CPU torch), reranker-fleet/operator:dev and reranker-fleet/redis:dev, docker-archives under
@@ -47,14 +48,20 @@ images: system-deps
 	REGISTRY=$(REGISTRY) TAG=$(TAG) TORCH_VARIANT=$(TORCH_VARIANT) hack/images
 	$(if $(filter 1 yes true,$(PUSH)),REGISTRY=$(REGISTRY) TAG=$(TAG) TORCH_VARIANT=$(TORCH_VARIANT) hack/images push)
 
+# What the suite needs is built side by side: the Go builds (control plane, node, Prometheus,
+# prometheus-adapter) keep the CPUs busy while the venv and the images mostly wait on downloads
+# and the disk (a cold `make test`: docs/cluster.md). Warm, each is a check of a few seconds.
 # The end-to-end tests run after the rest (their node and metrics path are the heaviest; the
 # suite measured green in this order): both runs must pass.
-test: $(VENV)/.installed-dev system-deps cluster-binaries images
+test-deps: system-deps
+	$(MAKE) -j3 $(VENV)/.installed-dev cluster-binaries images
+
+test: test-deps
 	$(PY) -m pytest --ignore=tests/e2e $(PYTEST_ARGS)
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 # Only the end-to-end tests: a real node, the images, the chart (tests/e2e; part of `test`).
-e2e: $(VENV)/.installed-dev system-deps cluster-binaries images
+e2e: test-deps
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 bench-quick: $(VENV)/.installed-dev
