@@ -7,7 +7,9 @@ Same model folder (the MiniLM-sized cross-encoder of workload.py), same 20-docum
 (~145-token pairs), same batch size (32), one server at a time, 1/4/16 concurrent clients:
 
 - this server at its defaults (RERANKER_RUNTIME=auto, RERANKER_QUANTIZATION=auto: OpenVINO, the
-  precision auto picks on this CPU), and at RERANKER_QUANTIZATION=int8 (OpenVINO NNCF);
+  precision auto picks on this CPU), at RERANKER_QUANTIZATION=int8 (OpenVINO NNCF), and at auto
+  with RERANKER_MAX_PARALLEL=1 (one OpenVINO stream on every core instead of one per core: what
+  the streams gain, same run);
 - Infinity with its torch engine in fp32 and in bf16 and with its optimum (ONNX Runtime) engine on
   an ONNX export of the same weights, when that engine starts; "Infinity best" is the fastest of
   them at 16 clients, then also measured at 1 and 4 clients.
@@ -131,6 +133,8 @@ def main() -> int:
     runs: list[tuple[str, object, list[int]]] = [
         ("reranker auto", {}, args.clients),
         ("reranker int8", {"RERANKER_QUANTIZATION": "int8"}, [top]),
+        # one OpenVINO stream on every core: how the server ran before streams (the gain, same run)
+        ("reranker auto 1 stream", {"RERANKER_MAX_PARALLEL": "1"}, [top]),
         ("infinity torch fp32", ("torch", "float32"), [top]),
         ("infinity torch bf16", ("torch", "bfloat16"), [top]),
         ("infinity optimum", ("optimum", "float32"), [top]),

@@ -103,3 +103,62 @@ def test_a_request_bigger_than_a_batch_is_cut_by_length_first() -> None:
         loop.close()
     batch = cut_batch(own + later, batch_size=3, max_tokens=100_000, by_length=True)
     assert sorted(j.tokens for j in batch) == [100, 105, 110]  # its own short pairs, not the later request's
+
+
+class Recorder:
+    """Stands in for a backend's forward (the batcher is what is tested): records each batch's
+    size and how many forwards ran at once; each forward takes 50 ms."""
+
+    def __init__(self) -> None:
+        import threading
+        self.sizes: list[int] = []
+        self.running = 0
+        self.most_at_once = 0
+        self.lock = threading.Lock()
+
+    def score_encoded(self, batch: list[object]) -> list[float]:
+        import time
+        with self.lock:
+            self.sizes.append(len(batch))
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(0.05)
+        with self.lock:
+            self.running -= 1
+        return [0.5] * len(batch)
+
+
+async def run_batcher(pairs: int, *, spread: bool, max_parallel: int = 2) -> Recorder:
+    from reranker.backends import Encoded
+    from reranker.batcher import Batcher
+    from reranker.metrics import Metrics
+
+    backend = Recorder()
+    batcher = Batcher(backend, Metrics(), batch_size=32, max_batch_tokens=16384, window_ms=0,  # type: ignore[arg-type]
+                      max_parallel=max_parallel, worker_timeout=10, spread=spread)
+    batcher.start()
+    loop = asyncio.get_running_loop()
+    queue = [Job(pair=("q", str(i)), key=str(i), tokens=100, future=loop.create_future(), encoded=Encoded(ids=[1] * 100))
+             for i in range(pairs)]
+    batcher.submit(queue)
+    scores = await asyncio.wait_for(asyncio.gather(*(j.future for j in queue)), 10)
+    await batcher.stop()
+    assert scores == [0.5] * pairs
+    return backend
+
+
+async def test_spread_splits_a_lone_request_across_idle_workers() -> None:
+    """Forwards on disjoint compute (OpenVINO's streams): 20 waiting pairs become two forwards of
+    10 that run at once, not one of 20 while the other worker idles."""
+    spread = await run_batcher(20, spread=True)
+    assert sorted(spread.sizes) == [10, 10] and spread.most_at_once == 2
+    together = await run_batcher(20, spread=False)
+    assert together.sizes == [20]
+    tiny = await run_batcher(5, spread=True)  # fewer than 2 x SPREAD_MIN: one forward
+    assert tiny.sizes == [5]
+
+
+async def test_spread_under_load_keeps_batches_full() -> None:
+    backend = await run_batcher(160, spread=True)
+    assert backend.sizes[:4] == [32, 32, 32, 32] and sum(backend.sizes) == 160
+    assert backend.most_at_once == 2

@@ -128,6 +128,23 @@ def test_int8_float_layers_run_the_faster_of_bf16_and_fp32(winner: str, tiny_ber
     assert np.isfinite(int8.score(PAIRS)).all()
 
 
+def test_streams_run_forwards_side_by_side_with_the_same_scores(tiny_bert: Path, tmp_path: Path) -> None:
+    """One infer request per stream: forwards from several workers at once score what one does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = load(tiny_bert, tmp_path)
+    sized = backend.sizing()
+    streams = int(backend.compiled.get_property("NUM_STREAMS"))
+    assert sized.spread and sized.max_parallel == streams >= 1
+    alone = backend.score(PAIRS)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda _: backend.score(PAIRS), range(8)))
+    assert all(max_diff(alone, other) < 1e-6 for other in together)
+    one = load(tiny_bert, tmp_path, max_parallel=1)  # RERANKER_MAX_PARALLEL is the stream count
+    assert int(one.compiled.get_property("NUM_STREAMS")) == 1 and one.sizing().max_parallel == 1
+    assert max_diff(alone, one.score(PAIRS)) < 1e-5
+
+
 def test_unwritable_cache_still_serves(tiny_bert: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -14,8 +14,12 @@ task cuts batches and hands each to a worker thread (the event loop never runs a
 - a batch that is not full waits at most MICRO_BATCH_WINDOW_MS (counted from its oldest
   pair's arrival) for more work, and never when it is already full;
 - at most RERANKER_MAX_PARALLEL forwards run at once (on CUDA each worker thread has its own
-  stream, so the next batch is packed and uploaded while the current one runs);
-  RERANKER_WORKER_TIMEOUT bounds one.
+  stream, so the next batch is packed and uploaded while the current one runs; OpenVINO on a CPU
+  runs one stream per worker on its own cores); RERANKER_WORKER_TIMEOUT bounds one;
+- a backend whose forwards run on disjoint compute (`spread`: OpenVINO's streams) gets the
+  waiting work split evenly across its idle workers (at least SPREAD_MIN pairs each) instead of
+  one batch on one worker while the others idle: a lone request is as fast as on one stream of
+  every core, and under load each worker takes full batches.
 
 A job may belong to several requests (`Ticket`s) when they asked for the same pair at once;
 it is dropped before it is computed only when every one of them has gone away.
@@ -109,6 +113,7 @@ class Ticket:
 
 SORT_WINDOW_BATCHES = 4
 LENGTH_BUCKET = 16
+SPREAD_MIN = 4
 
 
 def cut_batch(jobs: Sequence[Job], *, batch_size: int, max_tokens: int, by_length: bool,
@@ -175,7 +180,7 @@ class Batcher:
 
     def __init__(self, backend: Backend, metrics: Metrics, *, batch_size: int, max_batch_tokens: int,
                  window_ms: float, max_parallel: int, worker_timeout: float, max_retries: int = 0,
-                 by_length: bool = True, padded: bool = True,
+                 by_length: bool = True, padded: bool = True, spread: bool = False,
                  on_done: Callable[[list[Job]], None] | None = None) -> None:
         self.backend = backend
         self.metrics = metrics
@@ -187,12 +192,14 @@ class Batcher:
         self.max_retries = max_retries
         self.by_length = by_length
         self.padded = padded
+        self.spread = spread
         self.on_done = on_done
         self.pending: list[Job] = []
         self._dropped = 0  # cancelled jobs still in `pending` until the loop prunes them
         self.active = 0
         self.throughput = 0.0  # pairs/s, moving average: used for Retry-After
         self._slots = asyncio.Semaphore(max_parallel)
+        self._busy = 0  # slots taken by batches handed out (a forward may not have started yet)
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="forward")
         self._task: asyncio.Task[None] | None = None
@@ -266,11 +273,12 @@ class Batcher:
                 await self._wait_window()
             await self._slots.acquire()
             self._prune()
-            batch = cut_batch(self.pending, batch_size=self.batch_size, max_tokens=self.max_batch_tokens,
+            batch = cut_batch(self.pending, batch_size=self._share(), max_tokens=self.max_batch_tokens,
                               by_length=self.by_length, padded=self.padded)
             if not batch:
                 self._slots.release()
                 continue
+            self._busy += 1
             chosen = set(batch)
             self.pending = [j for j in self.pending if j not in chosen]
             for job in batch:
@@ -281,6 +289,14 @@ class Batcher:
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _share(self) -> int:
+        """Pairs the next batch may take: the batch size, or, where forwards run on disjoint
+        compute, the waiting pairs split evenly across the idle workers (this one included)."""
+        workers = min(self.max_parallel - self._busy, len(self.pending) // SPREAD_MIN)
+        if not self.spread or workers <= 1:
+            return self.batch_size
+        return min(self.batch_size, -(-len(self.pending) // workers))
 
     async def _wait_window(self) -> None:
         deadline = self.pending[0].enqueued_at + self.window_s
@@ -318,7 +334,7 @@ class Batcher:
                 except TimeoutError:
                     # A thread cannot be killed: its slot stays taken until the forward returns.
                     release_now = False
-                    future.add_done_callback(lambda _f: self._slots.release())
+                    future.add_done_callback(lambda _f: self._release())
                     log.error("forward of %d pairs exceeded RERANKER_WORKER_TIMEOUT=%ss", len(batch), self.worker_timeout)
                     self._fail(batch, WorkerTimeout(f"the model did not answer within {self.worker_timeout:g}s",
                                                     retry_after=max(1.0, self.worker_timeout / 4)))
@@ -331,9 +347,10 @@ class Batcher:
                     self._fail(batch, BackendFailure(f"the model failed to score the batch: {exc.__class__.__name__}: {exc}"))
                     return
         finally:
+            in_flight = self.active  # forwards running as this one ended, itself included
             self.active -= 1
             if release_now:
-                self._slots.release()
+                self._release()
         elapsed = time.monotonic() - now
         longest = max(j.tokens for j in batch)
         self.metrics.inference_duration.observe(elapsed)
@@ -342,13 +359,19 @@ class Batcher:
         self.metrics.batch_tokens.observe(longest * len(batch) if self.padded else sum(j.tokens for j in batch))
         self.metrics.pairs_scored.inc(len(batch))
         self.metrics.tokens.inc(sum(j.tokens for j in batch))
-        rate = len(batch) / max(elapsed, 1e-6)
+        # concurrent forwards share the device (or, spread, each has its own cores): the
+        # backend's rate is about this forward's times the forwards in flight
+        rate = len(batch) / max(elapsed, 1e-6) * max(1, in_flight)
         self.throughput = rate if self.throughput == 0 else 0.8 * self.throughput + 0.2 * rate
         for job, score in zip(batch, scores):
             if not job.future.done():
                 job.future.set_result(float(score))
         if self.on_done is not None:
             self.on_done(batch)
+
+    def _release(self) -> None:
+        self._busy -= 1
+        self._slots.release()
 
     def _forward(self, batch: list[Job]) -> list[float]:
         """Score a batch from its token ids (jobs built without them are tokenized here)."""

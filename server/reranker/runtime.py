@@ -73,9 +73,10 @@ class Runtime:
             self._build_engine(self.backend)
             if self.settings.warmup_on_start:
                 rate = await asyncio.to_thread(self.backend.warmup)
-                # A first throughput estimate for admission, before any real batch has run.
+                # A first throughput estimate for admission, before any real batch has run: the
+                # warm-up forward ran on one of `spread` forwards' disjoint cores.
                 assert self.batcher is not None
-                self.batcher.throughput = rate
+                self.batcher.throughput = rate * (self.batcher.max_parallel if self.batcher.spread else 1)
         except Exception as exc:  # a failed load must show in /health and /ready, not kill the loop silently
             self.load_error = f"{exc.__class__.__name__}: {exc}"
             log.error("model load failed: %s", self.load_error)
@@ -111,7 +112,7 @@ class Runtime:
             max_batch_tokens=s.max_batch_tokens or sized.max_batch_tokens,
             window_ms=s.micro_batch_window_ms if s.micro_batch_enabled else 0.0,
             max_parallel=self.admission.max_parallel, worker_timeout=s.worker_timeout, max_retries=s.max_retries,
-            padded=sized.padded,
+            padded=sized.padded, spread=sized.spread,
         )
         self.cache = ScoreCache(fingerprint=backend.info.fingerprint, size=s.cache_size, ttl=s.cache_ttl_seconds,
                                 metrics=self.metrics, enabled=s.enable_prediction_cache, remote=self.remote)

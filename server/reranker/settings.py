@@ -117,8 +117,9 @@ class Settings(BaseSettings):
     max_parallel: int | None = Field(
         None, ge=1, le=64, validation_alias=_env("RERANKER_MAX_PARALLEL"),
         description="Forward passes allowed to run at once (worker threads). Unset: sized for the "
-        "device (1 on CPU; 2 on CUDA, each thread on its own stream, so one batch is packed and "
-        "uploaded while the other runs).",
+        "device (OpenVINO: one per CPU stream, as many as OpenVINO's THROUGHPUT mode picks for "
+        "the cores, and set, it is the stream count; PyTorch on CPU: 1; CUDA: 2, each thread on "
+        "its own stream, so one batch is packed and uploaded while the other runs).",
     )
     max_queue: int = Field(
         4096, ge=1, validation_alias=_env("RERANKER_MAX_QUEUE"),

@@ -115,12 +115,16 @@ class EngineSizing:
 
     padded: the forward pays for longest pair x pairs (token budget counted that way, lengths
     grouped to cut padding); False for padding-free forwards, which pay for the real tokens.
+    spread: the max_parallel forwards run on disjoint compute (OpenVINO's CPU streams, each on
+    its own cores): work that would make one batch is split across the idle workers, so a lone
+    request uses every core, and one forward's rate times max_parallel is the backend's.
     """
 
     batch_size: int = 32
     max_batch_tokens: int = 16384
     max_parallel: int = 1
     padded: bool = True
+    spread: bool = False
 
 
 class Backend(abc.ABC):

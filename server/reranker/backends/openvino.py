@@ -24,7 +24,9 @@ and the rest in fp32, or in bf16 where the CPU has native bf16 and bf16 measures
 (like `auto`'s fp32/bf16 race: on an AVX512-BF16 CPU without AMX neither won every time, from
 2x apart to even, so it is measured where it runs). `info.dtype` reports what the
 compiled model really uses. Tokenization is the model's Hugging Face tokenizer (tokenization.py),
-identical to the other runtimes; infer requests are per thread (one per forward worker).
+identical to the other runtimes; infer requests are per thread (one per forward worker, one
+worker per stream). Thread pools are sized for the CPUs the process may use (cpus.py: a pod's
+CPU limit, not the node's cores).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, Pair
+from . import cpus
+from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, EngineSizing, Pair
 from .model_files import ModelFiles
 from .precision import SAMPLE_TEXT, native_bf16, race, raced, resolve, sample_pairs
 from .tokenization import BiBatch, Features, HFTokenization
@@ -81,6 +84,7 @@ class OpenVINOBackend(HFTokenization, Backend):
         if settings.quantization == "fp16":
             raise BackendError("fp16 is not a CPU precision: use bf16 or int8 with the OpenVINO backend")
         self.files = files
+        self.streams = settings.max_parallel  # None: OpenVINO sizes its streams for this CPU
         self.max_length = min(settings.max_length, files.max_length)
         self._init_tokenizer(files)
         picked = resolve(settings.quantization, device="cpu")
@@ -112,10 +116,24 @@ class OpenVINOBackend(HFTokenization, Backend):
         )
 
     def _compile(self, model: Any, hint: str) -> Any:
-        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        # THROUGHPUT: independent streams, each on its own cores, one infer request each (the
+        # batcher runs one forward per stream and spreads a lone request across them). On 2
+        # vCPUs two 1-thread streams served 1.08x the pairs/s of one 2-thread stream (LATENCY)
+        # on a quiet machine and 1.5-1.8x on a loaded one, where a stream over both vCPUs
+        # stalls at every layer whenever one of them is preempted (docs/benchmarks.md).
+        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "THROUGHPUT"}
+        if self.streams:
+            config["NUM_STREAMS"] = str(self.streams)
+        if (threads := cpus.capped()) is not None:  # a pod's CPU limit, not the node's cores
+            config["INFERENCE_NUM_THREADS"] = threads
         if self._writable(self.cache_dir):
             config["CACHE_DIR"] = str(self.cache_dir / "compiled")
         return self.core.compile_model(model, "CPU", config)
+
+    def sizing(self) -> EngineSizing:
+        """One forward in flight per stream, the work spread across them (EngineSizing.spread)."""
+        streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        return EngineSizing(max_parallel=max(1, streams), spread=True)
 
     def _race(self, model: Any) -> tuple[str, str]:
         """`auto` on a CPU with native bf16: bf16 against fp32 on the same probe batches; the faster stays."""

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import cpus
 from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, EngineSizing
 from .model_files import ModelFiles
 from .precision import Precision, race, raced, resolve, sample_pairs
@@ -82,6 +83,8 @@ class TorchBackend(HFTokenization, Backend):
     def __init__(self, files: ModelFiles, settings: "Settings") -> None:
         self.files = files
         self.device = pick_device(settings.device if settings.device != "mlx" else "auto")
+        if self.device == "cpu" and (threads := cpus.capped()) is not None:
+            torch.set_num_threads(threads)  # a pod's CPU limit, not the node's cores
         picked = resolve(settings.quantization, device=self.device)
         # auto with native bf16 on a CPU: load fp32, then time a bf16 copy against it and keep the faster.
         racing = settings.quantization == "auto" and picked.quantization == "bf16" and self.device == "cpu"
