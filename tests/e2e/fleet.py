@@ -93,6 +93,7 @@ class ServiceClient:
 class LoadResult:
     statuses: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)  # resets of a reused connection, sent again
 
     @property
     def failed(self) -> int:
@@ -108,7 +109,11 @@ def load(base_url: str, body: dict[str, Any], *, clients: int = 2,
          interval: float = 0.1) -> Iterator[LoadResult]:
     """Clients posting `body` to /rerank in a loop (each waits `interval` between requests)
     until the block ends: a bounded, continuous load. Every non-200 answer and every transport
-    error counts as a failed request (status "error: ...")."""
+    error counts as a failed request (status "error: ..."), with one exception that HTTP
+    clients handle the same way: a kept-alive connection that the server closed (a draining
+    pod closes its idle ones) in the instant the request was written on it is reset before
+    any answer; that request is sent once more on a new connection (`resent`), and counts by
+    the second answer."""
     result = LoadResult()
     stop = threading.Event()
     lock = threading.Lock()
@@ -117,7 +122,12 @@ def load(base_url: str, body: dict[str, Any], *, clients: int = 2,
         with httpx.Client(base_url=base_url, timeout=60) as http:
             while not stop.is_set():
                 try:
-                    status = str(http.post("/rerank", json=body).status_code)
+                    try:
+                        status = str(http.post("/rerank", json=body).status_code)
+                    except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as e:
+                        with lock:
+                            result.resent.append(f"{time.strftime('%H:%M:%S')} {e!r}")
+                        status = str(http.post("/rerank", json=body).status_code)
                 except httpx.HTTPError as e:
                     status = f"error: {type(e).__name__}"
                     with lock:
