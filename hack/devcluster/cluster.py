@@ -154,12 +154,20 @@ def _start_all(d: Path, bins: dict[str, Path], t0: float, *, node: bool) -> None
                      {"kube-apiserver": api})
         write_private(d / "kubeconfig", client_kubeconfig(server, pki, "admin"))
         has_kcm = "kube-controller-manager" in bins
+        kcm = None
         if has_kcm:
-            start_controller_manager(d, bins["kube-controller-manager"], server, kcm_port)
+            kcm = start_controller_manager(d, bins["kube-controller-manager"], server, kcm_port)
         node_info: dict[str, Any] = {"ready": False, "reason": reason}
         if lock_fd is not None:
             node_info = node_mod.start_node(d, bins, server=server, sandbox_image=sandbox_image,
                                             lock_fd=lock_fd)
+        if kcm is not None:
+            # A pod is refused until its namespace's default ServiceAccount exists, which the
+            # controller-manager makes a moment after it starts: `up` returns once `kubectl
+            # apply` of a pod in `default` works (a fast machine got "serviceaccount not found").
+            wait_healthz(d, "the default ServiceAccount",
+                         server + "/api/v1/namespaces/default/serviceaccounts/default", admin_ssl(d),
+                         {"kube-controller-manager": kcm}, timeout=60)
     finally:
         if lock_fd is not None:
             os.close(lock_fd)  # the node's daemons hold the lock from here on

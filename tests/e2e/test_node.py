@@ -87,7 +87,8 @@ def test_node_up_and_down_leaves_the_host_as_it_was(tmp_path: Path) -> None:
         ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}
         assert ready["Ready"] == "True", node["status"]["conditions"]
 
-        # a pod runs on the pod range; the API server reaches its kubelet for exec and logs
+        # a pod runs on the pod range (`up` returned once the namespace's ServiceAccount, which
+        # pods need, exists); the API server reaches its kubelet for exec and logs
         kubectl(info, "apply", "-f", "-", stdin=PAUSE_POD)
         kubectl(info, "wait", "--for=condition=Ready", "pod/probe", "--timeout=90s")
         pod = json.loads(kubectl(info, "get", "pod", "probe", "-o", "json").stdout)
@@ -124,10 +125,6 @@ def test_node_up_and_down_leaves_the_host_as_it_was(tmp_path: Path) -> None:
         again = hack(first, "up")
         assert again.returncode == 0, again.stderr
         info = json.loads((first / "cluster.json").read_text())
-        deadline = time.monotonic() + 60  # the namespace's default ServiceAccount comes a moment later
-        while kubectl(info, "get", "serviceaccount", "default", check=False).returncode != 0:
-            assert time.monotonic() < deadline, "no default ServiceAccount 60 s after up"
-            time.sleep(0.5)
         after_up = images_in_store()
         assert set(refs) <= set(after_up), after_up
         kubectl(info, "apply", "-f", "-", stdin=PAUSE_POD)
