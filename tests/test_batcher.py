@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 from reranker.batcher import Job, cut_batch
 
@@ -110,14 +112,12 @@ class Recorder:
     size and how many forwards ran at once; each forward takes 50 ms."""
 
     def __init__(self) -> None:
-        import threading
         self.sizes: list[int] = []
         self.running = 0
         self.most_at_once = 0
         self.lock = threading.Lock()
 
     def score_encoded(self, batch: list[object]) -> list[float]:
-        import time
         with self.lock:
             self.sizes.append(len(batch))
             self.running += 1

@@ -369,6 +369,11 @@ class Batcher:
         if self.on_done is not None:
             self.on_done(batch)
 
+    def seed_throughput(self, one_forward: float) -> None:
+        """The first estimate, from one forward's pairs/s measured alone: where forwards run on
+        disjoint compute (`spread`), max_parallel of them run at that rate side by side."""
+        self.throughput = one_forward * (self.max_parallel if self.spread else 1)
+
     def _release(self) -> None:
         self._busy -= 1
         self._slots.release()

@@ -73,10 +73,9 @@ class Runtime:
             self._build_engine(self.backend)
             if self.settings.warmup_on_start:
                 rate = await asyncio.to_thread(self.backend.warmup)
-                # A first throughput estimate for admission, before any real batch has run: the
-                # warm-up forward ran on one of `spread` forwards' disjoint cores.
+                # A first throughput estimate for admission, before any real batch has run.
                 assert self.batcher is not None
-                self.batcher.throughput = rate * (self.batcher.max_parallel if self.batcher.spread else 1)
+                self.batcher.seed_throughput(rate)
         except Exception as exc:  # a failed load must show in /health and /ready, not kill the loop silently
             self.load_error = f"{exc.__class__.__name__}: {exc}"
             log.error("model load failed: %s", self.load_error)

@@ -118,16 +118,19 @@ def load(base_url: str, body: dict[str, Any], *, clients: int = 2,
     stop = threading.Event()
     lock = threading.Lock()
 
+    def post(http: httpx.Client) -> str:
+        try:
+            return str(http.post("/rerank", json=body).status_code)
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as e:
+            with lock:
+                result.resent.append(f"{time.strftime('%H:%M:%S')} {e!r}")
+        return str(http.post("/rerank", json=body).status_code)
+
     def client() -> None:
         with httpx.Client(base_url=base_url, timeout=60) as http:
             while not stop.is_set():
                 try:
-                    try:
-                        status = str(http.post("/rerank", json=body).status_code)
-                    except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as e:
-                        with lock:
-                            result.resent.append(f"{time.strftime('%H:%M:%S')} {e!r}")
-                        status = str(http.post("/rerank", json=body).status_code)
+                    status = post(http)
                 except httpx.HTTPError as e:
                     status = f"error: {type(e).__name__}"
                     with lock:
