@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "ranking.json"
 
 VARIANTS = [("torch", "none"), ("torch", "bf16"), ("openvino", "none"), ("openvino", "bf16"), ("openvino", "int8"),
-            ("mlx", "none"), ("mlx", "bf16"), ("mlx", "int8")]
+            ("openvino", "int8-dynamic"), ("openvino", "auto"), ("mlx", "none"), ("mlx", "bf16"), ("mlx", "int8")]
 
 
 def workload(tokenizer: object, *, pairs: int, seed: int = 0) -> list[tuple[str, str]]:

@@ -7,13 +7,16 @@ Same model folder (the MiniLM-sized cross-encoder of workload.py), same 20-docum
 (~145-token pairs), same batch size (32), one server at a time, 1/4/16 concurrent clients:
 
 - this server at its defaults (RERANKER_RUNTIME=auto, RERANKER_QUANTIZATION=auto: OpenVINO, the
-  precision auto picks on this CPU), at RERANKER_QUANTIZATION=int8 (OpenVINO NNCF), and at auto
+  precision auto picks on this CPU for this model), at RERANKER_QUANTIZATION=int8-dynamic (what
+  auto picks where it keeps Spearman >= 0.999 on calibration pairs: the embedded MiniLM, not this
+  random-headed copy), at RERANKER_QUANTIZATION=int8 (OpenVINO NNCF), and at auto
   with RERANKER_MAX_PARALLEL=1 (one OpenVINO stream on every core instead of one per core: what
   the streams gain, same run);
 - Infinity with its torch engine in fp32 and in bf16 and with its optimum (ONNX Runtime) engine on
   an ONNX export of the same weights, when that engine starts; "Infinity best" is the fastest of
   them at 16 clients, then also measured at 1 and 4 clients.
-The ours-at-auto run is repeated last at 16 clients, so drift of the shared machine shows. Prints
+The ours-at-auto run and Infinity's best are repeated last at 16 clients, so drift of the shared
+machine shows; each side's ratio uses the mean of its two runs (p99: the larger). Prints
 pairs/s, p50, p99 per point and the ratios at 16 clients; writes a plot (pairs/s and p50/p99
 against clients, both servers) to --plot (default docs/peer_infinity.png).
 """
@@ -135,6 +138,8 @@ def main() -> int:
     runs: list[tuple[str, object, list[int]]] = [
         ("reranker auto", {}, args.clients),
         ("reranker int8", {"RERANKER_QUANTIZATION": "int8"}, [top]),
+        # what auto serves where int8-dynamic keeps the ranking on calibration pairs (the embedded MiniLM)
+        ("reranker int8-dynamic", {"RERANKER_QUANTIZATION": "int8-dynamic"}, [top]),
         # one OpenVINO stream on every core: how the server ran before streams (the gain, same run)
         ("reranker auto 1 stream", {"RERANKER_MAX_PARALLEL": "1"}, [top]),
         ("infinity torch fp32", ("torch", "float32"), [top]),
@@ -142,16 +147,18 @@ def main() -> int:
         ("infinity optimum", ("optimum", "float32"), [top]),
         ("infinity best", None, [c for c in args.clients if c != top]),
         ("reranker auto (again)", {}, [top]),
+        ("infinity best (again)", None, [top]),
     ]
     results: dict[str, dict[int, dict[str, float]]] = {}
     picked = ""
     for index, (name, how, clients_list) in enumerate(runs):
-        if name == "infinity best":
+        if name.startswith("infinity best"):
             done = {n: r[top] for n, r in results.items() if n.startswith("infinity")}
             if not done or not clients_list:
                 continue
             best_name = max(done, key=lambda n: done[n]["pairs_per_s"])
-            name, how = best_name, dict((n, h) for n, h, _ in runs)[best_name]
+            how = dict((n, h) for n, h, _ in runs)[best_name]
+            name = best_name + name.removeprefix("infinity best")  # " (again)": the drift check
         try:
             if name.startswith("reranker"):
                 server = w.Server({**base_env, **how})  # type: ignore[dict-item]
@@ -175,22 +182,24 @@ def main() -> int:
         for clients, p in points.items():
             print(f"{name:<24} {clients:>2} clients {p['pairs_per_s']:8.1f} pairs/s  p50 {p['p50_ms']:8.0f} ms  "
                   f"p99 {p['p99_ms']:8.0f} ms  ok {p['ok']}/{p['requests']}", flush=True)
-    infinity = {n: r[top] for n, r in results.items() if n.startswith("infinity")}
+    infinity = {n: r[top] for n, r in results.items() if n.startswith("infinity") and not n.endswith("(again)")}
     if not infinity or "reranker auto" not in results:
         print("no comparison: a server did not run")
         return 1
     best_name = max(infinity, key=lambda n: infinity[n]["pairs_per_s"])
-    best = infinity[best_name]
+    bests = [results[n][top] for n in (best_name, f"{best_name} (again)") if n in results]
+    best = {"pairs_per_s": sum(p["pairs_per_s"] for p in bests) / len(bests), "p99_ms": max(p["p99_ms"] for p in bests)}
     autos = [results[n][top] for n in ("reranker auto", "reranker auto (again)") if n in results]
     ours = sum(p["pairs_per_s"] for p in autos) / len(autos)
     ours_p99 = max(p["p99_ms"] for p in autos)
-    print(f"Infinity best at {top} clients: {best_name}")
+    print(f"Infinity best at {top} clients: {best_name} (mean of its {len(bests)} runs, p99 the larger)")
     print(f"ratio reranker auto / Infinity best = {ours / best['pairs_per_s']:.2f} (target >= 1.5; mean of the two auto runs); "
           f"p99 {ours_p99:.0f} ms vs {best['p99_ms']:.0f} ms ({'<=' if ours_p99 <= best['p99_ms'] else '>'} Infinity's)")
-    if "reranker int8" in results:
-        int8 = results["reranker int8"][top]
-        print(f"ratio reranker int8 / Infinity best = {int8['pairs_per_s'] / best['pairs_per_s']:.2f} (target >= 2.5); "
-              f"p99 {int8['p99_ms']:.0f} ms")
+    for name, target in (("reranker int8-dynamic", "1.5, Spearman >= 0.999"), ("reranker int8", "2.5")):
+        if name in results:
+            point = results[name][top]
+            print(f"ratio {name} / Infinity best = {point['pairs_per_s'] / best['pairs_per_s']:.2f} (target >= {target}); "
+                  f"p99 {point['p99_ms']:.0f} ms ({'<=' if point['p99_ms'] <= best['p99_ms'] else '>'} Infinity's)")
     plot(results, args.plot, f"MiniLM-sized cross-encoder, 20-doc requests, batch 32, this CPU. reranker auto = {picked}")
     print(f"plot: {args.plot}")
     if args.json:

@@ -103,6 +103,65 @@ def test_int8_is_quantized_with_nncf_and_cached(tiny_bert: Path, tmp_path: Path)
     assert np.isfinite(int8.score(PAIRS)).all()
 
 
+def test_int8_dynamic_compresses_weights_and_is_cached(tiny_bert: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from reranker.backends import openvino as ov_backend
+
+    dynamic = load(tiny_bert, tmp_path, quantization="int8-dynamic")
+    assert (dynamic.info.backend, dynamic.info.dtype) == ("openvino", "int8-dynamic")
+    assert dynamic.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == ov_backend.DYNAMIC_GROUP
+    folder = next((tmp_path / "openvino").glob("*-int8-dynamic-*"))
+    assert 'element_type="u8"' in (folder / "model.xml").read_text()  # int8 weights (asymmetric: u8 + zero points)
+    fp32 = load(tiny_bert, tmp_path)
+    scores = dynamic.score(PAIRS)
+    assert 0 < max_diff(scores, fp32.score(PAIRS)) <= 0.2  # a tiny random model; MiniLM: tests/test_quantization.py
+    assert dynamic.info.fingerprint != fp32.info.fingerprint  # its scores are cached apart from fp32's
+
+    def no_conversion(self: object, graph: str) -> None:
+        raise AssertionError("a restart converted the model again")
+
+    monkeypatch.setattr(ov_backend.OpenVINOBackend, "_convert", no_conversion)
+    assert load(tiny_bert, tmp_path, quantization="int8-dynamic").score(PAIRS) == scores
+
+
+@pytest.mark.parametrize("case", ["kept", "ranking lost", "slower"])
+def test_auto_keeps_int8_dynamic_only_where_it_holds_the_ranking_and_runs_faster(
+        case: str, tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The calibration pairs are really scored in fp32 and int8-dynamic; the Spearman floor and the
+    speed race are set here (a tiny random model's ranking says nothing about a real one's, and the
+    real race is timing)."""
+    import reranker.backends.calibration as calibration
+    import reranker.backends.openvino as ov_backend
+
+    real_choose, measured = calibration.choose, []
+
+    def choose(score_in: object, candidates: list[str], floor: float = 0.999) -> calibration.Choice:
+        choice = real_choose(score_in, candidates, floor=-1.0 if case != "ranking lost" else 1.01)  # type: ignore[arg-type]
+        measured.append(choice.measured)
+        return choice
+
+    def fake_race(candidates: dict[str, object]) -> dict[str, float]:
+        if "dynamic" in candidates:
+            return {"dynamic": 1.0 if case == "kept" else 2.0, "float": 1.5}
+        return {"bf16": 2.0, "none": 1.0}  # the float race (on a CPU with native bf16): fp32
+
+    monkeypatch.setattr(calibration, "choose", choose)
+    monkeypatch.setattr(ov_backend, "race", fake_race)
+    backend = load(tiny_bert, tmp_path, quantization="auto")
+    tried = list(measured[0])
+    assert tried == ["int8-dynamic/128"] if case != "ranking lost" else tried == [
+        f"int8-dynamic/{group}" for group in ov_backend.DYNAMIC_GROUPS]  # fastest first, until one holds
+    assert all(-1.0 <= rho <= 1.0 for rho in measured[0].values())  # real Spearman figures
+    if case == "kept":
+        assert backend.info.dtype == "int8-dynamic"
+        assert backend.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 128
+        assert backend.info.precision.startswith("auto: int8-dynamic") and "1.50x fp32's speed" in backend.info.precision
+    else:
+        assert backend.info.dtype == "fp32"
+        assert ("int8-dynamic not kept" if case == "ranking lost" else "ran 0.75x fp32's speed") in backend.info.precision
+    assert np.isfinite(backend.score(PAIRS)).all()
+
+
 @pytest.mark.parametrize("winner", ["bf16", "none"])
 def test_int8_float_layers_run_the_faster_of_bf16_and_fp32(winner: str, tiny_bert: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,6 +242,10 @@ def test_openvino_refuses_gpus_and_torch_refuses_int8(tiny_bert: Path, tmp_path:
         load(tiny_bert, tmp_path, device="cuda", quantization="bf16")
     with pytest.raises(BackendError, match="RERANKER_RUNTIME=openvino"):
         load_backend(Settings(model=str(tiny_bert), runtime="torch", device="cpu", quantization="int8"))
+    with pytest.raises(ValueError, match="int8-dynamic is OpenVINO's"):
+        Settings(model=str(tiny_bert), runtime="torch", device="cpu", quantization="int8-dynamic")
+    with pytest.raises(ValueError, match="int8-dynamic is OpenVINO's"):
+        Settings(model=str(tiny_bert), device="cuda", quantization="int8-dynamic")
 
 
 async def test_defaults_serve_openvino_at_auto_precision(tiny_bert: Path, tmp_path: Path) -> None:
@@ -193,9 +256,10 @@ async def test_defaults_serve_openvino_at_auto_precision(tiny_bert: Path, tmp_pa
         assert model["backend"] == "openvino"
         assert model["precision"].startswith("auto:")
         if precision.native_bf16():
-            assert model["dtype"] in ("bf16", "fp32") and "measured" in model["precision"]
+            assert model["dtype"] in ("bf16", "fp32", "int8-dynamic") and "measured" in model["precision"]
         else:
-            assert model["dtype"] == "fp32"
+            assert model["dtype"] in ("fp32", "int8-dynamic")
+        assert "int8-dynamic" in model["precision"]  # tried on calibration pairs: kept or why not
         metrics = (await client.get("/metrics")).text
         assert f'backend="openvino"' in metrics and f'dtype="{model["dtype"]}"' in metrics
         body = (await client.post("/rerank", json={"query": "capital of france", "documents": [d for _, d in PAIRS]})).json()

@@ -19,7 +19,7 @@ from kubernetes.utils import parse_quantity
 
 #: Devices a pod can run the model on (mps/mlx are Macs: external endpoints, not pods).
 POD_DEVICES = ("cpu", "cuda")
-QUANTIZATIONS = ("auto", "none", "int8", "bf16", "fp16")
+QUANTIZATIONS = ("auto", "none", "int8", "int8-dynamic", "bf16", "fp16")
 RUNTIMES = ("auto", "torch", "openvino")
 MODEL_KINDS = ("auto", "cross-encoder", "bi-encoder", "llm")
 AUTOSCALING_METRICS = ("queueDepth", "inflight", "cpu")
@@ -364,15 +364,15 @@ def validate(spec: RerankerSpec) -> None:
     if spec.device == "cpu" and spec.quantization == "fp16":
         raise InvalidSpec("quantization fp16 needs device cuda: the server rejects fp16 on cpu "
                           "(use bf16 or int8)")
-    if spec.device == "cuda" and spec.quantization == "int8":
-        raise InvalidSpec("quantization int8 (OpenVINO NNCF) runs on cpu only: the server "
-                          "rejects int8 on cuda (use bf16 or fp16)")
+    if spec.device == "cuda" and spec.quantization in ("int8", "int8-dynamic"):
+        raise InvalidSpec("quantization int8 and int8-dynamic (OpenVINO) run on cpu only: the server "
+                          "rejects them on cuda (use bf16 or fp16)")
     if spec.runtime not in RUNTIMES:
         raise InvalidSpec(f"runtime {spec.runtime!r} is not one of {', '.join(RUNTIMES)}")
     if spec.device == "cuda" and spec.runtime == "openvino":
         raise InvalidSpec("runtime openvino runs on cpu only: use runtime torch (or auto) with device cuda")
-    if spec.runtime == "torch" and spec.quantization == "int8":
-        raise InvalidSpec("quantization int8 runs on the openvino runtime: use runtime openvino (or auto)")
+    if spec.runtime == "torch" and spec.quantization in ("int8", "int8-dynamic"):
+        raise InvalidSpec("quantization int8 and int8-dynamic run on the openvino runtime: use runtime openvino (or auto)")
     if spec.gpus is not None and spec.device != "cuda":
         raise InvalidSpec("gpus applies only to device cuda")
     if spec.model.kind not in MODEL_KINDS:

@@ -69,7 +69,7 @@ ENV_VARS: tuple[str, ...] = (
 
 #: Values the server accepts for RERANKER_DEVICE, RERANKER_QUANTIZATION and RERANKER_RUNTIME.
 DEVICES: tuple[str, ...] = ("auto", "cuda", "mps", "cpu", "mlx")
-QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int8", "bf16", "fp16")
+QUANTIZATIONS: tuple[str, ...] = ("auto", "none", "int8", "int8-dynamic", "bf16", "fp16")
 RUNTIMES: tuple[str, ...] = ("auto", "torch", "openvino", "mlx")
 #: Values the server accepts for LOG_LEVEL (any case).
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from . import contract
 
 Device = Literal["auto", "cuda", "mps", "cpu", "mlx"]
-Quantization = Literal["auto", "none", "int8", "bf16", "fp16"]
+Quantization = Literal["auto", "none", "int8", "int8-dynamic", "bf16", "fp16"]
 Runtime = Literal["auto", "torch", "openvino", "mlx"]
 ModelKind = Literal["auto", "cross-encoder", "bi-encoder", "llm"]
 
@@ -76,10 +76,12 @@ class Settings(BaseSettings):
     )
     quantization: Quantization = Field(
         "auto", validation_alias=_env("RERANKER_QUANTIZATION"),
-        description="auto (the fastest precision that keeps Spearman >= 0.999 vs fp32: on CPUs with native "
-        "bf16 (avx512_bf16/amx_bf16) bf16 where it is faster, else fp32; on CUDA the first of fp16, bf16 that keeps it on calibration pairs, measured at load; fp32 for LLM rerankers), "
-        "none (fp32), bf16, int8 (CPU: OpenVINO NNCF int8 weights and activations; MLX: 8-bit weights), "
-        "fp16 (CUDA/MPS/MLX only).",
+        description="auto (the fastest precision that keeps Spearman >= 0.999 vs fp32, measured at start: on a "
+        "CPU with OpenVINO int8-dynamic where it keeps it on calibration pairs and runs faster, else bf16 where the CPU has "
+        "native bf16 (avx512_bf16/amx_bf16) and it is faster, else fp32; on CUDA the first of fp16, bf16 that keeps it on "
+        "calibration pairs; fp32 for LLM rerankers), none (fp32), bf16, int8 (CPU: OpenVINO NNCF int8 weights and "
+        "activations; MLX: 8-bit weights), int8-dynamic (CPU, OpenVINO: int8 weights, activations quantized at run "
+        "time per group), fp16 (CUDA/MPS/MLX only).",
     )
     runtime: Runtime = Field(
         "auto", validation_alias=_env("RERANKER_RUNTIME"),
@@ -332,6 +334,10 @@ class Settings(BaseSettings):
                 f"RERANKER_QUANTIZATION=int8 is CPU/MLX-only (OpenVINO NNCF int8, MLX 8-bit weights); "
                 f"use bf16 or fp16 on {self.device}"
             )
+        if self.quantization == "int8-dynamic" and (self.device != "auto" and self.device != "cpu" or
+                                                   self.runtime in ("torch", "mlx")):
+            raise ValueError("RERANKER_QUANTIZATION=int8-dynamic is OpenVINO's, on a CPU: "
+                             "use RERANKER_RUNTIME=openvino (or auto) with RERANKER_DEVICE=cpu (or auto)")
         return self
 
     def resolved_model_names(self) -> frozenset[str]:

@@ -152,15 +152,18 @@ def test_a_reranker_deployment_serves_through_its_cluster_ip(node_cluster: KubeC
     client = ServiceClient(node_cluster, fleet, FLEET)
     try:
         remote = client.rerank(QUERY, DOCS)
+        served = client.request("GET", "/health").json()["model"]
     finally:
         client.close()
 
-    async def local() -> dict[str, Any]:
-        async with running_app() as app:
+    async def local() -> tuple[dict[str, Any], dict[str, Any]]:
+        # the pod's defaults (auto runtime and precision, measured at start on this same CPU)
+        async with running_app(runtime="auto", device="cpu", quantization="auto") as app:
             r = await app.post("/rerank", json={"query": QUERY, "documents": DOCS})
-            return dict(r.json())
+            return dict(r.json()), (await app.get("/health")).json()["model"]
 
-    here = asyncio.run(local())
+    here, model = asyncio.run(local())
+    assert (served["backend"], served["dtype"]) == (model["backend"], model["dtype"]), (served, model)
     assert [r["index"] for r in remote["results"]] == [r["index"] for r in here["results"]]
     for a, b in zip(remote["results"], here["results"]):
         assert abs(a["score"] - b["score"]) < 1e-4, (remote, here)

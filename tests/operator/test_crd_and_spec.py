@@ -127,9 +127,11 @@ def _cel_messages(schema: dict[str, Any]) -> list[str]:
 # (spec, the message both the CRD's CEL rule and spec.parse give)
 INVALID = [
     ({"device": "cpu", "quantization": "fp16"}, "quantization fp16 needs device cuda"),
-    ({"device": "cuda", "quantization": "int8"}, "quantization int8 (OpenVINO NNCF) runs on cpu only"),
+    ({"device": "cuda", "quantization": "int8"}, "quantization int8 and int8-dynamic (OpenVINO) run on cpu only"),
+    ({"device": "cuda", "quantization": "int8-dynamic"}, "quantization int8 and int8-dynamic (OpenVINO) run on cpu only"),
     ({"device": "cuda", "runtime": "openvino"}, "runtime openvino runs on cpu only"),
-    ({"runtime": "torch", "quantization": "int8"}, "quantization int8 runs on the openvino runtime"),
+    ({"runtime": "torch", "quantization": "int8"}, "quantization int8 and int8-dynamic run on the openvino runtime"),
+    ({"runtime": "torch", "quantization": "int8-dynamic"}, "quantization int8 and int8-dynamic run on the openvino runtime"),
     ({"device": "cpu", "gpus": 2}, "gpus applies only to device cuda"),
     ({"autoscaling": {"enabled": True, "minReplicas": 4, "maxReplicas": 2}},
      "autoscaling.minReplicas must be less than or equal to autoscaling.maxReplicas"),

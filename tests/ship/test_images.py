@@ -152,9 +152,12 @@ async def test_server_image_serves_the_embedded_model_offline_read_only(
     assert result["model"]["revision"].startswith("embedded") and result["model"]["device"] == "cpu"
     assert result["exit_code"] == 0, "SIGTERM: the drain ends the server cleanly"
 
-    # The same scores as this environment's server for the same model.
-    async with running_app(warmup_on_start=False) as client:
+    # The same scores as this environment's server for the same model, at the pod's defaults (auto
+    # runtime and precision, measured at start on this same CPU).
+    async with running_app(warmup_on_start=False, runtime="auto", device="cpu", quantization="auto") as client:
         r2 = await client.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS})
+        here = (await client.get("/health")).json()["model"]
+    assert (result["model"]["backend"], result["model"]["dtype"]) == (here["backend"], here["dtype"])
     expected = r2.json()["results"]
     assert [x["index"] for x in result["results"]] == [x["index"] for x in expected]
     assert [x["relevance_score"] for x in result["results"]] == pytest.approx(

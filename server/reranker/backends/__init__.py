@@ -88,6 +88,9 @@ def load_backend(settings: "Settings") -> Backend:
             raise BackendError(f"RERANKER_RUNTIME={runtime} serves cross-encoders and bi-encoders, not {files.kind} "
                                "models: use torch or mlx")
         runtime = "torch"  # auto: the runtime that serves this kind
+    if settings.quantization == "int8-dynamic" and (runtime != "openvino" or files.kind not in ENCODER_KINDS):
+        raise BackendError(f"RERANKER_QUANTIZATION=int8-dynamic is OpenVINO's (cross-encoders and bi-encoders on a "
+                           f"CPU), not the {runtime} runtime's for {files.kind} models: use int8, bf16 or none")
     module_name, class_name = KIND_BACKENDS.get((runtime, files.kind), RUNTIMES[runtime])
     module = importlib.import_module(module_name)
     backend: Backend = getattr(module, class_name)(files, settings)

@@ -80,5 +80,5 @@ def choose(score_in: Callable[[str], list[float]], candidates: Sequence[str] = C
         if rho >= floor:
             log.info("quantization auto: %s (Spearman %.5f vs fp32 on %d calibration pairs)", name, rho, len(scores))
             return Choice(name, measured)
-    log.warning("quantization auto: fp32, no half precision kept Spearman >= %s (%s)", floor, measured)
+    log.warning("quantization auto: fp32, no candidate kept Spearman >= %s (%s)", floor, measured)
     return Choice("fp32", measured)

@@ -5,11 +5,16 @@
 
 - CPU with native bf16 (the `avx512_bf16` or `amx_bf16` flags: Intel Cooper Lake, Sapphire
   Rapids and later, AMD Zen 4 and later): bf16 keeps Spearman 0.9999 and often runs 1.5-2.3x
-  fp32, but not always (AVX512-BF16 without AMX, small models: 0.64-0.89x measured on this
-  project's VM), so the backends time bf16 against fp32 on probe batches at start (`race`) and
-  keep the faster. int8 is faster still but measured at Spearman 0.9986: below the bar, so it is
-  never picked automatically; ask for it with RERANKER_QUANTIZATION=int8.
+  fp32, but not always (AVX512-BF16 without AMX: 0.6-0.9x measured on this project's VMs, whose
+  bf16 dot product runs at fp32's FMA rate), so the backends time bf16 against fp32 on probe
+  batches at start (`race`) and keep the faster.
 - CPU without native bf16: fp32 (bf16 is emulated there, slower than fp32).
+- Then, on OpenVINO, int8-dynamic (int8 weights, activations quantized at run time per group of
+  values): how much it moves scores depends on the model, so it is measured on it at start, on
+  calibration pairs (calibration.py, as on CUDA), and served only where it keeps Spearman >= 0.999
+  and runs faster than the float pick (openvino.py). The static int8 (NNCF, activations
+  calibrated once) is faster still but measured at Spearman 0.9987: below the bar, so it is never
+  picked automatically; ask for it with RERANKER_QUANTIZATION=int8.
 - CUDA (PyTorch): measured at load on the model itself: the first of fp16, bf16 that keeps
   Spearman >= 0.999 against fp32 on calibration pairs (calibration.py, docs/cuda.md), else fp32.
 - MPS and MLX: fp32, the reference; ask for bf16/fp16 explicitly where it pays.
@@ -36,7 +41,7 @@ NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 @dataclass(frozen=True)
 class Precision:
-    """What RERANKER_QUANTIZATION resolved to: none (fp32) | bf16 | fp16 | int8, and why."""
+    """What RERANKER_QUANTIZATION resolved to: none (fp32) | bf16 | fp16 | int8 | int8-dynamic, and why."""
 
     quantization: str
     reason: str
