@@ -5,10 +5,10 @@
 
 The workload: pairs of (short query, document of 100-150 tokens), built deterministically from
 tests/fixtures/ranking.json, scored in batches of 32 straight through `Backend.score` (no HTTP,
-no batcher, no cache): what a forward pass costs on this machine. Every variant is loaded with
-the same settings and warmed with one batch; then each batch is scored by every variant in turn
-(the baseline included, in the same process), so load from other processes on a shared machine
-falls on all variants alike.
+no batcher, no cache), with as many forwards at once as the server runs for that backend: what
+the forwards cost on this machine. Every variant is loaded with the same settings and warmed;
+then the variants score the workload in turn, pass after pass (the baseline included, in the
+same process), so load from other processes on a shared machine falls on all variants alike.
 Scores are also compared with PyTorch fp32, so a fast variant that ranks wrongly shows.
 
 On Linux, MLX runs on its CPU build (mlx[cpu]) with a reference BLAS: its figures here say
@@ -63,21 +63,27 @@ def load(runtime: str, quantization: str, model: str | None) -> "Backend":
 
 def measure(backends: list["Backend"], pairs: list[tuple[str, str]], *, batch: int,
             repeats: int) -> tuple[list[float], list[list[float]]]:
-    """Seconds spent and scores, per backend. Batches are interleaved across backends (each batch is
-    scored by every variant in turn), so load from other processes falls on all variants alike."""
+    """Seconds spent and scores, per backend. Each variant scores the workload's batches with as
+    many forwards at once as the server runs for it (`Backend.sizing`: OpenVINO one per stream,
+    PyTorch on a CPU one on every core); the variants take turns, pass after pass, so load from
+    other processes falls on all of them alike."""
+    from concurrent.futures import ThreadPoolExecutor
+
     batches = [pairs[i:i + batch] for i in range(0, len(pairs), batch)]
-    for backend in backends:
-        backend.score(batches[0])  # warm: first-call allocations, lazy init
+    pools = [ThreadPoolExecutor(max(1, backend.sizing().max_parallel)) for backend in backends]
+    for backend, pool in zip(backends, pools):
+        list(pool.map(backend.score, batches[:1] * pool._max_workers))  # warm every worker's infer request
     seconds = [0.0] * len(backends)
     scores: list[list[float]] = [[] for _ in backends]
     for rep in range(repeats):
-        for chunk in batches:
-            for i, backend in enumerate(backends):
-                started = time.perf_counter()
-                out = backend.score(chunk)
-                seconds[i] += time.perf_counter() - started
-                if rep == 0:
-                    scores[i].extend(out)
+        for i, (backend, pool) in enumerate(zip(backends, pools)):
+            started = time.perf_counter()
+            out = [score for chunk in pool.map(backend.score, batches) for score in chunk]
+            seconds[i] += time.perf_counter() - started
+            if rep == 0:
+                scores[i] = out
+    for pool in pools:
+        pool.shutdown()
     return seconds, scores
 
 
@@ -134,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     base = np.array(scores[0])
     print("\n| backend | dtype | device | pairs/s | vs torch fp32 | max abs diff vs torch fp32 |")
     print("|---|---|---|---|---|---|")
-    for backend, rate, got in zip(backends, rates, scores):
+    for (_, asked), backend, rate, got in zip(variants, backends, rates, scores):
         info = backend.info
         diff = float(np.abs(np.array(got) - base).max())
-        print(f"| {info.backend} | {info.dtype} | {info.device} | {rate:.2f} | {rate / rates[0]:.3f}x | {diff:.4f} |")
+        dtype = f"auto: {info.dtype}" if asked == "auto" else info.dtype
+        print(f"| {info.backend} | {dtype} | {info.device} | {rate:.2f} | {rate / rates[0]:.3f}x | {diff:.4f} |")
     for backend in backends:
         backend.close()
     return 0
