@@ -7,6 +7,7 @@ tests/test_quantization.py.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -160,6 +161,30 @@ def test_auto_keeps_int8_dynamic_only_where_it_holds_the_ranking_and_runs_faster
         assert backend.info.dtype == "fp32"
         assert ("int8-dynamic not kept" if case == "ranking lost" else "ran 0.75x fp32's speed") in backend.info.precision
     assert np.isfinite(backend.score(PAIRS)).all()
+
+
+def test_auto_measures_the_ranking_once_per_cpu(tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Spearman figures are kept next to the compressed graph: a restart on the same CPU does not
+    score the calibration pairs again (the speed is timed again: it may differ)."""
+    import reranker.backends.calibration as calibration
+    import reranker.backends.openvino as ov_backend
+
+    first = load(tiny_bert, tmp_path, quantization="auto")
+    (record,) = (tmp_path / "openvino").glob("*-int8-dynamic-*/ranking-*.json")
+    measured = json.loads(record.read_text())
+    assert list(measured)[0] == "int8-dynamic/128" and all(-1.0 <= rho <= 1.0 for rho in measured.values())
+
+    def no_scoring(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the ranking was measured again")
+
+    monkeypatch.setattr(calibration, "choose", no_scoring)
+    again = load(tiny_bert, tmp_path, quantization="auto")
+    figures = [f"group {name.rsplit('/', 1)[1]} {rho:.4f}" for name, rho in measured.items()]
+    assert all(figure in first.info.precision and figure in again.info.precision for figure in figures)
+    # another CPU (other instructions) measures again
+    monkeypatch.setattr(ov_backend, "cpu_flags", lambda: frozenset({"avx2"}))
+    with pytest.raises(AssertionError, match="measured again"):
+        load(tiny_bert, tmp_path, quantization="auto")
 
 
 @pytest.mark.parametrize("winner", ["bf16", "none"])

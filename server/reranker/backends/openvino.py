@@ -55,7 +55,7 @@ import numpy as np
 from . import cpus
 from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, EngineSizing, Pair
 from .model_files import ModelFiles
-from .precision import SAMPLE_TEXT, native_bf16, race, raced, resolve, sample_pairs
+from .precision import SAMPLE_TEXT, cpu_flags, native_bf16, race, raced, resolve, sample_pairs
 from .tokenization import BiBatch, Features, HFTokenization
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -182,22 +182,37 @@ class OpenVINOBackend(HFTokenization, Backend):
         (calibration.py): the calibration pairs scored in fp32 and with each group size, largest
         (fastest) first; the first with Spearman >= 0.999 vs fp32 is timed against the float pick
         on probe batches, and serves if faster. `fp32`: the float graph when the pick runs fp32.
+        The Spearman figures are kept next to the compressed graph, so a restart on the same CPU
+        only times the pick (the scores do not change; the speed may).
         """
-        from .calibration import calibration_pairs, choose
+        from .calibration import SPEARMAN_FLOOR, Choice, calibration_pairs, choose
 
         floating = self.compiled
-        reference = floating if fp32 is not None else self._compile(self._load_ir("float"), "f32")
         weights = self._load_ir("int8-dynamic")
         encoded = self.encode(calibration_pairs())
+        candidates = [f"int8-dynamic/{group}" for group in DYNAMIC_GROUPS]
         compiled: dict[str, Any] = {}
 
-        def score_in(name: str) -> list[float]:
-            if name == "fp32":
-                return self._score(encoded, reference)
+        def compile_(name: str) -> Any:
             compiled[name] = self._compile(weights, "f32", group=int(name.rsplit("/", 1)[1]))
-            return self._score(encoded, compiled[name])
+            return compiled[name]
 
-        choice = choose(score_in, candidates=[f"int8-dynamic/{group}" for group in DYNAMIC_GROUPS])
+        record = self._ir_folder("int8-dynamic") / f"ranking-{self._gate_key(len(encoded))}.json"
+        try:  # measured at an earlier start on this CPU: the same numbers again
+            earlier: dict[str, float] = json.loads(record.read_text())
+            picked = next((name for name in candidates if earlier.get(name, -1.0) >= SPEARMAN_FLOOR), "fp32")
+            choice = Choice(picked, earlier)
+            if picked != "fp32":
+                compile_(picked)
+        except (OSError, ValueError):
+            reference = floating if fp32 is not None else self._compile(self._load_ir("float"), "f32")
+
+            def score_in(name: str) -> list[float]:
+                return self._score(encoded, reference if name == "fp32" else compile_(name))
+
+            choice = choose(score_in, candidates=candidates)
+            if self._writable(record.parent):
+                record.write_text(json.dumps(choice.measured))
         measured = ", ".join(f"group {name.rsplit('/', 1)[1]} {rho:.4f}" for name, rho in choice.measured.items())
         gate = f"Spearman vs fp32 on {len(encoded)} calibration pairs {measured} (floor 0.999)"
         if choice.dtype == "fp32":
@@ -224,8 +239,18 @@ class OpenVINOBackend(HFTokenization, Backend):
             fields["calibration"] = hashlib.sha256(SAMPLE_TEXT.read_bytes()).hexdigest()[:12]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
+    def _ir_folder(self, graph: str) -> Path:
+        return self.cache_dir / f"{self.files.name.replace('/', '--').strip('.-')[-60:]}-{graph}-{self.ir_fingerprint(graph)}"
+
+    @staticmethod
+    def _gate_key(pairs: int) -> str:
+        """What a ranking measurement depends on beyond the graph: the CPU's instructions (the int8
+        kernels differ between VNNI and AMX), the pairs and the groups tried."""
+        material = json.dumps({"cpu": sorted(cpu_flags()), "pairs": pairs, "groups": DYNAMIC_GROUPS})
+        return hashlib.sha256(material.encode()).hexdigest()[:12]
+
     def _load_ir(self, graph: str) -> Any:
-        folder = self.cache_dir / f"{self.files.name.replace('/', '--').strip('.-')[-60:]}-{graph}-{self.ir_fingerprint(graph)}"
+        folder = self._ir_folder(graph)
         xml = folder / "model.xml"
         if xml.is_file():
             log.info("OpenVINO: loading the converted model from %s", folder)
