@@ -1,7 +1,7 @@
 """Throughput of each backend x dtype on one fixed workload, as ratios to PyTorch fp32.
 
     .venv/bin/python bench/backends.py            # 128 pairs, batch 32, 1 timed pass
-    .venv/bin/python bench/backends.py --quick    # 32 pairs, 1 timed pass
+    .venv/bin/python bench/backends.py --quick    # 64 pairs (two batches: both of OpenVINO's streams busy), 1 timed pass
 
 The workload: pairs of (short query, document of 100-150 tokens), built deterministically from
 tests/fixtures/ranking.json, scored in batches of 32 straight through `Backend.score` (no HTTP,
@@ -69,6 +69,9 @@ def measure(backends: list["Backend"], pairs: list[tuple[str, str]], *, batch: i
     other processes falls on all of them alike."""
     from concurrent.futures import ThreadPoolExecutor
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from workload import score_side_by_side
+
     batches = [pairs[i:i + batch] for i in range(0, len(pairs), batch)]
     pools = [ThreadPoolExecutor(max(1, backend.sizing().max_parallel)) for backend in backends]
     for backend, pool in zip(backends, pools):
@@ -78,7 +81,7 @@ def measure(backends: list["Backend"], pairs: list[tuple[str, str]], *, batch: i
     for rep in range(repeats):
         for i, (backend, pool) in enumerate(zip(backends, pools)):
             started = time.perf_counter()
-            out = [score for chunk in pool.map(backend.score, batches) for score in chunk]
+            out = score_side_by_side(backend, batches, pool)
             seconds[i] += time.perf_counter() - started
             if rep == 0:
                 scores[i] = out
@@ -89,8 +92,8 @@ def measure(backends: list["Backend"], pairs: list[tuple[str, str]], *, batch: i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="32 pairs, 1 timed pass")
-    parser.add_argument("--pairs", type=int, help="pairs in the workload (default 128; --quick: 32)")
+    parser.add_argument("--quick", action="store_true", help="64 pairs, 1 timed pass")
+    parser.add_argument("--pairs", type=int, help="pairs in the workload (default 128; --quick: 64)")
     parser.add_argument("--batch", type=int, default=32, help="pairs per forward pass")
     parser.add_argument("--repeats", type=int, help="timed passes over the workload (default 1)")
     parser.add_argument("--model", help="model id or folder (default: the embedded all-MiniLM-L6-v2)")
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", metavar="RUNTIME:DTYPE",
                         help="run only these variants, e.g. torch:none mlx:int8 (torch:none always runs)")
     args = parser.parse_args(argv)
-    n_pairs = args.pairs or (32 if args.quick else 128)
+    n_pairs = args.pairs or (64 if args.quick else 128)
     repeats = args.repeats or 1
     variants = VARIANTS
     if args.only:

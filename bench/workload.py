@@ -168,3 +168,14 @@ async def open_loop(url: str, bodies: list[dict], *, rate: float, path: str = "/
         await asyncio.gather(*tasks)
         result.seconds = time.perf_counter() - started
     return result
+
+
+def score_side_by_side(backend, batches: list, pool=None) -> list[float]:  # type: ignore[no-untyped-def,type-arg]
+    """Score `batches` with as many forwards at once as the server runs for this backend
+    (`Backend.sizing().max_parallel`: OpenVINO one per stream, PyTorch on a CPU one), in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if pool is not None:
+        return [score for chunk in pool.map(backend.score, batches) for score in chunk]
+    with ThreadPoolExecutor(max(1, backend.sizing().max_parallel)) as own:
+        return [score for chunk in own.map(backend.score, batches) for score in chunk]
