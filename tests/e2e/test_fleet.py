@@ -182,6 +182,13 @@ def test_server_pods_run_non_root_on_a_read_only_root(node_cluster: KubeCluster,
     assert sc["readOnlyRootFilesystem"] is True and sc["runAsNonRoot"] is True, sc
 
 
+def service_ready_ips(cluster: KubeCluster, namespace: str, service: str) -> set[str]:
+    """The ready addresses in a Service's EndpointSlices (what kube-proxy programs)."""
+    slices = cluster.get_json("endpointslices", "-n", namespace, "-l", f"kubernetes.io/service-name={service}")
+    return {address for s in slices["items"] for ep in s.get("endpoints") or ()
+            if ep["conditions"].get("ready") for address in ep["addresses"]}
+
+
 def test_scaling_to_three_spreads_requests_over_every_pod(node_cluster: KubeCluster,
                                                          fleet: str) -> None:
     node_cluster.kubectl("scale", "rrd", FLEET, "-n", fleet, "--replicas=3")
@@ -191,17 +198,30 @@ def test_scaling_to_three_spreads_requests_over_every_pod(node_cluster: KubeClus
     route = {"route": "/rerank", "status": "200"}
     before = {n: pod_metric(node_cluster, fleet, n, "reranker_requests_total", route)
               for n in names}
+    ips = {p["status"]["podIP"] for p in ready}
+    node_cluster.eventually(lambda: service_ready_ips(node_cluster, fleet, FLEET) >= ips, timeout=30,
+                            desc="the three pods ready in the Service's EndpointSlices")
+
+    def served() -> dict[str, float]:
+        return {n: pod_metric(node_cluster, fleet, n, "reranker_requests_total", route) - before[n] for n in names}
+
     client = ServiceClient(node_cluster, fleet, FLEET)
+    sent = 0
     try:
-        for i in range(30):  # a new connection each time: kube-proxy balances connections
-            r = client.request("POST", "/rerank", headers={"Connection": "close"},
-                               json={"query": f"{QUERY} {i}", "documents": DOCS[:2]})
-            assert r.status_code == 200, r.text
+        # 30 requests, each on a new connection (kube-proxy balances connections), then more in tens
+        # until every pod has served one: kube-proxy programs a new endpoint a moment after the
+        # EndpointSlice lists it (minSyncPeriod 1 s, longer on a loaded node). 1 in 20,000 for a
+        # pod to get none of 30 by chance once it is programmed.
+        while sent < 30 or (sent < 90 and not all(v > 0 for v in served().values())):
+            for _ in range(10):
+                r = client.request("POST", "/rerank", headers={"Connection": "close"},
+                                   json={"query": f"{QUERY} {sent}", "documents": DOCS[:2]})
+                assert r.status_code == 200, r.text
+                sent += 1
     finally:
         client.close()
-    served = {n: pod_metric(node_cluster, fleet, n, "reranker_requests_total", route) - before[n]
-              for n in names}
-    assert sum(served.values()) == 30 and all(v > 0 for v in served.values()), served
+    counts = served()
+    assert sum(counts.values()) == sent and all(v > 0 for v in counts.values()), (sent, counts)
 
 
 def test_the_managed_redis_shares_scores_across_pods(node_cluster: KubeCluster,
