@@ -189,15 +189,16 @@ class OpenVINOBackend(HFTokenization, Backend):
 
         floating = self.compiled
         weights = self._load_ir("int8-dynamic")
-        encoded = self.encode(calibration_pairs())
-        candidates = [f"int8-dynamic/{group}" for group in DYNAMIC_GROUPS]
+        pairs = calibration_pairs()
+        groups = {f"int8-dynamic/{group}": group for group in DYNAMIC_GROUPS}  # candidate -> group size
+        candidates = list(groups)
         compiled: dict[str, Any] = {}
 
         def compile_(name: str) -> Any:
-            compiled[name] = self._compile(weights, "f32", group=int(name.rsplit("/", 1)[1]))
+            compiled[name] = self._compile(weights, "f32", group=groups[name])
             return compiled[name]
 
-        record = self._ir_folder("int8-dynamic") / f"ranking-{self._gate_key(len(encoded))}.json"
+        record = self._ir_folder("int8-dynamic") / f"ranking-{self._gate_key(len(pairs))}.json"
         try:  # measured at an earlier start on this CPU: the same numbers again
             earlier: dict[str, float] = json.loads(record.read_text())
             picked = next((name for name in candidates if earlier.get(name, -1.0) >= SPEARMAN_FLOOR), "fp32")
@@ -206,6 +207,7 @@ class OpenVINOBackend(HFTokenization, Backend):
                 compile_(picked)
         except (OSError, ValueError):
             reference = floating if fp32 is not None else self._compile(self._load_ir("float"), "f32")
+            encoded = self.encode(pairs)  # tokenized only when the ranking is measured
 
             def score_in(name: str) -> list[float]:
                 return self._score(encoded, reference if name == "fp32" else compile_(name))
@@ -213,8 +215,8 @@ class OpenVINOBackend(HFTokenization, Backend):
             choice = choose(score_in, candidates=candidates)
             if self._writable(record.parent):
                 record.write_text(json.dumps(choice.measured))
-        measured = ", ".join(f"group {name.rsplit('/', 1)[1]} {rho:.4f}" for name, rho in choice.measured.items())
-        gate = f"Spearman vs fp32 on {len(encoded)} calibration pairs {measured} (floor 0.999)"
+        measured = ", ".join(f"group {groups[name]} {rho:.4f}" for name, rho in choice.measured.items())
+        gate = f"Spearman vs fp32 on {len(pairs)} calibration pairs {measured} (floor 0.999)"
         if choice.dtype == "fp32":
             return dtype, f"{reason}; int8-dynamic not kept: {gate}"
         seconds = self._time({"dynamic": compiled[choice.dtype], "float": floating})
@@ -222,8 +224,7 @@ class OpenVINOBackend(HFTokenization, Backend):
         if ratio <= 1.0:
             return dtype, f"{reason}; int8-dynamic kept the ranking ({gate}) but ran {ratio:.2f}x {dtype}'s speed"
         self._use(compiled[choice.dtype])
-        group = choice.dtype.rsplit("/", 1)[1]
-        picked = (f"auto: int8-dynamic (int8 weights, activations quantized at run time in groups of {group}): "
+        picked = (f"auto: int8-dynamic (int8 weights, activations quantized at run time in groups of {groups[choice.dtype]}): "
                   f"{gate}; measured at start, {ratio:.2f}x {dtype}'s speed (the float pick: {reason.removeprefix('auto: ')})")
         log.info("OpenVINO: %s", picked)
         return "int8-dynamic", picked
