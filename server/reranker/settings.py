@@ -334,8 +334,7 @@ class Settings(BaseSettings):
                 f"RERANKER_QUANTIZATION=int8 is CPU/MLX-only (OpenVINO NNCF int8, MLX 8-bit weights); "
                 f"use bf16 or fp16 on {self.device}"
             )
-        if self.quantization == "int8-dynamic" and (self.device != "auto" and self.device != "cpu" or
-                                                   self.runtime in ("torch", "mlx")):
+        if self.quantization == "int8-dynamic" and (self.device not in ("auto", "cpu") or self.runtime in ("torch", "mlx")):
             raise ValueError("RERANKER_QUANTIZATION=int8-dynamic is OpenVINO's, on a CPU: "
                              "use RERANKER_RUNTIME=openvino (or auto) with RERANKER_DEVICE=cpu (or auto)")
         return self
