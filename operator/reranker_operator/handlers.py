@@ -7,6 +7,8 @@
   reaches the status.
 
 - an event of a RerankerEndpoint (a Mac registered, renewed or left): wakes the prober.
+- Nodes and ServiceCIDRs (cluster-scoped) are indexed, not handled: the prober learns the
+  cluster's pod and Service ranges from them (`cluster_ranges`), where no Mac may point.
 - a server pod starting or stopping to fail (crash loop, image pull, a model that cannot
   load): a pass for its fleet, whose Degraded condition then carries the pod's reason.
 
@@ -30,9 +32,15 @@ from typing import Any
 import kopf
 
 from reranker import contract
-from reranker_operator import manifests, status
+from reranker_operator import cluster_ranges, manifests, status
 from reranker_operator.kube import Kube, load_config
-from reranker_operator.prober import ENDPOINTS_INDEX, RERANKERS_INDEX, Prober
+from reranker_operator.prober import (
+    ENDPOINTS_INDEX,
+    NODES_INDEX,
+    RERANKERS_INDEX,
+    SERVICE_CIDRS_INDEX,
+    Prober,
+)
 from reranker_operator.reconcile import (
     SERVICE_MONITOR_GV,
     SERVICE_MONITOR_PLURAL,
@@ -70,7 +78,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
     service_monitors = kube.serves(SERVICE_MONITOR_GV, SERVICE_MONITOR_PLURAL)
     # The indices are live views: the prober and its passes read them as the watches fill them.
     indices = {name: kwargs[name] for name in (RERANKERS_INDEX, ENDPOINTS_INDEX, PODS_INDEX,
-                                               *CHILD_INDICES)
+                                               NODES_INDEX, SERVICE_CIDRS_INDEX, *CHILD_INDICES)
                if name in kwargs}
 
     def pod_failures(key: OwnerKey) -> list[Mapping[str, str]]:
@@ -143,6 +151,18 @@ def rerankers(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> di
 def reranker_endpoints(namespace: str | None, body: kopf.Body, **_: Any) -> dict[OwnerKey, Any]:
     return {(str(namespace), str((body.get("spec") or {}).get("deployment") or "")):
             _snapshot(body)}
+
+
+# The cluster's own ranges (cluster-scoped, watched whatever namespaces are served): only the
+# few fields `cluster_ranges` reads are kept.
+@kopf.index("v1", "nodes")
+def reranker_nodes(body: kopf.Body, **_: Any) -> dict[str, Any]:
+    return {"cluster": cluster_ranges.node_facts(body)}
+
+
+@kopf.index("networking.k8s.io", "v1", "servicecidrs")
+def reranker_servicecidrs(body: kopf.Body, **_: Any) -> dict[str, Any]:
+    return {"cluster": cluster_ranges.service_cidr_facts(body)}
 
 
 def _child(body: kopf.Body, api_version: str, kind: str) -> dict[OwnerKey, Any] | None:
@@ -224,7 +244,7 @@ def _raise_for(outcome: Outcome) -> None:
     if permanent is not None:
         raise kopf.PermanentError(permanent.message)
     if outcome.retry is not None:
-        raise kopf.TemporaryError(outcome.retry, delay=10)
+        raise kopf.TemporaryError(outcome.retry, delay=outcome.retry_delay)
 
 
 # --- the RerankerDeployment itself ----------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Reads come from Kopf's watch streams (indices), so the calls here are writes (server-side
 apply of a child, create-if-absent of a generated Secret, delete of a child, a merge patch of a RerankerDeployment's or
-RerankerEndpoint's status subresource, each logged) and one discovery request at startup.
+RerankerEndpoint's status subresource, each logged), one discovery request at startup, and a
+GET of a child the indices do not hold before it is first created: whether that name is taken
+by an object the operator does not control (reconcile.py never takes one over).
 Bodies are plain dicts in and out: the builders produce dicts and the comparison reads dicts,
 so the typed models of the kubernetes client would only add conversions. The client's
 `ApiClient` still does the authentication (kubeconfig, in-cluster token, exec plugins).
@@ -110,13 +112,18 @@ class Kube:
             raise ApiException(http_resp=response)
         return json.loads(data) if data else None
 
-    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply (creates or updates; takes back fields someone else changed)."""
+    def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]:
+        """Server-side apply (creates or updates). With `force`, takes back fields someone
+        else changed: only for objects the caller has checked it controls. Without, a field
+        another manager set differently is a 409 conflict (the first apply of a new child,
+        so that an object created meanwhile by someone else is not overwritten)."""
         meta = obj["metadata"]
         path = _path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        query = [("fieldManager", FIELD_MANAGER)]
+        if force:
+            query.append(("force", "true"))
         result: dict[str, Any] = self._request(
-            "PATCH", path, body=dict(obj), content_type=APPLY_CONTENT_TYPE,
-            query=[("fieldManager", FIELD_MANAGER), ("force", "true")])
+            "PATCH", path, body=dict(obj), content_type=APPLY_CONTENT_TYPE, query=query)
         return result
 
     def create(self, obj: Mapping[str, Any]) -> bool:

@@ -7,6 +7,14 @@ from Kopf's in-memory indices (`drift`), writes only the differences (server-sid
 delete), then writes the status only if it changed. An idle operator therefore makes no API
 writes, and a restart re-checks everything without touching anything.
 
+It never takes over what it does not own (`ownership`): the indices hold only children that
+carry a RerankerDeployment's controller reference, and those are applied with force; a child
+the indices do not hold is first read (one GET, only then) and created only if its name is free
+(applied without force, so an object created meanwhile is a conflict, not overwritten). A name
+held by someone else's object is a NameConflict on the status, retried now and then
+(CONFLICT_RETRY_SECONDS) in case it was removed, and the pods that would read a ConfigMap or
+Secret of that name are not rolled.
+
 Passes for the same RerankerDeployment are serialised by a per-owner lock; the blocking API
 calls run in a worker thread so that the event loop keeps serving the watch streams. The
 indices lag behind the operator's own writes by one watch event, so the reconciler remembers
@@ -31,7 +39,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from reranker import contract
-from reranker_operator import drift, external, manifests, status
+from reranker_operator import drift, external, manifests, ownership, status
 from reranker_operator.kube import Kube, error_message
 from reranker_operator.spec import DEFAULT_SERVICE_PORT, InvalidSpec, RerankerSpec, parse
 
@@ -48,6 +56,9 @@ SERVICE_MONITOR_GV, SERVICE_MONITOR_PLURAL = "monitoring.coreos.com/v1", "servic
 PERMANENT_REASONS = frozenset({"InvalidSpec", "ChildRejected"})
 #: After a transient failure, a child is not applied again for this long.
 RETRY_SECONDS = 10.0
+#: A name held by an object the operator does not control is looked at again after this long
+#: (it does not watch objects without its labels, so it cannot hear of their removal).
+CONFLICT_RETRY_SECONDS = 30.0
 
 
 def utcnow() -> str:
@@ -70,6 +81,7 @@ def owner_of(child: Mapping[str, Any]) -> OwnerKey | None:
 
 
 def _owned_by(child: Mapping[str, Any], uid: str | None) -> bool:
+    """Any owner reference to `uid` (what the operator may delete: it wrote it)."""
     refs = (child.get("metadata") or {}).get("ownerReferences") or ()
     return any(ref.get("uid") == uid for ref in refs)
 
@@ -106,6 +118,7 @@ class Outcome:
     deleted: list[str] = dataclasses.field(default_factory=list)
     status_written: bool = False
     retry: str | None = None  # a transient failure: worth another try later
+    retry_delay: float = RETRY_SECONDS  # when (seconds): the soonest of the reasons to retry
     deployment: Mapping[str, Any] | None = None  # the server Deployment as last applied
     # (kind, name, applied hash, message) of manifests the API server refused, and
     # (kind, name) of the ones it accepted: remembered by the reconciler after the pass.
@@ -113,6 +126,17 @@ class Outcome:
     accepted: list[tuple[str, str, Mapping[str, Any]]] = dataclasses.field(default_factory=list)
     removed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     failed: list[tuple[str, str, str, str]] = dataclasses.field(default_factory=list)
+    # (kind, name, applied hash, problem) of names held by objects the operator does not own.
+    conflicts: list[tuple[str, str, str, status.Problem]] = dataclasses.field(
+        default_factory=list)
+    redis_secret_ours: bool = False  # created by this pass, or known to be the operator's
+
+    def retry_after(self, message: str, seconds: float = RETRY_SECONDS) -> None:
+        """Ask for another pass in `seconds` (the first reason names it; the soonest wins)."""
+        if self.retry is None:
+            self.retry, self.retry_delay = message, seconds
+        else:
+            self.retry_delay = min(self.retry_delay, seconds)
 
     @property
     def permanent(self) -> status.Problem | None:
@@ -132,6 +156,9 @@ class _Plan:
     problems: list[status.Problem]
     live_keys: frozenset[ChildKey] = frozenset()
     retry: str | None = None
+    retry_delay: float = RETRY_SECONDS
+    #: The managed Redis' Secret is known to be the operator's (a 409 on creating it is fine).
+    redis_secret_ours: bool = False
 
 
 EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
@@ -194,10 +221,13 @@ class Reconciler:
         self._last_status: dict[str, dict[str, Any]] = {}
         # (owner uid, kind, name) -> (applied hash, message) of a manifest the API refused.
         self._rejected: dict[tuple[str, str, str], tuple[str, str]] = {}
-        # (owner uid, kind, name) -> (applied hash, retry after (monotonic), message) of a
-        # manifest whose apply failed for a transient reason: not retried by every event
-        # before then (Kopf's TemporaryError retries the pass after the same delay).
-        self._failing: dict[tuple[str, str, str], tuple[str, float, str]] = {}
+        # (owner uid, kind, name) -> (applied hash, retry after (monotonic), problem) of a
+        # manifest whose apply failed for a transient reason, or whose name another object
+        # holds (NameConflict): not retried by every event before then (Kopf's
+        # TemporaryError retries the pass after the same delay).
+        self._failing: dict[tuple[str, str, str], tuple[str, float, status.Problem]] = {}
+        # (owner uid, Secret name) of the managed Redis' Secrets this process created.
+        self._redis_secrets: set[tuple[str, str]] = set()
         # owner uid -> child -> what the API server returned for the operator's last write
         # (None: deleted), until the watch stream delivers it. Without this, each child's
         # event during a creation would see its siblings missing and apply them again.
@@ -211,6 +241,7 @@ class Reconciler:
             del self._rejected[key]
         for key in [k for k in self._failing if k[0] == str(uid)]:
             del self._failing[key]
+        self._redis_secrets = {k for k in self._redis_secrets if k[0] != str(uid)}
 
     def child_deleted(self, owner_uid: str | None, kind: str, name: str) -> None:
         """A child's deletion reached the watch stream: whatever was written before is gone."""
@@ -243,7 +274,8 @@ class Reconciler:
         async with lock:
             live = self._fresh(uid, live)
             plan = self._plan(owner, live)
-            outcome = Outcome(problems=list(plan.problems), retry=plan.retry)
+            outcome = Outcome(problems=list(plan.problems), retry=plan.retry,
+                              retry_delay=plan.retry_delay)
             current = self._last_status.get(uid) or dict(owner.get("status") or {})
             if plan.apply or plan.delete:
                 # One trip to a worker thread: the children, then the status they produce.
@@ -253,9 +285,17 @@ class Reconciler:
                     self._rejected.pop((uid, kind, name), None)
                     self._failing.pop((uid, kind, name), None)
                     written[(kind, name)] = result
-                retry_at = time.monotonic() + RETRY_SECONDS
+                now = time.monotonic()
                 for kind, name, digest, message in outcome.failed:
-                    self._failing[(uid, kind, name)] = (digest, retry_at, message)
+                    self._failing[(uid, kind, name)] = (
+                        digest, now + RETRY_SECONDS, status.Problem("ApplyFailed", message))
+                for kind, name, digest, problem in outcome.conflicts:
+                    self._failing[(uid, kind, name)] = (
+                        digest, now + CONFLICT_RETRY_SECONDS, problem)
+                if outcome.redis_secret_ours:
+                    secret = manifests.redis_secret_name(owner["metadata"]["name"])
+                    self._redis_secrets.add((uid, secret))
+                    self._failing.pop((uid, "Secret", secret), None)
                 for kind, name in outcome.removed:
                     written[(kind, name)] = None
                 for kind, name, digest, message in outcome.rejected:
@@ -296,28 +336,56 @@ class Reconciler:
                 "the operator after installing it)", blocking=False))
         to_apply = []
         retry: str | None = None
+        delays: list[float] = []
+        now = time.monotonic()
+        # Names held by objects this RerankerDeployment does not control: nothing that reads
+        # them (a ConfigMap, a Secret) is rolled out meanwhile.
+        held: set[ChildKey] = set()
+        secret = ("Secret", manifests.redis_secret_name(owner["metadata"]["name"]))
+        waiting = self._failing.get((str(uid), *secret))
+        if waiting is not None and waiting[1] > now:
+            problems.append(waiting[2])
+            held.add(secret)
+            retry = retry or waiting[2].message
+            delays.append(waiting[1] - now)
         for obj in desired:
-            if not drift.needs_apply(obj, live.get((obj["kind"], obj["metadata"]["name"]))):
+            child_key = (obj["kind"], obj["metadata"]["name"])
+            seen = live.get(child_key)
+            if seen is not None and not ownership.controlled_by(seen, uid):
+                # Indexed under this name, but controlled by an earlier RerankerDeployment of
+                # the same name (garbage collection removes it, and its event runs a pass).
+                problems.append(ownership.conflict(obj, seen))
+                held.add(child_key)
                 continue
-            rejected = self._rejected.get((str(uid), obj["kind"], obj["metadata"]["name"]))
+            if not drift.needs_apply(obj, seen):
+                continue
+            rejected = self._rejected.get((str(uid), *child_key))
             digest = obj["metadata"]["annotations"][drift.ANNOTATION_APPLIED_HASH]
             if rejected is not None and rejected[0] == digest:
                 # The API server refused exactly this manifest: do not ask again.
                 problems.append(status.Problem("ChildRejected", rejected[1]))
                 continue
-            failing = self._failing.get((str(uid), obj["kind"], obj["metadata"]["name"]))
-            if failing is not None and failing[0] == digest and failing[1] > time.monotonic():
-                problems.append(status.Problem("ApplyFailed", failing[2]))
-                retry = failing[2]
+            failing = self._failing.get((str(uid), *child_key))
+            if failing is not None and failing[0] == digest and failing[1] > now:
+                problems.append(failing[2])
+                retry = retry or failing[2].message
+                delays.append(failing[1] - now)
+                if failing[2].reason == ownership.NAME_CONFLICT:
+                    held.add(child_key)
                 continue
             to_apply.append(obj)
+        to_apply = [obj for obj in to_apply if not ownership.consumed(obj) & held]
+        redis_secret_ours = (str(uid), secret[1]) in self._redis_secrets or any(
+            ownership.controlled_by(child, uid) and secret in ownership.consumed(child)
+            for child in live.values())
         wanted = {(obj["kind"], obj["metadata"]["name"]) for obj in desired}
         # Until the prober has judged the external endpoints, their slices stay as they are.
         keep = {"EndpointSlice"} if summary is None else set()
         to_delete = [child for child_key, child in live.items()
                      if child_key not in wanted and child_key[0] not in keep
                      and _owned_by(child, uid)]
-        return _Plan(spec, desired, to_apply, to_delete, problems, frozenset(live), retry)
+        return _Plan(spec, desired, to_apply, to_delete, problems, frozenset(live), retry,
+                     max(min(delays), 1.0) if delays else RETRY_SECONDS, redis_secret_ours)
 
     # --- execution (blocking, in a worker thread) -----------------------------------------
 
@@ -328,17 +396,27 @@ class Reconciler:
         Runs in a worker thread: touches only `outcome` and the API, never `self`'s memory
         (the event loop owns that)."""
         namespace = owner["metadata"]["namespace"]
+        conflicted: set[ChildKey] = set()  # names found held by someone else's objects
         if plan.spec is not None and any(
                 (o["kind"], o["metadata"]["name"]) == ("Deployment", manifests.redis_name(
                     owner["metadata"]["name"])) for o in plan.apply):
-            if not self._ensure_redis_secret(owner, outcome):
+            if not self._ensure_redis_secret(owner, plan, outcome, conflicted):
                 return self._status(owner, plan, live, outcome, current)
         for obj in plan.apply:
             name = obj["metadata"]["name"]
+            digest = obj["metadata"]["annotations"][drift.ANNOTATION_APPLIED_HASH]
+            if ownership.consumed(obj) & conflicted:
+                continue  # its pods would read an object the operator does not own
+            was_live = (obj["kind"], name) in plan.live_keys
             try:
-                result = self.kube.apply(obj)
+                if not was_live:
+                    existing = self._claim(owner, obj, outcome, conflicted)
+                    if existing is False:
+                        continue
+                    was_live = existing is True
+                # Force only over what is known to be this RerankerDeployment's.
+                result = self.kube.apply(obj, force=was_live)
             except (ApiException, HTTPError) as e:
-                digest = obj["metadata"]["annotations"][drift.ANNOTATION_APPLIED_HASH]
                 if isinstance(e, ApiException) and e.status in (400, 422):
                     message = f"{_ref(obj)} rejected by the API server: {error_message(e)}"
                     outcome.rejected.append((obj["kind"], name, digest, message))
@@ -348,10 +426,9 @@ class Reconciler:
                     message = f"cannot apply {_ref(obj)}: {detail}"
                     outcome.failed.append((obj["kind"], name, digest, message))
                     outcome.problems.append(status.Problem("ApplyFailed", message))
-                    outcome.retry = message
+                    outcome.retry_after(message)
                 continue
             outcome.accepted.append((obj["kind"], name, result))
-            was_live = (obj["kind"], name) in plan.live_keys
             (outcome.updated if was_live else outcome.created).append(_ref(obj))
             if obj["kind"] == "Deployment" and name == owner["metadata"]["name"]:
                 outcome.deployment = result
@@ -364,27 +441,64 @@ class Reconciler:
             except (ApiException, HTTPError) as e:
                 message = f"cannot delete {_ref(child)}: {e}"
                 outcome.problems.append(status.Problem("DeleteFailed", message, blocking=False))
-                outcome.retry = message
+                outcome.retry_after(message)
         new = self._status(owner, plan, live, outcome, current)
         patch = status.status_patch(current, new)
         if patch is not None:
             self._write_status(owner, patch, outcome)
         return new
 
-    def _ensure_redis_secret(self, owner: Mapping[str, Any], outcome: Outcome) -> bool:
+    def _claim(self, owner: Mapping[str, Any], obj: Mapping[str, Any], outcome: Outcome,
+               conflicted: set[ChildKey]) -> bool | None:
+        """Whether a child the indices do not hold may be written (blocking; raises the API's
+        errors): None: the name is free (create it); True: the object is this
+        RerankerDeployment's (its labels were edited away, or the watch lags); False: someone
+        else's, reported as a NameConflict and left untouched."""
+        meta = obj["metadata"]
+        existing = self.kube.get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        if existing is None:
+            return None
+        if ownership.controlled_by(existing, owner["metadata"].get("uid")):
+            return True
+        problem = ownership.conflict(obj, existing)
+        outcome.conflicts.append((obj["kind"], meta["name"],
+                                  meta["annotations"][drift.ANNOTATION_APPLIED_HASH], problem))
+        outcome.problems.append(problem)
+        outcome.retry_after(problem.message, CONFLICT_RETRY_SECONDS)
+        conflicted.add((obj["kind"], meta["name"]))
+        return False
+
+    def _ensure_redis_secret(self, owner: Mapping[str, Any], plan: _Plan, outcome: Outcome,
+                             conflicted: set[ChildKey]) -> bool:
         """Create the managed Redis' password Secret unless it exists (blocking; False: not
-        now). Asked for whenever the Redis Deployment is applied, so before Redis first starts;
-        an existing Secret (409) is kept as it is: the operator cannot and need not read it."""
+        now). Asked for whenever the Redis Deployment is applied, so before Redis first starts.
+        The operator may create Secrets but not read them, so an existing one (409) is known to
+        be its own only if this process created it or a child it controls already reads it;
+        otherwise it is a NameConflict, left untouched and given to no pod."""
         secret = manifests.redis_password_secret(owner, secrets.token_hex(24))
         try:
-            if self.kube.create(secret):
-                outcome.created.append(_ref(secret))
+            created = self.kube.create(secret)
         except (ApiException, HTTPError) as e:
             detail = error_message(e) if isinstance(e, ApiException) else str(e)
             message = f"cannot create {_ref(secret)}: {detail}"
             outcome.problems.append(status.Problem("ApplyFailed", message))
-            outcome.retry = message
+            outcome.retry_after(message)
             return False
+        if created:
+            outcome.created.append(_ref(secret))
+        if created or plan.redis_secret_ours:
+            outcome.redis_secret_ours = True
+            return True
+        name = secret["metadata"]["name"]
+        problem = status.Problem(
+            ownership.NAME_CONFLICT,
+            f"Secret {name} already exists and was not created for this RerankerDeployment: "
+            "left untouched, and no pod is given it (delete or rename it, or give the "
+            "RerankerDeployment another name)")
+        outcome.conflicts.append(("Secret", name, "", problem))
+        outcome.problems.append(problem)
+        outcome.retry_after(problem.message, CONFLICT_RETRY_SECONDS)
+        conflicted.add(("Secret", name))
         return True
 
     # --- status and events ----------------------------------------------------------------
@@ -413,10 +527,10 @@ class Reconciler:
             self.kube.patch_status(namespace, name, patch)
         except ApiException as e:
             if e.status != 404:  # 404: deleted meanwhile
-                outcome.retry = f"cannot write status: {error_message(e)}"
+                outcome.retry_after(f"cannot write status: {error_message(e)}")
             return
         except HTTPError as e:
-            outcome.retry = f"cannot write status: {e}"
+            outcome.retry_after(f"cannot write status: {e}")
             return
         outcome.status_written = True
 

@@ -14,7 +14,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from reranker_operator import manifests
-from reranker_operator.reconcile import Reconciler
+from reranker_operator.reconcile import CONFLICT_RETRY_SECONDS, Reconciler, owner_of
 
 DEFAULTS = manifests.Defaults(server_image="img:1", redis_image="redis:1")
 
@@ -40,11 +40,16 @@ class FakeKube:
         self.reject: dict[str, str] = {}  # kind -> message (422)
         self.version = 0
         self.secrets: dict[tuple[str, str], dict[str, Any]] = {}  # created, never listed
+        self.forced: list[bool] = []  # each apply's force
 
-    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, obj: dict[str, Any], *, force: bool = True) -> dict[str, Any]:
         self.calls.append(("apply", f"{obj['kind']}/{obj['metadata']['name']}"))
+        self.forced.append(force)
         if obj["kind"] in self.reject:
             raise ApiException(http_resp=FakeResponse(422, self.reject[obj["kind"]]))
+        if not force and (obj["kind"], obj["metadata"]["name"]) in self.objects:
+            # What a real server answers when another manager set a field differently.
+            raise ApiException(http_resp=FakeResponse(409, "Apply failed with 1 conflict"))
         self.version += 1
         stored = copy.deepcopy(obj)
         stored["metadata"].update(resourceVersion=str(self.version), uid=f"c{self.version}",
@@ -78,10 +83,14 @@ class FakeKube:
                 self.status[k] = v
 
     def live(self) -> dict[tuple[str, str], dict[str, Any]]:
-        return {k: copy.deepcopy(v) for k, v in self.objects.items()}
+        """What the operator's indices hold: the objects a RerankerDeployment controls."""
+        return {k: copy.deepcopy(v) for k, v in self.objects.items() if owner_of(v)}
 
     def writes(self) -> list[tuple[str, str]]:
         return [c for c in self.calls if c[0] != "get"]
+
+    def gets(self) -> list[tuple[str, str]]:
+        return [c for c in self.calls if c[0] == "get"]
 
 
 class Events(list):
@@ -119,11 +128,15 @@ async def test_first_pass_creates_children_then_idle_passes_write_nothing() -> N
     ready = next(c for c in kube.status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False"  # nothing is running yet
 
+    # Each child was looked up once before it was created (is the name free?), then applied
+    # without force; an idle pass asks the API server nothing.
+    assert sorted(kube.gets()) == sorted(("get", c.replace(" ", "/")) for c in outcome.created)
+    assert kube.forced == [False] * len(outcome.created)
     kube.calls.clear()
     for _ in range(2):
         again = await r.reconcile(owner(SPEC, status=kube.status), kube.live())
         assert again.writes == 0
-    assert kube.writes() == []
+    assert kube.calls == []
     # A fresh reconciler (an operator restart) agrees: nothing to write.
     again = await reconciler(kube).reconcile(owner(SPEC, status=kube.status), kube.live())
     assert again.writes == 0 and kube.writes() == []
@@ -135,6 +148,7 @@ async def test_deleted_and_edited_children_are_restored() -> None:
     await r.reconcile(owner(SPEC), {})
     live = kube.live()
     del live[("Service", "rr")]
+    del kube.objects[("Service", "rr")]
     r.child_deleted("u-1", "Service", "rr")  # as the handler does on the DELETED event
     live[("Deployment", "rr")]["spec"]["replicas"] = 9
     live[("Deployment", "rr")]["metadata"]["resourceVersion"] = "100"  # someone's edit
@@ -244,6 +258,7 @@ async def test_own_writes_count_before_the_watch_stream_delivers_them() -> None:
     # Once the index has caught up, it is the truth again (here: someone deleted the PDB).
     caught_up = kube.live()
     del caught_up[("PodDisruptionBudget", "rr")]
+    del kube.objects[("PodDisruptionBudget", "rr")]
     r.child_deleted("u-1", "PodDisruptionBudget", "rr")
     outcome = await r.reconcile(owner(SPEC, status=kube.status), caught_up)
     assert outcome.created == ["PodDisruptionBudget rr"]
@@ -258,11 +273,11 @@ async def test_transient_failure_is_retried_after_a_delay_not_on_every_event(
     kube = FakeKube()
     original = kube.apply
 
-    def flaky(obj: dict[str, Any]) -> dict[str, Any]:
+    def flaky(obj: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         if obj["kind"] == "Service" and clock[0] < 1005:
             kube.calls.append(("apply", "Service/rr"))
             raise ApiException(status=500, reason="range is full")
-        return original(obj)
+        return original(obj, **kwargs)
     kube.apply = flaky  # type: ignore[method-assign]
     r = reconciler(kube)
     first = await r.reconcile(owner(SPEC), {})
@@ -304,3 +319,131 @@ async def test_the_managed_redis_password_is_generated_once_before_redis_starts(
     kube2 = FakeKube()
     await reconciler(kube2).reconcile(owner({"model": {"id": "m"}}), {})
     assert not [c for c in kube2.calls if c[0] == "create"]
+
+
+# --- ownership: the operator never takes over what it does not own ----------------------------
+
+def foreign(kind: str, name: str, **fields: Any) -> dict[str, Any]:
+    """An object someone else created (no owner reference), as the API server stores it."""
+    api_version = {"Service": "v1", "ConfigMap": "v1", "Secret": "v1"}.get(kind, "apps/v1")
+    return {"apiVersion": api_version, "kind": kind,
+            "metadata": {"name": name, "namespace": "ns", "resourceVersion": "7",
+                         "uid": f"theirs-{kind}"}, **fields}
+
+
+def condition(kube: FakeKube, type_: str) -> dict[str, Any]:
+    return next(c for c in kube.status["conditions"] if c["type"] == type_)
+
+
+async def test_a_name_held_by_someone_elses_object_is_reported_not_taken_over(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from reranker_operator import reconcile as rec
+
+    clock = [1000.0]
+    monkeypatch.setattr(rec.time, "monotonic", lambda: clock[0])
+    kube = FakeKube()
+    theirs_svc = foreign("Service", "rr", spec={"selector": {"app": "frontend"},
+                                                "ports": [{"port": 80}]})
+    theirs_cm = foreign("ConfigMap", "rr-config", data={"RERANKER_DEVICE": "cuda"})
+    kube.objects[("Service", "rr")] = copy.deepcopy(theirs_svc)
+    kube.objects[("ConfigMap", "rr-config")] = copy.deepcopy(theirs_cm)
+    r = reconciler(kube)
+    outcome = await r.reconcile(owner(SPEC), kube.live())
+
+    # Untouched: neither applied nor adopted.
+    assert kube.objects[("Service", "rr")] == theirs_svc
+    assert kube.objects[("ConfigMap", "rr-config")] == theirs_cm
+    assert ("apply", "Service/rr") not in kube.calls
+    assert ("apply", "ConfigMap/rr-config") not in kube.calls
+    # The pods would read their ConfigMap: no Deployment either. The rest is created.
+    assert ("Deployment", "rr") not in kube.objects
+    assert sorted(outcome.created) == ["HorizontalPodAutoscaler rr", "PodDisruptionBudget rr"]
+    ready = condition(kube, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "NameConflict")
+    degraded = condition(kube, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "NameConflict"
+    assert "Service rr already exists and has no controller" in degraded["message"]
+    assert "ConfigMap rr-config already exists" in degraded["message"]
+    assert outcome.retry is not None and outcome.retry_delay == CONFLICT_RETRY_SECONDS
+    assert outcome.permanent is None
+
+    # Other events before the retry is due ask nothing and write nothing.
+    kube.calls.clear()
+    clock[0] += 5
+    again = await r.reconcile(owner(SPEC, status=kube.status), kube.live())
+    assert kube.calls == [] and again.retry is not None
+    assert again.retry_delay == CONFLICT_RETRY_SECONDS - 5
+    assert [p.reason for p in again.problems] == ["NameConflict", "NameConflict"]
+
+    # Once their Service is gone, the next retry creates the operator's; the ConfigMap is
+    # still theirs, so still no Deployment.
+    del kube.objects[("Service", "rr")]
+    clock[0] += CONFLICT_RETRY_SECONDS
+    later = await r.reconcile(owner(SPEC, status=kube.status), kube.live())
+    assert later.created == ["Service rr"]
+    assert kube.objects[("Service", "rr")]["spec"]["selector"] == manifests.selector_labels("rr")
+    assert kube.objects[("ConfigMap", "rr-config")] == theirs_cm
+    assert ("Deployment", "rr") not in kube.objects
+    assert condition(kube, "Ready")["reason"] == "NameConflict"
+
+
+async def test_an_own_child_missing_from_the_indices_is_taken_back() -> None:
+    # Someone removed the managed-by label: the watch no longer shows the object, but its
+    # controller reference says whose it is.
+    kube = FakeKube()
+    r = reconciler(kube)
+    await r.reconcile(owner(SPEC), {})
+    live = kube.live()
+    del live[("Service", "rr")]
+    r.child_deleted("u-1", "Service", "rr")
+    kube.objects[("Service", "rr")]["metadata"]["labels"].pop("app.kubernetes.io/managed-by")
+    kube.calls.clear()
+    kube.forced.clear()
+    outcome = await r.reconcile(owner(SPEC, status=kube.status), live)
+    assert kube.calls[:2] == [("get", "Service/rr"), ("apply", "Service/rr")]
+    assert kube.forced == [True] and outcome.updated == ["Service rr"]
+    assert kube.objects[("Service", "rr")]["metadata"]["labels"][
+        "app.kubernetes.io/managed-by"] == "reranker-operator"
+
+
+async def test_a_child_of_an_earlier_resource_with_the_same_name_is_not_taken_over() -> None:
+    # A RerankerDeployment deleted and created again under its name: until garbage
+    # collection removes the old children, they are the old one's.
+    kube = FakeKube()
+    await reconciler(kube).reconcile(owner(SPEC), {})
+    reborn = owner(SPEC)
+    reborn["metadata"]["uid"] = "u-2"
+    kube.calls.clear()
+    outcome = await reconciler(kube).reconcile(reborn, kube.live())
+    assert [c for c in kube.calls if c[0] != "status"] == []
+    assert {p.reason for p in outcome.problems} == {"NameConflict"}
+    assert "is controlled by RerankerDeployment rr (uid u-1)" in outcome.problems[0].message
+    assert kube.objects[("Deployment", "rr")]["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+
+
+async def test_someone_elses_redis_secret_is_given_to_no_pod() -> None:
+    kube = FakeKube()
+    kube.secrets[("Secret", "rr-redis-auth")] = foreign("Secret", "rr-redis-auth")
+    spec = {"model": {"id": "m"}, "cache": {"redis": {"managed": {"enabled": True}}}}
+    outcome = await reconciler(kube).reconcile(owner(spec), {})
+    # Both Deployments would read it (REDIS_PASSWORD): neither is created; the rest is.
+    assert ("Deployment", "rr-redis") not in kube.objects
+    assert ("Deployment", "rr") not in kube.objects
+    assert ("Service", "rr-redis") in kube.objects and ("ConfigMap", "rr-config") in kube.objects
+    ready = condition(kube, "Ready")
+    assert ready["reason"] == "NameConflict"
+    assert "Secret rr-redis-auth already exists" in ready["message"]
+    assert outcome.retry_delay == CONFLICT_RETRY_SECONDS
+
+
+async def test_the_operators_own_redis_secret_is_recognised_after_a_restart() -> None:
+    kube = FakeKube()
+    spec = {"model": {"id": "m"}, "cache": {"redis": {"managed": {"enabled": True}}}}
+    await reconciler(kube).reconcile(owner(spec), {})
+    password = kube.secrets[("Secret", "rr-redis-auth")]["stringData"]["password"]
+    # A restarted operator finds the Redis Deployment deleted: the server Deployment it
+    # controls reads the Secret, so the Secret is its own (created by an earlier pass).
+    kube.objects.pop(("Deployment", "rr-redis"))
+    outcome = await reconciler(kube).reconcile(owner(spec, status=kube.status), kube.live())
+    assert outcome.created == ["Deployment rr-redis"] and not outcome.problems
+    assert kube.secrets[("Secret", "rr-redis-auth")]["stringData"]["password"] == password
