@@ -463,3 +463,52 @@ def test_service_monitor_with_its_crd(operator: Operator, kube_cluster: Any,
         operator.stop()
         kube_cluster.kubectl("delete", "crd", "servicemonitors.monitoring.coreos.com",
                              "--ignore-not-found", "--timeout", "60s", check=False)
+
+
+def test_a_name_held_by_someone_elses_objects_is_never_taken_over(
+        operator: Operator, kube_cluster: Any, kube_namespace: str) -> None:
+    """A RerankerDeployment named like a Service and a ConfigMap someone else runs: both are
+    left exactly as they are (their selector keeps their traffic, no owner reference makes
+    them garbage of the RerankerDeployment), the status names them, and no server pod is
+    rolled out to read their ConfigMap. Once they are gone, the operator creates its own."""
+    ns, name = kube_namespace, "frontend"
+    kube_cluster.apply(json.dumps({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+        "spec": {"selector": {"app": "frontend"}, "ports": [{"port": 80}]}}), namespace=ns)
+    kube_cluster.apply(json.dumps({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-config"},
+        "data": {"RERANKER_DEVICE": "cuda"}}), namespace=ns)
+    theirs = {kind: kube_cluster.get_json(kind, n, "-n", ns)
+              for kind, n in (("service", name), ("configmap", f"{name}-config"))}
+    kube_cluster.apply(rrd(name), namespace=ns)
+
+    def conflicted() -> dict[str, Any] | None:
+        obj = kube_cluster.get_json("rrd", name, "-n", ns)
+        ready = conditions(obj).get("Ready")
+        return obj if ready and ready["reason"] == "NameConflict" else None
+    obj = kube_cluster.eventually(conflicted, timeout=15, desc="Ready=False NameConflict")
+    c = conditions(obj)
+    assert c["Ready"]["status"] == "False"
+    assert c["Degraded"]["status"] == "True" and c["Degraded"]["reason"] == "NameConflict"
+    assert "Service frontend already exists and has no controller" in c["Degraded"]["message"]
+    assert "ConfigMap frontend-config already exists" in c["Degraded"]["message"]
+    time.sleep(2)  # any late write would land by now
+    for kind, before in theirs.items():
+        now = kube_cluster.get_json(kind, before["metadata"]["name"], "-n", ns)
+        assert now["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"], kind
+        assert not now["metadata"].get("ownerReferences"), kind
+    assert kube_cluster.get_json("service", name, "-n", ns)["spec"]["selector"] == {
+        "app": "frontend"}
+    # Its pods would read their ConfigMap: no Deployment. What has a free name is created.
+    got = children(kube_cluster, ns, name)
+    assert ("Deployment", name) not in got and ("PodDisruptionBudget", name) in got
+
+    # Their objects removed: the operator's retry (within 30 s) creates its own.
+    kube_cluster.kubectl("delete", "service", name, "-n", ns)
+    kube_cluster.kubectl("delete", "configmap", f"{name}-config", "-n", ns)
+    kube_cluster.eventually(
+        lambda: {("Service", name), ("ConfigMap", f"{name}-config"), ("Deployment", name)}
+        <= set(children(kube_cluster, ns, name)), timeout=45, desc="the operator's own")
+    kube_cluster.eventually(
+        lambda: conditions(kube_cluster.get_json("rrd", name, "-n", ns))["Ready"]["reason"]
+        == "ReplicasNotReady", timeout=15, desc="no conflict any more")
