@@ -91,3 +91,66 @@ async def test_a_rotated_keys_file_is_read_again(tmp_path: Path) -> None:
         os.remove(tmp_path / "..data")
         await asyncio.sleep(auth.RELOAD_SECONDS + 0.2)
         assert (await c.post("/v2/rerank", json=BODY, headers=bearer("new-key"))).status_code == 200
+
+
+# --- configured keys fail closed ------------------------------------------------------------------
+@pytest.mark.parametrize("content", ["# rotated\n", "", "\n  \n# only comments\n"])
+def test_a_keys_file_without_keys_is_a_startup_error(tmp_path: Path, content: str) -> None:
+    """A keys file holding no key used to turn authentication off (every request accepted): now the
+    server refuses to start, and says which variable and why."""
+    import subprocess
+    import sys
+
+    keys = tmp_path / "api-keys"
+    keys.write_text(content)
+    env = {**os.environ, "RERANKER_API_KEYS_FILE": str(keys)}
+    done = subprocess.run([sys.executable, "-m", "reranker", "serve", "--port", "1"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "RERANKER_API_KEYS_FILE" in done.stderr and "holds no API key" in done.stderr, done.stderr
+
+
+def test_a_missing_or_unreadable_keys_file_is_a_startup_error(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from reranker.settings import Settings
+
+    with pytest.raises(ValidationError, match="cannot read the API keys file"):
+        Settings(api_keys_file=str(tmp_path / "absent"))
+    with pytest.raises(ValidationError, match="cannot read the API keys file"):
+        Settings(api_keys_file=str(tmp_path))  # a directory: read_text raises IsADirectoryError
+    with pytest.raises(ValidationError, match="holds no API key"):
+        Settings(api_keys=" , ")
+
+
+async def test_a_rotation_to_an_empty_or_unreadable_file_keeps_the_last_good_keys(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Secret emptied (or swapped to comments only) by mistake is never read as 'no keys': the last
+    good keys stay in force, a request without one is still refused, and every look logs an error."""
+    _swap(tmp_path, "good-key\n")
+    (tmp_path / "api-keys").symlink_to("..data/api-keys")
+    async with running_app(api_keys_file=str(tmp_path / "api-keys")) as c:
+        assert (await c.post("/v1/rerank", json=BODY)).status_code == 401
+        for bad in ("# rotated\n", ""):
+            caplog.clear()
+            _swap(tmp_path, bad)
+            await asyncio.sleep(auth.RELOAD_SECONDS + 0.2)
+            assert (await c.post("/v1/rerank", json=BODY)).status_code == 401, bad
+            assert (await c.post("/v1/rerank", json=BODY, headers=bearer("anything"))).status_code == 401, bad
+            assert (await c.post("/v1/rerank", json=BODY, headers=bearer("good-key"))).status_code == 200, bad
+            errors = [r for r in caplog.records if r.levelname == "ERROR" and "API keys file" in r.getMessage()]
+            assert errors and "holds no API key" in errors[0].getMessage()
+            # Logged again at the next look, not once and then silence.
+            await asyncio.sleep(auth.RELOAD_SECONDS + 0.2)
+            caplog.clear()
+            assert (await c.post("/v1/rerank", json=BODY, headers=bearer("good-key"))).status_code == 200
+            assert any(r.levelname == "ERROR" for r in caplog.records)
+        os.remove(tmp_path / "..data")  # the link itself gone: unreadable
+        await asyncio.sleep(auth.RELOAD_SECONDS + 0.2)
+        assert (await c.post("/v1/rerank", json=BODY)).status_code == 401
+        assert (await c.post("/v1/rerank", json=BODY, headers=bearer("good-key"))).status_code == 200
+        # A good file again: it takes over.
+        _swap(tmp_path, "next-key, other-key\n")
+        await asyncio.sleep(auth.RELOAD_SECONDS + 0.2)
+        assert (await c.post("/v1/rerank", json=BODY, headers=bearer("other-key"))).status_code == 200
+        assert (await c.post("/v1/rerank", json=BODY, headers=bearer("good-key"))).status_code == 401

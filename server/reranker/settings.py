@@ -240,7 +240,8 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         None, validation_alias=_env("RERANKER_API_KEYS_FILE"),
         description="File with one API key per line (joined with RERANKER_API_KEYS); read again "
-        "within a second when it changes (a rotated Kubernetes Secret volume).",
+        "within a second when it changes (a rotated Kubernetes Secret volume). Fails closed: a missing, "
+        "unreadable or empty file is a startup error, and one that becomes so keeps the last good keys.",
     )
     protect_metrics: bool = Field(
         False, validation_alias=_env("RERANKER_PROTECT_METRICS"),
@@ -316,6 +317,27 @@ class Settings(BaseSettings):
         if value is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", value):
             raise ValueError(f"{value!r} is not a Kubernetes object name (lowercase letters, digits "
                              "and '-', at most 63)")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() and not any(k.strip() for k in value.split(",")):
+            raise ValueError("holds no API key: give comma-separated keys, or leave it unset to turn keys off")
+        return value or None
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _api_keys_file(cls, value: Path | None) -> Path | None:
+        """Configured keys fail closed: a keys file the server cannot use is a startup error, never 'no keys'."""
+        if value is None:
+            return None
+        from .auth import read_keys_file  # auth reads the settings: imported here, not at the top
+
+        try:
+            read_keys_file(value)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the API keys file {value}: {exc}") from None
         return value
 
     @field_validator("log_level")
