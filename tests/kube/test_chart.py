@@ -27,7 +27,7 @@ import yaml
 from servers import free_port, stop_process_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ship"))
-from helm_render import CHART, CRDS, adopt_crds, notes_sample  # noqa: E402
+from helm_render import CHART, CRDS, adopt_crds, notes_sample, render  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 CRD_DIR = Path(__file__).resolve().parents[2] / "crds"
@@ -293,3 +293,69 @@ def test_peering_objects_are_created_after_the_crds(kube_cluster: Any, kube_name
         assert env["RERANKER_OPERATOR_PEERING"] == "reranker-operator"
     finally:
         rel.uninstall()
+
+
+def test_admission_policy_limits_what_a_reranker_deployment_grants(kube_cluster: Any,
+                                                                     kube_namespace: str) -> None:
+    """The chart's admissionPolicy, rendered by Helm and applied to the real API server: an
+    image outside the allowed prefixes, or another ServiceAccount, is refused with the policy's
+    message; an allowed image, or none (the operator's default), is admitted; a resource created
+    before the policy can still be updated as long as it keeps its image."""
+    ns = kube_namespace
+    kube_cluster.kubectl("apply", "-f", str(CRD_DIR / "rerankerdeployments.reranker.dev.yaml"))
+    kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
+                         "crd/rerankerdeployments.reranker.dev")
+    values = {"admissionPolicy": {
+        "enabled": True, "allowedImagePrefixes": ["registry.example.com/reranker/"],
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}}
+    release = f"vap-{secrets.token_hex(3)}"
+    (text,) = [t for p, t in render(values, release=release, namespace=ns).items()
+               if p.endswith("templates/admission-policy.yaml")]
+    policy = f"{release}-reranker-operator-rerankerdeployments"
+
+    def rd(name: str, **spec: Any) -> str:
+        return json.dumps({"apiVersion": "reranker.dev/v1alpha1", "kind": "RerankerDeployment",
+                           "metadata": {"name": name, "namespace": ns},
+                           "spec": {"model": {"id": "m"}, **spec}})
+
+    def create(manifest: str) -> subprocess.CompletedProcess[str]:
+        return kube_cluster.kubectl("create", "-f", "-", input=manifest, check=False)
+
+    # Before the policy: an image from anywhere.
+    assert create(rd("older", image="elsewhere.example/server:1")).returncode == 0
+    kube_cluster.kubectl("apply", "-f", "-", input=text)
+    try:
+        # The API server enforces a new policy within a moment: wait for it on a dry run.
+        kube_cluster.eventually(
+            lambda: kube_cluster.kubectl(
+                "create", "--dry-run=server", "-f", "-", check=False,
+                input=rd("probe", image="elsewhere.example/server:1")).returncode != 0,
+            timeout=30, desc="the policy enforced")
+        refused = create(rd("miner", image="elsewhere.example/miner:1"))
+        assert refused.returncode != 0
+        assert (f"spec.image elsewhere.example/miner:1 is not allowed by {policy}: images must "
+                "start with one of: registry.example.com/reranker/") in refused.stderr
+        redis = create(rd("cache", cache={"redis": {"managed": {
+            "enabled": True, "image": "docker.io/redis:7"}}}))
+        assert redis.returncode != 0
+        assert "spec.cache.redis.managed.image docker.io/redis:7 is not allowed" in redis.stderr
+        account = create(rd("admin", serviceAccountName="cluster-admin-sa"))
+        assert account.returncode != 0
+        assert (f"spec.serviceAccountName cluster-admin-sa is not allowed by {policy}"
+                in account.stderr)
+        # Admitted: an allowed prefix, the default image, the default ServiceAccount.
+        assert create(rd("allowed", image="registry.example.com/reranker/server:1.2",
+                         serviceAccountName="default")).returncode == 0
+        assert create(rd("plain")).returncode == 0
+        # An update may not bring in another image...
+        moved = kube_cluster.kubectl("patch", "rrd", "allowed", "-n", ns, "--type", "merge",
+                                     "-p", json.dumps({"spec": {"image": "elsewhere.example/x"}}),
+                                     check=False)
+        assert moved.returncode != 0 and "is not allowed by" in moved.stderr
+        # ...but one that keeps it passes (the operator's own annotation patches, say).
+        kube_cluster.kubectl("annotate", "rrd", "older", "-n", ns, "reranker.dev/touched=1")
+        kube_cluster.kubectl("patch", "rrd", "older", "-n", ns, "--type", "merge",
+                             "-p", json.dumps({"spec": {"replicas": 2}}))
+    finally:
+        kube_cluster.kubectl("delete", "-f", "-", "--ignore-not-found", input=text, check=False)
+        kube_cluster.kubectl("delete", "rrd", "--all", "-n", ns, "--wait=false", check=False)

@@ -26,6 +26,7 @@ EVERYTHING: dict[str, Any] = {
     "macs": {"enabled": True},
     "peering": {"enabled": True},
     "replicaCount": 2,
+    "admissionPolicy": {"enabled": True, "allowedImagePrefixes": ["registry.example.com/"]},
 }
 #: The value sets the static tests render: defaults, everything cluster-wide, everything
 #: limited to two namespaces.

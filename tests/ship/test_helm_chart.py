@@ -148,7 +148,13 @@ def test_rbac_is_exactly_the_operators_rules() -> None:
               for p in (REPO / "operator" / "rbac").glob("*.yaml")}
     assert set(source) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
     docs = objects()
-    assert one(docs, "ClusterRole")["rules"] == source["ClusterRole"]["rules"]
+    # The peering rules only for peering: a standalone operator never reads a peering object.
+    peering = [rule for rule in source["ClusterRole"]["rules"] if rule["apiGroups"] == ["kopf.dev"]]
+    assert len(peering) == 1
+    assert one(docs, "ClusterRole")["rules"] == [
+        rule for rule in source["ClusterRole"]["rules"] if rule not in peering]
+    assert one(objects({"peering": {"enabled": True}, "replicaCount": 2}), "ClusterRole")[
+        "rules"] == source["ClusterRole"]["rules"]
     assert {d["kind"] for d in docs} == {"CustomResourceDefinition", "ServiceAccount",
                                          "ClusterRole", "ClusterRoleBinding", "Deployment"}
     sa = one(docs, "ServiceAccount")
@@ -167,7 +173,7 @@ def test_rbac_is_exactly_the_operators_rules() -> None:
     assert by_kind(docs, "ClusterRoleBinding") == [] and by_kind(docs, "ClusterRole") == []
     namespaced_rules = [
         {**rule, "resources": [r for r in rule["resources"] if r != "clusterkopfpeerings"]}
-        for rule in source["ClusterRole"]["rules"]]
+        for rule in source["ClusterRole"]["rules"] if rule not in peering]
     roles = by_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ranking", "search"]
     for role in roles:
@@ -181,6 +187,54 @@ def test_rbac_is_exactly_the_operators_rules() -> None:
     assert container["args"] == ["--namespace=search", "--namespace=ranking"]
     # Without rbac.create the chart grants nothing.
     assert not by_kind(objects({"rbac": {"create": False}}), "ClusterRole")
+
+
+def test_secrets_are_granted_only_where_rbac_secret_namespaces_says() -> None:
+    """Only the managed Redis' password needs a Secret: `create`, nowhere else than listed."""
+    secret_rule = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}
+    assert secret_rule in one(objects(), "ClusterRole")["rules"]  # "*": where it serves
+    for values in ({"rbac": {"secretNamespaces": ["search"]}},
+                   {"rbac": {"secretNamespaces": ["search"]}, "watchNamespaces": ["search", "ranking"]}):
+        docs = objects(values)
+        for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+            if role["metadata"]["name"].endswith("-secrets"):
+                assert role["metadata"]["namespace"] == "search"
+                assert role["rules"] == [secret_rule]
+            else:
+                assert not [r for r in role["rules"] if "secrets" in r["resources"]], role
+        (binding,) = [b for b in by_kind(docs, "RoleBinding")
+                      if b["metadata"]["name"].endswith("-secrets")]
+        assert binding["metadata"]["namespace"] == "search"
+        assert binding["roleRef"]["name"] == binding["metadata"]["name"]
+    docs = objects({"rbac": {"secretNamespaces": []}})
+    assert not [r for d in docs if d["kind"] in ("ClusterRole", "Role")
+                for r in d["rules"] if "secrets" in r["resources"]]
+
+
+def test_admission_policy_is_opt_in_and_says_what_it_allows() -> None:
+    assert not [d for d in objects() if "Admission" in d["kind"]
+                and d["metadata"]["name"].endswith("-rerankerdeployments")]
+    docs = objects({"admissionPolicy": {"enabled": True,
+                                        "allowedImagePrefixes": ["reg.example/rr/", "mirror/"],
+                                        "namespaceSelector": {"matchLabels": {"team": "search"}}}})
+    (policy,) = [d for d in by_kind(docs, "ValidatingAdmissionPolicy")
+                 if d["metadata"]["name"] == "rel-reranker-operator-rerankerdeployments"]
+    (binding,) = [d for d in by_kind(docs, "ValidatingAdmissionPolicyBinding")
+                  if d["spec"]["policyName"] == policy["metadata"]["name"]]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["matchResources"] == {
+        "namespaceSelector": {"matchLabels": {"team": "search"}}}
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+    assert variables["prefixes"] == '["reg.example/rr/","mirror/"]'
+    messages = [v["messageExpression"] for v in policy["spec"]["validations"]]
+    assert len(messages) == 3 and "reg.example/rr/, mirror/" in messages[0]
+    assert "spec.serviceAccountName" in messages[2]
+    # ServiceAccounts allowed: no such rule.
+    docs = objects({"admissionPolicy": {"enabled": True, "allowServiceAccounts": True}})
+    (policy,) = [d for d in by_kind(docs, "ValidatingAdmissionPolicy")
+                 if d["metadata"]["name"].endswith("-rerankerdeployments")]
+    assert len(policy["spec"]["validations"]) == 2
+    assert "is empty" in policy["spec"]["validations"][0]["messageExpression"]
 
 
 def test_mac_role_allows_rerankerendpoints_only() -> None:
