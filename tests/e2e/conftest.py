@@ -2,7 +2,9 @@
 `make images`, the chart's operator running as a pod, server pods serving through a Service.
 
 Tests marked `own_node` bring up and tear down a node of their own, so they run first, before
-the session's node exists (the node is one per machine).
+the session's node exists (the node is one per machine). Where the machine has no node these
+tests skip, unless RERANKER_E2E_REQUIRED=1 (`.ci/run`) makes every skip a failure
+(e2e_required.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_required import pytest_runtest_makereport  # noqa: F401  (a skip fails in CI)
 from kubecluster import KubeCluster
 from operator_process import Operator, bind_rbac
 

@@ -1,5 +1,5 @@
 """Helpers of the end-to-end tests: pods becoming Ready, reaching a Service's ClusterIP from
-the host (through kube-proxy), a bounded load generator, and per-pod metrics.
+the host (through kube-proxy), and per-pod metrics. The load generator is fleet_load.py.
 
 The host reaches ClusterIPs like a pod does: kube-proxy's rules DNAT the connection to a pod on
 the node bridge. Right after a rollout a ClusterIP may refuse for about a second until
@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -87,67 +82,6 @@ class ServiceClient:
 
     def close(self) -> None:
         self.client.close()
-
-
-@dataclass
-class LoadResult:
-    statuses: Counter[str] = field(default_factory=Counter)
-    errors: list[str] = field(default_factory=list)
-    resent: list[str] = field(default_factory=list)  # resets of a reused connection, sent again
-
-    @property
-    def failed(self) -> int:
-        return sum(n for s, n in self.statuses.items() if s != "200")
-
-    @property
-    def total(self) -> int:
-        return sum(self.statuses.values())
-
-
-@contextmanager
-def load(base_url: str, body: dict[str, Any], *, clients: int = 2,
-         interval: float = 0.1) -> Iterator[LoadResult]:
-    """Clients posting `body` to /rerank in a loop (each waits `interval` between requests)
-    until the block ends: a bounded, continuous load. Every non-200 answer and every transport
-    error counts as a failed request (status "error: ..."), with one exception that HTTP
-    clients handle the same way: a kept-alive connection that the server closed (a draining
-    pod closes its idle ones) in the instant the request was written on it is reset before
-    any answer; that request is sent once more on a new connection (`resent`), and counts by
-    the second answer."""
-    result = LoadResult()
-    stop = threading.Event()
-    lock = threading.Lock()
-
-    def post(http: httpx.Client) -> str:
-        try:
-            return str(http.post("/rerank", json=body).status_code)
-        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError) as e:
-            with lock:
-                result.resent.append(f"{time.strftime('%H:%M:%S')} {e!r}")
-        return str(http.post("/rerank", json=body).status_code)
-
-    def client() -> None:
-        with httpx.Client(base_url=base_url, timeout=60) as http:
-            while not stop.is_set():
-                try:
-                    status = post(http)
-                except httpx.HTTPError as e:
-                    status = f"error: {type(e).__name__}"
-                    with lock:
-                        result.errors.append(f"{time.strftime('%H:%M:%S')} {e!r}")
-                with lock:
-                    result.statuses[status] += 1
-                stop.wait(interval)
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    try:
-        yield result
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=90)
 
 
 def pod_metric(cluster: KubeCluster, namespace: str, pod: str, name: str,
