@@ -4,11 +4,19 @@ Keys are a digest of the model fingerprint and the exact (query, document) pair,
 cached score is always from the same model, revision, dtype, max length and kind. Values are
 raw scores (activation is applied per request). The local tier is cachetools' TTLCache
 (LRU eviction within a TTL), used only from the event loop, so it needs no lock.
+
+A server reads its own writes across the fleet: a score is in the local tier as soon as it is
+computed, and its fleet fill (`store`) is tracked until it lands; whoever answers with that
+score (the request that computed it, or one that finds it locally meanwhile) waits for the
+fill first (`landed`), so once a server has answered, every other server finds those scores.
+The fill is bounded by the remote tier's own timeout, so a Redis that is down stalls nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -17,13 +25,16 @@ from cachetools import TTLCache
 from .backends import Pair
 from .metrics import Metrics
 
+log = logging.getLogger(__name__)
+
 
 class RemoteTier(Protocol):
     """A cache shared by the fleet (Redis). Must never raise: failures read as misses.
 
     `claim` and `wait_for` de-duplicate work across servers: pairs another server is computing
-    are waited for rather than computed; `release` gives back claims whose work failed or was
-    dropped, and `put_many` those whose scores it stores (see redis_tier.py).
+    are waited for rather than computed; `renew` keeps the claims on pairs still queued or
+    running here; `release` gives back claims whose work failed or was dropped, and `put_many`
+    those whose scores it stores (see redis_tier.py and leases.py).
     """
 
     async def get_many(self, keys: list[str]) -> dict[str, float]: ...
@@ -35,6 +46,8 @@ class RemoteTier(Protocol):
     async def wait_for(self, keys: list[str], *, timeout: float) -> dict[str, float]: ...
 
     async def release(self, keys: list[str]) -> None: ...
+
+    async def renew(self, keys: list[str]) -> int: ...
 
     async def close(self) -> None: ...
 
@@ -76,6 +89,7 @@ class ScoreCache:
         self.local: TTLCache[str, float] = TTLCache(maxsize=size, ttl=ttl)
         self.remote = remote
         self.metrics = metrics
+        self._landing: dict[str, asyncio.Task[None]] = {}  # fleet fills in flight, by key
 
     def key(self, pair: Pair) -> str:
         return pair_key(self.fingerprint, pair)
@@ -95,6 +109,8 @@ class ScoreCache:
             else:
                 found[key] = value
         self.metrics.cache_hits.labels(tier="local").inc(len(found))
+        if found:
+            await self.landed(found)  # answered from here only once the fleet can read it too
         if missing and self.remote is not None:
             remote = await self.remote.get_many(missing)
             for key, value in remote.items():
@@ -105,13 +121,40 @@ class ScoreCache:
         self.metrics.cache_misses.inc(len(missing))
         return found
 
-    async def put_many(self, items: dict[str, float]) -> None:
+    def store(self, items: dict[str, float]) -> None:
+        """Scores just computed: in the local tier now; into the fleet tier in the background,
+        tracked until they land (`landed`)."""
         if not self.enabled or not items:
             return
         for key, value in items.items():
             self.local[key] = value
-        if self.remote is not None:
-            await self.remote.put_many(items)
+        if self.remote is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.remote.put_many(items))
+        keys = list(items)
+        for key in keys:
+            self._landing[key] = task
+        task.add_done_callback(lambda done: self._landed(done, keys))
+
+    def _landed(self, task: "asyncio.Task[None]", keys: list[str]) -> None:
+        for key in keys:
+            if self._landing.get(key) is task:
+                del self._landing[key]
+        if not task.cancelled() and task.exception() is not None:  # put_many must not raise: a bug, said once
+            log.error("the fleet cache fill failed", exc_info=task.exception())
+
+    async def landed(self, keys: Iterable[str]) -> None:
+        """Return once the fleet fills of `keys` in flight have ended (stored, or failed within
+        the remote tier's timeout)."""
+        if not self._landing:
+            return
+        fills = {self._landing[k] for k in keys if k in self._landing}
+        if fills:
+            await asyncio.wait(fills)  # not cancelled with the waiter: another request may wait for it
+
+    async def put_many(self, items: dict[str, float]) -> None:
+        self.store(items)
+        await self.landed(items)
 
     def clear(self) -> None:
         self.local.clear()

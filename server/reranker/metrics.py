@@ -61,6 +61,11 @@ class Metrics:
         self.model_info = Gauge(c.METRIC_MODEL_INFO, "The model being served", ["model", "backend", "device", "dtype"], registry=r)
         self.redis_errors = Counter("reranker_redis_errors_total", "Redis calls that failed or timed out", ["op"], registry=r)
         self.redis_latency = Histogram("reranker_redis_duration_seconds", "Redis round trips", ["op"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25), registry=r)
+        self.batch_cut = Histogram("reranker_batch_cut_seconds", "The batching task's own time to cut one batch "
+                                   "from the queue", buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1),
+                                   registry=r)
+        self.leases_renewed = Counter("reranker_redis_leases_renewed_total", "Fleet leases on pairs still queued or "
+                                      "running here, renewed so no other server computes them too", registry=r)
         for tier in ("local", "redis"):
             self.cache_hits.labels(tier=tier)
         self.wait_window = Window()

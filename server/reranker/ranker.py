@@ -4,7 +4,13 @@ The routes speak the dialects; this module does the work they share:
 documents -> pairs (chunks) -> cache look-up -> join identical pairs already in flight ->
 admission -> batcher -> scores (max over a document's chunks). Scores of new pairs are
 written to the cache by the batcher's completion hook, so a score is cached even when the
-request that asked for it has gone.
+request that asked for it has gone; a request answers only once the fleet fill of the pairs it
+waited for has landed (cache.py), so every server finds the scores of every answer given.
+
+One deadline per request (RERANKER_QUEUE_TIMEOUT + RERANKER_WORKER_TIMEOUT from when the ranker
+gets it): queue, forward, another server's work (the fleet lease, leases.py) and the cache fill
+all count against it, and past it the request is answered 503 with Retry-After, never left
+waiting. Within it, a request still queued after RERANKER_QUEUE_TIMEOUT gets 503 as before.
 
 Every job leaves `inflight` when its future settles (scored, failed, dropped by a timeout, a
 gone client or shutdown), so an idle server holds no jobs. A Redis lease this server took is
@@ -24,9 +30,10 @@ from dataclasses import dataclass
 from .admission import Admission
 from .backends import Backend, Pair
 from .batcher import Batcher, Job, Ticket
-from .cache import RemoteTier, ScoreCache
+from .cache import ScoreCache
 from .chunking import Split, split_documents
-from .errors import BackendFailure, ClientGone, QueueFull, QueueTimeout
+from .errors import BackendFailure, ClientGone, QueueFull, QueueTimeout, RequestTimeout
+from .leases import Leases
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -43,7 +50,8 @@ class Ranker:
     HASH_OFF_LOOP_CHARS = 256 * 1024
 
     def __init__(self, *, backend: Backend, batcher: Batcher, cache: ScoreCache, admission: Admission,
-                 metrics: Metrics, queue_timeout: float, worker_timeout: float) -> None:
+                 metrics: Metrics, queue_timeout: float, worker_timeout: float, leases: Leases | None = None,
+                 request_timeout: float | None = None) -> None:
         self.backend = backend
         self.batcher = batcher
         self.cache = cache
@@ -51,12 +59,13 @@ class Ranker:
         self.metrics = metrics
         self.queue_timeout = queue_timeout
         self.worker_timeout = worker_timeout
+        #: One deadline per request: its queue wait and its work.
+        self.request_timeout = request_timeout if request_timeout is not None else queue_timeout + worker_timeout
+        self.leases = leases if cache.enabled else None
         self.inflight: dict[str, Job] = {}
         batcher.on_done = self._completed
-        self._background: set[asyncio.Task[Any]] = set()  # cache fills, lease releases, waits on other servers
+        self._background: set[asyncio.Task[Any]] = set()  # waits on other servers
         self.tickets: set[Ticket] = set()
-        self._leased: dict[str, Job] = {}  # jobs whose Redis lease this server holds
-        self._unlease: list[str] = []  # leases to give back, sent together
 
     def abort_waiting(self, error: Exception) -> int:
         """Answer every request whose pairs have not all started with `error` (shutdown deadline)."""
@@ -90,23 +99,8 @@ class Ranker:
         """Whatever ended the job (score, failure, drop), it leaves `inflight`; a failed one's lease goes back."""
         if self.inflight.get(job.key) is job:
             del self.inflight[job.key]
-        if self._leased.get(job.key) is job:
-            del self._leased[job.key]
-            if self._score_of(job) is None:  # a scored job's lease is released with its cache fill
-                self._give_back(job.key)
-
-    def _give_back(self, key: str) -> None:
-        remote = self.cache.remote
-        if remote is None:
-            return
-        if not self._unlease:
-            asyncio.get_running_loop().call_soon(self._flush_unlease)
-        self._unlease.append(key)
-
-    def _flush_unlease(self) -> None:
-        keys, self._unlease = self._unlease, []
-        if keys and self.cache.remote is not None:
-            self._spawn(self.cache.remote.release(keys))
+        if self.leases is not None:
+            self.leases.settled(job, scored=self._score_of(job) is not None)
 
     def _completed(self, jobs: list[Job]) -> None:
         done: dict[str, float] = {}
@@ -114,8 +108,7 @@ class Ranker:
             score = self._score_of(job)
             if score is not None:
                 done[job.key] = score
-        if done:
-            self._spawn(self.cache.put_many(done))
+        self.cache.store(done)  # requests answer once it has landed (cache.landed)
 
     async def _prepare(self, jobs: list[Job]) -> None:
         """Tokenize new jobs, once (off the event loop): the ids carry their length for batching and go
@@ -136,30 +129,27 @@ class Ranker:
 
     async def _dispatch(self, jobs: list[Job]) -> None:
         """Queue new jobs here, except pairs another server of the fleet is computing right now."""
-        remote = self.cache.remote if self.cache.enabled else None
-        if remote is None:
+        if self.leases is None:
             self.batcher.submit(jobs)
             return
-        ours, theirs = await remote.claim([job.key for job in jobs])
-        by_key = {job.key: job for job in jobs}
-        mine = []
-        for key in ours:
-            job = by_key[key]
-            if job.future.done():  # dropped while the lease was being taken: give it back
-                self._give_back(key)
-            else:
-                self._leased[key] = job
-                mine.append(job)
-        self.batcher.submit(mine)
-        waiting = [by_key[k] for k in theirs if not by_key[k].future.done()]
-        if waiting:
-            for job in waiting:
+        ours, theirs = await self.leases.claim(jobs)
+        self.batcher.submit(ours)
+        if theirs:
+            for job in theirs:
                 job.start()  # started elsewhere: the local queue timeout does not apply
-            self._spawn(self._await_fleet(remote, waiting))
+            self._spawn(self._await_fleet(theirs))
 
-    async def _await_fleet(self, remote: "RemoteTier", jobs: list[Job]) -> None:
-        found = await remote.wait_for([job.key for job in jobs], timeout=self.queue_timeout + self.worker_timeout)
-        self.metrics.dedup.labels(scope="fleet").inc(len(found))
+    @staticmethod
+    def _wanted_until(jobs: list[Job]) -> float:
+        """The latest deadline among the live requests that want any of `jobs` (-inf: none)."""
+        return max((t.deadline for job in jobs for t in job.owners if t.live), default=-math.inf)
+
+    async def _await_fleet(self, jobs: list[Job]) -> None:
+        """Another server computes `jobs`: wait for its scores as long as a request wants them,
+        then compute what is still missing here."""
+        assert self.leases is not None
+        loop = asyncio.get_running_loop()
+        found = await self.leases.wait(jobs, timeout=max(0.0, self._wanted_until(jobs) - loop.time()))
         missing = []
         for job in jobs:
             if job.key in found:
@@ -167,7 +157,10 @@ class Ranker:
                 if not job.future.done():
                     job.future.set_result(found[job.key])
             elif not job.future.done():
-                missing.append(job)
+                if any(t.live for t in job.owners):
+                    missing.append(job)
+                else:
+                    job.drop()  # every request that wanted it has timed out or gone
         if not missing:
             return
         # The other server died or failed: compute here, admitted like any other work.
@@ -183,9 +176,17 @@ class Ranker:
     # --- one request ---------------------------------------------------------------------------
     async def rank(self, query: str, documents: Sequence[str], *, split: Split, ticket: Ticket,
                    instruction: str | None = None) -> Ranked:
+        ticket.deadline = asyncio.get_running_loop().time() + self.request_timeout
         self.tickets.add(ticket)
         try:
-            return await self._rank(query, documents, split=split, ticket=ticket, instruction=instruction)
+            async with asyncio.timeout_at(ticket.deadline):
+                return await self._rank(query, documents, split=split, ticket=ticket, instruction=instruction)
+        except TimeoutError:
+            ticket.cancel()
+            self.metrics.rejected.labels(reason="request_timeout").inc()
+            raise RequestTimeout(
+                f"no answer within {self.request_timeout:g}s (RERANKER_QUEUE_TIMEOUT + RERANKER_WORKER_TIMEOUT)",
+                retry_after=self.admission.retry_after()) from None
         except BaseException:
             ticket.cancel()  # whatever ended the request (error, timeout, gone client): drop what only it wanted
             raise
@@ -257,6 +258,7 @@ class Ranker:
                 raise BackendFailure(f"the model returned a non-finite score (NaN or infinity) for {broken} "
                                      f"of {len(results)} pairs; the model or its weights are broken")
             scores.update(zip(waiting.keys(), results))
+            await self.cache.landed(waiting)  # the fleet can read every score of this answer
 
         raw: list[float] = []
         cursor = 0

@@ -12,7 +12,9 @@ found by every other server serving the same model fingerprint.
   instead of computing it, polling both keys in one round trip; if the lease expires (its
   holder died or failed) without a score, it computes the pair itself. A lease is deleted only
   by the server that holds it (a compare-and-delete script): when its score is stored, or at
-  once when its computation failed or was dropped, so the others stop waiting.
+  once when its computation failed or was dropped, so the others stop waiting. A lease on a
+  pair still queued or running is renewed (a compare-and-extend script, every held lease in one
+  call, leases.py) so that a long queue does not let it lapse and a second server compute it too.
 - Faults never fail requests: every call is bounded by a short timeout; an error counts in
   `reranker_redis_errors_total{op}`, is logged at most once per interval, and opens a circuit
   for a backoff (0.25 s doubling up to 5 s) during which Redis is skipped entirely; then the next call
@@ -57,6 +59,19 @@ return released
 """
 
 
+#: Extend each lease in KEYS that ARGV[1] (this server) holds to ARGV[2] ms; leave others' alone.
+_RENEW = """
+local renewed = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
+
 def redact(url: str) -> str:
     """The URL without its password, for logs."""
     parts = urlsplit(url)
@@ -88,6 +103,7 @@ class RedisTier:
         self.client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                               health_check_interval=30)
         self._release = self.client.register_script(_RELEASE)
+        self._renew = self.client.register_script(_RENEW)
         self._down_until = 0.0
         self._backoff = 0.25
         self._last_log = 0.0
@@ -197,6 +213,15 @@ class RedisTier:
         if keys:
             await self._call("release", lambda: self._release(keys=[self._lease_key(k) for k in keys],
                                                                  args=[self.owner]), None)
+
+    async def renew(self, keys: list[str]) -> int:
+        """Extend the leases this server still holds on `keys` by a full lease, in one round trip;
+        how many it still held."""
+        if not keys:
+            return 0
+        renewed = await self._call("renew", lambda: self._renew(keys=[self._lease_key(k) for k in keys],
+                                                                 args=[self.owner, self.lease_ms]), 0)
+        return int(renewed)
 
     async def wait_for(self, keys: list[str], *, timeout: float) -> dict[str, float]:
         """Scores of pairs other servers hold leases on, as they arrive. Returns when every key

@@ -1,4 +1,7 @@
-"""HTTP routes: the dialects (native, TEI, Cohere v1/Jina, Cohere v2) and the probes.
+"""HTTP routes: the rerank dialects (native, TEI, vLLM, Cohere v1/Jina, Cohere v2) and the probes.
+
+NIM's ranking, vLLM's score API and the model listings are in `routes_compat.py`, built on the
+helpers here. Which dialect a body on /rerank speaks is read from its own fields (`dialect_of`).
 
 Each rerank route parses its dialect, hands the texts to the `Ranker`, and shapes the
 answer the way that dialect's clients expect. Bodies are parsed here rather than by FastAPI's
@@ -29,10 +32,11 @@ from starlette.requests import ClientDisconnect
 from . import activation
 from .batcher import Ticket
 from .chunking import Split
-from .errors import ClientGone, InvalidJSON, InvalidRequest, ModelNotFound, PayloadTooLarge
+from .errors import ClientGone, EmptyInput, InvalidJSON, InvalidRequest, ModelNotFound, PayloadTooLarge
 from .runtime import Runtime
-from .schemas import (ErrorResponse, NativeRerankRequest, NativeRerankResponse, TEIRerankRequest, TEIResult,
-                      V1RerankRequest, V1RerankResponse, V2RerankRequest, V2RerankResponse)
+from .schemas import (ErrorResponse, NativeRerankRequest, NativeRerankResponse, TEIErrorResponse, TEIRerankRequest,
+                      TEIResult, V1RerankRequest, V1RerankResponse, V2RerankRequest, V2RerankResponse,
+                      VLLMRerankRequest, VLLMRerankResponse)
 
 router = APIRouter()
 M = TypeVar("M", bound=BaseModel)
@@ -54,7 +58,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse, "de
     400: "Body is not JSON", 401: "Missing or invalid API key", 404: "Model not served (RERANKER_SERVED_MODEL_NAMES)",
     413: "Body or query too large", 422: "Invalid field (the message names it)",
     424: "The model failed to score", 429: "Queue full or too many requests (Retry-After)",
-    503: "Loading, draining or queue timeout (Retry-After)"}.items()}
+    503: "Loading, draining, queue or request timeout, or the engine cannot serve (Retry-After)"}.items()}
 
 #: JSON deeper than this is refused: no dialect nests beyond a few levels (a v1 document object's fields).
 MAX_JSON_DEPTH = 32
@@ -216,28 +220,47 @@ def _activate(runtime: Runtime, raw: list[float], raw_scores: bool) -> list[floa
     return [activation.apply(r, runtime.backend_info.activation) for r in raw]
 
 
-@router.post("/rerank", openapi_extra=_openapi(NativeRerankRequest, TEIRerankRequest), tags=["rerank"],
-             summary="Rerank (native shape; TEI shape when the body has `texts`)",
-             dependencies=[Depends(_in_flight)],
+def dialect_of(data: Any) -> str:
+    """Which dialect a body posted to /rerank speaks, from its own fields (docs/api.md):
+    `texts` is TEI's; `top_k` is the native one's; otherwise `model` or `top_n` is vLLM's form
+    (LiteLLM's `hosted_vllm`, vLLM's docs); a body with none of these is native."""
+    if not isinstance(data, dict):
+        return "native"
+    if "texts" in data:
+        return "tei"
+    if "top_k" in data:
+        return "native"
+    if "model" in data or "top_n" in data:
+        return "vllm"
+    return "native"
+
+
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
+_RERANK_ERRORS = {**_ERRORS, **{status: {"description": f"{_ERRORS[status]['description']}; TEI-shaped requests get "
+                                         "TEI's body", "content": {"application/json": {"schema": {"anyOf": [
+                                             _schema(ErrorResponse), _schema(TEIErrorResponse)]}}}}
+                                for status in _ERRORS}}
+
+
+@router.post("/rerank", openapi_extra=_openapi(NativeRerankRequest, TEIRerankRequest, VLLMRerankRequest),
+             tags=["rerank"], summary="Rerank (native shape; TEI's with `texts`; vLLM's with `model` or `top_n` "
+             "and no `top_k`)", dependencies=[Depends(_in_flight)],
              responses={200: {"content": {"application/json": {"schema": {"anyOf": [
-                 NativeRerankResponse.model_json_schema(ref_template="#/components/schemas/{model}"),
-                 {"type": "array", "items": TEIResult.model_json_schema(ref_template="#/components/schemas/{model}")},
-             ]}}}}, **_ERRORS})
+                 _schema(NativeRerankResponse), {"type": "array", "items": _schema(TEIResult)},
+                 _schema(VLLMRerankResponse)]}}}}, **_RERANK_ERRORS})
 async def rerank(request: Request) -> Any:
     runtime = _runtime(request)
     _authorize(request, runtime)
     data = await _read_json(request, runtime.settings.max_body_bytes)
     started = time.perf_counter()
-    if isinstance(data, dict) and "texts" in data:
-        tei = _validate(TEIRerankRequest, data)
-        _check_size(runtime, tei, len(tei.texts), "texts")
-        _served_model(runtime, tei.model)
-        split = Split(truncate=tei.truncate is not False, left=tei.truncation_direction.lower() == "left", field="texts")
-        raw, _ = await _rank(request, runtime, tei.query, tei.texts, split, tei.instruction)
-        scores = _activate(runtime, raw, tei.raw_scores)
-        ranked = [TEIResult(index=i, score=scores[i], text=tei.texts[i] if tei.return_text else None)
-                  .model_dump(exclude_none=True) for i in _order(scores, None)]
-        return JSONResponse(ranked, headers=_timing_headers(started))
+    dialect = dialect_of(data)
+    if dialect == "tei":
+        return await _rerank_tei(request, runtime, data, started)
+    if dialect == "vllm":
+        return await _rerank_vllm(request, runtime, data)
 
     native = _validate(NativeRerankRequest, data)
     _check_size(runtime, native, len(native.documents), "documents")
@@ -250,6 +273,38 @@ async def rerank(request: Request) -> Any:
     body = NativeRerankResponse(results=results, model=model,  # type: ignore[arg-type]
                                 processing_time_ms=round((time.perf_counter() - started) * 1000, 3))
     return JSONResponse(body.model_dump(), headers=_timing_headers(started))
+
+
+async def _rerank_tei(request: Request, runtime: Runtime, data: dict[str, Any], started: float) -> Response:
+    request.state.dialect = "tei"  # errors from here on are TEI's body (app.py)
+    if data.get("texts") == []:
+        raise EmptyInput("texts: must not be empty")
+    tei = _validate(TEIRerankRequest, data)
+    _check_size(runtime, tei, len(tei.texts), "texts")
+    _served_model(runtime, tei.model)
+    split = Split(truncate=tei.truncate is not False, left=tei.truncation_direction.lower() == "left", field="texts")
+    raw, _ = await _rank(request, runtime, tei.query, tei.texts, split, tei.instruction)
+    scores = _activate(runtime, raw, tei.raw_scores)
+    ranked = [TEIResult(index=i, score=scores[i], text=tei.texts[i] if tei.return_text else None)
+              .model_dump(exclude_none=True) for i in _order(scores, None)]
+    return JSONResponse(ranked, headers=_timing_headers(started))
+
+
+async def _rerank_vllm(request: Request, runtime: Runtime, data: dict[str, Any]) -> dict[str, Any]:
+    req = _validate(VLLMRerankRequest, data)
+    _check_size(runtime, req, len(req.documents), "documents")
+    model = _served_model(runtime, req.model)
+    texts = [_rank_text(doc, ["text"], i) for i, doc in enumerate(req.documents)]
+    raw, tokens = await _rank(request, runtime, req.query, texts, Split(), req.instruction)
+    scores = _activate(runtime, raw, False)
+    results = []
+    for i in _order(scores, req.top_n or None):
+        item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+        if req.return_documents:
+            item["document"] = {"text": texts[i]}
+        results.append(item)
+    return {"id": f"rerank-{uuid.uuid4().hex}", "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}, "results": results}
 
 
 def _rank_text(doc: str | dict[str, Any], fields: list[str], i: int) -> str:
@@ -318,26 +373,38 @@ async def rerank_v2(request: Request) -> Any:
             "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
 
 
-@router.get("/health", tags=["probes"], summary="Liveness and stats; 503 once the model failed to load",
-            responses={503: {"description": "The model failed to load (the body says why)"}})
+@router.get("/health", tags=["probes"],
+            summary="Liveness and stats; 503 once the model failed to load or the engine is wedged or dead",
+            responses={503: {"description": "The model failed to load, every forward slot is stuck past "
+                                            "RERANKER_WORKER_TIMEOUT, or the batching task died (the body says why)"}})
 async def health(request: Request) -> Any:
     runtime = _runtime(request)
     stats = runtime.health()
-    if runtime.load_error:
-        # A failed load never recovers in this process: failing liveness gets it restarted with
-        # back-off (Kubernetes; launchd and systemd via the container or unit), and says why.
+    if runtime.fault:
+        # Neither a failed load nor a wedged engine recovers in this process: failing liveness gets
+        # it restarted with back-off (Kubernetes; launchd and systemd via the container or unit),
+        # and says why.
         return JSONResponse(stats, status_code=503)
     return stats
 
 
-@router.get("/ready", tags=["probes"], summary="Readiness: 200 once warm, 503 while loading or draining",
-            responses={503: {"description": "Loading, draining, or the load failed"}})
+@router.get("/ready", tags=["probes"],
+            summary="Readiness: 200 once warm, 503 while loading or draining, or when it cannot serve",
+            responses={503: {"description": "Loading, draining, the load failed, or the engine is wedged or dead"}})
 async def ready(request: Request) -> Any:
     runtime = _runtime(request)
-    if runtime.admission.ready and not runtime.admission.draining:
+    fault = runtime.fault
+    if runtime.admission.ready and not runtime.admission.draining and fault is None:
         return {"ready": True}
-    reason = "draining" if runtime.admission.draining else ("error" if runtime.load_error else "loading")
-    return JSONResponse({"ready": False, "reason": reason, "message": runtime.load_error or reason},
+    if runtime.admission.draining:
+        reason = "draining"
+    elif runtime.load_error:
+        reason = "error"
+    elif fault:
+        reason = "wedged"
+    else:
+        reason = "loading"
+    return JSONResponse({"ready": False, "reason": reason, "message": fault or reason},
                         status_code=503, headers={"Retry-After": "5"})
 
 

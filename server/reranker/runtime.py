@@ -4,6 +4,10 @@ Loading the model can take minutes (hub download, torch.compile), so it runs in 
 background: /health answers at once ("loading"), /ready and the rerank routes answer 503
 until the model is loaded and warm. The batcher, cache and ranker exist only once the
 backend does.
+
+A loaded server can still be unable to serve: every forward slot stuck in a forward past
+RERANKER_WORKER_TIMEOUT, or the batching task dead (`fault`). /health and /ready then answer
+503 with the reason, so the orchestrator takes the replica out of the Service and restarts it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from .auth import ApiKeys
 from .backends import Backend, BackendInfo, load_backend
 from .batcher import Batcher
 from .cache import RemoteTier, ScoreCache
+from .leases import Leases
 from .metrics import Metrics
 from .ranker import Ranker
 from .settings import Settings
@@ -116,8 +121,13 @@ class Runtime:
         self.cache = ScoreCache(fingerprint=backend.info.fingerprint, size=s.cache_size, ttl=s.cache_ttl_seconds,
                                 metrics=self.metrics, enabled=s.enable_prediction_cache, remote=self.remote)
         self.admission.batcher = self.batcher
+        leases = None
+        if self.remote is not None and s.enable_prediction_cache:
+            leases = Leases(self.remote, lease_seconds=s.redis_lease_seconds, metrics=self.metrics)
+            self._tasks.append(asyncio.get_running_loop().create_task(leases.renew_forever(), name="renew-leases"))
         self.ranker = Ranker(backend=backend, batcher=self.batcher, cache=self.cache, admission=self.admission,
-                             metrics=self.metrics, queue_timeout=s.queue_timeout, worker_timeout=s.worker_timeout)
+                             metrics=self.metrics, queue_timeout=s.queue_timeout, worker_timeout=s.worker_timeout,
+                             leases=leases)
         self.batcher.start()
         if s.clear_cache_interval > 0:
             self._tasks.append(asyncio.get_running_loop().create_task(self._clear_cache_every(s.clear_cache_interval)))
@@ -140,9 +150,19 @@ class Runtime:
         if self.backend is not None:
             self.backend.close()
 
+    @property
+    def fault(self) -> str | None:
+        """Why this server cannot serve (a failed load, a wedged or dead engine), or None."""
+        if self.load_error:
+            return self.load_error
+        return self.batcher.fault() if self.batcher is not None else None
+
     def health(self) -> dict[str, Any]:
+        fault = self.fault
         if self.load_error:
             status = "error"
+        elif fault:
+            status = "wedged"
         elif self.admission.draining:
             status = "draining"
         elif not self.admission.ready:
@@ -157,5 +177,5 @@ class Runtime:
             "controller": {**self.admission.controller(), "jobs_held": len(self.ranker.inflight) if self.ranker else 0},
             "cache": {"enabled": self.settings.enable_prediction_cache, "local_entries": len(self.cache) if self.cache else 0,
                       "redis": self.settings.redis_enabled},
-            "error": self.load_error,
+            "error": fault,
         }
