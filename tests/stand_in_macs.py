@@ -28,10 +28,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 RELAY = Path(__file__).resolve().with_name("tcp_relay.py")
@@ -133,26 +135,42 @@ class Mac:
 
     The server runs in the root namespace on the veth's root side and a port of its own; the
     network's relay makes it reachable at the Mac's address and PORT, which it registers. A
-    new Mac for the same address and port (a restart) gets the same server port."""
+    new Mac for the same address and port (a restart) gets the same server port. With `tls`
+    (certificate, key, CA bundle: PEM files) it serves HTTPS, as RERANKER_TLS_* make it."""
 
     def __init__(self, factory: Any, network: MacNetwork, *, address: str, port: int,
-                 env: dict[str, str]) -> None:
+                 env: dict[str, str], tls: tuple[Path, Path, Path] | None = None) -> None:
         self.factory, self.network = factory, network
-        self.address, self.port, self.env = address, port, env
+        self.address, self.port, self.env, self.tls = address, port, env, tls
         self.server: Any = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.address}:{self.port}"
 
     def start(self) -> Mac:
         server_port = self.network.server_port(self.address, self.port)
-        self.server = self.factory({**self.env, "HOST": self.network.host,
+        tls_env = {} if self.tls is None else {"RERANKER_TLS_CERTFILE": str(self.tls[0]),
+                                               "RERANKER_TLS_KEYFILE": str(self.tls[1])}
+        self.server = self.factory({**self.env, **tls_env, "HOST": self.network.host,
                                     "PORT": str(server_port),
                                     "RERANKER_REGISTER_PORT": str(self.port)}, wait=False)
         self.server.url = self.url
-        self.server.wait_ready()
+        if self.tls is None:
+            self.server.wait_ready()
+        else:  # verified against the CA, as the operator's probes do
+            deadline = time.monotonic() + 120
+            while not self._ready(verify=str(self.tls[2])):
+                assert self.server.proc.poll() is None, self.log()[-3000:]
+                assert time.monotonic() < deadline, f"not ready in 120 s:\n{self.log()[-3000:]}"
+                time.sleep(0.1)
         return self
+
+    def _ready(self, *, verify: str) -> bool:
+        try:
+            return httpx.get(f"{self.url}/ready", verify=verify, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def signal(self, sig: int) -> int:
         self.server.proc.send_signal(sig)
@@ -160,6 +178,31 @@ class Mac:
 
     def log(self) -> str:
         return str(self.server.log.read_text(errors="replace"))
+
+
+def certificates(folder: Path, address: str, *, name: str) -> tuple[Path, Path, Path]:
+    """A CA NAME and a server certificate it issues for ADDRESS (an IP SAN), made with the
+    openssl command: (certificate, key, CA certificate), PEM files in FOLDER."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = folder / f"{name}-ca.crt", folder / f"{name}-ca.key"
+    crt, key, csr = folder / f"{name}.crt", folder / f"{name}.key", folder / f"{name}.csr"
+    ext = folder / f"{name}.ext"
+    ext.write_text(f"subjectAltName=IP:{address}\nbasicConstraints=critical,CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                   "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\n"
+                   "authorityKeyIdentifier=keyid\n")
+    for args in (
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+             "-days", "2", "-subj", f"/CN={name} CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+             "-subj", f"/CN={address}"],
+            ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", crt, "-days", "2", "-extfile", ext]):
+        r = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    return crt, key, ca
 
 
 def slice_endpoints(cluster: Any, ns: str, service: str) -> dict[str, dict[str, Any]]:

@@ -60,6 +60,9 @@ class Endpoint:
     uid: str | None = None  # of the RerankerEndpoint
     renew_time: str | None = None
     lease_seconds: int | None = None
+    registered_by: str | None = None  # spec.registeredBy (the admission policy vouches for it)
+    #: PEM CA bundle of the fleet's spec.externalEndpoints.tls: probed over HTTPS, verified.
+    ca_bundle: str | None = None
 
     @property
     def key(self) -> EndpointKey:
@@ -68,7 +71,8 @@ class Endpoint:
     @property
     def url(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"http://{host}:{self.port}{contract.ROUTE_READY}"
+        scheme = "https" if self.ca_bundle else "http"
+        return f"{scheme}://{host}:{self.port}{contract.ROUTE_READY}"
 
 
 def from_resource(body: Mapping[str, Any]) -> Endpoint:
@@ -86,6 +90,7 @@ def from_resource(body: Mapping[str, Any]) -> Endpoint:
         uid=meta.get("uid"),
         renew_time=heartbeat.get("renewTime"),
         lease_seconds=int(lease) if lease else None,
+        registered_by=spec.get("registeredBy") or None,
     )
 
 
@@ -119,13 +124,16 @@ def networks(cidrs: Iterable[str]) -> tuple[Network, ...]:
 
 
 def trust_problem(endpoint: Endpoint, *, allowed: tuple[Network, ...],
-                  cluster: tuple[Network, ...]) -> str | None:
+                  cluster: tuple[Network, ...], identities: tuple[str, ...] = (),
+                  cluster_unknown: str | None = None) -> str | None:
     """Why an endpoint with a valid address may not join the Service, or None.
 
     Nothing inside the cluster's pod or Service ranges is ever listed: such an address is
     another workload's, and listing it would send the fleet's clients there (and the probes
     would scan it). A registered endpoint (written by a Mac's identity, not by the fleet's
-    owner) must also be inside the fleet's allowedCIDRs, which refuse everything until set."""
+    owner) is refused while those ranges are not known (`cluster_unknown` says why), and must
+    be inside the fleet's allowedCIDRs and registered by one of its allowedIdentities; both
+    refuse everything until set."""
     ip = ipaddress.ip_address(endpoint.address)
     for net in cluster:
         if ip in net:
@@ -133,13 +141,37 @@ def trust_problem(endpoint: Endpoint, *, allowed: tuple[Network, ...],
                     f"{net}: never listed (it would send the fleet's traffic to another workload)")
     if endpoint.source != SOURCE_REGISTERED:
         return None
+    if cluster_unknown is not None:
+        return cluster_unknown
     if not allowed:
         return ("registered endpoints are refused until the RerankerDeployment sets "
                 "spec.externalEndpoints.allowedCIDRs (the networks its Macs live in)")
     if not any(ip in net for net in allowed):
         return (f"address {endpoint.address} is outside spec.externalEndpoints.allowedCIDRs "
                 f"({', '.join(str(n) for n in allowed)}): refused")
+    if not identities:
+        return ("registered endpoints are refused until the RerankerDeployment lists the Macs' "
+                "identities in spec.externalEndpoints.allowedIdentities (user names, e.g. "
+                "system:serviceaccount:NAMESPACE:reranker-mac-studio-1)")
+    if endpoint.registered_by not in identities:
+        return (f"registered by {endpoint.registered_by or 'an unknown identity (no spec.registeredBy)'}, "
+                "which is not in spec.externalEndpoints.allowedIdentities: refused")
     return None
+
+
+def allowed_identities(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    """spec.externalEndpoints.allowedIdentities: who may register for the fleet (empty: no one)."""
+    entries = ((spec.get("externalEndpoints") or {}).get("allowedIdentities")) or ()
+    if not isinstance(entries, (list, tuple)):
+        return ()
+    return tuple(str(e).strip() for e in entries if str(e).strip())
+
+
+def tls_ca_bundle(spec: Mapping[str, Any]) -> str | None:
+    """spec.externalEndpoints.tls.caBundle (PEM), or None: probes then use plain HTTP."""
+    tls = (spec.get("externalEndpoints") or {}).get("tls") or {}
+    bundle = tls.get("caBundle") if isinstance(tls, Mapping) else None
+    return str(bundle) if bundle and str(bundle).strip() else None
 
 
 def address_type(address: str) -> str:

@@ -21,8 +21,10 @@ Kopf's event handlers wake it at once when an endpoint appears, changes or goes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -31,7 +33,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from reranker import contract
-from reranker_operator import external
+from reranker_operator import cluster_ranges, external
 from reranker_operator.external import Endpoint, EndpointKey, OwnerKey, ProbeConfig
 from reranker_operator.kube import Kube, error_message
 from reranker_operator.spec import InvalidSpec, allowed_cidrs, static_endpoints
@@ -41,6 +43,9 @@ logger = logging.getLogger(__name__)
 #: Index names (see handlers): RerankerDeployments and RerankerEndpoints by (namespace, name).
 RERANKERS_INDEX = "rerankers"
 ENDPOINTS_INDEX = "reranker_endpoints"
+#: Cluster-scoped indices (see handlers): the Nodes' and ServiceCIDRs' facts, one key.
+NODES_INDEX = "reranker_nodes"
+SERVICE_CIDRS_INDEX = "reranker_servicecidrs"
 #: Concurrent probes (each bounded by the probe timeout).
 MAX_CONCURRENT_PROBES = 64
 
@@ -74,6 +79,10 @@ class Prober:
         self._reported: dict[OwnerKey, external.Summary] = {}  # reconciled
         self._written: dict[str, dict[str, Any]] = {}  # RerankerEndpoint uid -> status
         self._bodies: dict[EndpointKey, Mapping[str, Any]] = {}  # RerankerEndpoints, this pass
+        #: HTTPS clients by CA bundle (spec.externalEndpoints.tls), or why a bundle is unusable.
+        self._tls: dict[str, httpx.AsyncClient | str] = {}
+        self._transport: httpx.AsyncBaseTransport | None = None
+        self.ranges = cluster_ranges.ClusterRanges(networks=cluster_cidrs)
         self._wake = asyncio.Event()
         #: Set by the first non-indexing handler: Kopf has filled every index by then.
         self.indexed = asyncio.Event()
@@ -100,16 +109,42 @@ class Prober:
         """Forever: a pass, then sleep until something is due or a handler wakes us.
         (`transport`: the tests' stand-in for the network.)"""
         await self.indexed.wait()
+        self._transport = transport
+        try:
+            async with self._client(verify=True) as client:
+                while True:
+                    self._wake.clear()
+                    delay = await self.tick(client, indices)
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                    except asyncio.TimeoutError:
+                        pass
+        finally:
+            await self.aclose()
+
+    def _client(self, *, verify: ssl.SSLContext | bool) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=MAX_CONCURRENT_PROBES, max_keepalive_connections=0)
-        async with httpx.AsyncClient(timeout=self.config.timeout, limits=limits, trust_env=False,
-                                     transport=transport) as client:
-            while True:
-                self._wake.clear()
-                delay = await self.tick(client, indices)
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
-                except asyncio.TimeoutError:
-                    pass
+        return httpx.AsyncClient(timeout=self.config.timeout, limits=limits, trust_env=False,
+                                 verify=verify, transport=self._transport)
+
+    def _tls_client(self, ca_bundle: str) -> httpx.AsyncClient | str:
+        """The HTTPS client that trusts only CA_BUNDLE (and checks the endpoint's address
+        against the certificate), or why the bundle cannot be used."""
+        if ca_bundle not in self._tls:
+            try:
+                context = ssl.create_default_context(cadata=ca_bundle)
+                self._tls[ca_bundle] = self._client(verify=context)
+            except (ssl.SSLError, ValueError) as e:
+                self._tls[ca_bundle] = ("spec.externalEndpoints.tls.caBundle is not a PEM CA "
+                                        f"certificate bundle ({e}): not probed")
+        return self._tls[ca_bundle]
+
+    async def aclose(self) -> None:
+        """Close the HTTPS clients."""
+        for client in self._tls.values():
+            if isinstance(client, httpx.AsyncClient):
+                await client.aclose()
+        self._tls.clear()
 
     async def tick(self, client: httpx.AsyncClient, indices: Mapping[str, Any]) -> float:
         """One pass over every known endpoint; returns the seconds until the next is due."""
@@ -117,6 +152,10 @@ class Prober:
                   if bodies}
         declared = self._declared(owners, indices)
         now, wall = self.now(), self._wall()
+        self.ranges = ranges = cluster_ranges.learn(
+            nodes=_values(indices.get(NODES_INDEX)),
+            service_cidrs=_values(indices.get(SERVICE_CIDRS_INDEX)),
+            configured=self.cluster_cidrs)
 
         problems: dict[EndpointKey, str] = {}
         expired: dict[EndpointKey, bool] = {}
@@ -127,8 +166,12 @@ class Prober:
             elif (problem := external.address_problem(ep.address)) is not None:
                 problems[ep.key] = problem
             elif (problem := external.trust_problem(
-                    ep, allowed=_allowed(owners[ep.owner]), cluster=self.cluster_cidrs)) is not None:
+                    ep, allowed=_allowed(owners[ep.owner]), cluster=ranges.networks,
+                    identities=external.allowed_identities(owners[ep.owner].get("spec") or {}),
+                    cluster_unknown=ranges.unknown)) is not None:
                 problems[ep.key] = problem
+            elif ep.ca_bundle and isinstance(tls := self._tls_client(ep.ca_bundle), str):
+                problems[ep.key] = tls
             if ep.source == external.SOURCE_REGISTERED:
                 hb = external.observe(self._heartbeats.get(ep.key), ep.renew_time, now=now,
                                       wall=wall)
@@ -169,7 +212,10 @@ class Prober:
                     ep = external.from_resource(body)
                     declared.append(ep)
                     self._bodies[ep.key] = body
-        return declared
+        # The fleet's TLS setting applies to every one of its endpoints.
+        bundles = {key: external.tls_ca_bundle(owner.get("spec") or {})
+                   for key, owner in owners.items()}
+        return [dataclasses.replace(ep, ca_bundle=bundles.get(ep.owner)) for ep in declared]
 
     def _state(self, ep: Endpoint, owners: Mapping[OwnerKey, Any]) -> external.ProbeState:
         """The endpoint's probe state; new (or moved to another address) starts afresh, seeded
@@ -189,11 +235,19 @@ class Prober:
         return state
 
     async def _probe(self, client: httpx.AsyncClient, ep: Endpoint) -> tuple[bool, str]:
+        if ep.ca_bundle:
+            tls = self._tls[ep.ca_bundle]
+            assert isinstance(tls, httpx.AsyncClient)  # an unusable bundle is a problem: no probe
+            client = tls
         try:
             response = await client.get(ep.url)
         except httpx.TimeoutException:
             return False, f"GET {contract.ROUTE_READY}: no answer within {self.config.timeout:g}s"
-        except httpx.ConnectError:
+        except httpx.ConnectError as e:
+            if ep.ca_bundle and _tls_failure(e):
+                return False, (f"GET {contract.ROUTE_READY} over HTTPS: the certificate is not "
+                               "verified by spec.externalEndpoints.tls.caBundle for address "
+                               f"{ep.address} ({_tls_failure(e)})")
             return False, f"GET {contract.ROUTE_READY}: cannot connect"
         except httpx.HTTPError as e:
             return False, f"GET {contract.ROUTE_READY}: {e.__class__.__name__}"
@@ -295,6 +349,24 @@ def _allowed(owner: Mapping[str, Any]) -> tuple[external.Network, ...]:
         return allowed_cidrs(owner.get("spec") or {})
     except InvalidSpec:
         return ()
+
+
+def _tls_failure(error: BaseException) -> str | None:
+    """The certificate verification failure behind a connection error, if that is what it was."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or seen)
+        if isinstance(seen, ssl.SSLError):
+            return str(seen.reason or seen)
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    return text if "CERTIFICATE_VERIFY_FAILED" in text or "certificate" in text.lower() else None
+
+
+def _values(index: Any) -> list[Mapping[str, Any]]:
+    """Every value of a Kopf index, whatever the key."""
+    return [body for _, bodies in _items(index) for body in bodies if body]
 
 
 def _items(index: Any) -> list[tuple[Any, list[Mapping[str, Any]]]]:

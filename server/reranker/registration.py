@@ -7,6 +7,15 @@ lease and deletes the object when it starts draining or stops, so the operator t
 the Service at once; after a crash (no deletion) the operator drops it when the lease runs out,
 and the next start takes the object over again.
 
+A Mac drains like a pod: Kubernetes takes a pod out of its Service before the pod stops
+listening (the preStop sleep), and kube-proxy meanwhile still sends it new connections. A Mac
+has no kubelet doing that for it, so on SIGTERM it deletes its RerankerEndpoint first and keeps
+accepting and serving (each answer closing its connection) until RERANKER_REGISTER_LEAVE_SECONDS
+have passed since the deletion: time for the operator to rewrite the EndpointSlice and for
+kube-proxy to stop sending it connections (`out_of_service`, which serve.py waits for before
+its drain closes connections). Its identity may not read EndpointSlices (nothing beyond its own
+RerankerEndpoint), so the wait is a bound, as a pod's preStop sleep is.
+
 A server touches only what it registered. The default name carries the machine's identity
 (HOSTNAME-MACHINE-PORT, MACHINE a hash of the hardware UUID or machine-id), so two Macs with
 one host name never share an object; the object records that machine (annotation) and the
@@ -203,6 +212,8 @@ class Registration:
         self._api: Any = None  # kubernetes.client.CustomObjectsApi, once connected
         self._task: asyncio.Task[None] | None = None
         self._leaving: asyncio.Task[None] | None = None
+        self.leave_seconds = settings.register_leave_seconds
+        self._left_at: float | None = None  # event-loop time the deletion ended (done or not)
         self._refused_logged = False
 
     @property
@@ -211,6 +222,15 @@ class Registration:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="registration")
+
+    def out_of_service(self) -> bool:
+        """Whether a draining server may stop accepting connections: no endpoint of it is (or
+        may be) in the Service, or its deletion ended `leave_seconds` ago."""
+        if self._leaving is None:
+            return not (self.registered or self._may_exist) or self._api is None
+        if self._left_at is None:
+            return False
+        return asyncio.get_running_loop().time() - self._left_at >= self.leave_seconds
 
     async def close(self) -> None:
         """Stop renewing and delete the endpoint (bounded: shutdown never waits long)."""
@@ -408,5 +428,11 @@ class Registration:
         try:
             await asyncio.wait_for(asyncio.to_thread(self._delete), DEREGISTER_TIMEOUT)
         except (ApiException, HTTPError, OSError, asyncio.TimeoutError) as e:
-            log.warning("could not deregister %s (%s): the operator drops it when its %ds lease "
-                        "runs out", self.where, e, self.lease)
+            log.warning("could not deregister %s (%s): the operator drops it when its probes of "
+                        "/ready (503 while draining) fail or its %ds lease runs out", self.where,
+                        e, self.lease)
+        finally:
+            self._left_at = asyncio.get_running_loop().time()
+        if self.draining():
+            log.info("still accepting for %.1fs, while the Service lets go of this endpoint",
+                     self.leave_seconds)

@@ -13,6 +13,12 @@ in flight, or RERANKER_DRAIN_SECONDS have passed (requests still queued then get
 Retry-After), uvicorn's own shutdown runs and the process exits 0.
 A second signal exits at once.
 
+A server registered as an external endpoint (a Mac, `registration`) has no kubelet and no
+preStop to take it out of the Service first: it deletes its RerankerEndpoint at SIGTERM and
+keeps accepting and serving (each answer with `Connection: close`) until that has had time to
+reach the EndpointSlice and kube-proxy (`Registration.out_of_service`); the drain above starts
+then. Both stay within RERANKER_DRAIN_SECONDS.
+
 A model that cannot load never will: the process then exits (code 4) instead of staying up
 unready forever, after writing why to the termination log when there is one (Kubernetes'
 /dev/termination-log), so a supervisor restarts it and shows the reason (the pod's status,
@@ -65,6 +71,12 @@ class DrainingServer(uvicorn.Server):
             app = getattr(app, "app", None)  # unwrap uvicorn's middleware (proxy headers etc.)
         return app
 
+    def _out_of_service(self) -> bool:
+        """No registration holds the drain back (see `Registration.out_of_service`)."""
+        registration = getattr(getattr(getattr(self._app(), "state", None), "runtime", None),
+                               "registration", None)
+        return registration is None or bool(registration.out_of_service())
+
     async def on_tick(self, counter: int) -> bool:
         runtime = getattr(getattr(self._app(), "state", None), "runtime", None)
         if runtime is not None and runtime.load_error and self.load_error is None:
@@ -74,6 +86,9 @@ class DrainingServer(uvicorn.Server):
             if TERMINATION_LOG.exists():
                 TERMINATION_LOG.write_text(message[-4000:])
             self.should_exit = True
+        if self.drain_started is not None and not self._out_of_service() and (
+                time.monotonic() - self.drain_started < self.drain_seconds):
+            return await super().on_tick(counter)  # a Mac still in its Service: keep accepting
         if self.drain_started is not None and not self.connections_released:
             self.connections_released = True
             for connection in list(self.server_state.connections):
@@ -95,8 +110,12 @@ class DrainingServer(uvicorn.Server):
 def run(settings: Settings) -> int:
     logs.configure(settings.log_level)
     app = create_app(settings)
+    # HTTPS where a certificate is given (a Mac whose fleet probes it over TLS: docs/macs.md).
+    certfile, keyfile = settings.tls_certfile, settings.tls_keyfile
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=5, log_level=settings.log_level.lower())
+                            lifespan="on", timeout_graceful_shutdown=5, log_level=settings.log_level.lower(),
+                            ssl_certfile=str(certfile) if certfile else None,
+                            ssl_keyfile=str(keyfile) if keyfile else None)
     server = DrainingServer(config, drain_seconds=settings.drain_seconds)
     server.run()
     if server.load_error is not None:

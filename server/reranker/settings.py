@@ -230,6 +230,15 @@ class Settings(BaseSettings):
     # --- HTTP ----------------------------------------------------------------------------
     host: str = Field("0.0.0.0", validation_alias=_env("HOST"), description="Bind address.")
     port: int = Field(8000, ge=1, le=65535, validation_alias=_env("PORT"), description="Bind port.")
+    tls_certfile: Path | None = Field(
+        None, validation_alias=_env("RERANKER_TLS_CERTFILE"),
+        description="Serve HTTPS with this PEM certificate (chain) and RERANKER_TLS_KEYFILE: a Mac "
+        "in a fleet whose RerankerDeployment sets externalEndpoints.tls (docs/macs.md). Unset: HTTP.",
+    )
+    tls_keyfile: Path | None = Field(
+        None, validation_alias=_env("RERANKER_TLS_KEYFILE"),
+        description="The PEM private key of RERANKER_TLS_CERTFILE.",
+    )
     log_level: str = Field("INFO", validation_alias=_env("LOG_LEVEL"),
                            description="Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).")
     api_keys: str | None = Field(
@@ -293,6 +302,19 @@ class Settings(BaseSettings):
         description="Heartbeat lease: renewed every third of it; the operator drops the endpoint "
         "from the Service when no renewal came for this long (e.g. after a crash).",
     )
+    register_leave_seconds: float = Field(
+        5.0, ge=0, le=300, validation_alias=_env("RERANKER_REGISTER_LEAVE_SECONDS"),
+        description="On SIGTERM, how long the server keeps accepting connections after deleting "
+        "its RerankerEndpoint, while the operator and kube-proxy take it out of the Service (as a "
+        "pod's preStop sleep); the drain follows. Counts within RERANKER_DRAIN_SECONDS.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Settings":
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("RERANKER_TLS_CERTFILE and RERANKER_TLS_KEYFILE go together: set both "
+                             "to serve HTTPS, or neither")
+        return self
 
     @field_validator("register_address")
     @classmethod

@@ -14,6 +14,7 @@ and `mac_network` fixtures of tests/conftest.py).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import signal
 import socket
@@ -25,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from stand_in_macs import SLICE_MANAGER, Mac, MacNetwork, slice_endpoints
+from stand_in_macs import SLICE_MANAGER, Mac, MacNetwork, certificates, slice_endpoints
 from operator_process import Operator, bind_rbac
 from test_operator import conditions
 
@@ -42,6 +43,8 @@ PROBE_ENV = {"RERANKER_OPERATOR_PROBE_PERIOD_SECONDS": "0.5",
              "RERANKER_OPERATOR_PROBE_FAILURE_THRESHOLD": "2",
              "RERANKER_OPERATOR_PROBE_SUCCESS_THRESHOLD": "1"}
 LEASE_SECONDS = 4
+#: A draining Mac accepts connections this long after deleting its RerankerEndpoint.
+LEAVE_SECONDS = 3
 PROBE_BOUND = 0.5 * 2 + 1 + 1.5  # period x failures + timeout + a pass and a watch event
 
 
@@ -82,7 +85,8 @@ def mac_env(tiny_bert: Path, namespace: str, kubeconfig: str, name: str,
             "RERANKER_REGISTER_DEPLOYMENT": "fleet", "RERANKER_REGISTER_NAMESPACE": namespace,
             "RERANKER_REGISTER_KUBECONFIG": kubeconfig, "RERANKER_REGISTER_NAME": name,
             "RERANKER_REGISTER_ADDRESS": address,
-            "RERANKER_REGISTER_LEASE_SECONDS": str(LEASE_SECONDS)}
+            "RERANKER_REGISTER_LEASE_SECONDS": str(LEASE_SECONDS),
+            "RERANKER_REGISTER_LEAVE_SECONDS": str(LEAVE_SECONDS)}
 
 
 def rrd(name: str, **spec: Any) -> str:
@@ -208,6 +212,15 @@ def test_macs_register_fail_expire_return_and_leave(operator: Operator, kube_clu
     network = addr_a.rsplit(".", 1)[0] + ".0/24"
     kube_cluster.kubectl("patch", "rrd", "fleet", "-n", ns, "--type", "merge", "-p", json.dumps(
         {"spec": {"externalEndpoints": {"allowedCIDRs": [network]}}}))
+    # Their network, but not yet their identity: still refused.
+    kube_cluster.eventually(
+        lambda: "refused until the RerankerDeployment lists the Macs' identities"
+        in ((rre_status(kube_cluster, ns, "mac-b") or {}).get("message") or ""),
+        timeout=20, desc="mac-b refused for its identity")
+    assert slice_endpoints(kube_cluster, ns, "fleet") == {}
+    kube_cluster.kubectl("patch", "rrd", "fleet", "-n", ns, "--type", "merge", "-p", json.dumps(
+        {"spec": {"externalEndpoints": {"allowedIdentities": [
+            f"system:serviceaccount:{ns}:reranker-mac"]}}}))
 
     # Allowed: both are probed; the Service's slice lists both, ready; the status counts them.
     want = {addr_a: {"ready": True, "serving": True, "port": port},
@@ -283,18 +296,143 @@ def test_macs_register_fail_expire_return_and_leave(operator: Operator, kube_clu
         lambda: (rre_status(kube_cluster, ns, "mac-a") or {}).get("expired") is False,
         timeout=5, desc="mac-a's status fresh")
 
-    # A graceful shutdown deregisters at once.
+    # A graceful shutdown deregisters at once, and the Mac goes on accepting connections (as
+    # kube-proxy may still send it some) for LEAVE_SECONDS, as a pod does during its preStop.
     stopped = time.monotonic()
-    assert mac_b.signal(signal.SIGTERM) == 0
-    assert rre_status(kube_cluster, ns, "mac-b") is None, "mac-b's RerankerEndpoint remained"
+    mac_b.server.proc.send_signal(signal.SIGTERM)
+    kube_cluster.eventually(lambda: rre_status(kube_cluster, ns, "mac-b") is None,
+                            timeout=3, interval=0.1, desc="mac-b's RerankerEndpoint deleted")
     kube_cluster.eventually(lambda: addr_b not in slice_endpoints(kube_cluster, ns, "fleet"),
                             timeout=3, interval=0.1, desc="mac-b out of the Service")
-    assert time.monotonic() - stopped < 5
-    assert "deregistered" in mac_b.log()
+    out = time.monotonic() - stopped
+    assert mac_b.server.proc.poll() is None, "mac-b stopped before the Service let it go"
+    r = httpx.post(mac_b.url + "/rerank", json={"query": "q", "documents": ["a", "b"]},
+                   timeout=30)  # a new connection, as from a kube-proxy not yet updated
+    assert r.status_code == 200 and r.headers["connection"] == "close"
+    assert mac_b.server.proc.wait(30) == 0
+    exited = time.monotonic() - stopped
+    print(f"mac-b: out of the Service {out:.2f} s after SIGTERM, exited after {exited:.2f} s "
+          f"(leave {LEAVE_SECONDS} s)")
+    assert out < LEAVE_SECONDS and LEAVE_SECONDS <= exited < LEAVE_SECONDS + 3
+    assert "deregistered" in mac_b.log() and "still accepting for" in mac_b.log()
     ext = kube_cluster.eventually(
         lambda: (e := external_status(kube_cluster, ns, "fleet")).get("total") == 1 and e,
         timeout=5, desc="status total 1")
     assert [e["name"] for e in ext["endpoints"]] == ["mac-a"]
+
+
+def test_the_operator_learns_the_clusters_ranges_and_refuses_until_it_knows_them(
+        operator: Operator, kube_cluster: Any, kube_namespace: str) -> None:
+    """Nothing configured on the operator: it reads the Service range from the API server's
+    own ServiceCIDR and the pod ranges from the Nodes, refuses endpoints inside them, and
+    refuses every registration while a node has no pod range to read. The RerankerEndpoints
+    are written here as an admin (their addresses need not answer: refusals are never probed)."""
+    ns = kube_namespace
+    me = "system:serviceaccount:" + ns + ":reranker-mac"
+    (service_cidr,) = kube_cluster.get_json("servicecidr", "kubernetes")["spec"]["cidrs"]
+    kube_cluster.apply(rrd("fleet", externalEndpoints={"allowedCIDRs": ["0.0.0.0/0"],
+                                                       "allowedIdentities": [me]}), namespace=ns)
+
+    def endpoint(name: str, address: str) -> None:
+        kube_cluster.apply(json.dumps({
+            "apiVersion": "reranker.dev/v1alpha1", "kind": "RerankerEndpoint",
+            "metadata": {"name": name},
+            "spec": {"deployment": "fleet", "address": address, "port": 8000,
+                     "registeredBy": me,
+                     "heartbeat": {"renewTime": "2030-01-01T00:00:00Z",
+                                   "leaseDurationSeconds": 3600}}}), namespace=ns)
+
+    def message(name: str) -> str:
+        return str((rre_status(kube_cluster, ns, name) or {}).get("message") or "")
+
+    in_services = str(next(ipaddress.ip_network(service_cidr).hosts()) + 9)
+    endpoint("in-services", in_services)
+    endpoint("outside", "192.0.2.40")  # nothing listens: probed, not ready
+    kube_cluster.eventually(lambda: f"inside the cluster's pod/Service range {service_cidr}"
+                            in message("in-services"), timeout=20, desc="Service range refused")
+    kube_cluster.eventually(lambda: "cannot connect" in message("outside") or
+                            "no answer" in message("outside"), timeout=20, desc="outside probed")
+
+    node = f"node-{ns}"[:63]
+    try:
+        # A node with a pod range: learned from its spec.podCIDRs.
+        kube_cluster.apply(json.dumps({"apiVersion": "v1", "kind": "Node",
+                                       "metadata": {"name": node},
+                                       "spec": {"podCIDR": "203.0.113.0/25",
+                                                "podCIDRs": ["203.0.113.0/25"]}}))
+        endpoint("in-pods", "203.0.113.7")
+        kube_cluster.eventually(lambda: "inside the cluster's pod/Service range 203.0.113.0/25"
+                                in message("in-pods"), timeout=20, desc="pod range refused")
+        # A node whose CNI assigns addresses itself (no spec.podCIDRs): nothing is admitted.
+        kube_cluster.kubectl("delete", "node", node)
+        kube_cluster.apply(json.dumps({"apiVersion": "v1", "kind": "Node",
+                                       "metadata": {"name": node}}))
+        kube_cluster.eventually(lambda: f"node {node} has no spec.podCIDRs" in message("outside"),
+                                timeout=20, desc="registrations refused while a range is unknown")
+        assert message("outside").startswith("registrations are refused until the operator "
+                                             "knows the cluster's pod and Service ranges")
+        assert rre_status(kube_cluster, ns, "outside")["ready"] is False
+        assert slice_endpoints(kube_cluster, ns, "fleet") == {}
+    finally:
+        kube_cluster.kubectl("delete", "node", node, "--ignore-not-found", check=False)
+    kube_cluster.eventually(lambda: "cannot connect" in message("outside") or
+                            "no answer" in message("outside"), timeout=20,
+                            desc="outside probed again once the node is gone")
+    # An identity the fleet does not list: refused.
+    kube_cluster.apply(json.dumps({
+        "apiVersion": "reranker.dev/v1alpha1", "kind": "RerankerEndpoint",
+        "metadata": {"name": "stranger"},
+        "spec": {"deployment": "fleet", "address": "192.0.2.41", "port": 8000,
+                 "registeredBy": f"system:serviceaccount:{ns}:stranger",
+                 "heartbeat": {"renewTime": "2030-01-01T00:00:00Z",
+                               "leaseDurationSeconds": 3600}}}), namespace=ns)
+    kube_cluster.eventually(lambda: "not in spec.externalEndpoints.allowedIdentities"
+                            in message("stranger"), timeout=20, desc="stranger refused")
+
+
+def test_a_mac_serving_https_is_ready_only_with_a_certificate_the_fleet_trusts(
+        operator: Operator, kube_cluster: Any, kube_namespace: str, mac_kubeconfig: str,
+        mac_network: MacNetwork, tiny_bert: Path, uvicorn_server: Any, tmp_path: Path) -> None:
+    """spec.externalEndpoints.tls: the Mac serves HTTPS (RERANKER_TLS_*), the operator probes it
+    over HTTPS and lists it ready only if its certificate chains to the fleet's caBundle and
+    names its address; with another CA's bundle the same Mac is not ready, and says why."""
+    ns = kube_namespace
+    addr, _ = mac_network.addresses
+    port = mac_network.free_port()
+    crt, key, ca = certificates(tmp_path / "pki", addr, name="fleet")
+    _, _, other_ca = certificates(tmp_path / "pki", addr, name="other")
+    network = addr.rsplit(".", 1)[0] + ".0/24"
+    kube_cluster.apply(rrd("fleet", externalEndpoints={
+        "allowedCIDRs": [network], "allowedIdentities": [f"system:serviceaccount:{ns}:reranker-mac"],
+        "tls": {"caBundle": ca.read_text()}}), namespace=ns)
+    mac = Mac(uvicorn_server, mac_network, address=addr, port=port, tls=(crt, key, ca),
+              env=mac_env(tiny_bert, ns, mac_kubeconfig, "mac-a", addr)).start()
+    assert mac.url.startswith("https://")
+    ready = {addr: {"ready": True, "serving": True, "port": port}}
+    kube_cluster.eventually(lambda: slice_endpoints(kube_cluster, ns, "fleet") == ready,
+                            timeout=20, desc="the HTTPS Mac ready in the Service")
+    assert (rre_status(kube_cluster, ns, "mac-a") or {})["message"] == "ready (GET /ready: 200)"
+
+    def patch_bundle(bundle: str) -> None:
+        kube_cluster.kubectl("patch", "rrd", "fleet", "-n", ns, "--type", "merge", "-p",
+                             json.dumps({"spec": {"externalEndpoints": {"tls": {
+                                 "caBundle": bundle}}}}))
+
+    def message() -> str:
+        return str((rre_status(kube_cluster, ns, "mac-a") or {}).get("message") or "")
+
+    patch_bundle(other_ca.read_text())  # a certificate this fleet does not trust
+    kube_cluster.eventually(
+        lambda: slice_endpoints(kube_cluster, ns, "fleet").get(addr, {}).get("ready") is False,
+        timeout=PROBE_BOUND + 2, interval=0.1, desc="not ready with another CA")
+    assert "the certificate is not verified by spec.externalEndpoints.tls.caBundle for " \
+        f"address {addr}" in message(), message()
+    patch_bundle("not a certificate")
+    kube_cluster.eventually(lambda: "is not a PEM CA certificate bundle" in message(),
+                            timeout=10, desc="an unusable bundle reported")
+    patch_bundle(ca.read_text())
+    kube_cluster.eventually(lambda: slice_endpoints(kube_cluster, ns, "fleet") == ready,
+                            timeout=20, desc="ready again with the fleet's CA")
 
 
 def test_registration_without_the_role_is_refused_and_serving_goes_on(

@@ -9,6 +9,7 @@ tests/kube/test_external_endpoints.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,15 @@ import yaml
 
 from reranker import contract
 from reranker.registration import endpoint_body, endpoint_spec
-from reranker_operator import external, manifests, status
+from reranker_operator import cluster_ranges, external, manifests, status
 from reranker_operator.external import Endpoint, ProbeConfig, ProbeState, Report, Summary
-from reranker_operator.prober import ENDPOINTS_INDEX, RERANKERS_INDEX, Prober
+from reranker_operator.prober import (
+    ENDPOINTS_INDEX,
+    NODES_INDEX,
+    RERANKERS_INDEX,
+    SERVICE_CIDRS_INDEX,
+    Prober,
+)
 from reranker_operator.reconcile import Reconciler
 from reranker_operator.spec import InvalidSpec, StaticEndpoint, parse, static_endpoints
 from test_reconcile import DEFAULTS, Events, FakeKube, owner
@@ -334,16 +341,26 @@ class Clock:
         return self.now
 
 
+#: The identity the prober tests' Macs register as.
+MAC = "system:serviceaccount:ns:reranker-mac"
+
+
 def rre(name: str, address: str, renew: str = "2024-01-01T00:00:00Z",
-        status: dict[str, Any] | None = None) -> dict[str, Any]:
+        status: dict[str, Any] | None = None, registered_by: str = MAC) -> dict[str, Any]:
     return {"metadata": {"name": name, "namespace": "ns", "uid": f"uid-{name}"},
             "spec": {"deployment": "rr", "address": address, "port": 8000, "device": "mlx",
+                     "registeredBy": registered_by,
                      "heartbeat": {"renewTime": renew, "leaseDurationSeconds": 10}},
             "status": status or {}}
 
 
-#: The fleet's spec in the prober tests: registered endpoints of 192.0.2.0/24 admitted.
-FLEET = {"model": {"id": "m"}, "externalEndpoints": {"allowedCIDRs": ["192.0.2.0/24"]}}
+#: The fleet's spec in the prober tests: registered endpoints of 192.0.2.0/24 admitted, from
+#: the identity MAC.
+FLEET = {"model": {"id": "m"}, "externalEndpoints": {"allowedCIDRs": ["192.0.2.0/24"],
+                                                     "allowedIdentities": [MAC]}}
+#: What the prober tests' cluster shows: one node with its pod range, the Service range.
+NODES = [{"name": "node-a", "podCIDRs": ["10.244.0.0/24"], "addresses": ["172.16.0.10"]}]
+SERVICE_CIDRS = [{"name": "kubernetes", "cidrs": ["10.96.0.0/16"]}]
 
 
 class World:
@@ -353,14 +370,19 @@ class World:
                                                          failure_threshold=2,
                                                          success_threshold=1),
                  *, fleet: dict[str, Any] = FLEET,
-                 cluster_cidrs: tuple[str, ...] = ()) -> None:
+                 cluster_cidrs: tuple[str, ...] = (),
+                 nodes: list[dict[str, Any]] = NODES,
+                 service_cidrs: list[dict[str, Any]] = SERVICE_CIDRS) -> None:
         self.kube = Kube()
         self.clock = Clock()
         self.up: dict[str, bool] = {}
         self.changes: list[Summary | None] = []
         self.endpoints = Index()
         self.indices = {RERANKERS_INDEX: Index({("ns", "rr"): [owner(fleet)]}),
-                        ENDPOINTS_INDEX: self.endpoints}
+                        ENDPOINTS_INDEX: self.endpoints,
+                        NODES_INDEX: Index({"cluster": list(nodes)} if nodes else {}),
+                        SERVICE_CIDRS_INDEX: Index(
+                            {"cluster": list(service_cidrs)} if service_cidrs else {})}
         self.probed: list[str] = []
 
         async def on_change(key: tuple[str, str]) -> bool:
@@ -475,7 +497,7 @@ async def test_registered_endpoints_are_refused_until_the_fleet_allows_their_net
         ("mac-a", False), ("studio", True)]
 
     w = World(fleet={"model": {"id": "m"}, "externalEndpoints": {
-        "allowedCIDRs": ["198.51.100.0/24", "2001:db8::/32"]}})
+        "allowedCIDRs": ["198.51.100.0/24", "2001:db8::/32"], "allowedIdentities": [MAC]}})
     w.up["192.0.2.1"] = w.up["198.51.100.7"] = True
     w.endpoints[("ns", "rr")] = [rre("mac-a", "192.0.2.1"), rre("mac-b", "198.51.100.7")]
     await w.tick()
@@ -489,9 +511,9 @@ async def test_the_clusters_pod_and_service_ranges_are_never_listed() -> None:
     """Not even when the fleet allows them, nor as static endpoints: an address there is
     another workload's, and listing it would send the fleet's clients to it."""
     w = World(fleet={"model": {"id": "m"}, "externalEndpoints": {
-        "allowedCIDRs": ["0.0.0.0/0"],
+        "allowedCIDRs": ["0.0.0.0/0"], "allowedIdentities": [MAC],
         "static": [{"name": "svc", "address": "10.96.0.10"}]}},
-        cluster_cidrs=("10.96.0.0/12", "10.244.0.0/16"))
+        cluster_cidrs=("10.96.0.0/12", "10.244.0.0/16"), nodes=[], service_cidrs=[])
     w.up["10.244.1.7"] = w.up["10.96.0.10"] = w.up["192.0.2.1"] = True
     w.endpoints[("ns", "rr")] = [rre("pod", "10.244.1.7"), rre("mac-a", "192.0.2.1")]
     await w.tick()
@@ -504,6 +526,146 @@ async def test_the_clusters_pod_and_service_ranges_are_never_listed() -> None:
     assert "inside the cluster's pod/Service range 10.96.0.0/12" in by_name["svc"].message
     assert (by_name["svc"].listable, by_name["pod"].listable, by_name["mac-a"].listable) == (
         False, False, True)
+
+
+async def test_the_operator_learns_the_clusters_ranges_and_never_lists_them() -> None:
+    """Nothing configured: the nodes' spec.podCIDRs and addresses and the ServiceCIDRs are the
+    ranges no endpoint may be in, even where the fleet allows everything."""
+    w = World(fleet={"model": {"id": "m"}, "externalEndpoints": {
+        "allowedCIDRs": ["0.0.0.0/0"], "allowedIdentities": [MAC]}})
+    for address in ("10.244.0.7", "10.96.0.1", "172.16.0.10", "192.0.2.1"):
+        w.up[address] = True
+    w.endpoints[("ns", "rr")] = [rre("pod", "10.244.0.7"), rre("svc", "10.96.0.1"),
+                                 rre("node", "172.16.0.10"), rre("mac-a", "192.0.2.1")]
+    await w.tick()
+    assert w.probed == ["192.0.2.1"]
+    st = w.kube.endpoint_status
+    assert "inside the cluster's pod/Service range 10.244.0.0/24" in st["pod"]["message"]
+    assert "inside the cluster's pod/Service range 10.96.0.0/16" in st["svc"]["message"]
+    assert "inside the cluster's pod/Service range 172.16.0.10/32" in st["node"]["message"]
+    assert st["mac-a"]["ready"] is True
+
+
+async def test_registrations_are_refused_while_the_clusters_ranges_are_unknown() -> None:
+    """Fail closed: with no ServiceCIDR to read (an API server before 1.33) or a node whose CNI
+    leaves spec.podCIDRs empty, and nothing configured, no registered endpoint is listed, and
+    its status says why. Static endpoints (the fleet owner's word) are still probed. Once the
+    ranges are known (learned, or configured), the same endpoint is admitted."""
+    w = World(nodes=[], service_cidrs=[],
+              fleet={**FLEET, "externalEndpoints": {**FLEET["externalEndpoints"],
+                                                    "static": [{"name": "studio",
+                                                                "address": "203.0.113.5"}]}})
+    w.up["192.0.2.1"] = w.up["203.0.113.5"] = True
+    w.endpoints[("ns", "rr")] = [rre("mac-a", "192.0.2.1")]
+    await w.tick()
+    assert w.probed == ["203.0.113.5"]
+    message = w.kube.endpoint_status["mac-a"]["message"]
+    assert message.startswith("registrations are refused until the operator knows the "
+                              "cluster's pod and Service ranges: no ServiceCIDR")
+    assert "RERANKER_OPERATOR_CLUSTER_CIDRS" in message
+    assert w.prober.ranges.unknown == message
+
+    # A ServiceCIDR appears, and a node without pod ranges: still refused, naming the node.
+    w.indices[SERVICE_CIDRS_INDEX]["cluster"] = list(SERVICE_CIDRS)
+    w.indices[NODES_INDEX]["cluster"] = [{"name": "node-b", "podCIDRs": [], "addresses": []}]
+    w.clock.now += 1
+    await w.tick()
+    assert "node node-b has no spec.podCIDRs" in w.kube.endpoint_status["mac-a"]["message"]
+    assert w.kube.endpoint_status["mac-a"]["ready"] is False
+
+    # The node gets its range (the node IPAM controller): learned, admitted, probed.
+    w.indices[NODES_INDEX]["cluster"] = [{"name": "node-b", "podCIDRs": ["10.244.1.0/24"],
+                                          "addresses": []}]
+    w.clock.now += 1
+    await w.tick()
+    assert w.kube.endpoint_status["mac-a"]["ready"] is True
+    assert [str(n) for n in w.prober.ranges.networks] == ["10.244.1.0/24", "10.96.0.0/16"]
+
+    # Nothing to learn, but the ranges configured on the operator: known, united.
+    w = World(nodes=[{"name": "node-c", "podCIDRs": [], "addresses": ["172.16.0.11"]}],
+              service_cidrs=[], cluster_cidrs=("10.0.0.0/16",))
+    w.up["192.0.2.1"] = True
+    w.endpoints[("ns", "rr")] = [rre("mac-a", "192.0.2.1")]
+    await w.tick()
+    assert w.kube.endpoint_status["mac-a"]["ready"] is True
+    assert [str(n) for n in w.prober.ranges.networks] == ["10.0.0.0/16", "172.16.0.11/32"]
+
+
+async def test_only_the_identities_a_fleet_lists_may_register_for_it() -> None:
+    """A Mac's identity could otherwise register for any RerankerDeployment of its namespace:
+    the fleet lists who may (spec.externalEndpoints.allowedIdentities; empty: no one), and an
+    endpoint registered by anyone else (or by no one the admission policy vouched for) is
+    refused, not probed."""
+    w = World()
+    w.up["192.0.2.1"] = w.up["192.0.2.2"] = w.up["192.0.2.3"] = True
+    w.endpoints[("ns", "rr")] = [
+        rre("mac-a", "192.0.2.1"),
+        rre("other", "192.0.2.2", registered_by="system:serviceaccount:ns:reranker-mac-other"),
+        rre("anon", "192.0.2.3", registered_by="")]
+    await w.tick()
+    assert w.probed == ["192.0.2.1"]
+    st = w.kube.endpoint_status
+    assert st["mac-a"]["ready"] is True
+    assert st["other"]["message"] == (
+        "registered by system:serviceaccount:ns:reranker-mac-other, which is not in "
+        "spec.externalEndpoints.allowedIdentities: refused")
+    assert "an unknown identity (no spec.registeredBy)" in st["anon"]["message"]
+
+    w = World(fleet={"model": {"id": "m"}, "externalEndpoints": {
+        "allowedCIDRs": ["192.0.2.0/24"]}})
+    w.up["192.0.2.1"] = True
+    w.endpoints[("ns", "rr")] = [rre("mac-a", "192.0.2.1")]
+    await w.tick()
+    assert w.probed == []
+    assert "refused until the RerankerDeployment lists the Macs' identities in " \
+        "spec.externalEndpoints.allowedIdentities" in w.kube.endpoint_status["mac-a"]["message"]
+
+
+def test_nodes_and_service_cidrs_are_read_for_their_ranges_only() -> None:
+    node = {"metadata": {"name": "node-a", "labels": {"x": "y"}},
+            "spec": {"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24", "fd00:10::/64"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "172.16.0.10"},
+                                     {"type": "Hostname", "address": "node-a"},
+                                     {"type": "ExternalIP", "address": "203.0.113.10"}]}}
+    assert cluster_ranges.node_facts(node) == {
+        "name": "node-a", "podCIDRs": ["10.244.0.0/24", "fd00:10::/64"],
+        "addresses": ["172.16.0.10", "203.0.113.10"]}
+    old = {"metadata": {"name": "n"}, "spec": {"podCIDR": "10.1.0.0/24"}}
+    assert cluster_ranges.node_facts(old)["podCIDRs"] == ["10.1.0.0/24"]
+    sc = {"metadata": {"name": "kubernetes"}, "spec": {"cidrs": ["10.96.0.0/12", "fd00::/108"]}}
+    assert cluster_ranges.service_cidr_facts(sc) == {"name": "kubernetes",
+                                                     "cidrs": ["10.96.0.0/12", "fd00::/108"]}
+    known = cluster_ranges.learn(nodes=[cluster_ranges.node_facts(node)],
+                                 service_cidrs=[cluster_ranges.service_cidr_facts(sc)])
+    assert known.unknown is None
+    assert [str(n) for n in known.networks] == [
+        "10.244.0.0/24", "fd00:10::/64", "172.16.0.10/32", "203.0.113.10/32", "10.96.0.0/12",
+        "fd00::/108"]
+    # No node at all: no pod has an address yet, so there is no pod range to protect.
+    assert cluster_ranges.learn(nodes=[], service_cidrs=[{"cidrs": ["10.96.0.0/12"]}]).unknown is None
+    many = [{"name": f"n{i}", "podCIDRs": []} for i in range(5)]
+    unknown = cluster_ranges.learn(nodes=many, service_cidrs=[{"cidrs": ["10.96.0.0/12"]}]).unknown
+    assert unknown is not None and "nodes n0, n1, n2 and 2 more have no spec.podCIDRs" in unknown
+
+
+async def test_a_fleet_with_tls_probes_https_and_reports_an_unusable_bundle() -> None:
+    """spec.externalEndpoints.tls.caBundle: every endpoint of the fleet is probed over HTTPS
+    (the handshake against a real server: tests/kube/test_external_endpoints.py); a bundle that
+    is no PEM certificate is reported on each endpoint, which is then not probed."""
+    ep = external.from_resource(rre("mac-a", "192.0.2.1"))
+    assert ep.url == "http://192.0.2.1:8000/ready"
+    tls = {**FLEET["externalEndpoints"], "tls": {"caBundle": "not a certificate"}}
+    assert external.tls_ca_bundle({"externalEndpoints": tls}) == "not a certificate"
+    assert external.tls_ca_bundle({"externalEndpoints": {"tls": {}}}) is None
+    w = World(fleet={"model": {"id": "m"}, "externalEndpoints": tls})
+    w.up["192.0.2.1"] = True
+    w.endpoints[("ns", "rr")] = [rre("mac-a", "192.0.2.1")]
+    await w.tick()
+    await w.prober.aclose()
+    assert w.probed == []
+    assert w.kube.endpoint_status["mac-a"]["message"].startswith(
+        "spec.externalEndpoints.tls.caBundle is not a PEM CA certificate bundle")
+    assert dataclasses.replace(ep, ca_bundle="PEM").url == "https://192.0.2.1:8000/ready"
 
 
 def test_allowed_cidrs_are_parsed_and_checked() -> None:

@@ -166,14 +166,21 @@ def test_rbac_is_exactly_the_operators_rules() -> None:
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == sa["metadata"]["name"]
     # Namespaced: the same rules as a Role in each watched namespace, bound there, and no
-    # ClusterRole at all: nothing that grants list/watch of every ConfigMap (or any other
-    # kind) in the cluster exists to be bound by mistake. Cluster-scoped kinds (the cluster
-    # peering object) cannot be granted by a Role and are left out.
+    # cluster-wide grant of them: nothing that grants list/watch of every ConfigMap (or any
+    # other kind) in the cluster exists to be bound by mistake. Cluster-scoped kinds cannot be
+    # granted by a Role: the cluster peering object is left out, and the reads of the
+    # cluster's address ranges (nodes, servicecidrs) are the only ClusterRole.
     docs = objects({"watchNamespaces": ["search", "ranking"]})
-    assert by_kind(docs, "ClusterRoleBinding") == [] and by_kind(docs, "ClusterRole") == []
+    ranges = [rule for rule in source["ClusterRole"]["rules"]
+              if {"nodes", "servicecidrs"} & set(rule["resources"])]
+    assert [r["resources"] for r in ranges] == [["nodes"], ["servicecidrs"]]
+    assert all(r["verbs"] == ["list", "watch"] for r in ranges)
+    assert one(docs, "ClusterRole")["rules"] == ranges
+    assert one(docs, "ClusterRoleBinding")["roleRef"]["name"] == one(
+        docs, "ClusterRole")["metadata"]["name"]
     namespaced_rules = [
         {**rule, "resources": [r for r in rule["resources"] if r != "clusterkopfpeerings"]}
-        for rule in source["ClusterRole"]["rules"] if rule not in peering]
+        for rule in source["ClusterRole"]["rules"] if rule not in ranges and rule not in peering]
     roles = by_kind(docs, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ranking", "search"]
     for role in roles:
