@@ -5,6 +5,12 @@ Kubernetes does not health-check endpoints outside the cluster, so the operator 
 spec.externalEndpoints.static) that is due, counts successes and failures against the
 thresholds, watches the RerankerEndpoints' heartbeats, and then:
 
+- refuses, without probing, what may not join: a registered endpoint while the cluster's
+  pod and Service ranges are unknown (`cluster_ranges`, learned from the Nodes and
+  ServiceCIDRs that Kopf indexes), or outside its fleet's allowedCIDRs and allowedIdentities;
+  any endpoint inside those ranges (`external.trust_problem`);
+- probes over HTTPS, trusting only the fleet's CA bundle, where the fleet sets
+  spec.externalEndpoints.tls (one client per bundle);
 - writes a RerankerEndpoint's status only when it changed (`external.status_differs`);
 - when a fleet's summary changed, runs that fleet's reconciliation pass (`on_change`), which
   applies the EndpointSlices and the RerankerDeployment's status: one writer for both.

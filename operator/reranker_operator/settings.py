@@ -87,7 +87,10 @@ class OperatorConfig:
     #: within `timeout`; not ready after `failure_threshold` failures in a row, ready after
     #: `success_threshold` successes.
     probe: ProbeConfig = ProbeConfig()
-    #: The cluster's pod and Service ranges: no external endpoint is ever listed there.
+    #: More of the cluster's pod and Service ranges, added to those the operator learns from
+    #: the Nodes and ServiceCIDRs (`cluster_ranges`): no external endpoint is ever listed there,
+    #: and where the learning falls short (a node without spec.podCIDRs, no ServiceCIDR API)
+    #: these make the ranges known, so that registrations are no longer refused.
     cluster_cidrs: tuple[external.Network, ...] = ()
 
     @classmethod
