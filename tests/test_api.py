@@ -111,7 +111,7 @@ async def test_chunked_long_documents_score_max_over_chunks(client: httpx.AsyncC
 async def test_tei_truncation_options(client: httpx.AsyncClient) -> None:
     long_doc = "rain " * 300 + "Machine learning is a subset of AI."
     r = await client.post("/rerank", json={"query": QUERY, "texts": [long_doc], "truncate": False})
-    assert r.status_code == 422 and "texts.0" in r.json()["message"]
+    assert r.status_code == 422 and "texts.0" in r.json()["error"] and r.json()["error_type"] == "Validation"  # TEI's error body
     right = (await client.post("/rerank", json={"query": QUERY, "texts": [long_doc]})).json()
     left = (await client.post("/rerank", json={"query": QUERY, "texts": [long_doc], "truncation_direction": "left"})).json()
     assert left[0]["score"] > right[0]["score"] + 0.1
@@ -138,11 +138,20 @@ async def test_any_bearer_token_without_keys(client: httpx.AsyncClient) -> None:
 BAD_INPUTS = [
     # (route, body or raw bytes, status, error code, words the message must contain)
     ("/rerank", {"query": "", "documents": DOCS}, 422, "invalid_request", ["query", "empty"]),
-    ("/rerank", {"query": "   ", "texts": DOCS}, 422, "invalid_request", ["query", "empty"]),
     ("/rerank", {"query": QUERY, "documents": []}, 422, "invalid_request", ["documents", "empty"]),
     ("/rerank", {"query": QUERY}, 422, "invalid_request", ["documents", "required"]),
     ("/rerank", {"query": QUERY, "documents": ["ok", 3]}, 422, "invalid_request", ["documents.1", "string"]),
-    ("/rerank", {"query": QUERY, "texts": []}, 422, "invalid_request", ["texts", "empty"]),
+    ("/rerank", {"model": "m", "query": QUERY, "documents": DOCS, "top_n": -1}, 422, "invalid_request", ["top_n"]),
+    ("/rerank", {"model": "m", "query": QUERY, "documents": [{"title": "x"}]}, 422, "invalid_request", ["documents.0", "text"]),
+    ("/v1/ranking", {"query": "q", "passages": [{"text": "p"}]}, 422, "invalid_request", ["query"]),
+    ("/v1/ranking", {"query": {"text": QUERY}, "passages": []}, 422, "invalid_request", ["passages", "empty"]),
+    ("/v1/ranking", {"query": {"text": QUERY}, "passages": [{"text": "p"}], "truncate": "START"}, 422,
+     "invalid_request", ["truncate"]),
+    ("/v1/ranking", {"query": {"text": QUERY}, "passages": [{"text": "x"}] * 51}, 422, "invalid_request",
+     ["passages", "RERANKER_MAX_DOCUMENTS"]),
+    ("/score", {"text_1": QUERY, "text_2": []}, 422, "invalid_request", ["text_2", "empty"]),
+    ("/score", {"text_1": [QUERY, QUERY], "text_2": DOCS}, 422, "invalid_request", ["text_1", "N:N"]),
+    ("/v1/score", {"text_1": " ", "text_2": DOCS}, 422, "invalid_request", ["text_1", "empty"]),
     ("/rerank", {"query": QUERY, "documents": DOCS, "top_k": 0}, 422, "invalid_request", ["top_k", "greater than or equal to 1"]),
     ("/v1/rerank", {"query": QUERY, "documents": DOCS, "top_n": 0}, 422, "invalid_request", ["top_n"]),
     ("/v1/rerank", {"query": QUERY, "documents": [None]}, 422, "invalid_request", ["documents.0"]),
@@ -280,12 +289,19 @@ async def test_broken_model_nan_scores_are_424(tmp_path: Any) -> None:
         assert c.app.state.runtime.cache.local.currsize == 0  # type: ignore[attr-defined]
 
 
-async def test_native_route_speaks_top_n_and_relevance_score(client: httpx.AsyncClient) -> None:
-    """Issue 15.9: vLLM/Jina/llama.cpp-style clients send `top_n` to /rerank and read `relevance_score`."""
+async def test_rerank_in_vllms_form_gets_vllms_answer(client: httpx.AsyncClient) -> None:
+    """vLLM's clients (LiteLLM's `hosted_vllm`) send `top_n` or `model` and no `top_k` to /rerank and
+    read `document` as {text}: with a string there LiteLLM failed ('str' object has no attribute 'get')."""
     body = (await client.post("/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 1})).json()
-    assert [x["index"] for x in body["results"]] == [1]
-    assert body["results"][0]["relevance_score"] == body["results"][0]["score"]
+    assert set(body) == {"id", "model", "usage", "results"}
+    assert body["results"] == [{"index": 1, "relevance_score": pytest.approx(body["results"][0]["relevance_score"]),
+                                "document": {"text": DOCS[1]}}]
     assert body["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert set(body["usage"]) == {"prompt_tokens", "total_tokens"}
+    native = (await client.post("/rerank", json={"query": QUERY, "documents": DOCS, "top_k": 1})).json()
+    assert set(native) == {"results", "model", "processing_time_ms"}
+    assert native["results"][0]["document"] == DOCS[1]
+    assert native["results"][0]["score"] == pytest.approx(body["results"][0]["relevance_score"], abs=1e-6)
 
 
 async def test_served_model_names() -> None:

@@ -19,16 +19,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, logs
+from . import __version__, docs_pages, logs
 from .backends import Backend
-from .errors import APIError, ClientGone
-from .routes import docs_router, router
+from .errors import APIError, ClientGone, tei_error
+from .routes import router
+from .routes_compat import router as compat_router
 from .runtime import Runtime
 from .settings import Settings
 
 log = logging.getLogger("reranker.access")
 
-_ROUTES = {"/rerank", "/v1/rerank", "/v2/rerank", "/health", "/ready", "/metrics"}
+_ROUTES = {"/rerank", "/v1/rerank", "/v2/rerank", "/v1/ranking", "/score", "/v1/score", "/health", "/ready",
+           "/metrics"}
 
 
 class RequestContext:
@@ -78,10 +80,13 @@ class RequestContext:
             logs.request_id.reset(token)
 
 
-def _error(exc: APIError) -> JSONResponse:
+def _error(exc: APIError, *, dialect: str | None = None) -> JSONResponse:
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, int(round(exc.retry_after))))
+    if dialect == "tei":  # a TEI-shaped request (routes set request.state.dialect): TEI's body and status
+        status, error_type = tei_error(exc)
+        return JSONResponse({"error": exc.message, "error_type": error_type}, status_code=status, headers=headers)
     return JSONResponse({"error": exc.code, "message": exc.message}, status_code=exc.status, headers=headers)
 
 
@@ -99,19 +104,21 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         finally:
             await runtime.stop()
 
-    closed_docs: dict[str, Any] = ({"docs_url": None, "redoc_url": None, "openapi_url": None}
-                                   if settings.protect_docs else {})
+    # The docs pages are docs_pages' (assets served here, no CDN); the schema too when protected.
+    closed_docs: dict[str, Any] = {"docs_url": None, "redoc_url": None,
+                                   **({"openapi_url": None} if settings.protect_docs else {})}
     app = FastAPI(title="Reranker", version=__version__, lifespan=lifespan,
-                  description="Rerank documents for a query: native, TEI, Cohere v1/v2 and Jina APIs.",
+                  description="Rerank documents for a query: native, TEI, vLLM, Cohere v1/v2, Jina and NVIDIA NIM "
+                  "APIs; vLLM's score API.",
                   **closed_docs)
     app.include_router(router)
-    if settings.protect_docs:
-        app.include_router(docs_router)
+    app.include_router(compat_router)
+    docs_pages.install(app, protect=settings.protect_docs)
     app.add_middleware(RequestContext)
 
     @app.exception_handler(APIError)
-    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return _error(exc)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error(exc, dialect=getattr(request.state, "dialect", None))
 
     @app.exception_handler(ClientGone)
     async def client_gone(_request: Request, _exc: ClientGone) -> Response:

@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -435,26 +434,3 @@ async def metrics(request: Request) -> Response:
     if _prefers_json(request.headers.get("accept", "")):
         return JSONResponse({**runtime.metrics.summary(), "controller": runtime.admission.controller()})
     return PlainTextResponse(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-#: The interactive docs and the schema, behind the API keys (RERANKER_PROTECT_DOCS): the app
-#: is then built without FastAPI's open ones and includes these instead.
-docs_router = APIRouter(include_in_schema=False)
-
-
-@docs_router.get("/openapi.json")
-async def openapi_schema(request: Request) -> Any:
-    _authorize(request, _runtime(request))
-    return JSONResponse(request.app.openapi())
-
-
-@docs_router.get("/docs")
-async def swagger_ui(request: Request) -> Response:
-    _authorize(request, _runtime(request))
-    return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{request.app.title} - docs")
-
-
-@docs_router.get("/redoc")
-async def redoc(request: Request) -> Response:
-    _authorize(request, _runtime(request))
-    return get_redoc_html(openapi_url="/openapi.json", title=f"{request.app.title} - ReDoc")
