@@ -5,7 +5,7 @@ each own one process or one piece of host state: `etcd`, `apiserver`, `controlle
 (controller-manager and scheduler), `node` (the machine-wide lock and the kubelet),
 `containerd`, `network` (bridge, guard rules, CNI, kube-proxy), `dns` (CoreDNS), `images`
 (the pause image and image import), `hoststate` (what the node changes on the host and
-`down` puts back). `build` compiles the pinned binaries, `certs` issues the
+`down` puts back, and only that), `iptables` (the node's KUBE-* chains). `build` compiles the pinned binaries, `certs` issues the
 certificates, `processes` starts and stops daemons by pid file. Only the Python standard
 library is used, so `hack/cluster` runs before any virtualenv exists.
 """

@@ -1,7 +1,8 @@
 """`up`, `down` and `status` of one cluster dir: the control plane, and the node when the
 machine allows one.
 
-Start order: (node: pause image, runc check, bridge and guard) → etcd → kube-apiserver →
+Start order: (node: no other kubelet or kube-proxy on the host, pause image, runc check, host
+record, bridge and guard) → etcd → kube-apiserver →
 kube-controller-manager → (node: kube-scheduler, CoreDNS, containerd, kubelet, kube-proxy). A failure
 at any step tears down everything started so far, host changes included; a port taken between
 picking and binding is retried with new ports.
@@ -21,7 +22,7 @@ from typing import Any
 
 from . import node as node_mod
 from .apiserver import admin_ssl, https_get, start_apiserver, wait_healthz
-from .build import build, kube_bin_dir
+from .build import build
 from .certs import client_kubeconfig, kubeconfig_text, make_pki, write_private
 from .console import die, log
 from .controllers import start_controller_manager
@@ -93,9 +94,7 @@ def _node_summary(node: dict[str, Any]) -> str:
 def _teardown(d: Path) -> None:
     """Stop whatever runs for this dir and undo the node's host changes."""
     if (d / "node").exists():
-        bins = dict(read_info(d).get("binaries", {}))
-        bins.setdefault("kube-proxy", str(kube_bin_dir() / "kube-proxy"))
-        node_mod.teardown(d, bins)
+        node_mod.teardown(d)
     stop(d, quiet=True)
 
 
@@ -115,6 +114,9 @@ def _claim_node(d: Path, bins: dict[str, Path]) -> tuple[int | None, str, str | 
     got = node_mod.acquire_lock(d)
     if isinstance(got, str):
         return None, "", got
+    if refusal := node_mod.other_node():
+        os.close(got)
+        die(refusal)
     try:
         sandbox_image, reason = node_mod.prepare(d)
     except BaseException:

@@ -1,6 +1,8 @@
 """containerd for the node: Debian's containerd and runc, with the CRI plugin.
 
-Its socket and runtime state live in the node's state dir; its root (image content and
+Its socket and runtime state (sandbox network namespaces and runc's state included) live in
+the node's state dir; only its shims' sockets go where containerd 1.6 hard-codes them
+(/run/containerd/s). Its root (image content and
 unpacked snapshots) in the shared cache, so images imported once (`hack/cluster load-images`,
 `make images`) survive `down` like the built binaries do. Only one node runs on a machine at a
 time (see node.py), so the root is never shared by two containerds.
@@ -76,6 +78,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
   restrict_oom_score_adj = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
+  # sandbox network namespaces in the state dir, not /run/netns (shared with `ip netns` users)
+  netns_mounts_under_state_dir = true
 
 [{cri}.containerd]
   snapshotter = "overlayfs"
@@ -86,6 +90,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 
 [{cri}.containerd.runtimes.runc.options]
   SystemdCgroup = false
+  # runc's state in the state dir, not /run/containerd/runc
+  Root = {json.dumps(str(state_dir(d) / "runc"))}
 
 [{cri}.cni]
   bin_dir = {json.dumps(str(CNI_BIN_DIR))}

@@ -1,9 +1,25 @@
-"""What a node changes on the host outside its state dir, recorded before `up` and put back by
-`down`: kernel settings the kubelet and the CNI plugins write, directories with hard-coded
-paths, network namespaces, nftables tables, cgroups and mounts.
+"""What a node changes on the host outside its state dir, recorded by `up` and undone by
+`down`: exactly that and nothing else, so a host that also runs k3s, kubeadm or Docker keeps
+what they made, whatever they do while the node runs.
 
-The record (host-baseline.json in the node's state dir) is written before the first change, so
-a crashed `up` is undone by `down` as completely as a clean one.
+The record (host-baseline.json in the node's state dir) is written before the first change,
+and each change `up` makes itself is recorded before it is made, so a crashed `up` is undone by
+`down` as completely as a clean one. It holds:
+
+- what existed before: iptables chains, nftables tables, the node's directories;
+- the kernel settings the node's programs write (the kubelet's tunables, the forwarding the
+  bridge CNI plugin turns on for its gateway), which `up` writes itself first, each with its
+  value before. `down` puts one back only while it still has the value `up` gave it: a value
+  someone else wrote since is theirs and stays;
+- the directories the node's programs write whatever they are told (the kubelet's container
+  log links and device-plugin socket, the CNI result cache, containerd's shim sockets), which
+  `up` makes when they are missing. `down` removes the node's leftovers in them (links into
+  its state dir, cache entries of its sandboxes, the kubelet's socket), then the directories
+  it made if nothing else is in them; anything else is someone else's and stays, named in a
+  warning.
+
+iptables: only KUBE-* chains new since the record (iptables.py); nftables: only tables new
+since and empty (iptables-nft leaves empty tables behind).
 """
 
 from __future__ import annotations
@@ -16,22 +32,31 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from . import iptables
 from .console import log
 
-#: Written by the kubelet (kernel tunables it insists on) and by the bridge CNI plugin /
-#: kube-proxy (forwarding, bridge netfilter).
-SYSCTLS = ("kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory", "vm/panic_on_oom",
-           "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes", "net/ipv4/ip_forward",
-           "net/bridge/bridge-nf-call-iptables", "net/bridge/bridge-nf-call-ip6tables",
-           "net/ipv4/conf/all/route_localnet")
-#: Hard-coded paths the kubelet, containerd and CNI write whatever their configuration says.
-OUTSIDE_PATHS = ("/var/lib/kubelet", "/var/log/containers", "/var/log/pods", "/var/lib/cni",
-                 "/run/containerd", "/run/netns", "/opt/containerd", "/etc/kubernetes")
-NETNS_DIR = Path("/run/netns")
+#: Written by the kubelet (setupKernelTunables: pkg/kubelet/cm/container_manager_linux.go) and
+#: by the bridge CNI plugin (forwarding, for its gateway, at the first pod).
+NODE_SETTINGS = {"vm/overcommit_memory": "1", "vm/panic_on_oom": "0", "kernel/panic": "10",
+                 "kernel/panic_on_oops": "1", "kernel/keys/root_maxkeys": "1000000",
+                 "kernel/keys/root_maxbytes": "25000000", "net/ipv4/ip_forward": "1"}
+#: Directories with hard-coded paths: the kubelet's container log links and its device-plugin
+#: socket (at start), the CNI result cache of containerd's CRI plugin (at the first pod),
+#: containerd's shim sockets (at the first container). The other well-known paths
+#: (/var/log/pods, /run/netns, /etc/kubernetes, /opt/containerd) are configured away;
+#: tests/e2e/test_node.py checks that they stay untouched.
+NODE_DIRS = ("/var/log/containers", "/var/lib/kubelet", "/var/lib/cni", "/run/containerd")
 
 
 def _sysctl_path(name: str) -> Path:
     return Path("/proc/sys") / name
+
+
+def _read_setting(name: str) -> str | None:
+    try:
+        return _sysctl_path(name).read_text().strip()
+    except OSError:
+        return None
 
 
 def _nft_tables() -> list[str]:
@@ -50,22 +75,45 @@ def _nft_table_empty(table: str) -> bool:
         line.strip() and not line.strip().startswith(skip) for line in r.stdout.splitlines())
 
 
-def _netns() -> list[str]:
-    return sorted(p.name for p in NETNS_DIR.iterdir()) if NETNS_DIR.is_dir() else []
+def _write(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def record(path: Path) -> dict[str, Any]:
+    """What exists before the node's first change."""
     baseline: dict[str, Any] = {
-        "sysctls": {},
-        "paths": [p for p in OUTSIDE_PATHS if os.path.lexists(p)],
+        "paths": [p for p in NODE_DIRS if os.path.lexists(p)],
         "nft_tables": _nft_tables(),
-        "netns": _netns(),
+        "chains": iptables.chains(),
+        "settings": {},  # name -> {"before": ..., "set": ...}: changed by `up`
+        "made_dirs": [],  # made by `up`
     }
-    for name in SYSCTLS:
-        with contextlib.suppress(OSError):
-            baseline["sysctls"][name] = _sysctl_path(name).read_text().strip()
-    path.write_text(json.dumps(baseline, indent=2) + "\n")
+    _write(path, baseline)
     return baseline
+
+
+def claim(path: Path) -> None:
+    """Write the node's kernel settings and make its missing directories, recording each
+    change before making it."""
+    baseline = load(path)
+    assert baseline is not None, path
+    for name, value in NODE_SETTINGS.items():
+        before = _read_setting(name)
+        if before is None or before == value:
+            continue
+        baseline["settings"][name] = {"before": before, "set": value}
+        _write(path, baseline)
+        try:
+            _sysctl_path(name).write_text(value + "\n")
+        except OSError as e:  # the program that needs it says so when it starts
+            log(f"WARNING: could not set {name.replace('/', '.')}={value}: {e}")
+    for d in NODE_DIRS:
+        if not os.path.lexists(d):
+            baseline["made_dirs"].append(d)
+            _write(path, baseline)
+            os.makedirs(d, mode=0o755)
 
 
 def load(path: Path) -> dict[str, Any] | None:
@@ -85,7 +133,8 @@ def _mount_points() -> list[str]:
 
 def unmount_under(*roots: Path) -> None:
     """Unmount everything mounted at or below the roots, deepest first (the kubelet
-    bind-mounts its root dir onto itself; pod volumes, sandbox shm and rootfs overlays)."""
+    bind-mounts its root dir onto itself; pod volumes, sandbox shm and network namespaces,
+    rootfs overlays)."""
     prefixes = [str(r.resolve()) for r in roots]
     targets = sorted({mp for mp in _mount_points()
                       if any(mp == p or mp.startswith(p + "/") for p in prefixes)},
@@ -112,35 +161,72 @@ def remove_cgroups(name: str = "kubepods") -> None:
             log(f"WARNING: could not remove the cgroup {top} (processes still in it?)")
 
 
-def restore(baseline: dict[str, Any]) -> None:
-    """Undo what the node left: new network namespaces, new nftables tables, new paths,
-    changed kernel settings."""
-    for name in set(_netns()) - set(baseline["netns"]):
-        if not name.startswith("cni-"):  # containerd's sandboxes; others belong to others
-            continue
-        ns = NETNS_DIR / name
-        subprocess.run(["umount", str(ns)], capture_output=True)
+def _is_leftover(path: Path, state_dir: Path) -> bool:
+    """The node's: a link into its state dir (the kubelet's container log links), a CNI
+    result cache entry naming a sandbox of its own (their network namespaces are in the state
+    dir), the kubelet's device-plugin registration socket (no other kubelet runs beside the
+    node)."""
+    if path.is_symlink():
+        return os.readlink(path).startswith(f"{state_dir}/")
+    if path.parent.name == "results" and path.is_file():
         with contextlib.suppress(OSError):
-            ns.unlink()
-    for table in set(_nft_tables()) - set(baseline["nft_tables"]):
-        if _nft_table_empty(table):  # iptables-nft leaves empty tables behind
-            subprocess.run(["nft", "delete", "table", *table.split()], capture_output=True)
-    for p in OUTSIDE_PATHS:
-        if p in baseline["paths"] or not os.path.lexists(p):
-            continue
-        if p == str(NETNS_DIR):
-            # shared with `ip netns` users: only an empty, unmounted directory goes
-            if p not in _mount_points():
+            return f'"{state_dir}/'.encode() in path.read_bytes()
+        return False
+    return path.parent.name == "device-plugins" and path.name == "kubelet.sock" and \
+        path.is_socket()
+
+
+def _remove_leftovers(root: Path, state_dir: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            p = Path(dirpath) / name
+            if _is_leftover(p, state_dir):
                 with contextlib.suppress(OSError):
-                    os.rmdir(p)
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    """rmdir the empty directories at and below root, deepest first; mount points stay."""
+    mounts = set(_mount_points())
+    for dirpath, _, _ in sorted(os.walk(root), key=lambda w: w[0].count("/"), reverse=True):
+        if dirpath not in mounts:
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
+
+
+def _others(root: Path) -> list[str]:
+    return sorted(str(Path(dp) / n) for dp, dns, fns in os.walk(root) for n in [*dns, *fns])
+
+
+def restore(baseline: dict[str, Any], state_dir: Path) -> None:
+    """Undo what the node did and only that: its iptables chains, new empty nftables tables,
+    its leftovers and the directories `up` made, the kernel settings `up` changed that still
+    have its value."""
+    if "chains" in baseline:
+        iptables.remove_new_chains(baseline["chains"])
+    else:
+        log("WARNING: the host record predates chain records: no KUBE-* chain removed")
+    for table in set(_nft_tables()) - set(baseline["nft_tables"]):
+        if _nft_table_empty(table):
+            subprocess.run(["nft", "delete", "table", *table.split()], capture_output=True)
+    for d in NODE_DIRS:
+        root = Path(d)
+        if not root.is_dir() or root.is_symlink():
             continue
-        if any(mp == p or mp.startswith(p + "/") for mp in _mount_points()):
-            unmount_under(Path(p))
-        shutil.rmtree(p, ignore_errors=True)
-    for name, value in baseline["sysctls"].items():
-        path = _sysctl_path(name)
-        try:
-            if path.read_text().strip() != value:
-                path.write_text(value + "\n")
-        except OSError as e:
-            log(f"WARNING: could not restore {name.replace('/', '.')}={value}: {e}")
+        _remove_leftovers(root, state_dir)
+        if d in baseline.get("made_dirs", ()):
+            _remove_empty_dirs(root)
+            if root.exists():
+                left = _others(root)
+                log(f"WARNING: left {d} (made by `up`): it holds what this node did not make: "
+                    f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
+    for name, change in baseline.get("settings", {}).items():
+        now = _read_setting(name)
+        if now == change["set"]:
+            try:
+                _sysctl_path(name).write_text(change["before"] + "\n")
+            except OSError as e:
+                log(f"WARNING: could not restore {name.replace('/', '.')}={change['before']}: {e}")
+        elif now != change["before"]:
+            log(f"left {name.replace('/', '.')}={now}: someone changed it since `up` set "
+                f"{change['set']} (it was {change['before']} before `up`)")

@@ -10,13 +10,12 @@ no pod traffic is routed or masqueraded off this machine, whatever kube-proxy or
 from __future__ import annotations
 
 import json
-import shlex
 import subprocess
 import urllib.request
 from pathlib import Path
 
 from .certs import client_kubeconfig, write_private
-from .console import die, log
+from .console import die
 from .processes import start, wait_for
 
 BRIDGE = "rrf0"
@@ -147,34 +146,3 @@ def wait_healthz_http(d: Path, proc: subprocess.Popen[bytes], port: int) -> None
             return False, str(e)
 
     wait_for("kube-proxy /healthz", check, {"kube-proxy": proc}, d, 60)
-
-
-def remove_kube_chains() -> None:
-    """The kubelet's own chains (KUBE-FIREWALL, KUBE-KUBELET-CANARY, ...) and anything
-    kube-proxy's cleanup left: every KUBE-* chain and every rule jumping to one, IPv4 and IPv6.
-    The node is one per machine, so every KUBE-* chain on it is this node's."""
-    for ipt in ("iptables", "ip6tables"):
-        for table in ("filter", "nat", "mangle", "raw"):
-            listing = run(ipt, "-w", "-t", table, "-S", check=False)
-            if listing.returncode != 0:
-                continue
-            chains = []
-            for line in listing.stdout.splitlines():
-                args = shlex.split(line)
-                if args[:1] == ["-N"] and args[1].startswith("KUBE-"):
-                    chains.append(args[1])
-                elif args[:1] == ["-A"] and not args[1].startswith("KUBE-") and any(
-                        a.startswith("KUBE-") for a in args[2:]):
-                    run(ipt, "-w", "-t", table, "-D", *args[1:], check=False)
-            for flag in ("-F", "-X"):
-                for chain in chains:
-                    run(ipt, "-w", "-t", table, flag, chain, check=False)
-
-
-def kube_proxy_cleanup(binary: Path | None) -> None:
-    """`kube-proxy --cleanup` removes every rule and chain kube-proxy made (all modes)."""
-    if binary is None or not binary.exists():
-        return
-    r = run(str(binary), "--cleanup", check=False)
-    if r.returncode != 0:
-        log(f"WARNING: kube-proxy --cleanup exited {r.returncode}: {r.stderr.strip()[-300:]}")

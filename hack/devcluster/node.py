@@ -6,7 +6,9 @@ dir on a machine may run one: `up` takes an exclusive flock on /run/reranker-fle
 hands the locked descriptor to the node's daemons, so the lock lives exactly as long as they do.
 When the lock is held by another cluster dir, or this machine cannot run containers (not root,
 packages missing, runc failing), `up` gives the API-server-only cluster and records why in
-cluster.json (`node.reason`), which is what node-needing tests skip with.
+cluster.json (`node.reason`), which is what node-needing tests skip with. When another
+kubelet or kube-proxy runs on the host (k3s, kubeadm, a node of another tool), `up` fails and
+names it rather than start a second node beside it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,37 @@ def unavailable(bins: dict[str, Path]) -> str | None:
         return (f"missing Debian packages {', '.join(missing)}: run hack/install-system-deps "
                 "as root")
     return None
+
+
+#: Another Kubernetes node's programs (k3s runs the kubelet and kube-proxy in its own process).
+OTHER_NODE_PROGRAMS = ("kubelet", "kube-proxy", "k3s-server", "k3s-agent")
+
+
+def other_node() -> str | None:
+    """Why this host already runs another node (a kubelet or kube-proxy that is not this
+    dir's: with the lock held, no node of ours runs), or None. Two nodes on one host fight
+    over iptables chains, cgroups and kernel settings, and `down` could not tell which
+    chains were whose."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            comm = (proc / "comm").read_text().strip()
+            cmd = [c.decode(errors="replace") for c in (proc / "cmdline").read_bytes().split(b"\0")
+                   if c]
+            zombie = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+        except OSError:
+            continue
+        name = os.path.basename(cmd[0]) if cmd else comm
+        if not zombie and (comm in OTHER_NODE_PROGRAMS or name in OTHER_NODE_PROGRAMS):
+            found.append(f"{name} (pid {proc.name}: {' '.join(cmd)[:200]})")
+    if not found:
+        return None
+    return (f"refusing to start a node: another kubelet or kube-proxy runs on this host: "
+            f"{'; '.join(found)}. Two nodes on one host fight over iptables, cgroups and kernel "
+            "settings; stop it first, or run `hack/cluster up --no-node` for the control plane "
+            "alone")
 
 
 def lock_owner() -> str:
@@ -90,6 +123,7 @@ def prepare(d: Path) -> tuple[str, str | None]:
     name, _ = images.pause_image()
     (d / "node").mkdir(parents=True, exist_ok=True)
     hoststate.record(baseline_path(d))
+    hoststate.claim(baseline_path(d))
     network.create_bridge()
     network.add_guard()
     return f"docker.io/{name}", None
@@ -190,7 +224,7 @@ def start_kubelet(d: Path, binary: Path, *, server: str, port: int, healthz_port
     ], pass_fds=(lock_fd,))
 
 
-def teardown(d: Path, bins: dict[str, str]) -> None:
+def teardown(d: Path) -> None:
     """Stop the node's daemons and undo every host change recorded at `up`. Safe to run on
     a half-started or crashed node; does nothing to a node another cluster dir owns."""
     stop(d, ("kube-proxy", "kubelet"), quiet=True)
@@ -207,10 +241,7 @@ def teardown(d: Path, bins: dict[str, str]) -> None:
         return
     hoststate.unmount_under(d / "node", containerd.root())
     hoststate.remove_cgroups("kubepods")
-    proxy = bins.get("kube-proxy")
-    network.kube_proxy_cleanup(Path(proxy) if proxy else None)
-    network.remove_kube_chains()
     network.remove_guard()
     network.delete_bridge()
-    hoststate.restore(baseline)
+    hoststate.restore(baseline, d)
     baseline_path(d).unlink()

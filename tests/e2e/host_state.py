@@ -23,7 +23,8 @@ SYSCTLS = ("kernel/panic", "kernel/panic_on_oops", "vm/overcommit_memory", "vm/p
            "net/netfilter/nf_conntrack_tcp_timeout_close_wait")
 #: Paths the node's programs write whatever they are told.
 PATHS = ("/var/lib/kubelet", "/var/log/containers", "/var/log/pods", "/var/lib/cni",
-         "/run/containerd", "/opt/containerd", "/etc/kubernetes", "/var/lib/containerd")
+         "/run/containerd", "/opt/containerd", "/etc/kubernetes", "/var/lib/containerd",
+         "/run/netns")
 NETNS = Path("/run/netns")
 NODE_PROGRAMS = {"containerd", "containerd-shim-runc-v2", "kubelet", "kube-proxy",
                  "kube-scheduler", "pause", "runc"}
