@@ -285,7 +285,7 @@ async def _rerank_tei(request: Request, runtime: Runtime, data: dict[str, Any], 
     raw, _ = await _rank(request, runtime, tei.query, tei.texts, split, tei.instruction)
     scores = _activate(runtime, raw, tei.raw_scores)
     ranked = [TEIResult(index=i, score=scores[i], text=tei.texts[i] if tei.return_text else None)
-              .model_dump(exclude_none=True) for i in _order(scores, None)]
+              .model_dump(exclude_none=True) for i in _order(scores, tei.top_n)]
     return JSONResponse(ranked, headers=_timing_headers(started))
 
 

@@ -68,6 +68,8 @@ class TEIRerankRequest(_Request):
     truncation_direction: Literal["right", "left", "Right", "Left"] = Field("right", description="Which end of a long document is cut.")
     raw_scores: bool = Field(False, description="Return raw logits instead of sigmoid scores.")
     return_text: bool = Field(False, description="Echo each text.")
+    top_n: int | None = Field(None, ge=1, description="Return only the best n (not TEI's: LiteLLM's `huggingface` "
+                              "provider sends it, and TEI itself answers every text).")
 
     @field_validator("texts")
     @classmethod
