@@ -106,11 +106,20 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 def start_containerd(d: Path, binary: Path, config: Path, *,
                      pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
     root().mkdir(parents=True, exist_ok=True)
+    log_file = d / "logs" / "containerd.log"
+    offset = log_file.stat().st_size if log_file.exists() else 0
     proc = start(d, "containerd", binary, ["--config", str(config)], pass_fds=pass_fds)
 
     def serving() -> tuple[bool, str]:
+        # The CRI plugin answers "server is not initialized yet" until it has started its
+        # streaming server, a moment after containerd serves its socket; a kubelet started in
+        # between exits at once. containerd 1.6 logs that step; ctr cannot ask the CRI API.
         r = ctr(d, "version", check=False)
-        return r.returncode == 0, r.stderr.strip()
+        if r.returncode != 0:
+            return False, r.stderr.strip()
+        with open(log_file, "rb") as f:
+            f.seek(offset)
+            return b"Start streaming server" in f.read(), "the CRI plugin is starting"
 
     wait_for("containerd", serving, {"containerd": proc}, d, 60)
     return proc
