@@ -46,8 +46,28 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with its nested models inlined: declared in a route's OpenAPI, a
+    `$defs` entry is no component, and a reference to it resolves nowhere (ReDoc fails on it)."""
+    schema = model.model_json_schema(ref_template="#/$defs/{model}")
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline({**defs[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    result: dict[str, Any] = inline(schema)
+    return result
+
+
 def _openapi(*models: type[BaseModel]) -> dict[str, Any]:
-    schemas = [m.model_json_schema(ref_template="#/components/schemas/{model}") for m in models]
+    schemas = [_schema(m) for m in models]
     schema: dict[str, Any] = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
@@ -232,10 +252,6 @@ def dialect_of(data: Any) -> str:
     if "model" in data or "top_n" in data:
         return "vllm"
     return "native"
-
-
-def _schema(model: type[BaseModel]) -> dict[str, Any]:
-    return model.model_json_schema(ref_template="#/components/schemas/{model}")
 
 
 _RERANK_ERRORS = {**_ERRORS, **{status: {"description": f"{_ERRORS[status]['description']}; TEI-shaped requests get "
