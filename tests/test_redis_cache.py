@@ -44,7 +44,7 @@ def test_second_server_answers_from_the_first_ones_scores(redis_server: RedisSer
     a, b = uvicorn_server(env_for(redis_server)), uvicorn_server(env_for(redis_server))
     first = httpx.post(a.url + "/rerank", json={"query": QUERY, "documents": DOCS}, timeout=60).json()
     assert scored(a) == len(DOCS)
-    time.sleep(0.2)  # the fill is written after the response
+    # no pause: a server answers only once its scores are in Redis
     second = httpx.post(b.url + "/rerank", json={"query": QUERY, "documents": DOCS}, timeout=60).json()
     assert scored(b) == 0  # zero new forwards on the second server
     assert metric(b, "reranker_cache_hits_total", 'tier="redis"') == len(DOCS)
@@ -354,3 +354,61 @@ async def test_fleet_fallbacks_go_through_admission(redis_server: RedisServer) -
         held.release()
         assert (await busy).status_code == 200
         assert fallback.status_code == 429 and fallback.json()["error"] == "queue_full", fallback.text
+
+
+# --- reads its own writes; leases outlive the queue -------------------------------------------
+
+async def test_an_answer_goes_out_only_once_its_scores_are_in_redis(redis_server: RedisServer) -> None:
+    """The fleet fill is slow (a Redis 300 ms away): the answer waits for it, so any server asked
+    next finds every score of the answer. Before, the response went out first and a second pod
+    scored the pairs again (tests/e2e/test_fleet.py, 'scored 4.0 pairs the first already had')."""
+    async with running_app(redis_enabled=True, redis_url=redis_server.url, redis_timeout=2) as a:
+        runtime = a.app.state.runtime  # type: ignore[attr-defined]
+        put_many = runtime.remote.put_many
+
+        async def far_fill(items: dict[str, float]) -> None:
+            await asyncio.sleep(0.3)
+            await put_many(items)
+
+        runtime.remote.put_many = far_fill
+        body = {"query": QUERY, "documents": DOCS[:5]}
+        assert (await a.post("/rerank", json=body)).status_code == 200
+        assert len(redis_server.client().keys("reranker:*:s:*")) == 5  # no sleep: already there
+        # a local hit waits for a fill still in flight too
+        fresh = {"query": "another query", "documents": DOCS[:3]}
+        first = asyncio.get_running_loop().create_task(a.post("/rerank", json=fresh))
+        while app_metric(a, "reranker_pairs_scored_total") < 8:
+            await asyncio.sleep(0.005)
+        runtime.remote.put_many = put_many
+        again = await a.post("/rerank", json=fresh)  # scored, fill in flight: answered from the local tier
+        assert again.status_code == 200 and app_metric(a, "reranker_cache_hits_total", {"tier": "local"}) >= 3
+        assert len(redis_server.client().keys("reranker:*:s:*")) == 8
+        assert (await first).status_code == 200
+
+
+async def test_a_queued_pair_keeps_its_lease_past_the_lease_time(redis_server: RedisServer) -> None:
+    """Leases of 0.4 s, a pair queued for 1.5 s behind a held forward: its lease is renewed, so a
+    second server finds it taken and waits instead of computing it too. Before, it lapsed."""
+    async with running_app(redis_enabled=True, redis_url=redis_server.url, redis_lease_seconds=0.4, batch_size=1,
+                           micro_batch_window_ms=0, warmup_on_start=False, queue_timeout=20) as a:
+        runtime = a.app.state.runtime  # type: ignore[attr-defined]
+        held = HeldForwards(runtime)
+        redis = redis_server.client()
+        doc = "a pair that waits in a long queue"
+        lease, score = lease_and_score_keys(runtime, QUERY, doc)
+        busy = asyncio.get_running_loop().create_task(
+            a.post("/rerank", json={"query": "busy", "documents": ["the forward that holds the queue"]}))
+        while not runtime.batcher.active:
+            await asyncio.sleep(0.01)
+        queued = asyncio.get_running_loop().create_task(a.post("/rerank", json={"query": QUERY, "documents": [doc]}))
+        while not runtime.batcher.pending_pairs:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(1.5)  # almost four lease times
+        try:
+            assert redis.get(lease) == runtime.remote.owner, "the queued pair's lease lapsed"
+            assert not redis.set(lease, b"second-server", nx=True, px=10_000)  # a second server must wait
+            assert app_metric(a, "reranker_redis_leases_renewed_total") >= 2
+        finally:
+            held.release()
+        assert (await busy).status_code == 200 and (await queued).status_code == 200
+        assert redis.exists(score) and not redis.exists(lease)  # scored: stored, lease given back
