@@ -159,8 +159,9 @@ class Ranker:
             elif not job.future.done():
                 if any(t.live for t in job.owners):
                     missing.append(job)
-                else:
-                    job.drop()  # every request that wanted it has timed out or gone
+                else:  # every request that wanted it has timed out or gone
+                    job.future.set_exception(self._timed_out())
+                    job.future.exception()
         if not missing:
             return
         # The other server died or failed: compute here, admitted like any other work.
@@ -184,14 +185,17 @@ class Ranker:
         except TimeoutError:
             ticket.cancel()
             self.metrics.rejected.labels(reason="request_timeout").inc()
-            raise RequestTimeout(
-                f"no answer within {self.request_timeout:g}s (RERANKER_QUEUE_TIMEOUT + RERANKER_WORKER_TIMEOUT)",
-                retry_after=self.admission.retry_after()) from None
+            raise self._timed_out() from None
         except BaseException:
             ticket.cancel()  # whatever ended the request (error, timeout, gone client): drop what only it wanted
             raise
         finally:
             self.tickets.discard(ticket)
+
+    def _timed_out(self) -> RequestTimeout:
+        return RequestTimeout(f"no answer within {self.request_timeout:g}s "
+                              "(RERANKER_QUEUE_TIMEOUT + RERANKER_WORKER_TIMEOUT)",
+                              retry_after=self.admission.retry_after())
 
     async def _keys(self, query: str, texts: list[str], instruction: str | None) -> list[str]:
         if len(query) * len(texts) + sum(map(len, texts)) > self.HASH_OFF_LOOP_CHARS:
