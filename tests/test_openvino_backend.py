@@ -136,8 +136,8 @@ def test_auto_keeps_int8_dynamic_only_where_it_holds_the_ranking_and_runs_faster
 
     real_choose, measured = calibration.choose, []
 
-    def choose(score_in: object, candidates: list[str], floor: float = 0.999) -> calibration.Choice:
-        choice = real_choose(score_in, candidates, floor=-1.0 if case != "ranking lost" else 1.01)  # type: ignore[arg-type]
+    def choose(score_in: object, candidates: list[str], floor: float = 0.999, **options: object) -> calibration.Choice:
+        choice = real_choose(score_in, candidates, floor=-1.0 if case != "ranking lost" else 1.01, **options)  # type: ignore[arg-type]
         measured.append(choice.measured)
         return choice
 
@@ -163,24 +163,30 @@ def test_auto_keeps_int8_dynamic_only_where_it_holds_the_ranking_and_runs_faster
     assert np.isfinite(backend.score(PAIRS)).all()
 
 
-def test_auto_measures_the_ranking_once_per_cpu(tiny_bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Spearman figures are kept next to the compressed graph: a restart on the same CPU does not
-    score the calibration pairs again (the speed is timed again: it may differ)."""
+def test_auto_decides_once_and_a_restart_reads_the_decision(tiny_bert: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision (graph, hint, group) is recorded atomically next to the converted graphs, keyed by
+    the CPU's flags: a restart on the same CPU serves it without scoring or timing anything."""
     import reranker.backends.calibration as calibration
     import reranker.backends.openvino as ov_backend
 
     first = load(tiny_bert, tmp_path, quantization="auto")
-    (record,) = (tmp_path / "openvino").glob("*-int8-dynamic-*/ranking-*.json")
-    measured = json.loads(record.read_text())
-    assert list(measured)[0] == "int8-dynamic/128" and all(-1.0 <= rho <= 1.0 for rho in measured.values())
+    (record,) = (tmp_path / "openvino").glob("precision-*.json")
+    plan = json.loads(record.read_text())
+    assert plan["reason"] == first.info.precision.split(" [")[0] and plan["measured_by"]
+    assert first.info.precision_record is not None and first.info.precision_record["origin"] == "measured"
+    assert "group 128 " in first.info.precision  # the int8-dynamic figures are in the record's reason
 
-    def no_scoring(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the ranking was measured again")
+    def no_measuring(*args: object, **kwargs: object) -> None:
+        raise AssertionError("measured again")
 
-    monkeypatch.setattr(calibration, "choose", no_scoring)
+    monkeypatch.setattr(calibration, "choose", no_measuring)
+    monkeypatch.setattr(ov_backend, "race", no_measuring)
     again = load(tiny_bert, tmp_path, quantization="auto")
-    figures = [f"group {name.rsplit('/', 1)[1]} {rho:.4f}" for name, rho in measured.items()]
-    assert all(figure in first.info.precision and figure in again.info.precision for figure in figures)
+    assert (again.info.dtype, again.info.numerics, again.info.fingerprint) == \
+        (first.info.dtype, first.info.numerics, first.info.fingerprint)
+    assert again.info.precision_record is not None and again.info.precision_record["origin"] == "recorded on disk"
+    assert "recorded on disk: measured by" in again.info.precision
     # another CPU (other instructions) measures again
     monkeypatch.setattr(ov_backend, "cpu_flags", lambda: frozenset({"avx2"}))
     with pytest.raises(AssertionError, match="measured again"):

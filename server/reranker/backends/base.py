@@ -81,6 +81,13 @@ class BackendInfo:
     template: str | None = None  # LLM rerankers: the prompt template's name@digest
     precision: str = ""  # why this dtype: RERANKER_QUANTIZATION as asked, or what `auto` picked and why
     autocast: str | None = None  # the dtype the forward runs under with ENABLE_MIXED_PRECISION (fp32 weights)
+    #: The exact arithmetic where `dtype` does not say it all (OpenVINO: "int8-dynamic/group-128",
+    #: "int8/float-layers-bf16"; "fp32"/"bf16" otherwise). Part of the fingerprint where it differs from dtype.
+    numerics: str | None = None
+    #: A precision decided once for the fleet (precision_record.py): where this start got it from
+    #: ("origin": "measured" | "recorded by the fleet (redis)" | "recorded on disk"), the record's key,
+    #: and the record (graph, hint, group, reason, measured_by, measured_at). None: nothing was measured.
+    precision_record: dict[str, object] | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -92,7 +99,8 @@ class BackendInfo:
         8-bit differ by ~0.1, so for int8 the runtime is part of the fingerprint. Mixed precision
         (autocast) changes scores by ~1e-2, so it is part of it too; so is everything else that
         changes the numbers: weights (revision: a commit, or a local folder's content digest),
-        dtype, max length, kind, the LLM prompt template.
+        dtype, max length, kind, the LLM prompt template, and the exact numerics where the dtype
+        does not name them (int8-dynamic's group size, int8's float layers in bf16 or fp32).
         """
         fields = {"model": self.model, "revision": self.revision, "kind": self.kind,
                   "dtype": self.dtype, "max_length": self.max_length}
@@ -102,6 +110,9 @@ class BackendInfo:
             fields["template"] = self.template
         if self.autocast is not None:
             fields["autocast"] = self.autocast
+        if self.numerics is not None and self.numerics != self.dtype:
+            fields["numerics"] = self.numerics  # e.g. int8-dynamic's group size: other groups, other scores
+            fields["runtime"] = self.backend
         material = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(material.encode()).hexdigest()[:16]
 

@@ -69,15 +69,18 @@ class Choice:
 
 
 def choose(score_in: Callable[[str], list[float]], candidates: Sequence[str] = CANDIDATES,
-           floor: float = SPEARMAN_FLOOR) -> Choice:
-    """`score_in(dtype)` scores the calibration pairs in that precision; returns the pick."""
+           floor: float = SPEARMAN_FLOOR, *, check: Callable[[str], bool] | None = None) -> Choice:
+    """`score_in(dtype)` scores the calibration pairs in that precision; returns the pick.
+
+    `check(dtype)`, when given, is a further test a candidate that keeps the ranking must pass
+    (OpenVINO: its scores do not depend on their batch-mates); one that fails is passed over."""
     reference = score_in("fp32")
     measured: dict[str, float] = {}
     for name in candidates:
         scores = score_in(name)
         rho = spearman(reference, scores) if all(math.isfinite(s) for s in scores) else math.nan
         measured[name] = rho
-        if rho >= floor:
+        if rho >= floor and (check is None or check(name)):
             log.info("quantization auto: %s (Spearman %.5f vs fp32 on %d calibration pairs)", name, rho, len(scores))
             return Choice(name, measured)
     log.warning("quantization auto: fp32, no candidate kept Spearman >= %s (%s)", floor, measured)

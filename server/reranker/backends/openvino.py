@@ -33,6 +33,15 @@ compiled model really uses. Tokenization is the model's Hugging Face tokenizer (
 identical to the other runtimes; infer requests are per thread (one per forward worker, one
 worker per stream). Thread pools are sized for the CPUs the process may use (cpus.py: a pod's
 CPU limit, not the node's cores).
+
+A score depends on its pair alone: batches are padded to a multiple of 16 tokens (WIDTH_MULTIPLE),
+so the same pair scores the same bits alone or in any batch, at every precision; `auto` also checks
+it at start on calibration pairs before it serves a reduced precision.
+
+What `auto` measures (and int8's float-layer race) is decided once per fleet: the plan (graph,
+hint, group) is recorded in the fleet's Redis and in the cache folder (precision_record.py), and
+a later start, on this pod or another, serves the record without timing anything. A candidate
+that fails to compress, compile or run is passed over with a warning; `auto` never fails a start.
 """
 
 from __future__ import annotations
@@ -41,21 +50,25 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from . import cpus
+from . import calibration, cpus
 from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, EngineSizing, Pair
+from .calibration import SPEARMAN_FLOOR, calibration_pairs
 from .model_files import ModelFiles
-from .precision import SAMPLE_TEXT, cpu_flags, native_bf16, race, raced, resolve, sample_pairs
+from .precision import SAMPLE_TEXT, Precision, cpu_flags, native_bf16, race, raced, resolve, sample_pairs
+from .precision_record import Decision, PrecisionRecord, record_key
 from .tokenization import BiBatch, Features, HFTokenization
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,7 +89,21 @@ CALIBRATION_BATCHES, CALIBRATION_BATCH = 12, 8
 #: `auto` tries them fastest first and keeps the first that holds the ranking (docs/openvino.md).
 DYNAMIC_GROUPS = (128, 64, 32)
 DYNAMIC_GROUP = 64
+#: Every batch is padded to a multiple of this many tokens. OpenVINO's CPU kernels work on the
+#: sequence in blocks of 16 rows and compute the last, partial block another way (int8-dynamic
+#: quantizes it differently; bf16 rounds it differently), so a pair's score depended on whether its
+#: last tokens fell in a partial block: on how far its batch-mates padded it. With widths rounded to
+#: 16, every real token is in a whole block whatever the batch: the scores of a pair alone and in any
+#: batch are bit-identical at fp32, bf16 and int8-dynamic (bench/batch_invariance.py).
+WIDTH_MULTIPLE = 16
+#: `auto` serves a reduced precision only if no calibration pair's score moves by more than this
+#: between its batch of 32 and alone (checked at start: another CPU's kernels may block otherwise).
+INVARIANCE_TOLERANCE = 1e-4
 Graph = Literal["float", "int8", "int8-dynamic"]
+
+
+def _dynamic(group: int) -> str:
+    return f"(int8 weights, activations quantized at run time in groups of {group})"
 
 
 def default_cache_dir() -> Path:
@@ -84,8 +111,39 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reranker-fleet"
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What serves, decided once (measured or read from the fleet's record): the graph, the
+    compile hint of its float layers, int8-dynamic's group size, and why."""
+
+    graph: Graph
+    hint: Literal["f32", "bf16"]
+    group: int | None
+    reason: str
+    #: int8-dynamic's measured Spearman vs fp32 on the calibration pairs, per group tried (NaN: failed)
+    spearman: dict[str, float] = field(default_factory=dict)
+
+    def as_record(self) -> dict[str, Any]:
+        return {"graph": self.graph, "hint": self.hint, "group": self.group, "reason": self.reason,
+                "spearman": self.spearman}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "Plan":
+        graph, hint, group = record.get("graph"), record.get("hint"), record.get("group")
+        if graph not in ("float", "int8", "int8-dynamic") or hint not in ("f32", "bf16") or \
+                (group is not None and not isinstance(group, int)) or (graph == "int8-dynamic") != (group is not None):
+            raise ValueError(f"not a precision record: {record}")
+        spearman = record.get("spearman") or {}
+        return cls(graph, hint, group, str(record.get("reason", "")),
+                   {str(k): float(v) for k, v in spearman.items()} if isinstance(spearman, dict) else {})
+
+
 class OpenVINOBackend(HFTokenization, Backend):
     """A Hugging Face model converted to OpenVINO IR, compiled for this CPU."""
+
+    #: Batches are padded to a multiple of this many tokens (see `collate`); bench/ sets 1 to
+    #: measure the old, unrounded padding.
+    width_multiple = WIDTH_MULTIPLE
 
     def __init__(self, files: ModelFiles, settings: "Settings") -> None:
         if settings.device not in ("auto", "cpu"):
@@ -100,35 +158,84 @@ class OpenVINOBackend(HFTokenization, Backend):
         self.streams = settings.max_parallel  # None: OpenVINO sizes its streams for this CPU
         self.max_length = min(settings.max_length, files.max_length)
         self._init_tokenizer(files)
-        picked = resolve(settings.quantization, device="cpu")
+        asked = settings.quantization
+        picked = resolve(asked, device="cpu")
         graph: Graph = picked.quantization if picked.quantization in ("int8", "int8-dynamic") else "float"  # type: ignore[assignment]
         self.cache_dir = (settings.model_cache_dir or default_cache_dir()) / "openvino"
         self.core = ov.Core()
-        model = self._load_ir(graph)
-        # bf16 for bf16 and for int8's float layers, where the CPU computes bf16 natively.
-        hint = "bf16" if picked.quantization == "bf16" or (graph == "int8" and native_bf16()) else "f32"
-        reason = picked.reason
-        if hint == "bf16" and (settings.quantization == "auto" or graph == "int8"):
-            # Native bf16 is not always faster (e.g. AVX512-BF16 without AMX, small models): both keep the
-            # ranking (Spearman >= 0.999), so measure both on this CPU and keep the faster; for int8 the
-            # race is between its float layers in bf16 and in fp32.
-            hint, raced_reason = self._race(model)
-            reason = raced_reason if graph == "float" else \
-                f"{picked.reason}; its float layers: {raced_reason.removeprefix('auto: ')}"
-        self._use(self._compile(model, hint, group=DYNAMIC_GROUP if graph == "int8-dynamic" else None))
+        self._graphs: dict[str, Any] = {}  # graphs read (or converted) at this start
+        self._candidates: dict[tuple[str, str, int | None], Any] = {}  # compiled at this start: the pick is reused
+        origin: Decision | None = None
+        if asked == "auto" or (graph == "int8" and native_bf16()):
+            # Timed at start (bf16 against fp32; int8-dynamic against the float pick): decided once
+            # for the fleet and recorded, so every replica serves the same numerics.
+            record = PrecisionRecord(
+                self.record_key(asked), folder=self.cache_dir if self._writable(self.cache_dir) else None,
+                redis_url=settings.redis_url if settings.redis_enabled else None, prefix=settings.redis_prefix)
+            origin = record.agree(lambda: self._measure(picked, graph, auto=asked == "auto").as_record())
+            plan = self._recorded(origin)
+        else:
+            plan = Plan(graph, "bf16" if picked.quantization == "bf16" else "f32",
+                        DYNAMIC_GROUP if graph == "int8-dynamic" else None, picked.reason)
+            if graph == "int8-dynamic":
+                plan = replace(plan, reason=f"{plan.reason} {_dynamic(DYNAMIC_GROUP)}")
+        self._use(self._compiled(plan))
+        self._graphs, self._candidates = {}, {}  # the candidates not served are freed
         runs = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16" or "f32"
-        dtype: str = graph if graph != "float" else ("bf16" if runs == "bf16" else "fp32")
-        if graph == "int8-dynamic":
-            reason += f" (int8 weights, activations quantized at run time in groups of {DYNAMIC_GROUP})"
-        if settings.quantization == "auto":
-            dtype, reason = self._try_dynamic(model if hint == "f32" else None, dtype, reason)
-        activation: Literal["sigmoid", "identity"] = "sigmoid" if files.kind == "cross-encoder" else "identity"
-        if settings.quantization == "bf16" and dtype != "bf16":
+        dtype: str = plan.graph if plan.graph != "float" else ("bf16" if runs == "bf16" else "fp32")
+        reason = plan.reason
+        if origin is not None:
+            reason += f" [{origin.describe()}]"
+        if asked == "bf16" and dtype != "bf16":
             reason += f"; this CPU has no native bf16: OpenVINO runs {runs}"
+        activation: Literal["sigmoid", "identity"] = "sigmoid" if files.kind == "cross-encoder" else "identity"
         self.info = BackendInfo(
             model=files.name, revision=files.revision, kind=files.kind, backend="openvino", device="cpu",
             dtype=dtype, max_length=self.max_length, activation=activation, precision=reason,
+            numerics=self._numerics(plan, runs),
+            precision_record=None if origin is None else {
+                "origin": origin.origin, "key": self.record_key(asked), **origin.plan},
         )
+
+    @staticmethod
+    def _numerics(plan: Plan, runs: str) -> str:
+        """The exact arithmetic, for the fingerprint: int8-dynamic's group size, int8's float layers."""
+        if plan.graph == "int8-dynamic":
+            return f"int8-dynamic/group-{plan.group}"
+        if plan.graph == "int8":
+            return f"int8/float-layers-{runs}"
+        return "bf16" if runs == "bf16" else "fp32"
+
+    def record_key(self, asked: str) -> str:
+        """What a measured decision depends on: the model (not its precision), the runtime, what
+        was asked, the policy and the CPU's instruction set (precision_record.py)."""
+        return record_key({
+            "model": self.files.name, "revision": self.files.revision, "kind": self.files.kind,
+            "max_length": self.max_length, "runtime": "openvino", "openvino": ov.get_version(),
+            "asked": asked, "streams": self.streams, "cpu": sorted(cpu_flags()),
+            "policy": {"groups": DYNAMIC_GROUPS, "floor": SPEARMAN_FLOOR, "invariance": INVARIANCE_TOLERANCE,
+                       "width_multiple": self.width_multiple, "pairs": len(calibration_pairs())},
+        })
+
+    def _recorded(self, decision: Decision) -> Plan:
+        try:
+            return Plan.from_record(decision.plan)
+        except ValueError as exc:  # a record this version cannot read: measure here rather than fail
+            log.warning("OpenVINO: %s; measuring here", exc)
+            return Plan.from_record(self._measure(resolve("auto", device="cpu"), "float", auto=True).as_record())
+
+    def _compiled(self, plan: Plan) -> Any:
+        """The compiled model for `plan`: the one measured, or compiled now. A recorded plan that
+        cannot compile here (another OpenVINO build, memory) serves fp32 with a warning, not a
+        failed start."""
+        try:
+            return self._candidate(plan.graph, plan.hint, plan.group)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO and NNCF raise plain RuntimeErrors
+            if plan.graph == "float" and plan.hint == "f32":
+                raise
+            log.warning("OpenVINO: the recorded precision (%s) could not be compiled here (%s: %s); serving fp32",
+                        plan.reason, exc.__class__.__name__, exc)
+            return self._candidate("float", "f32")
 
     def _use(self, compiled: Any) -> None:
         """Serve `compiled` (infer requests are per thread and per compiled model)."""
@@ -158,11 +265,43 @@ class OpenVINOBackend(HFTokenization, Backend):
         streams = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         return EngineSizing(max_parallel=max(1, streams), spread=True)
 
-    def _race(self, model: Any) -> tuple[str, str]:
-        """`auto` on a CPU with native bf16: bf16 against fp32 on the same probe batches; the faster stays."""
-        picked = raced(self._time({"bf16": self._compile(model, "bf16"), "none": self._compile(model, "f32")}))
+    # --- `auto`: measured once, then recorded -----------------------------------------------------
+    def _measure(self, picked: Precision, graph: Graph, *, auto: bool) -> Plan:
+        """Time (and for int8-dynamic score) the candidates on this CPU: the plan to serve."""
+        hint: Literal["f32", "bf16"] = "bf16" if picked.quantization == "bf16" or graph == "int8" else "f32"
+        reason = picked.reason
+        if hint == "bf16":
+            # Native bf16 is not always faster (e.g. AVX512-BF16 without AMX, small models): both keep the
+            # ranking (Spearman >= 0.999), so measure both on this CPU and keep the faster; for int8 the
+            # race is between its float layers in bf16 and in fp32.
+            hint, raced_reason = self._race(graph)
+            reason = raced_reason if graph == "float" else \
+                f"{picked.reason}; its float layers: {raced_reason.removeprefix('auto: ')}"
+        if auto and hint == "bf16":  # served only if a pair's score does not depend on its batch-mates
+            encoded = self.encode(calibration_pairs())
+            bf16 = self._candidate(graph, "bf16")
+            moved = self.batch_variation(encoded, self._score(encoded, bf16), bf16)
+            reason += f"; batch-mates move bf16 scores by {moved:.1e} (tolerance {INVARIANCE_TOLERANCE:.0e})"
+            if moved > INVARIANCE_TOLERANCE:
+                hint, reason = "f32", f"{reason}: fp32"
+        plan = Plan(graph, hint, None, reason)
+        return self._try_dynamic(plan) if auto else plan
+
+    def _race(self, graph: Graph) -> tuple[Literal["f32", "bf16"], str]:
+        """bf16 against fp32 on the same probe batches; the faster stays."""
+        bf16, fp32 = (self._candidate(graph, hint) for hint in ("bf16", "f32"))
+        picked = raced(self._time({"bf16": bf16, "none": fp32}))
         log.info("OpenVINO: %s", picked.reason)
         return ("bf16" if picked.quantization == "bf16" else "f32"), picked.reason
+
+    def _candidate(self, graph: Graph, hint: str, group: int | None = None) -> Any:
+        """A candidate compiled once while measuring (the pick is served without compiling again)."""
+        key = (graph, hint, group)
+        if key not in self._candidates:
+            if graph not in self._graphs:
+                self._graphs[graph] = self._load_ir(graph)
+            self._candidates[key] = self._compile(self._graphs[graph], hint, group=group)
+        return self._candidates[key]
 
     def _time(self, compiled: dict[str, Any]) -> dict[str, float]:
         """Seconds each compiled model takes on the same probe batches (interleaved: `race`)."""
@@ -175,59 +314,82 @@ class OpenVINOBackend(HFTokenization, Backend):
 
         return race({name: functools.partial(run, c) for name, c in compiled.items()})
 
-    def _try_dynamic(self, fp32: Any | None, dtype: str, reason: str) -> tuple[str, str]:
-        """`auto`: int8-dynamic where it keeps the ranking and runs faster than the float pick.
+    def batch_variation(self, encoded: Sequence[Encoded], batched: Sequence[float], compiled: Any) -> float:
+        """The largest change of a score between `batched` (the pairs scored in batches of 32 of
+        mixed lengths) and each pair scored alone: what a pair's batch-mates do to its score."""
+        alone = [self._score([e], compiled)[0] for e in encoded]
+        return float(np.max(np.abs(np.asarray(alone) - np.asarray(batched))))
+
+    def _try_dynamic(self, plan: Plan) -> Plan:
+        """`auto`: int8-dynamic where it keeps the ranking, does not depend on batch-mates, and runs
+        faster than the float pick.
 
         How much int8 moves scores depends on the model, so it is measured on it, as on CUDA
         (calibration.py): the calibration pairs scored in fp32 and with each group size, largest
-        (fastest) first; the first with Spearman >= 0.999 vs fp32 is timed against the float pick
-        on probe batches, and serves if faster. `fp32`: the float graph when the pick runs fp32.
-        The Spearman figures are kept next to the compressed graph, so a restart on the same CPU
-        only times the pick (the scores do not change; the speed may).
+        (fastest) first; the first with Spearman >= 0.999 vs fp32 whose scores stay within
+        INVARIANCE_TOLERANCE of each pair scored alone is timed against the float pick on probe
+        batches, and serves if faster. A candidate that fails to compress, compile or run (an
+        architecture NNCF cannot compress, an OpenVINO error, memory) is passed over with a
+        warning: `auto` never fails a start for want of int8.
         """
-        from .calibration import SPEARMAN_FLOOR, Choice, calibration_pairs, choose
-
-        floating = self.compiled
-        weights = self._load_ir("int8-dynamic")
+        floating = self._candidate("float", plan.hint)
+        try:
+            self._graphs["int8-dynamic"] = self._load_ir("int8-dynamic")
+        except Exception as exc:  # noqa: BLE001 - NNCF and OpenVINO raise whatever their internals raise
+            log.warning("OpenVINO: int8-dynamic could not be made (%s: %s); serving the float pick", exc.__class__.__name__, exc)
+            return replace(plan, reason=f"{plan.reason}; int8-dynamic not tried: compression failed "
+                                        f"({exc.__class__.__name__}: {exc})")
         pairs = calibration_pairs()
+        encoded = self.encode(pairs)
         groups = {f"int8-dynamic/{group}": group for group in DYNAMIC_GROUPS}  # candidate -> group size
-        candidates = list(groups)
-        compiled: dict[str, Any] = {}
+        failures: dict[str, str] = {}
+        batched: dict[str, list[float]] = {}
+        variation: dict[str, float] = {}
 
-        def compile_(name: str) -> Any:
-            compiled[name] = self._compile(weights, "f32", group=groups[name])
-            return compiled[name]
+        def score_in(name: str) -> list[float]:
+            try:
+                compiled = self._candidate("float", "f32") if name == "fp32" else \
+                    self._candidate("int8-dynamic", "f32", groups[name])
+                batched[name] = self._score(encoded, compiled)
+            except Exception as exc:  # noqa: BLE001 - a compile error or OOM passes the candidate over
+                log.warning("OpenVINO: %s failed (%s: %s); trying the next", name, exc.__class__.__name__, exc)
+                if name == "fp32":
+                    raise
+                failures[name] = f"{exc.__class__.__name__}: {exc}"
+                return [math.nan] * len(encoded)
+            return batched[name]
 
-        record = self._ir_folder("int8-dynamic") / f"ranking-{self._gate_key(len(pairs))}.json"
-        try:  # measured at an earlier start on this CPU: the same numbers again
-            earlier: dict[str, float] = json.loads(record.read_text())
-            picked = next((name for name in candidates if earlier.get(name, -1.0) >= SPEARMAN_FLOOR), "fp32")
-            choice = Choice(picked, earlier)
-            if picked != "fp32":
-                compile_(picked)
-        except (OSError, ValueError):
-            reference = floating if fp32 is not None else self._compile(self._load_ir("float"), "f32")
-            encoded = self.encode(pairs)  # tokenized only when the ranking is measured
+        def invariant(name: str) -> bool:
+            compiled = self._candidates[("int8-dynamic", "f32", groups[name])]
+            variation[name] = self.batch_variation(encoded, batched[name], compiled)
+            return variation[name] <= INVARIANCE_TOLERANCE
 
-            def score_in(name: str) -> list[float]:
-                return self._score(encoded, reference if name == "fp32" else compile_(name))
-
-            choice = choose(score_in, candidates=candidates)
-            if self._writable(record.parent):
-                record.write_text(json.dumps(choice.measured))
-        measured = ", ".join(f"group {groups[name]} {rho:.4f}" for name, rho in choice.measured.items())
-        gate = f"Spearman vs fp32 on {len(pairs)} calibration pairs {measured} (floor 0.999)"
+        choice = calibration.choose(score_in, candidates=list(groups), floor=SPEARMAN_FLOOR, check=invariant)
+        measured = ", ".join(f"group {groups[name]} " + ("failed" if name in failures else f"{rho:.4f}")
+                             for name, rho in choice.measured.items())
+        gate = f"Spearman vs fp32 on {len(pairs)} calibration pairs {measured} (floor {SPEARMAN_FLOOR})"
+        if variation:
+            gate += "; batch-mates move scores by " + ", ".join(
+                f"{value:.1e} (group {groups[name]})" for name, value in variation.items()) + \
+                f" (tolerance {INVARIANCE_TOLERANCE:.0e})"
+        dtype = "bf16" if plan.hint == "bf16" else "fp32"
+        plan = replace(plan, spearman={str(groups[name]): rho for name, rho in choice.measured.items()})
         if choice.dtype == "fp32":
-            return dtype, f"{reason}; int8-dynamic not kept: {gate}"
-        seconds = self._time({"dynamic": compiled[choice.dtype], "float": floating})
+            return replace(plan, reason=f"{plan.reason}; int8-dynamic not kept: {gate}")
+        group = groups[choice.dtype]
+        try:
+            seconds = self._time({"dynamic": self._candidates[("int8-dynamic", "f32", group)], "float": floating})
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.warning("OpenVINO: timing int8-dynamic failed (%s: %s); serving the float pick", exc.__class__.__name__, exc)
+            return replace(plan, reason=f"{plan.reason}; int8-dynamic not kept: timing it failed ({exc})")
         ratio = seconds["float"] / seconds["dynamic"]
         if ratio <= 1.0:
-            return dtype, f"{reason}; int8-dynamic kept the ranking ({gate}) but ran {ratio:.2f}x {dtype}'s speed"
-        self._use(compiled[choice.dtype])
-        picked = (f"auto: int8-dynamic (int8 weights, activations quantized at run time in groups of {groups[choice.dtype]}): "
-                  f"{gate}; measured at start, {ratio:.2f}x {dtype}'s speed (the float pick: {reason.removeprefix('auto: ')})")
+            return replace(plan, reason=f"{plan.reason}; int8-dynamic kept the ranking ({gate}) but ran "
+                                        f"{ratio:.2f}x {dtype}'s speed")
+        picked = (f"auto: int8-dynamic {_dynamic(group)}: {gate}; measured at start, {ratio:.2f}x {dtype}'s speed "
+                  f"(the float pick: {plan.reason.removeprefix('auto: ')})")
         log.info("OpenVINO: %s", picked)
-        return "int8-dynamic", picked
+        return Plan("int8-dynamic", "f32", group, picked, plan.spearman)
 
     # --- conversion, cached on disk by fingerprint -------------------------------------------
     def ir_fingerprint(self, graph: str) -> str:
@@ -242,13 +404,6 @@ class OpenVINOBackend(HFTokenization, Backend):
 
     def _ir_folder(self, graph: str) -> Path:
         return self.cache_dir / f"{self.files.name.replace('/', '--').strip('.-')[-60:]}-{graph}-{self.ir_fingerprint(graph)}"
-
-    @staticmethod
-    def _gate_key(pairs: int) -> str:
-        """What a ranking measurement depends on beyond the graph: the CPU's instructions (the int8
-        kernels differ between VNNI and AMX), the pairs and the groups tried."""
-        material = json.dumps({"cpu": sorted(cpu_flags()), "pairs": pairs, "groups": DYNAMIC_GROUPS})
-        return hashlib.sha256(material.encode()).hexdigest()[:12]
 
     def _load_ir(self, graph: str) -> Any:
         folder = self._ir_folder(graph)
@@ -342,6 +497,22 @@ class OpenVINOBackend(HFTokenization, Backend):
         return compiled.outputs[0]
 
     # --- scoring -------------------------------------------------------------------------------
+    def collate(self, rows: Sequence[Sequence[int]], types: Sequence[Sequence[int] | None] | None = None) -> Features:
+        """Padded as every runtime pads, then to a width that is a multiple of `width_multiple`
+        (capped at max_length): a pair's score then depends on the pair alone, not on how long its
+        batch-mates are (WIDTH_MULTIPLE). The extra positions are masked like any padding."""
+        features = super().collate(rows, types)
+        width = features.input_ids.shape[1]
+        target = max(width, min(-(-width // self.width_multiple) * self.width_multiple, self.max_length))
+        if target == width:
+            return features
+        extra = ((0, 0), (0, target - width))
+        return Features(
+            input_ids=np.pad(features.input_ids, extra, constant_values=self._tokenizer.pad_token_id or 0),
+            attention_mask=np.pad(features.attention_mask, extra),
+            token_type_ids=None if features.token_type_ids is None else np.pad(features.token_type_ids, extra),
+        )
+
     def _infer(self, features: Features, compiled: Any = None) -> np.ndarray:
         """The output for one batch: on the serving model (this thread's infer request) or on `compiled`."""
         if compiled is not None:
