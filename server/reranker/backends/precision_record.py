@@ -134,7 +134,8 @@ class PrecisionRecord:
 
     def _publish(self, plan: dict[str, Any], *, origin: str) -> Decision:
         """First writer wins: SET NX; if another replica recorded first, its plan serves here too."""
-        if self._call("record", lambda r: r.set(self.redis_key, json.dumps(plan), nx=True)) is False:
+        # redis-py's SET NX answers True or None (taken); bool() keeps None for "no Redis / it failed"
+        if self._call("record", lambda r: bool(r.set(self.redis_key, json.dumps(plan), nx=True))) is False:
             winner = self._get()
             if winner is not None and winner != plan:
                 log.warning("precision: another replica recorded its pick first; serving that one")
@@ -174,7 +175,8 @@ class PrecisionRecord:
 
     def _lease(self, token: str) -> bool:
         """True when this pod may measure now: it took the lease, or there is no Redis to ask."""
-        taken = self._call("lease", lambda r: r.set(self.lease_key, token, nx=True, px=int(self.wait_seconds * 1000)))
+        taken = self._call("lease", lambda r: bool(r.set(self.lease_key, token, nx=True,
+                                                         px=int(self.wait_seconds * 1000))))
         return taken is not False  # None (no Redis, or it failed): measure here
 
     def _release(self, token: str) -> None:
