@@ -44,7 +44,7 @@ def reference(server: ServerProcess) -> dict[str, list[float]]:
     return out
 
 
-def check(ranked: list[tuple[int, float]], expected: list[float], top: int) -> None:
+def check(ranked: list[tuple[int, float | None]], expected: list[float], top: int) -> None:
     """`ranked`: (document index, score) as the client returned them."""
     assert [i for i, _ in ranked] == sorted(range(len(expected)), key=lambda i: -expected[i])[:top]
     for i, score in ranked:

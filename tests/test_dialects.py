@@ -59,7 +59,7 @@ async def native_scores(client: httpx.AsyncClient, query: str = QUERY, *, raw: b
 async def test_rerank_dialect_rule_both_sides(client: httpx.AsyncClient) -> None:
     """docs/api.md: on /rerank `texts` is TEI's, `top_k` native, else `model` or `top_n` vLLM's, else native."""
     native_keys, vllm_keys = {"results", "model", "processing_time_ms"}, {"id", "model", "usage", "results"}
-    cases = [({}, native_keys), ({"top_k": 2}, native_keys), ({"model": "my-reranker", "top_k": 2}, native_keys),
+    cases: list[tuple[dict[str, Any], set[str]]] = [({}, native_keys), ({"top_k": 2}, native_keys), ({"model": "my-reranker", "top_k": 2}, native_keys),
              ({"top_k": 2, "top_n": 2}, native_keys), ({"model": "my-reranker"}, vllm_keys), ({"top_n": 2}, vllm_keys),
              ({"model": "my-reranker", "top_n": 2, "return_documents": False}, vllm_keys)]
     expected = await native_scores(client)
@@ -81,7 +81,7 @@ async def test_rerank_dialect_rule_both_sides(client: httpx.AsyncClient) -> None
         if "top_n" in extra or "top_k" in extra:
             assert len(body["results"]) == 2
     tei = (await client.post("/rerank", json={"query": QUERY, "texts": DOCS, "model": "my-reranker", "top_n": 1})).json()
-    assert isinstance(tei, list) and len(tei) == 3  # `texts` wins: TEI's bare array
+    assert isinstance(tei, list) and [r["index"] for r in tei] == [1]  # `texts` wins: TEI's bare array, top_n honoured
 
 
 async def test_vllm_top_n_zero_is_all_and_model_names(client: httpx.AsyncClient) -> None:
@@ -108,6 +108,9 @@ async def test_nim_ranking_both_paths(client: httpx.AsyncClient) -> None:
             assert x["logit"] == pytest.approx(raw[x["index"]], abs=1e-6)
     top = (await client.post("/v1/ranking", json={**body, "top_k": 1})).json()["rankings"]
     assert [x["index"] for x in top] == [1]
+    metrics = (await client.get("/metrics")).text  # one label for every hosted path, whatever the model
+    assert 'reranker_requests_total{route="/v1/retrieval/{model}/reranking",status="200"}' in metrics
+    assert 'reranker_requests_total{route="/v1/ranking",status="200"}' in metrics
 
 
 async def test_nim_truncate_none_refuses_a_long_passage(client: httpx.AsyncClient) -> None:

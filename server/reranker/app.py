@@ -31,6 +31,12 @@ log = logging.getLogger("reranker.access")
 
 _ROUTES = {"/rerank", "/v1/rerank", "/v2/rerank", "/v1/ranking", "/score", "/v1/score", "/health", "/ready",
            "/metrics"}
+#: NIM's hosted path names the model in the URL: one metrics label for all of them.
+_NIM_HOSTED = "/v1/retrieval/{model}/reranking"
+
+
+def _is_nim_hosted(path: str) -> bool:
+    return path.startswith("/v1/retrieval/") and path.endswith("/reranking")
 
 
 class RequestContext:
@@ -47,7 +53,7 @@ class RequestContext:
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
         token = logs.request_id.set(rid)
         path = scope.get("path", "")
-        route = path if path in _ROUTES else "other"
+        route = path if path in _ROUTES else _NIM_HOSTED if _is_nim_hosted(path) else "other"
         status = 500
         started = time.perf_counter()
         app = scope.get("app")

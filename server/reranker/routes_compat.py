@@ -41,7 +41,7 @@ async def _nim_rank(request: Request, path_model: str | None) -> dict[str, Any]:
     return {"rankings": [{"index": i, "logit": raw[i]} for i in _order(raw, req.top_k)]}
 
 
-_NIM = {"openapi_extra": _openapi(NIMRankingRequest), "tags": ["rerank"], "response_model": NIMRankingResponse,
+_NIM: dict[str, Any] = {"openapi_extra": _openapi(NIMRankingRequest), "tags": ["rerank"], "response_model": NIMRankingResponse,
         "dependencies": [Depends(_in_flight)], "responses": _ERRORS}
 
 
