@@ -26,6 +26,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -168,7 +169,8 @@ class Mac:
 
     def _ready(self, *, verify: str) -> bool:
         try:
-            return httpx.get(f"{self.url}/ready", verify=verify, timeout=1).status_code == 200
+            context = ssl.create_default_context(cafile=verify)
+            return httpx.get(f"{self.url}/ready", verify=context, timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -99,6 +99,24 @@ def test_registration_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> N
     assert (s.register_deployment, s.register_port) == ("fleet", 9000)
 
 
+def test_the_leave_time_and_https_settings_are_checked(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    """A draining Mac accepts for RERANKER_REGISTER_LEAVE_SECONDS after deregistering (5 s, as
+    a pod's preStop sleep); HTTPS (a fleet with externalEndpoints.tls) needs a certificate and
+    its key, both or neither."""
+    for name in ("RERANKER_REGISTER_LEAVE_SECONDS", "RERANKER_TLS_CERTFILE", "RERANKER_TLS_KEYFILE"):
+        assert name in contract.ENV_VARS
+    assert Settings().register_leave_seconds == 5.0
+    with pytest.raises(ValidationError):
+        Settings(register_leave_seconds=-1)
+    with pytest.raises(ValidationError, match="RERANKER_TLS_CERTFILE and RERANKER_TLS_KEYFILE go together"):
+        Settings(tls_certfile=tmp_path / "mac.crt")
+    monkeypatch.setenv("RERANKER_TLS_CERTFILE", str(tmp_path / "mac.crt"))
+    monkeypatch.setenv("RERANKER_TLS_KEYFILE", str(tmp_path / "mac.key"))
+    s = Settings()
+    assert (s.tls_certfile, s.tls_keyfile) == (tmp_path / "mac.crt", tmp_path / "mac.key")
+
+
 def test_route_address_is_this_hosts_address_toward_the_api_server() -> None:
     # The dev control plane listens on loopback, so the route to it starts at 127.0.0.1;
     # toward a real API server it is the Mac's LAN (or VPN) address.
