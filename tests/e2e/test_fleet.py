@@ -246,8 +246,11 @@ def test_the_managed_redis_shares_scores_across_pods(node_cluster: KubeCluster,
         assert r.status_code == 200, r.text
     a1 = pod_metric(node_cluster, fleet, first["metadata"]["name"], scored)
     b1 = pod_metric(node_cluster, fleet, second["metadata"]["name"], scored)
-    assert a1 - a0 == len(DOCS), (a0, a1)
-    assert b1 - b0 == 0, f"the second pod scored {b1 - b0} pairs the first already had"
+    models = {pod["metadata"]["name"]: httpx.get(f"http://{pod['status']['podIP']}:8000/health",
+                                                 timeout=30).json().get("model")
+              for pod in (first, second)}  # a fleet of mixed precisions shares no scores
+    assert a1 - a0 == len(DOCS), (a0, a1, models)
+    assert b1 - b0 == 0, f"the second pod scored {b1 - b0} pairs the first already had: {models}"
 
 
 def test_deleting_a_serving_pod_under_load_fails_no_request(node_cluster: KubeCluster,
