@@ -254,10 +254,11 @@ def dialect_of(data: Any) -> str:
     return "native"
 
 
-_RERANK_ERRORS = {**_ERRORS, **{status: {"description": f"{_ERRORS[status]['description']}; TEI-shaped requests get "
-                                         "TEI's body", "content": {"application/json": {"schema": {"anyOf": [
-                                             _schema(ErrorResponse), _schema(TEIErrorResponse)]}}}}
-                                for status in _ERRORS}}
+#: /rerank's errors: the house shape, or TEI's for TEI-shaped requests (errors.tei_error).
+_RERANK_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": f"{error['description']}; TEI-shaped requests get TEI's body",
+             "content": {"application/json": {"schema": {"anyOf": [_schema(ErrorResponse), _schema(TEIErrorResponse)]}}}}
+    for status, error in _ERRORS.items()}
 
 
 @router.post("/rerank", openapi_extra=_openapi(NativeRerankRequest, TEIRerankRequest, VLLMRerankRequest),
