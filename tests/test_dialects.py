@@ -7,6 +7,7 @@ Runs the app in-process through its lifespan on the embedded MiniLM (a real mode
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -197,3 +198,16 @@ async def test_tei_types_and_statuses_cover_every_error() -> None:
         assert kind in enum
     for kind, status in errors.TEI_STATUS.items():
         assert kind in enum and 400 <= status < 600
+
+
+async def test_tei_shaped_overload_is_teis_429() -> None:
+    """A full queue answers a TEI-shaped request 429 `Overloaded` in TEI's body, Retry-After kept."""
+    async with running_app(max_queue=8, batch_size=4, enable_prediction_cache=False, queue_timeout=60) as client:
+        bodies = [{"query": f"q{i}", "texts": [f"document {i} {j}" for j in range(4)]} for i in range(30)]
+        responses = await asyncio.wait_for(asyncio.gather(*(client.post("/rerank", json=b) for b in bodies)), 120)
+        refused = [r for r in responses if r.status_code != 200]
+        assert refused and {r.status_code for r in refused} == {429}, [r.text for r in refused]
+        for r in refused:
+            jsonschema.validate(r.json(), tei_schema("ErrorResponse"))
+            assert r.json()["error_type"] == "Overloaded" and "RERANKER_MAX_QUEUE" in r.json()["error"]
+            assert int(r.headers["retry-after"]) >= 1
