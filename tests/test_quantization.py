@@ -161,3 +161,30 @@ def test_openvino_auto_pick_keeps_the_ranking(fp32: dict[str, np.ndarray]) -> No
     fidelity = MEASURED[f"openvino auto ({backend.info.dtype})"] = Fidelity.measure(fp32["openvino"], fixture_scores(backend))
     print(f"\nopenvino auto: {backend.info.precision}\n{fidelity}")
     assert fidelity.spearman >= 0.999 and fidelity.top3 >= 0.9
+
+
+def test_openvino_auto_refuses_int8_dynamic_where_it_loses_the_ranking(tmp_path: Path) -> None:
+    """The gate rejecting, on a real model and at the real floor: the benchmarks' MiniLM-sized
+    cross-encoder (bench/workload.py: MiniLM weights, random classification head, scores spread
+    over a tiny range) loses Spearman 0.999 against fp32 with int8-dynamic at every group size, so
+    `auto` serves a float precision, and says so with the figures it measured."""
+    import sys
+
+    from reranker.backends import calibration
+    from reranker.backends.openvino import DYNAMIC_GROUPS
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from workload import build_cross_encoder
+
+    assert calibration.SPEARMAN_FLOOR == 0.999  # the floor is the server's, not lowered here
+    backend = load_backend(Settings(model=str(build_cross_encoder(tmp_path / "ce")), runtime="openvino",
+                                    quantization="auto", model_cache_dir=tmp_path / "cache", warmup_on_start=False))
+    record = backend.info.precision_record
+    assert record is not None
+    measured = {int(group): rho for group, rho in record["spearman"].items()}  # type: ignore[attr-defined]
+    print(f"\nopenvino auto on the bench cross-encoder: {backend.info.precision}")
+    assert sorted(measured) == sorted(DYNAMIC_GROUPS)  # every group tried, none held
+    assert all(rho < calibration.SPEARMAN_FLOOR for rho in measured.values()), measured
+    assert backend.info.dtype in ("fp32", "bf16") and "int8-dynamic not kept" in backend.info.precision
+    for group, rho in measured.items():
+        assert f"group {group} {rho:.4f}" in backend.info.precision
