@@ -90,6 +90,9 @@ async def test_vllm_top_n_zero_is_all_and_model_names(client: httpx.AsyncClient)
     assert len(body["results"]) == 3 and body["model"] == "my-reranker" and body["id"].startswith("rerank-")
     r = await client.post("/rerank", json={"model": "other", "query": QUERY, "documents": DOCS})
     assert r.status_code == 404 and r.json()["error"] == "model_not_found"
+    objects = (await client.post("/rerank", json={"model": "my-reranker", "query": QUERY,
+                                                  "documents": [{"text": d} for d in DOCS]})).json()
+    assert [(x["index"], x["document"]) for x in objects["results"]] == [(x["index"], x["document"]) for x in body["results"]]
 
 
 async def test_nim_ranking_both_paths(client: httpx.AsyncClient) -> None:
