@@ -43,3 +43,32 @@ def test_mixed_precision_changes_the_fingerprint(tiny_bert: Path) -> None:
     # bf16 weights run without autocast: mixed precision changes nothing there, nor the fingerprint
     assert fingerprint(model=str(tiny_bert), quantization="bf16", enable_mixed_precision=True) == \
         fingerprint(model=str(tiny_bert), quantization="bf16")
+
+
+def test_the_exact_numerics_are_part_of_the_fingerprint(tiny_bert: Path, tmp_path: Path) -> None:
+    """int8-dynamic in groups of 128 and of 64 are different numbers: never one cache entry. fp32
+    still shares its entries across runtimes (OpenVINO fp32 is within 1e-4 of PyTorch fp32)."""
+    import dataclasses
+
+    dynamic = fingerprint_info(model=str(tiny_bert), runtime="openvino", quantization="int8-dynamic",
+                               model_cache_dir=tmp_path)
+    assert dynamic.numerics == "int8-dynamic/group-64"
+    assert dataclasses.replace(dynamic, numerics="int8-dynamic/group-128").fingerprint != dynamic.fingerprint
+    int8 = fingerprint_info(model=str(tiny_bert), runtime="openvino", quantization="int8", model_cache_dir=tmp_path)
+    assert int8.numerics is not None and int8.numerics.startswith("int8/float-layers-")
+    other_layers = "int8/float-layers-bf16" if int8.numerics.endswith("f32") else "int8/float-layers-f32"
+    assert dataclasses.replace(int8, numerics=other_layers).fingerprint != int8.fingerprint
+    openvino_fp32 = fingerprint_info(model=str(tiny_bert), runtime="openvino", quantization="none", model_cache_dir=tmp_path)
+    torch_fp32 = fingerprint_info(model=str(tiny_bert), runtime="torch", device="cpu", quantization="none")
+    assert openvino_fp32.numerics == "fp32" and openvino_fp32.fingerprint == torch_fp32.fingerprint
+
+
+def fingerprint_info(**settings: object) -> "object":
+    from reranker.backends import load_backend
+    from reranker.settings import Settings
+
+    backend = load_backend(Settings(warmup_on_start=False, **settings))
+    try:
+        return backend.info
+    finally:
+        backend.close()

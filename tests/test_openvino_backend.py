@@ -193,6 +193,45 @@ def test_auto_decides_once_and_a_restart_reads_the_decision(tiny_bert: Path, tmp
         load(tiny_bert, tmp_path, quantization="auto")
 
 
+@pytest.mark.parametrize("failing", ["compression", "group 128", "every group"])
+def test_auto_passes_over_an_int8_dynamic_that_fails(failing: str, tiny_bert: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """NNCF failing on an architecture it cannot compress, or a compile error / out of memory for a
+    group size, are injected here (a tiny BERT provokes none of them): `auto` serves the next
+    candidate, or the float pick, with a warning; the start never fails."""
+    import logging
+
+    import reranker.backends.openvino as ov_backend
+
+    monkeypatch.setattr(ov_backend, "SPEARMAN_FLOOR", -1.0)  # the tiny model's ranking says nothing: all keep it
+    monkeypatch.setattr(ov_backend, "race", lambda candidates: {"dynamic": 1.0, "float": 2.0} if "dynamic" in candidates
+                        else {"bf16": 2.0, "none": 1.0})
+    real_convert, real_compile = ov_backend.OpenVINOBackend._convert, ov_backend.OpenVINOBackend._compile
+
+    def convert(self: object, graph: str) -> object:
+        if graph == "int8-dynamic" and failing == "compression":
+            raise RuntimeError("nncf: this architecture's weights cannot be compressed")
+        return real_convert(self, graph)  # type: ignore[arg-type]
+
+    def compile_(self: object, model: object, hint: str, *, group: int | None = None) -> object:
+        if group is not None and (failing == "every group" or group == 128):
+            raise MemoryError(f"out of memory compiling groups of {group}")
+        return real_compile(self, model, hint, group=group)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ov_backend.OpenVINOBackend, "_convert", convert)
+    monkeypatch.setattr(ov_backend.OpenVINOBackend, "_compile", compile_)
+    with caplog.at_level(logging.WARNING):
+        backend = load(tiny_bert, tmp_path, quantization="auto")
+    assert any(r.levelno == logging.WARNING and ("int8-dynamic" in r.getMessage()) for r in caplog.records)
+    if failing == "group 128":
+        assert backend.info.numerics == "int8-dynamic/group-64" and "group 128 failed" in backend.info.precision
+    else:
+        assert backend.info.dtype == "fp32"
+        assert ("compression failed" if failing == "compression" else "group 32 failed") in backend.info.precision
+    assert np.isfinite(backend.score(PAIRS)).all()
+
+
 @pytest.mark.parametrize("winner", ["bf16", "none"])
 def test_int8_float_layers_run_the_faster_of_bf16_and_fp32(winner: str, tiny_bert: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
