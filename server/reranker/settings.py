@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     )
     quantization: Quantization = Field(
         "auto", validation_alias=_env("RERANKER_QUANTIZATION"),
-        description="auto (the fastest precision that keeps Spearman >= 0.999 vs fp32, measured at start: on a "
+        description="auto (the fastest precision that keeps Spearman >= 0.999 vs fp32 and scores a pair the same in any "
+        "batch, measured at start once per fleet and CPU type, then recorded in Redis and the model cache: on a "
         "CPU with OpenVINO int8-dynamic where it keeps it on calibration pairs and runs faster, else bf16 where the CPU has "
         "native bf16 (avx512_bf16/amx_bf16) and it is faster, else fp32; on CUDA the first of fp16, bf16 that keeps it on "
         "calibration pairs; fp32 for LLM rerankers), none (fp32), bf16, int8 (CPU: OpenVINO NNCF int8 weights and "

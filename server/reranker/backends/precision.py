@@ -19,8 +19,14 @@
   Spearman >= 0.999 against fp32 on calibration pairs (calibration.py, docs/cuda.md), else fp32.
 - MPS and MLX: fp32, the reference; ask for bf16/fp16 explicitly where it pays.
 
-The pick and the reason are reported by /health (`model.precision`), and the dtype by
-`reranker_model_info`.
+On OpenVINO, whatever is timed (the bf16 race, int8-dynamic) is decided once per fleet and CPU
+type and recorded in the fleet's Redis and the model cache (precision_record.py): replicas that
+raced differently under load had split one fleet into two precisions and two score caches. A
+reduced precision serves only if a pair's score does not depend on its batch-mates (checked on
+the calibration pairs: openvino.py pads batches so that it holds).
+
+The pick and the reason are reported by /health (`model.precision`, `model.numerics`,
+`model.precision_record`), and the dtype by `reranker_model_info`.
 """
 
 from __future__ import annotations
