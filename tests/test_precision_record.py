@@ -167,3 +167,34 @@ def test_the_first_writer_wins_when_two_replicas_measure_at_once(tmp_path: Path,
     decision = second.agree(measured_while_the_other_recorded)
     assert decision.plan["reason"] == "first" and decision.origin == "recorded by the fleet (redis)"
     assert json.loads((tmp_path / "b" / "precision-k.json").read_text())["reason"] == "first"
+
+
+def test_torch_replicas_on_a_bf16_cpu_serve_the_first_replicas_race(
+        tiny_bert: Path, tmp_path: Path, redis_server: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RERANKER_RUNTIME=torch races bf16 against fp32 on a CPU with native bf16: recorded the same way."""
+    import reranker.backends.precision as precision
+    import reranker.backends.torch as torch_backend
+
+    url = redis_server.url  # type: ignore[attr-defined]
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))  # the race runs
+    monkeypatch.setattr(torch_backend, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    raced: list[str] = []
+
+    def race_won_by(winner: str):  # type: ignore[no-untyped-def]
+        def fake_race(candidates: dict[str, object]) -> dict[str, float]:
+            raced.append(winner)
+            return {"bf16": 1.0, "none": 2.0} if winner == "bf16" else {"bf16": 2.0, "none": 1.0}
+        return fake_race
+
+    def torch_pod(cache: Path) -> Backend:
+        return load_backend(Settings(model=str(tiny_bert), runtime="torch", device="cpu", quantization="auto",
+                                     warmup_on_start=False, model_cache_dir=cache, redis_enabled=True, redis_url=url))
+
+    monkeypatch.setattr(torch_backend, "race", race_won_by("bf16"))
+    a = torch_pod(tmp_path / "a")
+    monkeypatch.setattr(torch_backend, "race", race_won_by("none"))
+    b = torch_pod(tmp_path / "b")
+    assert raced == ["bf16"]  # the second replica timed nothing
+    assert a.info.dtype == b.info.dtype == "bf16" and a.info.fingerprint == b.info.fingerprint
+    assert "recorded by the fleet (redis)" in b.info.precision
+    assert b.score([("a", "b")]) == a.score([("a", "b")])

@@ -68,7 +68,7 @@ from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded
 from .calibration import SPEARMAN_FLOOR, calibration_pairs
 from .model_files import ModelFiles
 from .precision import SAMPLE_TEXT, Precision, cpu_flags, native_bf16, race, raced, resolve, sample_pairs
-from .precision_record import Decision, PrecisionRecord, record_key
+from .precision_record import Decision, PrecisionRecord, default_cache_dir, record_key
 from .tokenization import BiBatch, Features, HFTokenization
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,11 +104,6 @@ Graph = Literal["float", "int8", "int8-dynamic"]
 
 def _dynamic(group: int) -> str:
     return f"(int8 weights, activations quantized at run time in groups of {group})"
-
-
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/reranker-fleet (default ~/.cache/reranker-fleet)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reranker-fleet"
 
 
 @dataclass(frozen=True)

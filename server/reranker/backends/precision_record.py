@@ -50,6 +50,11 @@ WAIT_SECONDS = 120.0
 _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
+def default_cache_dir() -> Path:
+    """RERANKER_MODEL_CACHE_DIR's default: $XDG_CACHE_HOME/reranker-fleet (~/.cache/reranker-fleet)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reranker-fleet"
+
+
 def record_key(fields: Mapping[str, object]) -> str:
     """A short digest of everything a decision depends on (JSON-able values)."""
     return hashlib.sha256(json.dumps(dict(fields), sort_keys=True).encode()).hexdigest()[:20]

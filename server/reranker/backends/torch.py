@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import cpus
 from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, EngineSizing
 from .model_files import ModelFiles
-from .precision import Precision, race, raced, resolve, sample_pairs
+from .precision import Precision, cpu_flags, race, raced, resolve, sample_pairs
+from .precision_record import PrecisionRecord, default_cache_dir, record_key
 from .tokenization import BiBatch, Features, HFTokenization
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,7 +96,7 @@ class TorchBackend(HFTokenization, Backend):
         self.model = self._load_model(files)
         self.packed, self.lanes = self._packed_path()
         if racing:
-            picked = self._race_bf16()
+            picked = self._fleet_race(settings)
             self.torch_dtype, dtype_name = _dtype_for(picked.quantization, self.device)
         if settings.quantization == "auto" and self.device == "cuda":
             dtype_name, reason = self._choose_precision()
@@ -109,6 +110,29 @@ class TorchBackend(HFTokenization, Backend):
             precision=picked.reason,
             autocast=self._autocast_dtype(),
         )
+
+    def _fleet_race(self, settings: "Settings") -> Precision:
+        """The bf16 race, run once per fleet and CPU type and then read (precision_record.py):
+        replicas that raced differently under load would serve different numbers under
+        different fingerprints, and never share the fleet's score cache."""
+        key = record_key({"model": self.files.name, "revision": self.files.revision, "kind": self.files.kind,
+                          "max_length": self.max_length, "runtime": "torch", "torch": torch.__version__,
+                          "asked": "auto", "cpu": sorted(cpu_flags())})
+        record = PrecisionRecord(key, folder=(settings.model_cache_dir or default_cache_dir()) / "torch",
+                                 redis_url=settings.redis_url if settings.redis_enabled else None,
+                                 prefix=settings.redis_prefix)
+        decision = record.agree(lambda: {"quantization": (won := self._race_bf16()).quantization,
+                                         "reason": won.reason})
+        wanted = decision.plan.get("quantization")
+        if wanted not in ("bf16", "none"):  # a record this version cannot read: the race here decides
+            log.warning("torch: not a precision record: %s", decision.plan)
+            return self._race_bf16()
+        if wanted == "bf16" and next(self.model.parameters()).dtype != torch.bfloat16:
+            self.model = self.model.to(torch.bfloat16)
+        elif wanted == "none" and next(self.model.parameters()).dtype != torch.float32:
+            self.torch_dtype = torch.float32  # the fleet serves fp32: the fp32 weights again, not bf16's upcast
+            self.model = self._load_model(self.files)
+        return Precision(wanted, f"{decision.plan.get('reason', '')} [{decision.describe()}]")
 
     def _race_bf16(self) -> Precision:
         """bf16 against fp32 on the same probe batch (precision.race); the slower copy is dropped."""
