@@ -232,6 +232,30 @@ def test_auto_passes_over_an_int8_dynamic_that_fails(failing: str, tiny_bert: Pa
     assert np.isfinite(backend.score(PAIRS)).all()
 
 
+def test_a_recorded_int8_dynamic_that_cannot_be_made_here_serves_fp32(tiny_bert: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fleet's record says int8-dynamic, but this pod cannot compile it (injected, as above):
+    it serves fp32 and says why, rather than failing its start."""
+    import reranker.backends.openvino as ov_backend
+
+    monkeypatch.setattr(ov_backend, "SPEARMAN_FLOOR", -1.0)
+    monkeypatch.setattr(ov_backend, "race", lambda candidates: {"dynamic": 1.0, "float": 2.0} if "dynamic" in candidates
+                        else {"bf16": 2.0, "none": 1.0})
+    assert load(tiny_bert, tmp_path, quantization="auto").info.numerics == "int8-dynamic/group-128"
+    real_compile = ov_backend.OpenVINOBackend._compile
+
+    def compile_(self: object, model: object, hint: str, *, group: int | None = None) -> object:
+        if group is not None:
+            raise RuntimeError("this CPU plugin has no dynamic quantization")
+        return real_compile(self, model, hint, group=group)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ov_backend.OpenVINOBackend, "_compile", compile_)
+    backend = load(tiny_bert, tmp_path, quantization="auto")
+    assert (backend.info.dtype, backend.info.numerics) == ("fp32", "fp32")
+    assert "could not be made here (RuntimeError: this CPU plugin has no dynamic quantization): fp32" in backend.info.precision
+    assert np.isfinite(backend.score(PAIRS)).all()
+
+
 @pytest.mark.parametrize("winner", ["bf16", "none"])
 def test_int8_float_layers_run_the_faster_of_bf16_and_fp32(winner: str, tiny_bert: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:

@@ -174,7 +174,8 @@ class OpenVINOBackend(HFTokenization, Backend):
                         DYNAMIC_GROUP if graph == "int8-dynamic" else None, picked.reason)
             if graph == "int8-dynamic":
                 plan = replace(plan, reason=f"{plan.reason} {_dynamic(DYNAMIC_GROUP)}")
-        self._use(self._compiled(plan))
+        compiled, plan = self._compiled(plan)
+        self._use(compiled)
         self._graphs, self._candidates = {}, {}  # the candidates not served are freed
         runs = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16" or "f32"
         dtype: str = plan.graph if plan.graph != "float" else ("bf16" if runs == "bf16" else "fp32")
@@ -219,18 +220,19 @@ class OpenVINOBackend(HFTokenization, Backend):
             log.warning("OpenVINO: %s; measuring here", exc)
             return Plan.from_record(self._measure(resolve("auto", device="cpu"), "float", auto=True).as_record())
 
-    def _compiled(self, plan: Plan) -> Any:
-        """The compiled model for `plan`: the one measured, or compiled now. A recorded plan that
-        cannot compile here (another OpenVINO build, memory) serves fp32 with a warning, not a
-        failed start."""
+    def _compiled(self, plan: Plan) -> tuple[Any, Plan]:
+        """The compiled model for `plan` (the one measured, or compiled now) and the plan it serves.
+        A plan that cannot be made here (NNCF or OpenVINO failing on this model, memory) serves fp32
+        with a warning, not a failed start."""
         try:
-            return self._candidate(plan.graph, plan.hint, plan.group)
+            return self._candidate(plan.graph, plan.hint, plan.group), plan
         except Exception as exc:  # noqa: BLE001 - OpenVINO and NNCF raise plain RuntimeErrors
             if plan.graph == "float" and plan.hint == "f32":
                 raise
-            log.warning("OpenVINO: the recorded precision (%s) could not be compiled here (%s: %s); serving fp32",
-                        plan.reason, exc.__class__.__name__, exc)
-            return self._candidate("float", "f32")
+            log.warning("OpenVINO: %s could not be made here (%s: %s); serving fp32", self._numerics(plan, plan.hint),
+                        exc.__class__.__name__, exc)
+            return self._candidate("float", "f32"), Plan(
+                "float", "f32", None, f"{plan.reason}; but it could not be made here ({exc.__class__.__name__}: {exc}): fp32")
 
     def _use(self, compiled: Any) -> None:
         """Serve `compiled` (infer requests are per thread and per compiled model)."""
