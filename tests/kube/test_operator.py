@@ -474,7 +474,8 @@ def test_a_name_held_by_someone_elses_objects_is_never_taken_over(
     ns, name = kube_namespace, "frontend"
     kube_cluster.apply(json.dumps({
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-        "spec": {"selector": {"app": "frontend"}, "ports": [{"port": 80}]}}), namespace=ns)
+        "spec": {"selector": {"app": "frontend"}, "ports": [{"name": "web", "port": 80}]}}),
+        namespace=ns)
     kube_cluster.apply(json.dumps({
         "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-config"},
         "data": {"RERANKER_DEVICE": "cuda"}}), namespace=ns)
