@@ -21,30 +21,6 @@ def jobs(lengths: list[int]) -> list[Job]:
         loop.close()
 
 
-def test_fifo_cut_respects_size_and_padded_token_budget() -> None:
-    queue = jobs([10, 400, 10, 10, 10])
-    batch = cut_batch(queue, batch_size=3, max_tokens=10_000)
-    assert [j.key for j in batch] == ["0", "1", "2"]
-    batch = cut_batch(queue, batch_size=10, max_tokens=800)
-    assert [j.key for j in batch] == ["0", "1"]  # a third pair would pad to 3 x 400 = 1200 tokens
-
-
-def test_padding_free_cut_counts_real_tokens_first_come() -> None:
-    queue = jobs([100, 400, 12, 390, 95])
-    batch = cut_batch(queue, batch_size=10, max_tokens=505, padded=False)
-    assert [j.key for j in batch] == ["0", "1"]  # arrival order; 100 + 400 real tokens, a third would pass 505
-    batch = cut_batch(queue, batch_size=10, max_tokens=950, padded=False)
-    assert [j.key for j in batch] == ["0", "1", "2", "3"]  # 902 real tokens; padded, 4 x 400 would not fit in 950
-    assert [j.key for j in cut_batch(jobs([5000, 1]), batch_size=8, max_tokens=600, padded=False)] == ["0"]
-
-
-def test_a_round_groups_lengths_and_hands_out_the_oldest_pair_first() -> None:
-    queue = jobs([100, 400, 12, 390, 95, 10, 105, 380])
-    first, second = cut_round(queue, batch_size=4, max_tokens=100_000, workers=2)
-    assert sorted(j.tokens for j in first) == [10, 12, 95, 100]  # the oldest job's batch goes first
-    assert sorted(j.tokens for j in second) == [105, 380, 390, 400]
-
-
 # --- the policy's properties over random queues ----------------------------------------------
 # Many queues (requests of 1-50 pairs of 5-400 tokens) under many budgets, drained round by round
 # as the batcher does; what must hold for each, rather than the batch sizes of one example.
@@ -149,6 +125,36 @@ def test_rounds_fill_batches_at_least_as_full_as_first_come() -> None:
         # more per worker and round than first-come
         assert sum(len(r) for r in d.rounds) <= len(fifo) + d.workers * len(d.rounds), seed
     assert checked >= len(SEEDS) // 4, checked  # the property ran on enough queues
+
+
+def cost(batch: list[Job], *, padded: bool) -> int:
+    return max(j.tokens for j in batch) * len(batch) if padded else sum(j.tokens for j in batch)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_first_come_takes_the_longest_prefix_that_fits(padded: bool) -> None:
+    """First-come (the padding-free path, and the baseline): the batch is the oldest pairs in
+    arrival order, within the pair budget and the token budget (padded: longest x pairs; padding
+    free: real tokens), and as long as that allows: one more pair would break a budget. A lone
+    pair over the token budget still goes, alone."""
+    for seed in SEEDS:
+        d = random_drain(seed)
+        batch = cut_batch(d.queue, batch_size=d.batch_size, max_tokens=d.max_tokens, padded=padded)
+        assert batch == d.queue[:len(batch)], seed
+        assert 1 <= len(batch) <= d.batch_size, seed
+        assert len(batch) == 1 or cost(batch, padded=padded) <= d.max_tokens, seed
+        if len(batch) < len(d.queue):
+            longer = d.queue[:len(batch) + 1]
+            assert len(longer) > d.batch_size or cost(longer, padded=padded) > d.max_tokens, seed
+
+
+def test_a_round_groups_its_pairs_by_length() -> None:
+    """Inside a round, batches hold neighbouring lengths: sorted by their shortest pair, no batch
+    holds a pair longer than the next batch's shortest (what saves the padding)."""
+    for seed in SEEDS:
+        for round_ in random_drain(seed).rounds:
+            spans = sorted((min(j.tokens for j in b), max(j.tokens for j in b)) for b in round_)
+            assert all(high <= low for (_, high), (low, _) in zip(spans, spans[1:])), seed
 
 
 def test_a_round_never_exceeds_the_budget_and_takes_every_job() -> None:
