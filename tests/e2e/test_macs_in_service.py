@@ -54,12 +54,15 @@ PROXY_SYNC = 2.0
 RETRY_WINDOW = 10.0  # > REMOVAL_BOUND + PROXY_SYNC, with room for a loaded machine
 #: The dev node's pod range (hack/devcluster/network.py), which its Node does not show.
 POD_CIDR = "198.18.64.0/24"
-#: Resends a client may need after a Mac is killed: within the window a dead Mac stays in the
-#: Service (REMOVAL_BOUND + PROXY_SYNC = 5.5 s), one request's resends at doubling pauses from
-#: 50 ms number at most 8; a client then meets the dead Mac again only by kube-proxy's draw.
-#: 8 per client is the bound asserted (one run measured 5 for all 4 clients together).
-RESENT_AFTER_A_KILL = 8 * 4
-#: A Mac stopped with SIGTERM leaves the Service before it stops accepting: nothing to resend.
+CLIENTS = 4
+#: Requests sent again after they went out to a Mac that was then killed (fleet_load's
+#: `resent`): per client, the one it had on the Mac at the kill, and one more that the Mac's
+#: relay accepted in the instant before it saw its server gone and stopped listening. Later
+#: connections are refused before the request goes out (`retried`, not bounded here: they last
+#: until kube-proxy follows the operator, which the removal bound covers).
+RESENT_AFTER_A_KILL = 2 * CLIENTS
+#: A Mac stopped with SIGTERM leaves the Service before it stops accepting: nothing is sent
+#: again, neither resent nor refused.
 RESENT_AFTER_A_DRAIN = 0
 #: How long a draining Mac accepts after deleting its RerankerEndpoint (its default).
 LEAVE_SECONDS = 5
@@ -69,11 +72,6 @@ LEAVE_SECONDS = 5
 def cluster_cidrs(monkeypatch: pytest.MonkeyPatch) -> None:
     """The pod range for the host operator (autouse: set before `host_operator` starts it)."""
     monkeypatch.setenv("RERANKER_OPERATOR_CLUSTER_CIDRS", POD_CIDR)
-
-
-def resent(outcome: Outcome) -> int:
-    """Requests sent again after a connection error (fleet_load counts the attempts)."""
-    return int(getattr(outcome, "resent", outcome.retried))
 
 
 def fleet(name: str, *, pods: int, subnet: str, ns: str) -> str:
@@ -108,7 +106,9 @@ def mac_env(model: Path, ns: str, kubeconfig: str, name: str, address: str) -> d
 
 def report(what: str, outcome: Outcome) -> None:
     print(f"{what}: ok / failed / resent = {outcome.ok} / {len(outcome.failed)} / "
-          f"{resent(outcome)}")
+          f"{outcome.resent} ({outcome.retried} refused connections retried)")
+    for line in outcome.sent_again[:20]:
+        print(f"  {line}")
 
 
 def test_service_spreads_over_pods_and_macs_and_drops_a_dead_mac(
@@ -139,7 +139,7 @@ def test_service_spreads_over_pods_and_macs_and_drops_a_dead_mac(
 
     # 1. All four backends serve the Service's traffic.
     before = {b: served(u) for b, u in backends.items()}
-    load = Load(url, clients=4, docs=4, retry_window=RETRY_WINDOW).start()
+    load = Load(url, clients=CLIENTS, docs=4, retry_window=RETRY_WINDOW).start()
     try:
         node_cluster.eventually(
             lambda: all(served(u) - before[b] >= 3 for b, u in backends.items()),
@@ -162,7 +162,7 @@ def test_service_spreads_over_pods_and_macs_and_drops_a_dead_mac(
           f"last connection error {last_error_after} s after the kill")
     report("a Mac killed under load", outcome)
     assert len(outcome.failed) == 0, outcome.failed[:5]
-    assert resent(outcome) <= RESENT_AFTER_A_KILL
+    assert outcome.resent <= RESENT_AFTER_A_KILL
     assert not_ready_after <= REMOVAL_BOUND
     assert last_error_after is None or last_error_after <= REMOVAL_BOUND + PROXY_SYNC
 
@@ -173,7 +173,7 @@ def test_service_spreads_over_pods_and_macs_and_drops_a_dead_mac(
     after = Load(url, clients=4, docs=4, max_requests=40).start().wait()
     share = {b: served(u) - before[b] for b, u in live.items()}
     print(f"requests per live backend after the removal: {share}")
-    assert after.ok == 40 and not after.failed and after.retried == 0, after
+    assert after.ok == 40 and not after.failed and after.retried == after.resent == 0, after
     assert sum(share.values()) == 40, share
     assert all(n > 0 for n in share.values()), share
 
@@ -201,7 +201,7 @@ def test_a_mac_stopped_under_load_drains_like_a_pod(
                            timeout=30, desc="both Macs ready in the Service's EndpointSlice")
     ip, service_port = cluster_ip(node_cluster, ns, NAME)
     before = served(macs[addr_a].url)
-    load = Load(f"http://{ip}:{service_port}", clients=4, docs=4,
+    load = Load(f"http://{ip}:{service_port}", clients=CLIENTS, docs=4,
                 retry_window=RETRY_WINDOW).start()
     try:
         node_cluster.eventually(lambda: served(macs[addr_a].url) - before >= 5, timeout=120,
@@ -224,7 +224,7 @@ def test_a_mac_stopped_under_load_drains_like_a_pod(
     assert code == 0
     assert LEAVE_SECONDS <= exited_after
     assert len(outcome.failed) == 0, outcome.failed[:5]
-    assert resent(outcome) <= RESENT_AFTER_A_DRAIN
+    assert outcome.resent <= RESENT_AFTER_A_DRAIN and outcome.retried == 0, outcome.sent_again
     assert "still accepting for" in macs[addr_a].log()
 
 
