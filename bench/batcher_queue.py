@@ -101,8 +101,9 @@ async def main() -> None:
     forward = forward_seconds(backend, sizing.batch_size, runs=10)
     median, worst = per_queue[args.queue]
     print(f"forward of {sizing.batch_size} pairs: {forward * 1e3:.1f} ms (median of 10)")
-    print(f"ratio cut/forward at {args.queue} queued: {median / forward:.4f} (median), {worst / forward:.4f} (max); "
-          f"queue {args.queue} vs 32: {median / per_queue[32][0]:.2f}x")
+    print(f"ratio cut/forward at {args.queue} queued: {median / forward:.2e} (median), {worst / forward:.2e} (max; "
+          f"the max is the machine's preemption as much as the cut); queue {args.queue} vs 32: "
+          f"{median / per_queue[32][0]:.2f}x")
 
 
 if __name__ == "__main__":
