@@ -509,15 +509,15 @@ class Batcher:
 
     def _settle(self, batch: list[Job], scores: list[float] | None, error: APIError | None) -> None:
         """Every job gets its score or an error; then the completion hook sees the batch."""
-        if scores is None and error is None:  # cancelled mid-forward: the server is stopping
-            error = EngineFailure("the server stopped while the model was scoring this request", retry_after=1)
+        # no scores and no error: cancelled mid-forward, the server is stopping
+        failure = error or EngineFailure("the server stopped while the model was scoring this request", retry_after=1)
         for i, job in enumerate(batch):
             if job.future.done():
                 continue
             if scores is not None:
                 job.future.set_result(scores[i])
             else:
-                job.future.set_exception(error)  # type: ignore[arg-type]
+                job.future.set_exception(failure)
                 job.future.exception()  # the requests may be gone: nobody else retrieves it
         if self.on_done is not None:
             try:
