@@ -201,7 +201,8 @@ def test_secrets_are_granted_only_where_rbac_secret_namespaces_says() -> None:
     secret_rule = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}
     assert secret_rule in one(objects(), "ClusterRole")["rules"]  # "*": where it serves
     for values in ({"rbac": {"secretNamespaces": ["search"]}},
-                   {"rbac": {"secretNamespaces": ["search"]}, "watchNamespaces": ["search", "ranking"]}):
+                   {"rbac": {"secretNamespaces": ["search"]},
+                    "watchNamespaces": ["search", "ranking"]}):
         docs = objects(values)
         for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
             if role["metadata"]["name"].endswith("-secrets"):
