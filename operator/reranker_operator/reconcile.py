@@ -10,10 +10,10 @@ writes, and a restart re-checks everything without touching anything.
 It never takes over what it does not own (`ownership`): the indices hold only children that
 carry a RerankerDeployment's controller reference, and those are applied with force; a child
 the indices do not hold is first read (one GET, only then) and created only if its name is free
-(applied without force, so an object created meanwhile is a conflict, not overwritten). A name
-held by someone else's object is a NameConflict on the status, retried now and then
-(CONFLICT_RETRY_SECONDS) in case it was removed, and the pods that would read a ConfigMap or
-Secret of that name are not rolled.
+(applied without force: an object created in between with other values is a 409, not
+overwritten). A name held by someone else's object is a NameConflict on the status, looked at
+again every CONFLICT_RETRY_SECONDS in case it was removed, and the pods that would read a
+ConfigMap or Secret of that name are not rolled.
 
 Passes for the same RerankerDeployment are serialised by a per-owner lock; the blocking API
 calls run in a worker thread so that the event loop keeps serving the watch streams. The
