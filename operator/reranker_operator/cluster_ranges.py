@@ -87,7 +87,8 @@ def learn(*, nodes: Iterable[Mapping[str, Any]], service_cidrs: Iterable[Mapping
 
     reasons = []
     if without_pod_cidrs and not configured:
-        shown = ", ".join(sorted(without_pod_cidrs)[:3])
+        # Three names, each cut short: the message must fit a status field (1024 characters).
+        shown = ", ".join(n[:63] for n in sorted(without_pod_cidrs)[:3])
         more = len(without_pod_cidrs) - 3
         plural = len(without_pod_cidrs) > 1
         reasons.append(f"node{'s' if plural else ''} {shown}"

@@ -646,6 +646,13 @@ def test_nodes_and_service_cidrs_are_read_for_their_ranges_only() -> None:
     many = [{"name": f"n{i}", "podCIDRs": []} for i in range(5)]
     unknown = cluster_ranges.learn(nodes=many, service_cidrs=[{"cidrs": ["10.96.0.0/12"]}]).unknown
     assert unknown is not None and "nodes n0, n1, n2 and 2 more have no spec.podCIDRs" in unknown
+    long_names = [{"name": c * 253, "podCIDRs": []} for c in "abcd"]
+    unknown = cluster_ranges.learn(nodes=long_names, service_cidrs=[]).unknown
+    assert unknown is not None and len(unknown) <= 1024  # the status' message field's bound
+    crd = yaml.safe_load((REPO / "crds" / "rerankerendpoints.reranker.dev.yaml").read_text())
+    (version,) = crd["spec"]["versions"]
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert status["message"]["maxLength"] == 1024
 
 
 async def test_a_fleet_with_tls_probes_https_and_reports_an_unusable_bundle() -> None:
