@@ -104,12 +104,14 @@ def test_the_leave_time_and_https_settings_are_checked(monkeypatch: pytest.Monke
     """A draining Mac accepts for RERANKER_REGISTER_LEAVE_SECONDS after deregistering (5 s, as
     a pod's preStop sleep); HTTPS (a fleet with externalEndpoints.tls) needs a certificate and
     its key, both or neither."""
-    for name in ("RERANKER_REGISTER_LEAVE_SECONDS", "RERANKER_TLS_CERTFILE", "RERANKER_TLS_KEYFILE"):
+    for name in ("RERANKER_REGISTER_LEAVE_SECONDS", "RERANKER_TLS_CERTFILE",
+                 "RERANKER_TLS_KEYFILE"):
         assert name in contract.ENV_VARS
     assert Settings().register_leave_seconds == 5.0
     with pytest.raises(ValidationError):
         Settings(register_leave_seconds=-1)
-    with pytest.raises(ValidationError, match="RERANKER_TLS_CERTFILE and RERANKER_TLS_KEYFILE go together"):
+    with pytest.raises(ValidationError,
+                       match="RERANKER_TLS_CERTFILE and RERANKER_TLS_KEYFILE go together"):
         Settings(tls_certfile=tmp_path / "mac.crt")
     monkeypatch.setenv("RERANKER_TLS_CERTFILE", str(tmp_path / "mac.crt"))
     monkeypatch.setenv("RERANKER_TLS_KEYFILE", str(tmp_path / "mac.key"))

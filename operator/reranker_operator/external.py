@@ -154,7 +154,8 @@ def trust_problem(endpoint: Endpoint, *, allowed: tuple[Network, ...],
                 "identities in spec.externalEndpoints.allowedIdentities (user names, e.g. "
                 "system:serviceaccount:NAMESPACE:reranker-mac-studio-1)")
     if endpoint.registered_by not in identities:
-        return (f"registered by {endpoint.registered_by or 'an unknown identity (no spec.registeredBy)'}, "
+        who = endpoint.registered_by or "an unknown identity (no spec.registeredBy)"
+        return (f"registered by {who}, "
                 "which is not in spec.externalEndpoints.allowedIdentities: refused")
     return None
 

@@ -403,7 +403,8 @@ def test_a_mac_serving_https_is_ready_only_with_a_certificate_the_fleet_trusts(
     _, _, other_ca = certificates(tmp_path / "pki", addr, name="other")
     network = addr.rsplit(".", 1)[0] + ".0/24"
     kube_cluster.apply(rrd("fleet", externalEndpoints={
-        "allowedCIDRs": [network], "allowedIdentities": [f"system:serviceaccount:{ns}:reranker-mac"],
+        "allowedCIDRs": [network],
+        "allowedIdentities": [f"system:serviceaccount:{ns}:reranker-mac"],
         "tls": {"caBundle": ca.read_text()}}), namespace=ns)
     mac = Mac(uvicorn_server, mac_network, address=addr, port=port, tls=(crt, key, ca),
               env=mac_env(tiny_bert, ns, mac_kubeconfig, "mac-a", addr)).start()

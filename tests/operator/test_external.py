@@ -642,7 +642,8 @@ def test_nodes_and_service_cidrs_are_read_for_their_ranges_only() -> None:
         "10.244.0.0/24", "fd00:10::/64", "172.16.0.10/32", "203.0.113.10/32", "10.96.0.0/12",
         "fd00::/108"]
     # No node at all: no pod has an address yet, so there is no pod range to protect.
-    assert cluster_ranges.learn(nodes=[], service_cidrs=[{"cidrs": ["10.96.0.0/12"]}]).unknown is None
+    services = [{"cidrs": ["10.96.0.0/12"]}]
+    assert cluster_ranges.learn(nodes=[], service_cidrs=services).unknown is None
     many = [{"name": f"n{i}", "podCIDRs": []} for i in range(5)]
     unknown = cluster_ranges.learn(nodes=many, service_cidrs=[{"cidrs": ["10.96.0.0/12"]}]).unknown
     assert unknown is not None and "nodes n0, n1, n2 and 2 more have no spec.podCIDRs" in unknown
