@@ -342,3 +342,15 @@ async def test_health_fails_liveness_after_a_failed_load(tmp_path: Any) -> None:
             assert health.json()["status"] == "error" and "config.json" in health.json()["error"]
             ready = await c.get("/ready")
             assert ready.status_code == 503 and ready.json()["reason"] == "error"
+
+
+async def test_paths_and_methods_no_route_serves_answer_in_the_error_shape() -> None:
+    """Starlette's own 404/405 (no route matched, e.g. a NIM hosted path whose model segment holds a
+    newline) use the one error shape, as the OpenAPI document declares."""
+    async with running_app() as c:
+        missing = await c.post("/v1/retrieval/a%0Ab/reranking", json={})
+        assert missing.status_code == 404
+        assert missing.json()["error"] == "not_found" and missing.json()["message"]
+        wrong = await c.get("/v1/rerank")
+        assert wrong.status_code == 405
+        assert wrong.json()["error"] == "method_not_allowed"

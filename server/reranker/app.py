@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, docs_pages, logs
@@ -129,6 +130,14 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     @app.exception_handler(ClientGone)
     async def client_gone(_request: Request, _exc: ClientGone) -> Response:
         return Response(status_code=499)  # nobody reads it; the access log shows nginx's "client closed"
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        # Starlette's own answers (no route matched: 404; wrong method: 405) in the house error shape,
+        # e.g. a NIM hosted path whose model segment holds a newline matches no route.
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        body = {"error": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)}
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
