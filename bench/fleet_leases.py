@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,46 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import workload as w  # noqa: E402
-
-import httpx  # noqa: E402
-
-
-class Server:
-    """`reranker serve` from `source` (a folder holding the `reranker` package) on a loopback port."""
-
-    def __init__(self, source: Path, env: dict[str, str]) -> None:
-        port = w.free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = Path(tempfile.mktemp(prefix="bench-fleet-", suffix=".log"))
-        full = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "WARNING", **env,
-                "PYTHONPATH": str(source)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "reranker", "serve"], env=full,
-                                     stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {self.log}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready; see {self.log}")
-
-    def scored(self) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        match = re.search(r"^reranker_pairs_scored_total ([0-9.e+]+)$", text, re.M)
-        return float(match.group(1)) if match else 0.0
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 async def both(a: str, b: str, bodies: list[dict], clients: int) -> tuple[w.LoadResult, w.LoadResult]:  # type: ignore[type-arg]
@@ -98,7 +56,7 @@ def main() -> int:
            "RERANKER_REDIS_LEASE_SECONDS": str(args.lease), "RERANKER_BATCH_SIZE": "8", "MICRO_BATCH_WINDOW_MS": "0",
            # every request admitted: a 429 would shorten the queue this bench is about
            "RERANKER_QUEUE_TIMEOUT": "300"}
-    a, b = Server(args.source, env), Server(args.source, env)
+    a, b = w.Server(env, source=args.source, wait=False), w.Server(env, source=args.source, wait=False)
     try:
         a.wait_ready()
         b.wait_ready()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -67,15 +68,21 @@ def free_port() -> int:
 class Server:
     """`reranker serve` in a subprocess on a loopback port."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], *, source: Path | None = None, wait: bool = True) -> None:
+        """`source`: the folder holding the `reranker` package to run (default: this tree's server/),
+        e.g. a baseline commit's `git archive <commit> server`; `wait`: return once it is ready."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(tempfile.mktemp(prefix="bench-server-", suffix=".log"), "wb")
         full = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "LOG_LEVEL": "WARNING", **env}
-        pythonpath = os.pathsep.join(filter(None, [str(REPO / "server"), full.get("PYTHONPATH")]))
+        pythonpath = os.pathsep.join(filter(None, [str(source or REPO / "server"), full.get("PYTHONPATH")]))
         self.proc = subprocess.Popen([sys.executable, "-m", "reranker", "serve"], env={**full, "PYTHONPATH": pythonpath},
                                      stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited; see {self.log.name}")
@@ -85,7 +92,13 @@ class Server:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError("server not ready")
+        raise RuntimeError(f"server not ready; see {self.log.name}")
+
+    def scored(self) -> float:
+        """Pairs this server sent through its model so far (`reranker_pairs_scored_total`)."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        match = re.search(r"^reranker_pairs_scored_total ([0-9.e+]+)$", text, re.M)
+        return float(match.group(1)) if match else 0.0
 
     def rss_mb(self) -> float:
         with open(f"/proc/{self.proc.pid}/status") as f:
