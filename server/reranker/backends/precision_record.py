@@ -128,8 +128,8 @@ class PrecisionRecord:
             if found is not None:
                 self._save(found)
                 return Decision(found, "recorded by the fleet (redis)")
-            log.warning("precision: no record after %.0f s of another replica measuring; measuring here",
-                        self.wait_seconds)
+            log.warning("precision: the replica that was measuring left no record (waited up to %.0f s); "
+                        "measuring here", self.wait_seconds)
         try:
             plan = {**measure(), "measured_by": socket.gethostname(),
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
