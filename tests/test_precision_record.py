@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -198,3 +199,16 @@ def test_torch_replicas_on_a_bf16_cpu_serve_the_first_replicas_race(
     assert a.info.dtype == b.info.dtype == "bf16" and a.info.fingerprint == b.info.fingerprint
     assert "recorded by the fleet (redis)" in b.info.precision
     assert b.score([("a", "b")]) == a.score([("a", "b")])
+
+
+def test_a_record_this_version_cannot_read_is_measured_again(tiny_bert: Path, tmp_path: Path,
+                                                             redis_server: object) -> None:
+    """A record from another version (or garbage) in the fleet's Redis: measured here, never a failed start."""
+    url = redis_server.url  # type: ignore[attr-defined]
+    first = pod(tiny_bert, tmp_path / "a", url)
+    (key,) = redis_server.client().keys("reranker:precision:*")  # type: ignore[attr-defined]
+    redis_server.client().set(key, json.dumps({"graph": "int4", "hint": "f16"}))  # type: ignore[attr-defined]
+    again = pod(tiny_bert, tmp_path / "b", url)
+    assert again.info.precision_record["origin"] == "measured"  # type: ignore[index]
+    assert again.info.dtype in ("fp32", "bf16", "int8-dynamic") and first.info.precision_record is not None
+    assert all(math.isfinite(score) for score in again.score([("a", "b")]))

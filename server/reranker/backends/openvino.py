@@ -167,8 +167,14 @@ class OpenVINOBackend(HFTokenization, Backend):
             record = PrecisionRecord(
                 self.record_key(asked), folder=self.cache_dir if self._writable(self.cache_dir) else None,
                 redis_url=settings.redis_url if settings.redis_enabled else None, prefix=settings.redis_prefix)
-            origin = record.agree(lambda: self._measure(picked, graph, auto=asked == "auto").as_record())
-            plan = self._recorded(origin)
+            measure = functools.partial(self._measure, picked, graph, auto=asked == "auto")
+            origin = record.agree(lambda: measure().as_record())
+            try:
+                plan = Plan.from_record(origin.plan)
+            except ValueError as exc:  # a record this version cannot read: measured here, not a failed start
+                log.warning("OpenVINO: %s; measuring here", exc)
+                plan = measure()
+                origin = Decision(plan.as_record(), "measured")
         else:
             plan = Plan(graph, "bf16" if picked.quantization == "bf16" else "f32",
                         DYNAMIC_GROUP if graph == "int8-dynamic" else None, picked.reason)
@@ -212,13 +218,6 @@ class OpenVINOBackend(HFTokenization, Backend):
             "policy": {"groups": DYNAMIC_GROUPS, "floor": SPEARMAN_FLOOR, "invariance": INVARIANCE_TOLERANCE,
                        "width_multiple": self.width_multiple, "pairs": len(calibration_pairs())},
         })
-
-    def _recorded(self, decision: Decision) -> Plan:
-        try:
-            return Plan.from_record(decision.plan)
-        except ValueError as exc:  # a record this version cannot read: measure here rather than fail
-            log.warning("OpenVINO: %s; measuring here", exc)
-            return Plan.from_record(self._measure(resolve("auto", device="cpu"), "float", auto=True).as_record())
 
     def _compiled(self, plan: Plan) -> tuple[Any, Plan]:
         """The compiled model for `plan` (the one measured, or compiled now) and the plan it serves.
