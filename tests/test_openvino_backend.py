@@ -256,28 +256,21 @@ def test_a_recorded_int8_dynamic_that_cannot_be_made_here_serves_fp32(tiny_bert:
     assert np.isfinite(backend.score(PAIRS)).all()
 
 
-@pytest.mark.parametrize("winner", ["bf16", "none"])
-def test_int8_float_layers_run_the_faster_of_bf16_and_fp32(winner: str, tiny_bert: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a CPU with native bf16, int8's float layers are raced like `auto` (bf16 was 2x slower there)."""
+def test_int8_float_layers_run_fp32_even_on_a_bf16_cpu(tiny_bert: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Static int8's float layers are not raced to bf16: on an AMX CPU bf16 float layers won the race
+    (1.2x) and took int8's fixture fidelity from max abs 0.02 to 0.138 against fp32, which the
+    calibration pairs did not show. So int8 runs its other layers fp32 on every CPU, times nothing,
+    and records nothing."""
     import reranker.backends.openvino as ov_backend
-    monkeypatch.setattr(ov_backend, "native_bf16", lambda: "avx512_bf16")
+    monkeypatch.setattr(precision, "native_bf16", lambda: "amx_bf16")
     raced = []
-
-    def fake_race(candidates: dict[str, object]) -> dict[str, float]:
-        raced.append(sorted(candidates))  # the real race times real runs; here the winner is set
-        return {"bf16": 1.0, "none": 2.0} if winner == "bf16" else {"bf16": 2.0, "none": 1.0}
-
-    monkeypatch.setattr(ov_backend, "race", fake_race)
+    monkeypatch.setattr(ov_backend, "race", lambda candidates: raced.append(sorted(candidates)) or {})
     int8 = load(tiny_bert, tmp_path, quantization="int8")
-    assert raced == [["bf16", "none"]]
-    hint = int8.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-    if winner == "none":
-        assert hint == "f32"
-    else:  # a CPU without native bf16 runs f32 whatever the hint asked
-        assert hint == ("bf16" if precision.native_bf16() else "f32")
-    assert int8.info.dtype == "int8"
-    assert int8.info.precision.startswith("RERANKER_QUANTIZATION=int8; its float layers:")
+    assert raced == []
+    assert int8.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+    assert (int8.info.dtype, int8.info.numerics) == ("int8", "int8/float-layers-f32")
+    assert int8.info.precision_record is None
     assert np.isfinite(int8.score(PAIRS)).all()
 
 
