@@ -104,6 +104,26 @@ def mac_env(model: Path, ns: str, kubeconfig: str, name: str, address: str) -> d
             "RERANKER_REGISTER_LEAVE_SECONDS": str(LEAVE_SECONDS)}
 
 
+def fleet_with_two_macs(node_cluster: KubeCluster, ns: str, mac_network: MacNetwork, tiny_bert: Path,
+                        uvicorn_server: Any, *, pods: int) -> dict[str, Mac]:
+    """A fleet of `pods` pods and the two stand-in Macs (by address), all Ready in its Service."""
+    addresses = mac_network.addresses
+    subnet = addresses[0].rsplit(".", 1)[0] + ".0/24"
+    node_cluster.apply(fleet(NAME, pods=pods, subnet=subnet, ns=ns), namespace=ns)
+    node_cluster.kubectl("apply", "-n", ns, "-f", str(MAC_RBAC))
+    kubeconfig = node_cluster.mint_kubeconfig(ns, "reranker-mac")
+    port = mac_network.free_port()
+    macs = {addr: Mac(uvicorn_server, mac_network, address=addr, port=port,
+                      env=mac_env(tiny_bert, ns, kubeconfig, f"mac-{i}", addr)).start()
+            for i, addr in enumerate(addresses)}
+    node_cluster.kubectl("wait", "rrd", NAME, "-n", ns, "--for=condition=Ready", "--timeout=300s",
+                         timeout=330)
+    both = {addr: {"ready": True, "serving": True, "port": port} for addr in macs}
+    node_cluster.eventually(lambda: slice_endpoints(node_cluster, ns, NAME) == both,
+                           timeout=30, desc="both Macs ready in the Service's EndpointSlice")
+    return macs
+
+
 def report(what: str, outcome: Outcome) -> None:
     print(f"{what}: ok / failed / resent = {outcome.ok} / {len(outcome.failed)} / "
           f"{outcome.resent} ({outcome.retried} refused connections retried)")
@@ -115,20 +135,8 @@ def test_service_spreads_over_pods_and_macs_and_drops_a_dead_mac(
         node_cluster: KubeCluster, e2e_namespace: str, host_operator: Any,
         mac_network: MacNetwork, tiny_bert: Path, uvicorn_server: Any) -> None:
     ns = e2e_namespace
-    addr_a, addr_b = mac_network.addresses
-    subnet = addr_a.rsplit(".", 1)[0] + ".0/24"
-    node_cluster.apply(fleet(NAME, pods=PODS, subnet=subnet, ns=ns), namespace=ns)
-    node_cluster.kubectl("apply", "-n", ns, "-f", str(MAC_RBAC))
-    kubeconfig = node_cluster.mint_kubeconfig(ns, "reranker-mac")
-    port = mac_network.free_port()
-    macs = {addr: Mac(uvicorn_server, mac_network, address=addr, port=port,
-                      env=mac_env(tiny_bert, ns, kubeconfig, f"mac-{i}", addr)).start()
-            for i, addr in enumerate((addr_a, addr_b))}
-    node_cluster.kubectl("wait", "rrd", NAME, "-n", ns, "--for=condition=Ready", "--timeout=300s",
-                         timeout=330)
-    both = {addr: {"ready": True, "serving": True, "port": port} for addr in macs}
-    node_cluster.eventually(lambda: slice_endpoints(node_cluster, ns, NAME) == both,
-                           timeout=30, desc="both Macs ready in the Service's EndpointSlice")
+    addr_a, _ = mac_network.addresses
+    macs = fleet_with_two_macs(node_cluster, ns, mac_network, tiny_bert, uvicorn_server, pods=PODS)
     pods = {p["status"]["podIP"]: p["metadata"]["name"] for p in node_cluster.get_json(
         "pods", "-n", ns, "-l", f"app.kubernetes.io/instance={NAME}")["items"]}
     assert len(pods) == PODS
@@ -185,20 +193,8 @@ def test_a_mac_stopped_under_load_drains_like_a_pod(
     of the EndpointSlice at once, keeps accepting while kube-proxy follows, then drains and
     exits 0; no request fails and none is resent."""
     ns = e2e_namespace
-    addr_a, addr_b = mac_network.addresses
-    subnet = addr_a.rsplit(".", 1)[0] + ".0/24"
-    node_cluster.apply(fleet(NAME, pods=1, subnet=subnet, ns=ns), namespace=ns)
-    node_cluster.kubectl("apply", "-n", ns, "-f", str(MAC_RBAC))
-    kubeconfig = node_cluster.mint_kubeconfig(ns, "reranker-mac")
-    port = mac_network.free_port()
-    macs = {addr: Mac(uvicorn_server, mac_network, address=addr, port=port,
-                      env=mac_env(tiny_bert, ns, kubeconfig, f"mac-{i}", addr)).start()
-            for i, addr in enumerate((addr_a, addr_b))}
-    node_cluster.kubectl("wait", "rrd", NAME, "-n", ns, "--for=condition=Ready", "--timeout=300s",
-                         timeout=330)
-    both = {addr: {"ready": True, "serving": True, "port": port} for addr in macs}
-    node_cluster.eventually(lambda: slice_endpoints(node_cluster, ns, NAME) == both,
-                           timeout=30, desc="both Macs ready in the Service's EndpointSlice")
+    addr_a, _ = mac_network.addresses
+    macs = fleet_with_two_macs(node_cluster, ns, mac_network, tiny_bert, uvicorn_server, pods=1)
     ip, service_port = cluster_ip(node_cluster, ns, NAME)
     before = served(macs[addr_a].url)
     load = Load(f"http://{ip}:{service_port}", clients=CLIENTS, docs=4,
