@@ -161,9 +161,9 @@ def test_queue_depth_scales_the_fleet_up_and_back(node_cluster: KubeCluster, e2e
         print(f"  requests: {record['requests']}")
         print(f"  recorder errors: {len(recorder.errors)} {recorder.errors[:3]}")
 
+    print(f"  heavy load: {heavy_outcome}; light load: {light_outcome}")  # before any assert: a failure shows them
     failed = heavy_outcome.failed + light_outcome.failed
     assert not failed, failed[:5]
-    print(f"  heavy load: {heavy_outcome}; light load: {light_outcome}")
     # no connection error at all: nothing retried (refused) or resent (reset before an answer)
     sent_again = heavy_outcome.sent_again + light_outcome.sent_again
     assert heavy_outcome.retried + light_outcome.retried == 0, sent_again

@@ -169,8 +169,8 @@ def test_service_spreads_over_pods_and_macs_and_drops_a_dead_mac(
     print(f"dead Mac not ready after {not_ready_after:.2f} s (bound {REMOVAL_BOUND} s); "
           f"last connection error {last_error_after} s after the kill")
     report("a Mac killed under load", outcome)
-    assert len(outcome.failed) == 0, outcome.failed[:5]
-    assert outcome.resent <= RESENT_AFTER_A_KILL
+    assert outcome.ok > 20 and len(outcome.failed) == 0, (str(outcome), outcome.failed[:5])
+    assert outcome.resent <= RESENT_AFTER_A_KILL, outcome.sent_again
     assert not_ready_after <= REMOVAL_BOUND
     assert last_error_after is None or last_error_after <= REMOVAL_BOUND + PROXY_SYNC
 
@@ -219,7 +219,7 @@ def test_a_mac_stopped_under_load_drains_like_a_pod(
     report("a Mac stopped with SIGTERM under load", outcome)
     assert code == 0
     assert LEAVE_SECONDS <= exited_after
-    assert len(outcome.failed) == 0, outcome.failed[:5]
+    assert outcome.ok > 20 and len(outcome.failed) == 0, (str(outcome), outcome.failed[:5])
     assert outcome.resent <= RESENT_AFTER_A_DRAIN and outcome.retried == 0, outcome.sent_again
     assert "still accepting for" in macs[addr_a].log()
 
