@@ -152,10 +152,6 @@ class ScoreCache:
         if fills:
             await asyncio.wait(fills)  # not cancelled with the waiter: another request may wait for it
 
-    async def put_many(self, items: dict[str, float]) -> None:
-        self.store(items)
-        await self.landed(items)
-
     def clear(self) -> None:
         self.local.clear()
 
