@@ -50,8 +50,7 @@ class Ranker:
     HASH_OFF_LOOP_CHARS = 256 * 1024
 
     def __init__(self, *, backend: Backend, batcher: Batcher, cache: ScoreCache, admission: Admission,
-                 metrics: Metrics, queue_timeout: float, worker_timeout: float, leases: Leases | None = None,
-                 request_timeout: float | None = None) -> None:
+                 metrics: Metrics, queue_timeout: float, worker_timeout: float, leases: Leases | None = None) -> None:
         self.backend = backend
         self.batcher = batcher
         self.cache = cache
@@ -60,7 +59,7 @@ class Ranker:
         self.queue_timeout = queue_timeout
         self.worker_timeout = worker_timeout
         #: One deadline per request: its queue wait and its work.
-        self.request_timeout = request_timeout if request_timeout is not None else queue_timeout + worker_timeout
+        self.request_timeout = queue_timeout + worker_timeout
         self.leases = leases if cache.enabled else None
         self.inflight: dict[str, Job] = {}
         batcher.on_done = self._completed
