@@ -68,7 +68,9 @@ def _schema(model: type[BaseModel]) -> dict[str, Any]:
 
 def _openapi(*models: type[BaseModel]) -> dict[str, Any]:
     schemas = [_schema(m) for m in models]
-    schema: dict[str, Any] = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
+    # anyOf, not oneOf: a body may fit more than one dialect (native and vLLM's /rerank share fields),
+    # and the server takes it if it fits any; the fields decide which (docs/api.md).
+    schema: dict[str, Any] = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
