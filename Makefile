@@ -18,7 +18,7 @@ $(VENV)/.installed-server: pyproject.toml | $(PY)
 
 # Everything: server, MLX (mlx[cpu] on Linux), operator, test tools.
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[server,mlx,operator,dev]'
+	$(PIP) install --quiet -e '.[server,mlx,operator,gateway,dev]'
 	touch $@ $(VENV)/.installed-server
 
 serve: $(VENV)/.installed-server
