@@ -36,6 +36,19 @@ _ROUTES = {"/rerank", "/v1/rerank", "/v2/rerank", "/v1/ranking", "/score", "/v1/
 _NIM_HOSTED = "/v1/retrieval/{model}/reranking"
 
 
+#: Routes whose answers carry the server's load (the gateway's picking reads it).
+_RANKING_ROUTES = {"/rerank", "/v1/rerank", "/v2/rerank", "/v1/ranking", "/score", "/v1/score", _NIM_HOSTED}
+#: Envoy ORCA's per-response load report header, in its TEXT form: the pairs waiting for the model
+#: (queued and admitted) and the rerank requests in flight, as the answer leaves.
+LOAD_HEADER = b"endpoint-load-metrics"
+
+
+def _load_header(runtime: Runtime) -> tuple[bytes, bytes]:
+    admission = runtime.admission
+    value = f"TEXT named_metrics.queue_pairs={admission.waiting}, named_metrics.inflight_requests={admission.inflight}"
+    return LOAD_HEADER, value.encode("latin-1")
+
+
 def _is_nim_hosted(path: str) -> bool:
     return path.startswith("/v1/retrieval/") and path.endswith("/reranking")
 
@@ -68,6 +81,8 @@ class RequestContext:
                 extra = [(b"x-request-id", rid.encode("latin-1"))]
                 if runtime is not None and runtime.admission.draining:
                     extra.append((b"connection", b"close"))  # the client's next request goes elsewhere
+                if runtime is not None and route in _RANKING_ROUTES:
+                    extra.append(_load_header(runtime))
                 message["headers"] = list(message["headers"]) + extra
             await send(message)
 

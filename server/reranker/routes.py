@@ -16,29 +16,30 @@ RERANKER_MAX_QUERY_CHARS and a body cut off by a gone client are answered here, 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from . import activation
 from .batcher import Ticket
 from .chunking import Split
-from .errors import ClientGone, EmptyInput, InvalidJSON, InvalidRequest, ModelNotFound, PayloadTooLarge
+from .errors import ClientGone, EmptyInput, InvalidRequest, ModelNotFound, PayloadTooLarge
+from .reading import dialect_of
+from .reading import parse as _parse
+from .reading import validate as _validate
 from .runtime import Runtime
 from .schemas import (ErrorResponse, NativeRerankRequest, NativeRerankResponse, TEIErrorResponse, TEIRerankRequest,
                       TEIResult, V1RerankRequest, V1RerankResponse, V2RerankRequest, V2RerankResponse,
                       VLLMRerankRequest, VLLMRerankResponse)
 
 router = APIRouter()
-M = TypeVar("M", bound=BaseModel)
 
 
 def _runtime(request: Request) -> Runtime:
@@ -81,48 +82,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse, "de
     424: "The model failed to score", 429: "Queue full or too many requests (Retry-After)",
     503: "Loading, draining, queue or request timeout, or the engine cannot serve (Retry-After)"}.items()}
 
-#: JSON deeper than this is refused: no dialect nests beyond a few levels (a v1 document object's fields).
-MAX_JSON_DEPTH = 32
 #: Bodies larger than this are parsed in a worker thread, off the event loop.
 _PARSE_OFF_LOOP_BYTES = 256 * 1024
-
-
-def _check_tree(data: Any) -> None:
-    """Refuse what parses as JSON but cannot be served: lone surrogates, absurd nesting."""
-    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
-    while stack:
-        value, path, depth = stack.pop()
-        if isinstance(value, str):
-            if not value.isascii():
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    raise InvalidRequest(f"{path or 'body'}: not valid Unicode (lone surrogate "
-                                         f"{value[exc.start]!r} at character {exc.start})") from None
-            continue
-        if depth >= MAX_JSON_DEPTH and isinstance(value, (dict, list)):
-            raise InvalidRequest(f"{path or 'body'}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if not key.isascii():
-                    try:
-                        key.encode("utf-8")
-                    except UnicodeEncodeError:
-                        raise InvalidRequest(f"{path or 'body'}: a key is not valid Unicode (lone surrogate)") from None
-                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
-        elif isinstance(value, list):
-            stack.extend((item, f"{path}.{i}" if path else str(i), depth + 1) for i, item in enumerate(value))
-
-
-def _parse(body: bytes) -> Any:
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidJSON(f"request body is JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-    _check_tree(data)
-    return data
 
 
 async def _read_json(request: Request, limit: int) -> Any:
@@ -146,27 +107,6 @@ async def _in_flight(request: Request) -> AsyncIterator[None]:
     """Counts a rerank request from its first byte to its answer; 429 past RERANKER_MAX_CONCURRENT_REQUESTS."""
     with _runtime(request).admission.request():
         yield
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
-
-
-def _is_type_tag(part: object) -> bool:
-    """pydantic puts union member names ('str', 'dict[str,any]') in error locations; users don't need them."""
-    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "(" in part)
-
-
-def _validate(model: type[M], data: Any) -> M:
-    if not isinstance(data, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False):
-            loc = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p))
-            problems.append(f"{loc or 'body'}: {err['msg']}")
-        raise InvalidRequest("; ".join(dict.fromkeys(problems))) from None
 
 
 def _authorize(request: Request, runtime: Runtime) -> None:
@@ -239,21 +179,6 @@ def _activate(runtime: Runtime, raw: list[float], raw_scores: bool) -> list[floa
     if raw_scores:
         return raw
     return [activation.apply(r, runtime.backend_info.activation) for r in raw]
-
-
-def dialect_of(data: Any) -> str:
-    """Which dialect a body posted to /rerank speaks, from its own fields (docs/api.md):
-    `texts` is TEI's; `top_k` is the native one's; otherwise `model` or `top_n` is vLLM's form
-    (LiteLLM's `hosted_vllm`, vLLM's docs); a body with none of these is native."""
-    if not isinstance(data, dict):
-        return "native"
-    if "texts" in data:
-        return "tei"
-    if "top_k" in data:
-        return "native"
-    if "model" in data or "top_n" in data:
-        return "vllm"
-    return "native"
 
 
 #: /rerank's errors: the house shape, or TEI's for TEI-shaped requests (errors.tei_error).
