@@ -1,0 +1,136 @@
+"""Sending a request to a fleet's endpoints: one bounded connection pool per endpoint, one
+deadline, and the retries that cannot change an answer.
+
+- One httpx pool per endpoint (RERANKER_GATEWAY_ENDPOINT_MAX_CONNECTIONS): an endpoint that hangs
+  ties up its own connections only, and picking sees its outstanding pairs grow and avoids it.
+- One deadline per request (RERANKER_GATEWAY_REQUEST_TIMEOUT_SECONDS) covers the pool wait, every
+  try and every answer; past it the connection is closed (the server sees its client go and drops
+  the work) and the client gets the server's own 503 `request_timeout`.
+- Reranking is idempotent, so a connection refused or reset before a whole answer arrived is sent
+  again to another endpoint (up to RERANKER_GATEWAY_MAX_RETRIES), and a 429/503 (a full queue, a
+  draining or loading pod) once more to another endpoint (Envoy's retry_on: reset,
+  connect-failure, retriable-status-codes; with a retry budget of one for refusals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import httpx
+
+from ..errors import RequestTimeout
+from .affinity import Affinity
+from .directory import Endpoint, Fleet
+from .errors import UpstreamUnavailable
+from .metrics import GatewayMetrics
+from .picking import Loads
+
+#: Headers passed on to the server and back to the client (hop-by-hop and length headers are not).
+FORWARD_HEADERS = ("authorization", "content-type", "accept", "x-request-id", "traceparent", "tracestate",
+                   "user-agent")
+RETURN_HEADERS = ("content-type", "retry-after", "x-compute-time", "x-request-id")
+_REFUSED = (429, 503)
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+    endpoint: Endpoint
+
+
+class Upstreams:
+    def __init__(self, *, loads: Loads, affinity: Affinity | None, metrics: GatewayMetrics, max_connections: int,
+                 connect_timeout: float, max_retries: int) -> None:
+        self.loads, self.affinity, self.metrics = loads, affinity, metrics
+        self.max_retries = max_retries
+        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        # read/write/pool unbounded here: the request's one deadline (asyncio.timeout) bounds them all
+        self._timeout = httpx.Timeout(None, connect=connect_timeout)
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    def client(self, endpoint: Endpoint) -> httpx.AsyncClient:
+        client = self._clients.get(endpoint.url)
+        if client is None:
+            client = self._clients[endpoint.url] = httpx.AsyncClient(
+                base_url=endpoint.url, limits=self._limits, timeout=self._timeout, trust_env=False)
+        return client
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
+
+    def first(self, fleet: Fleet, key: str | None, model: str) -> Endpoint | None:
+        usable = self.loads.usable(fleet.endpoints)
+        if self.affinity is not None and key is not None and len(fleet.endpoints) > 1:
+            picked = self.affinity.pick(key, fleet.endpoints, self.loads.load, usable)
+            if picked is not None:
+                endpoint, home = picked
+                self.metrics.affinity.labels(model=model, result="hit" if home else "spill").inc()
+                return endpoint
+        return self.loads.pick(fleet.endpoints)
+
+    async def send(self, fleet: Fleet, *, path: str, body: bytes, headers: Mapping[str, str], pairs: int,
+                   deadline: float, model: str, key: str | None = None, endpoint: Endpoint | None = None) -> Answer:
+        """POST `body` to one of `fleet`'s endpoints (`endpoint` first if given), retrying as above."""
+        tried: set[str] = set()
+        refusals = connects = 0
+        last: Answer | None = None
+        current = endpoint or self.first(fleet, key, model)
+        while current is not None:
+            tried.add(current.url)
+            try:
+                answer = await self._post(current, path=path, body=body, headers=headers, pairs=pairs,
+                                          deadline=deadline, model=model)
+            except (httpx.TransportError, OSError) as exc:
+                if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+                    raise  # read/write/pool timeouts are unbounded here: only the deadline ends a try
+                self.loads.eject(current)
+                connects += 1
+                if connects > self.max_retries:
+                    raise UpstreamUnavailable(f"no endpoint of fleet {fleet.namespace}/{fleet.name} could be "
+                                              f"reached ({exc.__class__.__name__}: {exc})", retry_after=1) from None
+                current = self.loads.pick(fleet.endpoints, exclude=tried)
+                if current is None:
+                    raise UpstreamUnavailable(f"no endpoint of fleet {fleet.namespace}/{fleet.name} could be "
+                                              f"reached ({exc.__class__.__name__}: {exc})", retry_after=1) from None
+                self.metrics.retries.labels(model=model, reason="connect").inc()
+                continue
+            if answer.status in _REFUSED and refusals == 0:
+                refusals += 1
+                last = answer
+                current = self.loads.pick(fleet.endpoints, exclude=tried)
+                if current is not None:
+                    self.metrics.retries.labels(model=model, reason="refused").inc()
+                    continue
+            return answer
+        assert last is not None
+        return last
+
+    async def _post(self, endpoint: Endpoint, *, path: str, body: bytes, headers: Mapping[str, str], pairs: int,
+                    deadline: float, model: str) -> Answer:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RequestTimeout("the request's deadline passed (RERANKER_GATEWAY_REQUEST_TIMEOUT_SECONDS)",
+                                 retry_after=1)
+        self.loads.start(endpoint, pairs)
+        load_header: str | None = None
+        status = "error"
+        try:
+            async with asyncio.timeout(remaining):
+                response = await self.client(endpoint).post(path, content=body, headers=dict(headers))
+            load_header = response.headers.get("endpoint-load-metrics")
+            status = str(response.status_code)
+            kept = {name: response.headers[name] for name in RETURN_HEADERS if name in response.headers}
+            return Answer(status=response.status_code, body=response.content, headers=kept, endpoint=endpoint)
+        except TimeoutError:
+            status = "timeout"
+            raise RequestTimeout(f"no answer from {endpoint.name} within the request's deadline "
+                                 "(RERANKER_GATEWAY_REQUEST_TIMEOUT_SECONDS)", retry_after=1) from None
+        finally:
+            self.loads.finish(endpoint, pairs, header=load_header)
+            self.metrics.upstream.labels(model=model, endpoint=endpoint.name, status=status).inc()
