@@ -24,7 +24,7 @@ from typing import Any
 import kopf
 
 from reranker import contract
-from reranker_operator import external
+from reranker_operator import external, served_names
 from reranker_operator.spec import RerankerSpec
 
 Manifest = dict[str, Any]
@@ -167,6 +167,9 @@ def server_settings(spec: RerankerSpec) -> dict[str, str]:
         "LOG_LEVEL": spec.log_level,
         "HF_HOME": HF_HOME,
     }
+    # Aliases: the loaded model's name and them, and no other (docs/operator.md, "Served names").
+    loaded = served_names.loaded_name(model=m.id, local_path=local_path)
+    candidates[served_names.ENV] = served_names.env_value(m.served_names, loaded=loaded)
     return {k: _fmt(v) for k, v in candidates.items() if v is not None}
 
 

@@ -39,7 +39,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from reranker import contract
-from reranker_operator import drift, external, manifests, ownership, status
+from reranker_operator import drift, external, manifests, ownership, served_names, status
 from reranker_operator.kube import Kube, error_message
 from reranker_operator.spec import DEFAULT_SERVICE_PORT, InvalidSpec, RerankerSpec, parse
 
@@ -517,6 +517,8 @@ class Reconciler:
             now=self.clock(),
             external=self.external(owner_key(owner)),
             pod_failures=self.pod_failures(owner_key(owner)),
+            served_names=(served_names.from_settings(manifests.server_settings(spec))
+                          if spec is not None else None),
         )
 
     def _write_status(self, owner: Mapping[str, Any], patch: Mapping[str, Any],

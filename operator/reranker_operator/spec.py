@@ -17,6 +17,8 @@ from typing import Any
 
 from kubernetes.utils import parse_quantity
 
+from reranker_operator import served_names as served
+
 #: Devices a pod can run the model on (mps/mlx are Macs: external endpoints, not pods).
 POD_DEVICES = ("cpu", "cuda")
 QUANTIZATIONS = ("auto", "none", "int8", "int8-dynamic", "bf16", "fp16")
@@ -57,6 +59,7 @@ class ModelSpec:
     pvc_claim: str | None = None
     pvc_path: str | None = None
     prompt_template: str | None = None
+    served_names: tuple[str, ...] = ()  # aliases, beside the model's own id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +84,17 @@ class Autoscaling:
     @property
     def effective_target(self) -> int:
         return self.target if self.target is not None else DEFAULT_TARGETS[self.metric]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleToZero:
+    """spec.scaleToZero: the operator takes an idle fleet to 0 replicas (`scale_to_zero`)."""
+
+    idle_seconds: int = 300  # KEDA's default cooldownPeriod
+
+
+#: Bounds of spec.scaleToZero.idleSeconds (the CRD's; a test compares the two).
+MIN_IDLE_SECONDS, MAX_IDLE_SECONDS = 30, 86400
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +176,7 @@ class RerankerSpec:
     drain_seconds: int = DEFAULT_DRAIN_SECONDS
     log_level: str | None = None
     autoscaling: Autoscaling = Autoscaling()
+    scale_to_zero: ScaleToZero | None = None
     resources: Mapping[str, Any] | None = None
     model_cache_size_limit: str | int | None = None
     node_selector: Mapping[str, str] | None = None
@@ -217,6 +232,14 @@ def _check_resources(resources: Mapping[str, Any] | None) -> None:
                               f"resources.limits.{name}")
 
 
+def _names(raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, (list, tuple)):
+        raise InvalidSpec("model.servedNames must be a list of names")
+    return tuple(raw)
+
+
 def static_endpoints(raw: Mapping[str, Any]) -> tuple[StaticEndpoint, ...]:
     """spec.externalEndpoints.static alone (the prober reads it even from a spec that does not
     parse otherwise). Addresses are checked per endpoint, not here: one bad address must not
@@ -263,6 +286,7 @@ def parse(raw: Mapping[str, Any]) -> RerankerSpec:
         pvc_claim=_obj(m, "pvc").get("claimName"),
         pvc_path=_obj(m, "pvc").get("path"),
         prompt_template=m.get("promptTemplate"),
+        served_names=_names(m.get("servedNames")),
     )
     p = _obj(raw, "parallelism")
     mb = _obj(p, "microBatching")
@@ -283,6 +307,9 @@ def parse(raw: Mapping[str, Any]) -> RerankerSpec:
         target=a.get("target"),
         behavior=a.get("behavior") or None,
     )
+    z = raw.get("scaleToZero")
+    scale_to_zero = None if z is None else ScaleToZero(
+        idle_seconds=int(_obj(raw, "scaleToZero").get("idleSeconds", ScaleToZero.idle_seconds)))
     c = _obj(raw, "cache")
     r = _obj(c, "redis")
     mr = _obj(r, "managed")
@@ -314,6 +341,7 @@ def parse(raw: Mapping[str, Any]) -> RerankerSpec:
         drain_seconds=int(raw.get("drainSeconds", DEFAULT_DRAIN_SECONDS)),
         log_level=raw.get("logLevel"),
         autoscaling=autoscaling,
+        scale_to_zero=scale_to_zero,
         resources=raw.get("resources") or None,
         model_cache_size_limit=_obj(raw, "modelCache").get("sizeLimit"),
         node_selector=raw.get("nodeSelector") or None,
@@ -383,8 +411,14 @@ def validate(spec: RerankerSpec) -> None:
         raise InvalidSpec("set model.localPath or model.pvc, not both")
     if spec.model.prompt_template is not None and spec.model.kind not in ("auto", "llm"):
         raise InvalidSpec("model.promptTemplate applies only to LLM rerankers (kind llm or auto)")
+    if (why := served.check_aliases(spec.model.served_names)) is not None:
+        raise InvalidSpec(why)
     if spec.replicas < 0:
         raise InvalidSpec("replicas must be at least 0")
+    z = spec.scale_to_zero
+    if z is not None and not MIN_IDLE_SECONDS <= z.idle_seconds <= MAX_IDLE_SECONDS:
+        raise InvalidSpec(f"scaleToZero.idleSeconds must be between {MIN_IDLE_SECONDS} and "
+                          f"{MAX_IDLE_SECONDS}")
     a = spec.autoscaling
     if a.metric not in AUTOSCALING_METRICS:
         raise InvalidSpec(f"autoscaling.metric {a.metric!r} is not one of "

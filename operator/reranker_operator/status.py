@@ -120,9 +120,11 @@ def external_condition(summary: ext.Summary) -> tuple[bool, str, str]:
 def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
           problems: Sequence[Problem], config_hash: str | None, service_port: int,
           now: str, external: ext.Summary | None = None,
-          pod_failures: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+          pod_failures: Sequence[Mapping[str, str]] = (),
+          served_names: Sequence[str] | None = None) -> dict[str, Any]:
     """The full status for `owner` (a RerankerDeployment body); `pod_failures` are the
-    `pod_failure`s of its server pods."""
+    `pod_failure`s of its server pods; `served_names` the names its servers answer to
+    (`served_names.from_settings`; None: a spec that does not parse, the last ones are kept)."""
     meta = owner["metadata"]
     name, namespace = meta["name"], meta.get("namespace", "default")
     generation = int(meta.get("generation") or 0)
@@ -234,6 +236,10 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
     }
     if config_hash is not None:
         status["configHash"] = config_hash
+    names = served_names if served_names is not None else (
+        (owner.get("status") or {}).get("servedNames"))
+    if names:
+        status["servedNames"] = list(names)
     return status
 
 
