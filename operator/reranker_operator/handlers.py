@@ -11,6 +11,8 @@
   cluster's pod and Service ranges from them (`cluster_ranges`), where no Mac may point.
 - a server pod starting or stopping to fail (crash loop, image pull, a model that cannot
   load): a pass for its fleet, whose Degraded condition then carries the pod's reason.
+- server pods' addresses are indexed for the pod-health poller (`pod_health`), which reads
+  each Ready pod's GET /health every few seconds in one operator-wide task.
 
 The live state comes from Kopf indices (in-memory, fed by the watch streams), so a pass reads
 nothing from the API server and an idle operator makes no requests beyond its watches.
@@ -32,7 +34,7 @@ from typing import Any
 import kopf
 
 from reranker import contract
-from reranker_operator import cluster_ranges, manifests, status
+from reranker_operator import cluster_ranges, manifests, pod_health, status
 from reranker_operator.kube import Kube, load_config
 from reranker_operator.prober import (
     ENDPOINTS_INDEX,
@@ -78,7 +80,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
     service_monitors = kube.serves(SERVICE_MONITOR_GV, SERVICE_MONITOR_PLURAL)
     # The indices are live views: the prober and its passes read them as the watches fill them.
     indices = {name: kwargs[name] for name in (RERANKERS_INDEX, ENDPOINTS_INDEX, PODS_INDEX,
-                                               NODES_INDEX, SERVICE_CIDRS_INDEX, *CHILD_INDICES)
+                                               NODES_INDEX, SERVICE_CIDRS_INDEX,
+                                               pod_health.POD_ADDRESSES_INDEX, *CHILD_INDICES)
                if name in kwargs}
 
     def pod_failures(key: OwnerKey) -> list[Mapping[str, str]]:
@@ -104,6 +107,13 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
     memo.prober_task = asyncio.get_running_loop().create_task(prober.run(indices),
                                                               name="external-endpoint prober")
     memo.prober_task.add_done_callback(_prober_ended)
+    # Every Ready server pod's /health, for the modules that need what only the pods know.
+    poller = pod_health.Poller()
+    pod_health.install(poller)
+    memo.pod_health = poller
+    memo.pod_health_task = asyncio.get_running_loop().create_task(
+        poller.run(lambda: indices.get(pod_health.POD_ADDRESSES_INDEX)), name="pod-health poller")
+    memo.pod_health_task.add_done_callback(_poller_ended)
     logger.info("reranker-operator: %r; ServiceMonitors %s; external endpoints probed every "
                 "%gs", config.defaults(),
                 "served" if service_monitors else "not served (no monitoring.coreos.com CRD)",
@@ -116,11 +126,19 @@ def _prober_ended(task: asyncio.Task[None]) -> None:
                                           exc_info=task.exception())
 
 
+def _poller_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger(__name__).error("the pod-health poller stopped",
+                                          exc_info=task.exception())
+
+
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
-    task = getattr(memo, "prober_task", None)
-    if task is not None:
-        task.cancel()
+    for name in ("prober_task", "pod_health_task"):
+        task = getattr(memo, name, None)
+        if task is not None:
+            task.cancel()
+    pod_health.install(None)
 
 
 @kopf.on.probe(id="api_writes")
@@ -136,6 +154,16 @@ def external_prober(memo: Any, **_: Any) -> str:
     task = getattr(memo, "prober_task", None)
     if task is not None and task.done():
         raise kopf.PermanentError("the external-endpoint prober stopped (see the log)")
+    return "running"
+
+
+@kopf.on.probe(id="pod_health_poller")
+def pod_health_poller(memo: Any, **_: Any) -> str:
+    """The liveness endpoint fails if the pod-health poller died (the fleets' precision
+    records and idleness would freeze)."""
+    task = getattr(memo, "pod_health_task", None)
+    if task is not None and task.done():
+        raise kopf.PermanentError("the pod-health poller stopped (see the log)")
     return "running"
 
 
@@ -223,6 +251,14 @@ def reranker_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.B
                   **_: Any) -> dict[OwnerKey, Any] | None:
     fleet = labels.get(manifests.LABEL_INSTANCE)
     return {(str(namespace), fleet): status.pod_failure(body)} if fleet else None
+
+
+# The same pods' addresses and readiness, for the pod-health poller.
+@kopf.index("v1", "pods", labels=SERVER_PODS)
+def reranker_pod_addresses(namespace: str | None, body: kopf.Body,
+                           **_: Any) -> dict[OwnerKey, Any] | None:
+    address = pod_health.pod_address(body)
+    return {(str(namespace), address.deployment): address} if address is not None else None
 
 
 CHILD_INDICES = ("reranker_configmaps", "reranker_services", "reranker_deployments",
