@@ -94,6 +94,17 @@ class Settings(BaseSettings):
         description="Folder for converted models (OpenVINO IR and compiled kernels), keyed by fingerprint, so "
         "a restart does not convert again. Unset: $XDG_CACHE_HOME/reranker-fleet (~/.cache/reranker-fleet).",
     )
+    model_seed_dirs: str = Field(
+        "", validation_alias=_env("RERANKER_MODEL_SEED_DIRS"),
+        description="Colon-separated read-only folders laid out as RERANKER_MODEL_CACHE_DIR (what `reranker "
+        "convert` writes), searched in order before it for converted models and precision records: the slim "
+        "image's /opt/reranker/seed, a fleet's model-cache volume. Nothing is written there.",
+    )
+    precision_record_dir: Path | None = Field(
+        None, validation_alias=_env("RERANKER_PRECISION_RECORD_DIR"),
+        description="A read-only folder of precision records, one `<record key>.json` each (the operator's "
+        "<fleet>-precision ConfigMap): read before measuring, so a start with a record there times nothing.",
+    )
     use_mlx: bool = Field(
         True, validation_alias=_env("RERANKER_USE_MLX"),
         description="Allow device=auto to pick MLX on Apple silicon when mlx is installed.",
@@ -387,3 +398,7 @@ class Settings(BaseSettings):
     def resolved_model_names(self) -> frozenset[str]:
         """Names clients may ask for (empty: any name is accepted)."""
         return frozenset(n.strip() for n in (self.served_model_names or "").split(",") if n.strip())
+
+    def seed_dirs(self) -> list[Path]:
+        """RERANKER_MODEL_SEED_DIRS as folders, in search order."""
+        return [Path(part).expanduser() for part in self.model_seed_dirs.split(":") if part.strip()]

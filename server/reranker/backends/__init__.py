@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import platform
+import time
 from typing import TYPE_CHECKING
 
-from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, EngineSizing, Pair
+from .base import Backend, BackendError, BackendInfo, ConversionNeeded, DeviceUnavailable, Encoded, EngineSizing, Pair
 from . import model_files, precision
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..settings import Settings
 
-__all__ = ["Backend", "BackendError", "BackendInfo", "DeviceUnavailable", "Encoded", "EngineSizing", "Pair",
+__all__ = ["Backend", "BackendError", "BackendInfo", "ConversionNeeded", "DeviceUnavailable", "Encoded", "EngineSizing", "Pair",
            "load_backend", "pick_runtime", "precision"]
 
 #: Runtime name -> (module, class). One line per runtime.
@@ -43,7 +45,15 @@ def _apple_silicon() -> bool:
     return platform.system() == "Darwin" and platform.machine() == "arm64"
 
 
+#: Device files a CUDA (NVIDIA) or ROCm (AMD) GPU brings: without one, torch is not imported to ask.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+
+
 def _gpu_present() -> bool:
+    """A GPU torch can use. On a Linux machine without a GPU's device files torch is not imported
+    (seconds of a start, and the OpenVINO path needs none of it)."""
+    if platform.system() == "Linux" and not any(os.path.exists(f) for f in GPU_DEVICE_FILES):
+        return False
     try:
         import torch
     except ImportError:
@@ -78,10 +88,12 @@ def pick_runtime(settings: "Settings") -> str:
 
 def load_backend(settings: "Settings") -> Backend:
     """Resolve the model files and load them on the runtime the settings ask for."""
+    started = time.perf_counter()
     files = model_files.resolve(
         settings.model, revision=settings.model_revision, local_fallback=settings.local_model_path,
         kind=settings.model_kind, max_length=settings.max_length,
     )
+    found = time.perf_counter()
     runtime = pick_runtime(settings)
     if files.kind not in ENCODER_KINDS and (runtime, files.kind) not in KIND_BACKENDS:
         if settings.runtime != "auto":
@@ -92,6 +104,8 @@ def load_backend(settings: "Settings") -> Backend:
         raise BackendError(f"RERANKER_QUANTIZATION=int8-dynamic is OpenVINO's (cross-encoders and bi-encoders on a "
                            f"CPU), not the {runtime} runtime's for {files.kind} models: use int8, bf16 or none")
     module_name, class_name = KIND_BACKENDS.get((runtime, files.kind), RUNTIMES[runtime])
-    module = importlib.import_module(module_name)
+    module = importlib.import_module(module_name)  # the runtime's libraries (openvino, torch, mlx)
+    imported = time.perf_counter()
     backend: Backend = getattr(module, class_name)(files, settings)
+    backend.startup = {**backend.startup, "imports": imported - found, "model_files": found - started}
     return backend

@@ -21,7 +21,8 @@ import time
 import abc
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
@@ -64,6 +65,16 @@ class BackendError(RuntimeError):
 
 class DeviceUnavailable(BackendError):
     """The configured device is not available here; the message names what to install."""
+
+
+class ConversionNeeded(BackendError):
+    """The model must be converted first and this server cannot convert it (no PyTorch: the slim
+    image). `available()` says, cheaply, whether the converted files have appeared since (another
+    process ran `reranker convert`): the server waits on it instead of failing (runtime.py)."""
+
+    def __init__(self, message: str, *, available: Callable[[], bool]) -> None:
+        super().__init__(message)
+        self.available = available
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,9 @@ class Backend(abc.ABC):
     """One loaded model on one device."""
 
     info: BackendInfo
+    #: Seconds each part of loading took (imports, model_files, convert, compile, precision; a
+    #: backend fills what it does): /health's `startup` and the ready log line.
+    startup: Mapping[str, float] = MappingProxyType({})
 
     @abc.abstractmethod
     def encode(self, pairs: Sequence[Pair]) -> list[Encoded]:

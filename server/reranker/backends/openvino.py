@@ -19,17 +19,23 @@ How, without hand-written graph code:
   tensor: Spearman 0.9997 on the fixture against static int8's 0.9987, at 1.9-2.1x fp32 on
   AVX-512 VNNI (docs/openvino.md). `auto` tries it on every model (`_try_dynamic`);
 - the result is saved as OpenVINO IR under RERANKER_MODEL_CACHE_DIR, in a folder named by a
-  fingerprint of the model (name, revision, kind), the precision of the graph, and the versions
-  of openvino, nncf, torch and transformers that made it: a restart loads the IR and converts
-  nothing, and an upgrade of any of them converts again. OpenVINO's own compiled-blob cache sits
-  next to it (CACHE_DIR), so the second start also skips kernel compilation.
+  fingerprint of the model (name, revision, kind, max length), the precision of the graph, and the
+  versions of openvino (and nncf) that made it: a restart loads the IR and converts nothing, and an
+  upgrade converts again. Not the torch/transformers versions: the IR is OpenVINO's own format, and
+  a slim server (no PyTorch) must find the IR that the PyTorch image of the same release converted.
+  OpenVINO's own compiled-blob cache sits next to it (CACHE_DIR), so the second start also skips
+  kernel compilation;
+- RERANKER_MODEL_SEED_DIRS are read-only folders of the same layout searched first (the slim
+  image's /opt/reranker/seed, a fleet's model-cache volume): IR and precision records found there
+  are served without converting or measuring. Without PyTorch (the slim image) a graph found
+  nowhere cannot be made: `ConversionNeeded` says which, and the server waits for it (runtime.py).
 
 Precision is a compile-time hint: fp32 sets INFERENCE_PRECISION_HINT=f32 (OpenVINO would
 otherwise run bf16 on a bf16-capable CPU), bf16 sets bf16; int8 runs its quantized layers in int8
 and the rest in fp32 (bf16 float layers ran 1.2x faster on an AMX CPU but doubled int8's distance
 from fp32's ranking). `info.dtype` reports what the
-compiled model really uses. Tokenization is the model's Hugging Face tokenizer (tokenization.py),
-identical to the other runtimes; infer requests are per thread (one per forward worker, one
+compiled model really uses. Tokenization is the model's tokenizer.json read with the `tokenizers`
+library (tokenization.py; no transformers import), identical to the other runtimes; infer requests are per thread (one per forward worker, one
 worker per stream). Thread pools are sized for the CPUs the process may use (cpus.py: a pod's
 CPU limit, not the node's cores).
 
@@ -54,16 +60,17 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from . import calibration, cpus
-from .base import Backend, BackendError, BackendInfo, DeviceUnavailable, Encoded, EngineSizing, Pair
+from .base import Backend, BackendError, BackendInfo, ConversionNeeded, DeviceUnavailable, Encoded, EngineSizing, Pair
 from .calibration import SPEARMAN_FLOOR, calibration_pairs
 from .model_files import ModelFiles
 from .precision import SAMPLE_TEXT, Precision, cpu_flags, race, raced, resolve, sample_pairs
@@ -78,7 +85,7 @@ log = logging.getLogger(__name__)
 try:
     import openvino as ov
 except ImportError as exc:  # pragma: no cover - the `server` extra brings it
-    raise DeviceUnavailable("the OpenVINO runtime is not installed: pip install 'reranker-fleet[server]' "
+    raise DeviceUnavailable("the OpenVINO runtime is not installed: pip install 'reranker-fleet[openvino]' "
                             "(or RERANKER_RUNTIME=torch)") from exc
 
 CALIBRATION_BATCHES, CALIBRATION_BATCH = 12, 8
@@ -116,10 +123,12 @@ class Plan:
     reason: str
     #: int8-dynamic's measured Spearman vs fp32 on the calibration pairs, per group tried (NaN: failed)
     spearman: dict[str, float] = field(default_factory=dict)
+    #: how many times the float pick's speed the served graph ran when measured (None: not timed)
+    speedup: float | None = None
 
     def as_record(self) -> dict[str, Any]:
         return {"graph": self.graph, "hint": self.hint, "group": self.group, "reason": self.reason,
-                "spearman": self.spearman}
+                "spearman": self.spearman, "speedup": self.speedup}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "Plan":
@@ -127,9 +136,10 @@ class Plan:
         if graph not in ("float", "int8", "int8-dynamic") or hint not in ("f32", "bf16") or \
                 (group is not None and not isinstance(group, int)) or (graph == "int8-dynamic") != (group is not None):
             raise ValueError(f"not a precision record: {record}")
-        spearman = record.get("spearman") or {}
+        spearman, speedup = record.get("spearman") or {}, record.get("speedup")
         return cls(graph, hint, group, str(record.get("reason", "")),
-                   {str(k): float(v) for k, v in spearman.items()} if isinstance(spearman, dict) else {})
+                   {str(k): float(v) for k, v in spearman.items()} if isinstance(spearman, dict) else {},
+                   float(speedup) if isinstance(speedup, (int, float)) else None)
 
 
 class OpenVINOBackend(HFTokenization, Backend):
@@ -151,11 +161,15 @@ class OpenVINOBackend(HFTokenization, Backend):
         self.files = files
         self.streams = settings.max_parallel  # None: OpenVINO sizes its streams for this CPU
         self.max_length = min(settings.max_length, files.max_length)
-        self._init_tokenizer(files)
+        #: What this start spent converting, compiling and measuring (seconds; /health `startup`).
+        self.startup: dict[str, float] = {"convert": 0.0, "compile": 0.0, "precision": 0.0}
+        self._init_tokenizer(files, transformers=False)
         asked = settings.quantization
         picked = resolve(asked, device="cpu")
         graph: Graph = picked.quantization if picked.quantization in ("int8", "int8-dynamic") else "float"  # type: ignore[assignment]
         self.cache_dir = (settings.model_cache_dir or default_cache_dir()) / "openvino"
+        #: Read-only folders of the same layout, searched before cache_dir (RERANKER_MODEL_SEED_DIRS).
+        self.seed_dirs = [folder / "openvino" for folder in settings.seed_dirs()]
         self.core = ov.Core()
         self._graphs: dict[str, Any] = {}  # graphs read (or converted) at this start
         self._candidates: dict[tuple[str, str, int | None], Any] = {}  # compiled at this start: the pick is reused
@@ -164,10 +178,15 @@ class OpenVINOBackend(HFTokenization, Backend):
             # Timed at start (bf16 against fp32; int8-dynamic against the float pick): decided once
             # for the fleet and recorded, so every replica serves the same numerics. Static int8 is
             # not raced: its float layers run fp32 (see _measure).
+            key = self.record_key(asked)
             record = PrecisionRecord(
-                self.record_key(asked), folder=self.cache_dir if self._writable(self.cache_dir) else None,
-                redis_url=settings.redis_url if settings.redis_enabled else None, prefix=settings.redis_prefix)
-            measure = functools.partial(self._measure, picked, graph, auto=asked == "auto")
+                key, folder=self.cache_dir if self._writable(self.cache_dir) else None,
+                redis_url=settings.redis_url if settings.redis_enabled else None, prefix=settings.redis_prefix,
+                sources=[(folder / f"precision-{key}.json", f"recorded in the seed dir {folder.parent}")
+                         for folder in self.seed_dirs] + ([] if settings.precision_record_dir is None else [
+                    (settings.precision_record_dir / f"{key}.json",
+                     f"recorded in RERANKER_PRECISION_RECORD_DIR={settings.precision_record_dir}")]))
+            measure = functools.partial(self._timed_measure, picked, graph, auto=asked == "auto")
             origin = record.agree(lambda: measure().as_record())
             try:
                 plan = Plan.from_record(origin.plan)
@@ -196,7 +215,8 @@ class OpenVINOBackend(HFTokenization, Backend):
             dtype=dtype, max_length=self.max_length, activation=activation, precision=reason,
             numerics=self._numerics(plan, runs),
             precision_record=None if origin is None else {
-                "origin": origin.origin, "key": self.record_key(asked), **origin.plan},
+                "origin": origin.origin, "key": self.record_key(asked), "plan": self._numerics(plan, runs),
+                "speedup": plan.speedup, **origin.plan},
         )
 
     @staticmethod
@@ -225,6 +245,8 @@ class OpenVINOBackend(HFTokenization, Backend):
         with a warning, not a failed start."""
         try:
             return self._candidate(plan.graph, plan.hint, plan.group), plan
+        except ConversionNeeded:  # no graph to fall back on either: the server waits for one
+            raise
         except Exception as exc:  # noqa: BLE001 - OpenVINO and NNCF raise plain RuntimeErrors
             if plan.graph == "float" and plan.hint == "f32":
                 raise
@@ -254,7 +276,11 @@ class OpenVINOBackend(HFTokenization, Backend):
             config["INFERENCE_NUM_THREADS"] = threads
         if self._writable(self.cache_dir):
             config["CACHE_DIR"] = str(self.cache_dir / "compiled")
-        return self.core.compile_model(model, "CPU", config)
+        started = time.perf_counter()
+        try:
+            return self.core.compile_model(model, "CPU", config)
+        finally:
+            self.startup["compile"] += time.perf_counter() - started
 
     def sizing(self) -> EngineSizing:
         """One forward in flight per stream, the work spread across them (EngineSizing.spread)."""
@@ -262,6 +288,15 @@ class OpenVINOBackend(HFTokenization, Backend):
         return EngineSizing(max_parallel=max(1, streams), spread=True)
 
     # --- `auto`: measured once, then recorded -----------------------------------------------------
+    def _timed_measure(self, picked: Precision, graph: Graph, *, auto: bool) -> Plan:
+        """`_measure`, its seconds counted as `precision` less the converting and compiling it did."""
+        started, before = time.perf_counter(), self.startup["convert"] + self.startup["compile"]
+        try:
+            return self._measure(picked, graph, auto=auto)
+        finally:
+            other = self.startup["convert"] + self.startup["compile"] - before
+            self.startup["precision"] += max(0.0, time.perf_counter() - started - other)
+
     def _measure(self, picked: Precision, graph: Graph, *, auto: bool) -> Plan:
         """Time (and for int8-dynamic score) the candidates on this CPU: the plan to serve."""
         # Static int8 (never `auto`'s pick) keeps its float layers in fp32: raced to bf16 on an AMX CPU
@@ -280,14 +315,16 @@ class OpenVINOBackend(HFTokenization, Backend):
             reason += f"; batch-mates move bf16 scores by {moved:.1e} (tolerance {INVARIANCE_TOLERANCE:.0e})"
             if moved > INVARIANCE_TOLERANCE:
                 hint, reason = "f32", f"{reason}: fp32"
-        plan = Plan(graph, hint, None, reason)
+        plan = Plan(graph, hint, None, reason, speedup=getattr(self, "_float_speedup", None) if hint == "bf16" else None)
         return self._try_dynamic(plan) if auto else plan
 
     def _race(self, graph: Graph) -> tuple[Literal["f32", "bf16"], str]:
         """bf16 against fp32 on the same probe batches; the faster stays."""
         bf16, fp32 = (self._candidate(graph, hint) for hint in ("bf16", "f32"))
-        picked = raced(self._time({"bf16": bf16, "none": fp32}))
+        seconds = self._time({"bf16": bf16, "none": fp32})
+        picked = raced(seconds)
         log.info("OpenVINO: %s", picked.reason)
+        self._float_speedup = seconds["none"] / seconds["bf16"] if picked.quantization == "bf16" else None
         return ("bf16" if picked.quantization == "bf16" else "f32"), picked.reason
 
     def _candidate(self, graph: Graph, hint: str, group: int | None = None) -> Any:
@@ -385,15 +422,16 @@ class OpenVINOBackend(HFTokenization, Backend):
         picked = (f"auto: int8-dynamic {_dynamic(group)}: {gate}; measured at start, {ratio:.2f}x {dtype}'s speed "
                   f"(the float pick: {plan.reason.removeprefix('auto: ')})")
         log.info("OpenVINO: %s", picked)
-        return Plan("int8-dynamic", "f32", group, picked, plan.spearman)
+        return Plan("int8-dynamic", "f32", group, picked, plan.spearman, speedup=round(ratio, 3))
 
     # --- conversion, cached on disk by fingerprint -------------------------------------------
     def ir_fingerprint(self, graph: str) -> str:
-        """Names the converted graph: the model, the graph's precision and every tool that shaped it."""
-        fields = {"model": self.files.name, "revision": self.files.revision, "kind": self.files.kind, "graph": graph,
-                  "openvino": ov.get_version(), "torch": version("torch"), "transformers": version("transformers")}
+        """Names the converted graph: the model, the graph's precision and the OpenVINO tools that shaped
+        it (not torch or transformers: a server without them must find what a server with them made)."""
+        fields: dict[str, object] = {"model": self.files.name, "revision": self.files.revision, "kind": self.files.kind,
+                                     "max_length": self.max_length, "graph": graph, "openvino": ov.get_version()}
         if graph != "float":
-            fields["nncf"] = version("nncf")
+            fields["nncf"] = _nncf_version()
         if graph == "int8":
             fields["calibration"] = hashlib.sha256(SAMPLE_TEXT.read_bytes()).hexdigest()[:12]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -401,14 +439,33 @@ class OpenVINOBackend(HFTokenization, Backend):
     def _ir_folder(self, graph: str) -> Path:
         return self.cache_dir / f"{self.files.name.replace('/', '--').strip('.-')[-60:]}-{graph}-{self.ir_fingerprint(graph)}"
 
+    def _ir_folder_name(self, graph: str) -> str:
+        return self._ir_folder(graph).name
+
+    def find_ir(self, graph: str) -> Path | None:
+        """The converted graph's model.xml: in the seed dirs (in order), then the cache dir; None if nowhere."""
+        name = self._ir_folder_name(graph)
+        for folder in [*self.seed_dirs, self.cache_dir]:
+            if (folder / name / "model.xml").is_file():
+                return folder / name / "model.xml"
+        return None
+
     def _load_ir(self, graph: str) -> Any:
         folder = self._ir_folder(graph)
-        xml = folder / "model.xml"
-        if xml.is_file():
-            log.info("OpenVINO: loading the converted model from %s", folder)
-            return self.core.read_model(xml)
+        xml = self.find_ir(graph)
+        if xml is not None:
+            log.info("OpenVINO: loading the converted model from %s", xml.parent)
+            started = time.perf_counter()
+            try:
+                return self.core.read_model(xml)
+            finally:
+                self.startup["compile"] += time.perf_counter() - started
         log.info("OpenVINO: converting %s (%s); cached in %s", self.files.name, graph, folder)
-        model = self._convert(graph)
+        started = time.perf_counter()
+        try:
+            model = self._convert(graph)
+        finally:
+            self.startup["convert"] += time.perf_counter() - started
         if self._writable(self.cache_dir):
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.cache_dir))
             try:
@@ -434,8 +491,17 @@ class OpenVINOBackend(HFTokenization, Backend):
     def _convert(self, graph: str) -> Any:
         if graph == "int8-dynamic":  # the float graph's weights to int8; activations are quantized at run time
             return self._nncf().compress_weights(self._load_ir("float"), mode=self._nncf().CompressWeightsMode.INT8_ASYM)
-        import torch
-        from transformers import AutoModel, AutoModelForSequenceClassification
+        try:
+            import torch
+            from transformers import AutoModel, AutoModelForSequenceClassification
+        except ImportError as exc:  # the slim image: the IR must come from `reranker convert`
+            places = ", ".join(str(folder) for folder in [*self.seed_dirs, self.cache_dir])
+            raise ConversionNeeded(
+                f"{self.files.name} has no converted OpenVINO graph ({self._ir_folder_name(graph)}) in {places}, and "
+                f"this server cannot convert it: PyTorch and transformers are not installed ({exc}). Run `reranker "
+                "convert` with the same settings (the -torch image, or the operator's spec.model.cache Job) into "
+                "RERANKER_MODEL_CACHE_DIR or a RERANKER_MODEL_SEED_DIRS folder",
+                available=lambda: self.find_ir(graph) is not None) from exc
 
         path = str(self.files.path)
         if self.files.kind == "cross-encoder":
@@ -504,7 +570,7 @@ class OpenVINOBackend(HFTokenization, Backend):
             return features
         extra = ((0, 0), (0, target - width))
         return Features(
-            input_ids=np.pad(features.input_ids, extra, constant_values=self._tokenizer.pad_token_id or 0),
+            input_ids=np.pad(features.input_ids, extra, constant_values=self.pad_token_id),
             attention_mask=np.pad(features.attention_mask, extra),
             token_type_ids=None if features.token_type_ids is None else np.pad(features.token_type_ids, extra),
         )
@@ -560,3 +626,12 @@ class OpenVINOBackend(HFTokenization, Backend):
 
     def close(self) -> None:
         self.compiled = None
+
+
+def _nncf_version() -> str:
+    """nncf's version without importing it (an import pulls in torch wherever torch is installed)."""
+    try:
+        return version("nncf")
+    except PackageNotFoundError:
+        return "none"
+

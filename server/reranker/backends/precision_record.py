@@ -18,6 +18,11 @@ read, not measured again, by every later start with the same inputs:
 - On disk in the model cache folder (RERANKER_MODEL_CACHE_DIR, which a fleet may share on a
   volume, and which survives a container restart), written atomically (a temporary file, then
   `os.replace`): a reader sees a whole record or none.
+- Read-only sources, read after the cache folder and before measuring: the seed dirs
+  (RERANKER_MODEL_SEED_DIRS: what `reranker convert` measured into an image or a fleet's volume)
+  and RERANKER_PRECISION_RECORD_DIR (the operator's ConfigMap of the fleet's records, one
+  `<key>.json` each, the same bytes as the disk record). A record found there is published to Redis
+  and copied to the cache folder like a disk record.
 
 Redis being down never fails a start: the decision then rests on the disk record or a fresh
 measurement, with a warning. The record says who measured it and when; /health's
@@ -34,7 +39,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,9 +104,11 @@ class PrecisionRecord:
     """The record of one decision (one key), in Redis and/or a folder."""
 
     def __init__(self, key: str, *, folder: Path | None, redis_url: str | None, prefix: str = "reranker",
-                 wait_seconds: float = WAIT_SECONDS, poll_seconds: float = 0.5, timeout: float = 2.0) -> None:
+                 wait_seconds: float = WAIT_SECONDS, poll_seconds: float = 0.5, timeout: float = 2.0,
+                 sources: Sequence[tuple[Path, str]] = ()) -> None:
         self.key = key
         self.path = folder / f"precision-{key}.json" if folder is not None else None
+        self.sources = list(sources)  # read-only (file, origin) pairs, in order
         self.redis_key = f"{prefix}:precision:{key}"
         self.lease_key = f"{self.redis_key}:measuring"
         self.wait_seconds, self.poll_seconds = wait_seconds, poll_seconds
@@ -122,6 +129,10 @@ class PrecisionRecord:
         on_disk = self._load()
         if on_disk is not None:
             return self._publish(on_disk, origin="recorded on disk")
+        for path, origin in self.sources:
+            found = _read(path)
+            if found is not None:
+                return self._publish(found, origin=origin)
         token = uuid.uuid4().hex
         if not self._lease(token):  # another replica is measuring: wait for its record
             found = self._wait()
@@ -189,12 +200,7 @@ class PrecisionRecord:
 
     # --- the disk copy ------------------------------------------------------------------------------
     def _load(self) -> dict[str, Any] | None:
-        if self.path is None:
-            return None
-        try:
-            return _parse(self.path.read_bytes())
-        except OSError:
-            return None
+        return None if self.path is None else _read(self.path)
 
     def _save(self, plan: dict[str, Any]) -> None:
         if self.path is None or self._load() == plan:
@@ -204,6 +210,13 @@ class PrecisionRecord:
             write_atomically(self.path, json.dumps(plan, sort_keys=True))
         except OSError as exc:  # a read-only cache folder: Redis (if any) still carries the decision
             log.warning("precision: could not record the decision in %s (%s)", self.path, exc)
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return _parse(path.read_bytes())
+    except OSError:
+        return None
 
 
 def _parse(raw: bytes | str | None) -> dict[str, Any] | None:

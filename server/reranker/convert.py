@@ -1,0 +1,125 @@
+"""`reranker convert`: convert a model to OpenVINO IR and decide its precision, once, ahead of serving.
+
+Why a command of its own: converting from PyTorch and timing the precision candidates are the slow
+parts of a cold start (tens of seconds on 2 CPUs) and need PyTorch, which the slim CPU image does
+not carry. Run once (at image build time into /opt/reranker/seed, or by the operator's Job into a
+fleet's model-cache volume), every later server start reads the IR and the precision record and
+converts and times nothing (backends/openvino.py, backends/precision_record.py).
+
+It reads the same settings as `reranker serve` (env vars and flags) and writes exactly what `serve`
+would write into RERANKER_MODEL_CACHE_DIR, through the same backend code, so the two cannot disagree
+on names or keys. The outcome is one JSON line on stdout, and the same JSON in `--termination-log`
+(Kubernetes' /dev/termination-log: the operator reads it from the Job's pod status without reading
+logs). Logs go to stderr; anything a library prints meanwhile is sent there too, so stdout holds
+only that line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import logs
+from .backends import BackendError, ConversionNeeded, load_backend
+from .backends.precision import cpu_flags
+from .backends.precision_record import default_cache_dir
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Exit codes: the conversion (or the precision measurement) failed; the settings cannot convert.
+EXIT_FAILED, EXIT_UNSUITABLE = 3, 2
+#: The instruction-set flags that decide which OpenVINO kernels run (the record key hashes all flags).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Libraries that print (progress bars) print to stderr while this runs: stdout carries one JSON line."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _report(result: dict[str, Any], termination_log: Path | None) -> None:
+    line = json.dumps(result, sort_keys=True)
+    print(line, flush=True)
+    if termination_log is not None:
+        try:
+            termination_log.write_text(line)
+        except OSError as exc:
+            log.warning("could not write the termination log %s (%s)", termination_log, exc)
+
+
+def convert(settings: Settings, *, termination_log: Path | None = None) -> int:
+    """Convert and measure as `serve` would; report; 0 on success."""
+    logs.configure(settings.log_level)
+    started = time.perf_counter()
+    if settings.runtime not in ("auto", "openvino"):
+        return _fail(f"reranker convert makes OpenVINO IR; RERANKER_RUNTIME={settings.runtime} converts nothing",
+                     termination_log, EXIT_UNSUITABLE)
+    cache = settings.model_cache_dir or default_cache_dir()
+    try:
+        (cache / "openvino").mkdir(parents=True, exist_ok=True)
+        writable = os.access(cache / "openvino", os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        return _fail(f"RERANKER_MODEL_CACHE_DIR={cache} is not writable: reranker convert writes the IR there",
+                     termination_log, EXIT_UNSUITABLE)
+    settings = settings.model_copy(update={"runtime": "openvino", "device": "cpu"})
+    compiled = cache / "openvino" / "compiled"
+    had_compiled = compiled.exists()
+    try:
+        with _stdout_to_stderr():
+            backend = load_backend(settings)
+    except ConversionNeeded as exc:
+        return _fail(f"reranker convert needs PyTorch and transformers (the `server` extra, the -torch image): {exc}",
+                     termination_log, EXIT_UNSUITABLE)
+    except BackendError as exc:
+        return _fail(f"{exc.__class__.__name__}: {exc}", termination_log, EXIT_FAILED)
+    info = backend.info
+    record = dict(info.precision_record or {})
+    folders = sorted({str(p.parent) for p in (cache / "openvino").glob("*/model.xml")})
+    result = {
+        "model": info.model, "revision": info.revision, "kind": info.kind, "fingerprint": info.fingerprint,
+        "dtype": info.dtype, "numerics": info.numerics, "max_length": info.max_length,
+        "precision": {**record, "key": record.get("key"), "plan": record.get("plan", info.numerics),
+                      "spearman": record.get("spearman"), "speedup": record.get("speedup"),
+                      "cpu": sorted(flag for flag in ISA_FLAGS if flag in cpu_flags()), "reason": info.precision},
+        "cache_dir": str(cache), "ir": folders,
+        "seconds": {**{k: round(v, 3) for k, v in backend.startup.items()},
+                    "total": round(time.perf_counter() - started, 3)},
+    }
+    backend.close()
+    if not had_compiled:
+        # OpenVINO's compiled kernels of every candidate timed, for this machine's CPU: a server reads
+        # IR from a seed dir but compiles into its own writable cache, so they would only take room.
+        shutil.rmtree(compiled, ignore_errors=True)
+    _report(result, termination_log)
+    log.info("converted %s: %s in %.1f s", info.model, info.numerics, result["seconds"]["total"])
+    return 0
+
+
+def _fail(message: str, termination_log: Path | None, code: int) -> int:
+    print(f"reranker convert: {message}", file=sys.stderr)
+    if termination_log is not None:
+        try:
+            termination_log.write_text(json.dumps({"error": message[-3500:]}))
+        except OSError:
+            pass
+    return code
