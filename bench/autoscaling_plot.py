@@ -7,7 +7,9 @@ renders it for docs/autoscaling.md:
 
     .venv/bin/python bench/autoscaling_plot.py RECORD.json docs/autoscaling.png
 
-Top: the RerankerDeployment's spec.replicas (what the HPA asked for) and its Ready pods.
+Top: the RerankerDeployment's spec.replicas (what the HPA asked for) and its Ready pods, with
+an arrow per added pod from the HPA's decision (spec.replicas reaching it) to that pod Ready
+(Ready pods reaching it), labelled with the seconds between (samples a second apart: +-1 s).
 Bottom: the queue depth summed over the pods right now (Prometheus, raw gauge), the per-pod
 value the HPA acted on (custom metrics API: the adapter rule's 1 m average), and the target.
 """
@@ -40,6 +42,21 @@ def series(samples: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
     return [t for t, _ in points], [v for _, v in points]
 
 
+def added_pods(record: dict[str, Any]) -> list[tuple[int, float, float | None]]:
+    """(k, t the HPA asked for a k-th pod, t k pods were Ready) for each pod the scale-up added."""
+    samples = record["samples"]
+
+    def first(key: str, k: int) -> float | None:
+        return next((s["t"] for s in samples if (s.get(key) or 0) >= k), None)
+
+    out = []
+    for k in range(record["min_replicas"] + 1, record["max_replicas"] + 1):
+        asked = first("spec_replicas", k)
+        if asked is not None:
+            out.append((k, asked, first("ready_replicas", k)))
+    return out
+
+
 def plot(record: dict[str, Any], out: Path) -> None:
     samples = record["samples"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True,
@@ -48,6 +65,14 @@ def plot(record: dict[str, Any], out: Path) -> None:
                               ("ready_replicas", "Ready pods", "--")):
         t, v = series(samples, key)
         top.step(t, v, style, where="post", label=label, linewidth=2)
+    for k, asked, ready in added_pods(record):
+        if ready is None:
+            continue
+        top.annotate("", xy=(ready, k - 0.25), xytext=(asked, k - 0.25),
+                     arrowprops={"arrowstyle": "->", "color": "tab:red", "linewidth": 1})
+        top.annotate(f"pod {k}: HPA -> Ready {ready - asked:.0f} s", ((asked + ready) / 2, k - 0.25),
+                     xytext=(0, 2), textcoords="offset points", va="bottom", ha="center",
+                     fontsize=7, color="tab:red")
     top.set_ylabel("replicas")
     top.set_ylim(0, record["max_replicas"] + 0.5)
     top.set_yticks(range(0, record["max_replicas"] + 1))
@@ -83,7 +108,11 @@ def main() -> None:
     parser.add_argument("record", type=Path, help="JSON written by tests/e2e/test_autoscaling.py")
     parser.add_argument("out", type=Path, help="PNG to write")
     args = parser.parse_args()
-    plot(json.loads(args.record.read_text()), args.out)
+    record = json.loads(args.record.read_text())
+    plot(record, args.out)
+    for k, asked, ready in added_pods(record):
+        took = f"{ready - asked:.1f} s" if ready is not None else "never Ready"
+        print(f"pod {k}: HPA asked at {asked:.1f} s, Ready at {ready} s: {took}")
     print(f"wrote {args.out}")
 
 
