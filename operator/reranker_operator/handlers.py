@@ -35,6 +35,7 @@ import kopf
 
 from reranker import contract
 from reranker_operator import cluster_ranges, manifests, pod_health, status
+from reranker_operator import model_delivery
 from reranker_operator.kube import Kube, load_config
 from reranker_operator.prober import (
     ENDPOINTS_INDEX,
@@ -60,6 +61,7 @@ RRE = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL_ENDPOINT)
 MANAGED = {manifests.LABEL_MANAGED_BY: manifests.OPERATOR_NAME}
 SLICES = {manifests.LABEL_SLICE_MANAGED_BY: manifests.SLICE_MANAGER}
 SERVER_PODS = {**MANAGED, manifests.LABEL_COMPONENT: "server"}
+CACHE_PODS = {**MANAGED, manifests.LABEL_COMPONENT: model_delivery.CACHE_COMPONENT}
 PODS_INDEX = "reranker_pods"
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
@@ -101,9 +103,20 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
     memo.kube = kube
     memo.prober = prober
     memo.pod_failures_seen = {}  # pod uid -> its last status.pod_failure (failing pods only)
+    cache_pods_index, runtimes_index = kwargs.get(CACHE_PODS_INDEX), kwargs.get(RUNTIMES_INDEX)
+
+    def cache_pods(key: OwnerKey) -> list[Mapping[str, Any]]:
+        return [p for p in (cache_pods_index.get(key, ()) if cache_pods_index is not None
+                            else ()) if p]
+
+    def node_runtimes() -> list[str]:
+        return [str(v) for v in (runtimes_index.get("cluster", ()) if runtimes_index is not None
+                                 else ()) if v]
+
     memo.reconciler = Reconciler(kube, config.defaults(), service_monitors=service_monitors,
                                  api_workers=config.api_workers, external=prober.summary,
-                                 pod_failures=pod_failures)
+                                 pod_failures=pod_failures, cache_pods=cache_pods,
+                                 node_runtimes=node_runtimes, image_volumes=config.image_volumes)
     memo.prober_task = asyncio.get_running_loop().create_task(prober.run(indices),
                                                               name="external-endpoint prober")
     memo.prober_task.add_done_callback(_prober_ended)
@@ -244,6 +257,33 @@ def reranker_endpointslices(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | 
     return _child(body, "discovery.k8s.io/v1", "EndpointSlice")
 
 
+# spec.model.cache: the PVC the operator creates and the Job that fills it.
+@kopf.index("v1", "persistentvolumeclaims", labels=MANAGED)
+def reranker_pvcs(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
+    return _child(body, "v1", "PersistentVolumeClaim")
+
+
+@kopf.index("batch", "v1", "jobs", labels=MANAGED)
+def reranker_jobs(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
+    return _child(body, "batch/v1", "Job")
+
+
+# The fill Jobs' pods (the Job owns them): what each one that ended wrote to its termination
+# log (`reranker convert`'s JSON result, or why it failed).
+@kopf.index("v1", "pods", labels=CACHE_PODS)
+def reranker_cache_pods(namespace: str | None, labels: Mapping[str, str], body: kopf.Body,
+                        **_: Any) -> dict[OwnerKey, Any] | None:
+    fleet = labels.get(manifests.LABEL_INSTANCE)
+    return {(str(namespace), fleet): model_delivery.terminated_pod(body)} if fleet else None
+
+
+# Which container runtimes the nodes run: image volumes need containerd 2.1+ or CRI-O 1.31+.
+@kopf.index("v1", "nodes")
+def reranker_node_runtimes(body: kopf.Body, **_: Any) -> dict[str, Any]:
+    info = (body.get("status") or {}).get("nodeInfo") or {}
+    return {"cluster": info.get("containerRuntimeVersion") or ""}
+
+
 # Server pods are no children (the ReplicaSet owns them): indexed by their fleet's name label,
 # only why they fail (None while they do not).
 @kopf.index("v1", "pods", labels=SERVER_PODS)
@@ -263,7 +303,10 @@ def reranker_pod_addresses(namespace: str | None, body: kopf.Body,
 
 CHILD_INDICES = ("reranker_configmaps", "reranker_services", "reranker_deployments",
                  "reranker_hpas", "reranker_pdbs", "reranker_networkpolicies",
-                 "reranker_servicemonitors", "reranker_endpointslices")
+                 "reranker_servicemonitors", "reranker_endpointslices", "reranker_pvcs",
+                 "reranker_jobs")
+CACHE_PODS_INDEX = "reranker_cache_pods"
+RUNTIMES_INDEX = "reranker_node_runtimes"
 
 
 def _live(key: OwnerKey, indices: Mapping[str, Any]) -> dict[ChildKey, Mapping[str, Any]]:
@@ -366,6 +409,28 @@ async def servicemonitor_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> N
 @kopf.on.event("discovery.k8s.io", "v1", "endpointslices", labels=SLICES)
 async def endpointslice_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
     await _child_changed(body, memo, kwargs)
+
+
+@kopf.on.event("v1", "persistentvolumeclaims", labels=MANAGED)
+async def pvc_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    await _child_changed(body, memo, kwargs)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+async def job_changed(body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    await _child_changed(body, memo, kwargs)
+
+
+@kopf.on.event("v1", "pods", labels=CACHE_PODS)
+async def cache_pod_changed(type: str | None, body: kopf.Body, labels: Mapping[str, str],
+                            memo: Any, **kwargs: Any) -> None:
+    """A pass for the fleet when a fill pod ends (its result or failure reaches the status)."""
+    if type == "DELETED" or model_delivery.terminated_pod(body) is None:
+        return
+    key = (str(body.metadata.namespace), str(labels.get(manifests.LABEL_INSTANCE)))
+    owner = next(iter(kwargs["rerankers"].get(key, ())), None)
+    if owner is not None:
+        await memo.reconciler.reconcile(owner, _live(key, kwargs))
 
 
 # --- server pods: only a change of whether (and why) one fails runs a pass --------------------

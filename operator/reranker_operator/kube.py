@@ -38,6 +38,8 @@ RESOURCES: Mapping[tuple[str, str], tuple[str, str]] = {
     ("v1", "Secret"): ("/api/v1", "secrets"),  # created only (the managed Redis' password)
     ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
     ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
+    ("v1", "PersistentVolumeClaim"): ("/api/v1", "persistentvolumeclaims"),  # model.cache.size
+    ("batch/v1", "Job"): ("/apis/batch/v1", "jobs"),  # the model-cache fill
     ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2",
                                                     "horizontalpodautoscalers"),
     ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
@@ -163,6 +165,35 @@ class Kube:
         api_version = f"{contract.API_GROUP}/{contract.API_VERSION}"
         path = _path(api_version, kind, namespace, name, "status")
         self._request("PATCH", path, body={"status": dict(patch)}, content_type=MERGE_PATCH)
+
+    def keeps_image_volumes(self, namespace: str) -> bool:
+        """Whether the API server keeps `volumes[].image` (Kubernetes 1.33+ with the ImageVolume
+        gate): a server-side dry run of a Deployment with one, in `namespace` (creates nothing;
+        an API server without the gate drops the field, and the volume without a source is
+        refused). Any refusal or failure is a no: the init container's copy works everywhere."""
+        from reranker_operator import model_delivery  # noqa: PLC0415  (kube.py stays a leaf)
+        try:
+            version = self._request("GET", "/version") or {}
+            if not model_delivery.api_server_may_serve(str(version.get("gitVersion", ""))):
+                return False
+            probe = {"apiVersion": "apps/v1", "kind": "Deployment",
+                     "metadata": {"generateName": "reranker-image-volume-probe-"},
+                     "spec": {"selector": {"matchLabels": {"probe": "image-volume"}},
+                              "template": {"metadata": {"labels": {"probe": "image-volume"}},
+                                           "spec": {"containers": [{
+                                               "name": "probe", "image": "probe:0",
+                                               "volumeMounts": [{"name": "m",
+                                                                 "mountPath": "/m"}]}],
+                                               "volumes": [{"name": "m", "image": {
+                                                   "reference": "probe:0"}}]}}}}
+            self._request("POST", _path("apps/v1", "Deployment", namespace), body=probe,
+                          query=[("dryRun", "All"), ("fieldManager", FIELD_MANAGER)])
+        except ApiException as e:
+            logger.info("image volumes: not kept by the API server (%s): spec.model.image is "
+                        "copied by an init container", error_message(e))
+            return False
+        logger.info("image volumes: kept by the API server")
+        return True
 
     def serves(self, group_version: str, plural: str) -> bool:
         """Whether the API server serves a resource (discovery: no RBAC needed)."""

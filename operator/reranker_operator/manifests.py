@@ -16,6 +16,7 @@ the ConfigMap: REDIS_URL is a `secretKeyRef`, the API keys a mounted Secret file
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ import kopf
 
 from reranker import contract
 from reranker_operator import external, served_names
+from reranker_operator import model_delivery
 from reranker_operator.spec import RerankerSpec
 
 Manifest = dict[str, Any]
@@ -73,18 +75,26 @@ REDIS_UID = 999  # the `redis` user of reranker-fleet/redis (deploy/redis) and t
 #: Settings the operator renders, each a name from the server's env contract. HF_HOME is
 #: Hugging Face's own variable (where models are cached), not the server's.
 SECRET_ENV = ("REDIS_URL", "RERANKER_API_KEYS_FILE")
-_FOREIGN_ENV = ("HF_HOME", REDIS_PASSWORD_ENV)
+_FOREIGN_ENV = ("HF_HOME", REDIS_PASSWORD_ENV, *(
+    k for k in model_delivery.server_cache_settings() if k not in contract.ENV_VARS))
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Defaults:
-    """Operator-wide values a spec may leave unset (from the operator's settings)."""
+    """Operator-wide values a spec may leave unset (from the operator's settings), and what the
+    operator found out about the cluster (`image_volumes`: the reconciler's `with_cluster`)."""
 
-    def __init__(self, *, server_image: str, redis_image: str) -> None:
-        self.server_image = server_image
-        self.redis_image = redis_image
+    #: The slim (OpenVINO) server image, for specs it can serve (model_delivery.server_image).
+    server_image: str
+    redis_image: str
+    #: The torch server image: the other specs, and the model-cache Job. None: server_image.
+    server_torch_image: str | None = None
+    #: Pods mount spec.model.image as an image volume (else an init container copies it).
+    image_volumes: bool = False
 
-    def __repr__(self) -> str:
-        return f"Defaults(server_image={self.server_image!r}, redis_image={self.redis_image!r})"
+    @property
+    def torch_image(self) -> str:
+        return self.server_torch_image or self.server_image
 
 
 # --- names and labels -------------------------------------------------------------------------
@@ -140,6 +150,8 @@ def server_settings(spec: RerankerSpec) -> dict[str, str]:
     local_path = m.local_path
     if m.pvc_claim:
         local_path = f"{MODELS_MOUNT}/{m.pvc_path.strip('/')}" if m.pvc_path else MODELS_MOUNT
+    if m.image is not None:  # an image volume or the init container's copy, at /models
+        local_path = MODELS_MOUNT
     candidates: dict[str, Any] = {
         "RERANKER_MODEL": m.id,
         "RERANKER_MODEL_REVISION": m.revision,
@@ -167,6 +179,8 @@ def server_settings(spec: RerankerSpec) -> dict[str, str]:
         "LOG_LEVEL": spec.log_level,
         "HF_HOME": HF_HOME,
     }
+    if m.cache is not None:  # the fleet's filled cache volume, offline (model_delivery)
+        candidates.update(model_delivery.server_cache_settings())
     # Aliases: the loaded model's name and them, and no other (docs/operator.md, "Served names").
     loaded = served_names.loaded_name(model=m.id, local_path=local_path)
     candidates[served_names.ENV] = served_names.env_value(m.served_names, loaded=loaded)
@@ -256,9 +270,9 @@ def _spread(name: str, spec: RerankerSpec) -> list[Manifest]:
     return out
 
 
-def _probe(path: str, *, period: int, failures: int) -> Manifest:
+def _probe(path: str, *, period: int, failures: int, timeout: int = 5) -> Manifest:
     return {"httpGet": {"path": path, "port": PORT_NAME}, "periodSeconds": period,
-            "timeoutSeconds": 5, "failureThreshold": failures}
+            "timeoutSeconds": timeout, "failureThreshold": failures}
 
 
 def _restricted_container_security() -> Manifest:
@@ -269,19 +283,29 @@ def _restricted_container_security() -> Manifest:
 def server_container(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
     mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"},
                               {"name": "model-cache", "mountPath": CACHE_MOUNT}]
-    if spec.model.pvc_claim:
-        mounts.append({"name": "model", "mountPath": MODELS_MOUNT, "readOnly": True})
+    model_mount = model_delivery.model_mount(spec, image_volumes=defaults.image_volumes)
+    if model_mount is not None:
+        mounts.append(model_mount)
+    if spec.model.cache is not None:
+        mounts.append(model_delivery.cache_mount(read_only=True))
     if spec.api_key_secret is not None:  # no subPath: the kubelet never updates those
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
     container: Manifest = {
         "name": CONTAINER_NAME,
-        "image": spec.image or defaults.server_image,
+        "image": model_delivery.server_image(spec, slim=defaults.server_image,
+                                             torch=defaults.torch_image),
         "ports": [{"name": PORT_NAME, "containerPort": contract.DEFAULT_PORT, "protocol": "TCP"}],
         "env": container_env(name, spec),
-        # Model download and warm-up can take minutes: the startup probe holds off liveness.
-        "startupProbe": _probe(contract.ROUTE_HEALTH, period=5, failures=120),
+        # The startup probe holds off liveness until the process answers /health (imports can
+        # take seconds; a slim server waiting for its model's conversion answers it, so waiting
+        # is never mistaken for a hang), checked every second for up to 10 minutes.
+        "startupProbe": _probe(contract.ROUTE_HEALTH, period=1, failures=600),
         "livenessProbe": _probe(contract.ROUTE_HEALTH, period=10, failures=3),
-        "readinessProbe": _probe(contract.ROUTE_READY, period=5, failures=2),
+        # Every second: a pod is Ready within ~1 s of its model being ready (a pod that serves
+        # in seconds must not wait out a 5 s period); one local GET per second is nothing.
+        # Three misses (3 s) take it out of the Service; a drain says 503 at once and preStop
+        # keeps it serving meanwhile.
+        "readinessProbe": _probe(contract.ROUTE_READY, period=1, failures=3, timeout=2),
         # Keep serving while endpoints are removed, then SIGTERM starts the server's drain.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
         "resources": _resources(spec),
@@ -301,14 +325,19 @@ def pod_template(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
     if spec.model_cache_size_limit is not None:
         cache_volume["emptyDir"] = {"sizeLimit": spec.model_cache_size_limit}
     volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}}, cache_volume]
-    if spec.model.pvc_claim:
-        volumes.append({"name": "model", "persistentVolumeClaim": {
-            "claimName": spec.model.pvc_claim, "readOnly": True}})
+    volumes += _model_volumes(spec)
+    image_volumes, init_containers = model_delivery.model_image_pieces(
+        spec, image_volumes=defaults.image_volumes,
+        container_security=_restricted_container_security())
+    volumes += image_volumes
+    if spec.model.cache is not None:
+        volumes.append(model_delivery.cache_volume(name, spec.model.cache, read_only=True))
     if spec.api_key_secret is not None:
         volumes.append({"name": "api-keys", "secret": {
             "secretName": spec.api_key_secret.name,
             "items": [{"key": spec.api_key_secret.key, "path": API_KEYS_FILE}]}})
     pod_spec: Manifest = {
+        **({"initContainers": init_containers} if init_containers else {}),
         "containers": [server_container(name, spec, defaults)],
         "volumes": volumes,
         "terminationGracePeriodSeconds":
@@ -340,14 +369,24 @@ def pod_template(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
     }
 
 
-def deployment(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
+def _model_volumes(spec: RerankerSpec) -> list[Manifest]:
+    if not spec.model.pvc_claim:
+        return []
+    return [{"name": model_delivery.MODEL_VOLUME, "persistentVolumeClaim": {
+        "claimName": spec.model.pvc_claim, "readOnly": True}}]
+
+
+def deployment(name: str, spec: RerankerSpec, defaults: Defaults, *,
+               model_cache: model_delivery.CacheState | None = None) -> Manifest:
+    # No pods until the fleet's cache volume is filled (the slim pods could only wait).
+    replicas = 0 if model_cache is not None and not model_cache.ready else spec.replicas
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _child_meta(name, name),
         "spec": {
             # Copied from the RerankerDeployment (the one writer: HPA or `kubectl scale`).
-            "replicas": spec.replicas,
+            "replicas": replicas,
             "selector": {"matchLabels": selector_labels(name)},
             # By default a new pod must be ready (model loaded) before an old one goes;
             # spec.rollout lets a pool at capacity replace pods in place instead.
@@ -358,6 +397,79 @@ def deployment(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
             "template": pod_template(name, spec, defaults),
         },
     }
+
+
+def model_cache_pvc(name: str, spec: RerankerSpec) -> Manifest | None:
+    """The PVC `NAME-model-cache` for `model.cache.size` (None with an existing claimName)."""
+    cache = spec.model.cache
+    if cache is None or cache.size is None:
+        return None
+    return model_delivery.cache_pvc(
+        _child_meta(name, model_delivery.cache_pvc_name(name), model_delivery.CACHE_COMPONENT),
+        cache)
+
+
+def model_cache_job(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest | None:
+    """The Job that fills the fleet's cache volume once (`reranker convert` in the torch image:
+    download, conversion to OpenVINO IR, precision measured and recorded there), on the same
+    kind of node as the pods (the precision is measured on that CPU). Its result is the JSON
+    `convert` writes to the termination log."""
+    cache = spec.model.cache
+    if cache is None:
+        return None
+    mounts: list[Manifest] = [{"name": "tmp", "mountPath": "/tmp"},
+                              model_delivery.cache_mount(read_only=False)]
+    model_mount = model_delivery.model_mount(spec, image_volumes=defaults.image_volumes)
+    if model_mount is not None:
+        mounts.append(model_mount)
+    volumes: list[Manifest] = [{"name": "tmp", "emptyDir": {}},
+                               model_delivery.cache_volume(name, cache, read_only=False)]
+    volumes += _model_volumes(spec)
+    image_volumes, init_containers = model_delivery.model_image_pieces(
+        spec, image_volumes=defaults.image_volumes,
+        container_security=_restricted_container_security())
+    volumes += image_volumes
+    env = model_delivery.job_settings(server_settings(spec))
+    extra = {str(var["name"]): copy.deepcopy(dict(var)) for var in spec.env}
+    env = [extra.pop(var["name"], var) for var in env] + list(extra.values())
+    container: Manifest = {
+        "name": model_delivery.JOB_CONTAINER,
+        "image": defaults.torch_image,
+        "command": ["reranker", "convert", "--termination-log", "/dev/termination-log"],
+        "env": env,
+        # The fleet's own requests and limits: the conversion loads the model as a pod does
+        # (no GPU: the conversion and the OpenVINO precision run on the CPU).
+        "resources": {k: {r: q for r, q in dict(v).items() if r != GPU_RESOURCE}
+                      for k, v in (spec.resources or {}).items() if v},
+        "securityContext": _restricted_container_security(),
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    pod_spec: Manifest = {
+        **({"initContainers": init_containers} if init_containers else {}),
+        "containers": [container],
+        "volumes": volumes,
+        "restartPolicy": "Never",
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": UNPRIVILEGED_UID, "runAsGroup": UNPRIVILEGED_UID,
+            "fsGroup": UNPRIVILEGED_UID, "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "automountServiceAccountToken": False,
+    }
+    optional: dict[str, Any] = {
+        "nodeSelector": dict(spec.node_selector) if spec.node_selector else None,
+        "tolerations": [dict(t) for t in spec.tolerations] or None,
+        "affinity": copy.deepcopy(dict(spec.affinity)) if spec.affinity else None,
+        "serviceAccountName": spec.service_account_name,
+        "imagePullSecrets": [{"name": s} for s in spec.image_pull_secrets] or None,
+    }
+    pod_spec.update({k: v for k, v in optional.items() if v is not None})
+    template = {"metadata": {"labels": labels(name, model_delivery.CACHE_COMPONENT)},
+                "spec": pod_spec}
+    return model_delivery.cache_job(_child_meta(name, "", model_delivery.CACHE_COMPONENT),
+                                    template)
 
 
 def service(name: str, spec: RerankerSpec) -> Manifest:
@@ -580,15 +692,20 @@ def external_endpoint_slices(name: str, summary: external.Summary) -> list[Manif
 
 
 def children(owner: Mapping[str, Any], spec: RerankerSpec, defaults: Defaults,
-             summary: external.Summary | None = None) -> list[Manifest]:
+             summary: external.Summary | None = None, *,
+             model_cache: model_delivery.CacheState | None = None) -> list[Manifest]:
     """Every child the spec asks for, adopted by `owner` (the RerankerDeployment body).
 
     The ServiceMonitor is included when asked for; the reconciler drops it when the
     monitoring.coreos.com CRD is not installed (and says so in the status). The external
-    endpoints' EndpointSlices come from `summary` (what the probes found).
+    endpoints' EndpointSlices come from `summary` (what the probes found); the Deployment has
+    no pods while `model_cache` (the fill Job's state, with spec.model.cache) is not ready.
     """
     name = owner["metadata"]["name"]
-    objs = [config_map(name, spec), deployment(name, spec, defaults), service(name, spec)]
+    objs = [config_map(name, spec), deployment(name, spec, defaults, model_cache=model_cache),
+            service(name, spec)]
+    objs += [obj for obj in (model_cache_pvc(name, spec), model_cache_job(name, spec, defaults))
+             if obj is not None]
     if spec.autoscaling.enabled:
         objs.append(horizontal_pod_autoscaler(name, spec))
     if spec.pdb.enabled:

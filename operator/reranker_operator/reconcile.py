@@ -39,7 +39,15 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from reranker import contract
-from reranker_operator import drift, external, manifests, ownership, served_names, status
+from reranker_operator import (
+    drift,
+    external,
+    manifests,
+    model_delivery,
+    ownership,
+    served_names,
+    status,
+)
 from reranker_operator.kube import Kube, error_message
 from reranker_operator.spec import DEFAULT_SERVICE_PORT, InvalidSpec, RerankerSpec, parse
 
@@ -159,6 +167,8 @@ class _Plan:
     retry_delay: float = RETRY_SECONDS
     #: The managed Redis' Secret is known to be the operator's (a 409 on creating it is fine).
     redis_secret_ours: bool = False
+    #: Where the fill of spec.model.cache stands (None: no cache volume).
+    model_cache: model_delivery.CacheState | None = None
 
 
 EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
@@ -168,6 +178,10 @@ ExternalView = Callable[[OwnerKey], external.Summary | None]
 
 #: The failures of a fleet's server pods (status.pod_failure of each failing one).
 PodFailures = Callable[[OwnerKey], Sequence[Mapping[str, str]]]
+#: The ended pods of a fleet's model-cache Jobs (model_delivery.terminated_pod of each).
+CachePods = Callable[[OwnerKey], Sequence[Mapping[str, Any]]]
+#: The container runtimes of the cluster's nodes (status.nodeInfo.containerRuntimeVersion).
+NodeRuntimes = Callable[[], Sequence[str]]
 
 
 def _no_external(_key: OwnerKey) -> external.Summary | None:
@@ -203,8 +217,17 @@ class Reconciler:
                  clock: Callable[[], str] = utcnow,
                  events: EventPoster = post_event,
                  external: ExternalView = _no_external,
-                 pod_failures: PodFailures = _no_pod_failures) -> None:
+                 pod_failures: PodFailures = _no_pod_failures,
+                 cache_pods: CachePods = lambda _key: (),
+                 node_runtimes: NodeRuntimes = lambda: (),
+                 image_volumes: str = "auto") -> None:
         self.kube = kube
+        self.cache_pods = cache_pods
+        self.node_runtimes = node_runtimes
+        #: RERANKER_OPERATOR_IMAGE_VOLUMES, and whether the API server kept an image volume in
+        #: a dry run (asked once, when a spec first has model.image; None: not asked).
+        self.image_volumes = image_volumes
+        self._api_image_volumes: bool | None = None
         self.external = external
         self.pod_failures = pod_failures
         # Blocking API calls run here, not in the loop's default executor, so that a burst
@@ -273,7 +296,7 @@ class Reconciler:
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             live = self._fresh(uid, live)
-            plan = self._plan(owner, live)
+            plan = self._plan(owner, live, await self._pass_defaults(owner))
             outcome = Outcome(problems=list(plan.problems), retry=plan.retry,
                               retry_delay=plan.retry_delay)
             current = self._last_status.get(uid) or dict(owner.get("status") or {})
@@ -314,19 +337,53 @@ class Reconciler:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
+    async def _pass_defaults(self, owner: Mapping[str, Any]) -> manifests.Defaults:
+        """The operator's defaults, with whether pods mount spec.model.image as an image volume
+        (model_delivery.image_volumes_decision); the API server is asked once, in a dry run."""
+        model = (owner.get("spec") or {}).get("model")
+        if not isinstance(model, Mapping) or not model.get("image"):
+            return self.defaults
+        runtimes = tuple(self.node_runtimes())
+        decision = model_delivery.image_volumes_decision(
+            self.image_volumes, runtimes=runtimes, api_server=self._api_image_volumes)
+        if decision is None:
+            try:
+                self._api_image_volumes = await self._in_thread(
+                    self.kube.keeps_image_volumes, owner_key(owner)[0])
+            except HTTPError as e:  # unreachable for now: copy (works everywhere), ask again
+                logger.warning("image volumes: cannot ask the API server (%s): copying", e)
+                return self.defaults
+            decision = bool(self._api_image_volumes)
+        return dataclasses.replace(self.defaults, image_volumes=decision)
+
     # --- planning (pure) ------------------------------------------------------------------
 
-    def _plan(self, owner: Mapping[str, Any], live: Live) -> _Plan:
+    def _plan(self, owner: Mapping[str, Any], live: Live,
+              defaults: manifests.Defaults | None = None) -> _Plan:
         uid = owner["metadata"].get("uid")
+        defaults = defaults or self.defaults
         try:
             spec = parse(owner.get("spec") or {})
         except InvalidSpec as e:
             # Touch nothing: the children keep running the last valid spec.
             return _Plan(None, [], [], [], [status.Problem("InvalidSpec", f"invalid spec: {e}")])
         summary = self.external(owner_key(owner))
-        desired = [drift.stamp(obj)
-                   for obj in manifests.children(owner, spec, self.defaults, summary)]
+        cache = self._model_cache(owner, spec, defaults, live)
+        desired = [drift.stamp(obj) for obj in manifests.children(
+            owner, spec, defaults, summary, model_cache=cache)]
         problems: list[status.Problem] = []
+        held_as_is: set[ChildKey] = set()
+        if cache is not None and cache.state == model_delivery.FAILED:
+            problems.append(status.Problem("ModelCacheFailed", cache.message))
+        name = owner["metadata"]["name"]
+        running = live.get(("Deployment", name))
+        if cache is not None and not cache.ready and running is not None and int(
+                (running.get("spec") or {}).get("replicas") or 0) > 0:
+            # A new fill for a fleet that serves: its pods (and the settings they read) stay
+            # as they are until the volume holds the new model, then they roll.
+            held_as_is = {("Deployment", name), ("ConfigMap", manifests.config_map_name(name))}
+            desired = [obj for obj in desired
+                       if (obj["kind"], obj["metadata"]["name"]) not in held_as_is]
         if spec.service_monitor.enabled and not self.service_monitors:
             desired = [obj for obj in desired if obj["apiVersion"] != SERVICE_MONITOR_GV]
             problems.append(status.Problem(
@@ -383,9 +440,24 @@ class Reconciler:
         keep = {"EndpointSlice"} if summary is None else set()
         to_delete = [child for child_key, child in live.items()
                      if child_key not in wanted and child_key[0] not in keep
-                     and _owned_by(child, uid)]
+                     and child_key not in held_as_is and _owned_by(child, uid)]
         return _Plan(spec, desired, to_apply, to_delete, problems, frozenset(live), retry,
-                     max(min(delays), 1.0) if delays else RETRY_SECONDS, redis_secret_ours)
+                     max(min(delays), 1.0) if delays else RETRY_SECONDS, redis_secret_ours,
+                     cache)
+
+    def _model_cache(self, owner: Mapping[str, Any], spec: RerankerSpec,
+                     defaults: manifests.Defaults, live: Live
+                     ) -> model_delivery.CacheState | None:
+        """Where the fill of spec.model.cache stands: its current Job (live), that Job's ended
+        pods, and the last reported status.modelCache (which keeps the result)."""
+        job = manifests.model_cache_job(owner["metadata"]["name"], spec, defaults)
+        if job is None:
+            return None
+        name = job["metadata"]["name"]
+        uid = str(owner["metadata"].get("uid"))
+        previous = (self._last_status.get(uid) or owner.get("status") or {}).get("modelCache")
+        return model_delivery.job_state(name, live.get(("Job", name)),
+                                        self.cache_pods(owner_key(owner)), previous)
 
     # --- execution (blocking, in a worker thread) -----------------------------------------
 
@@ -517,6 +589,7 @@ class Reconciler:
             now=self.clock(),
             external=self.external(owner_key(owner)),
             pod_failures=self.pod_failures(owner_key(owner)),
+            model_cache=plan.model_cache,
             served_names=(served_names.from_settings(manifests.server_settings(spec))
                           if spec is not None else None),
         )

@@ -19,13 +19,15 @@ from collections.abc import Mapping
 import kopf
 
 from reranker import contract
-from reranker_operator import external, manifests
+from reranker_operator import external, manifests, model_delivery
 from reranker_operator.external import ProbeConfig
 
 #: The images `make images` builds (README: building and pushing images). A cluster that
 #: pulls from a registry sets RERANKER_OPERATOR_SERVER_IMAGE / _REDIS_IMAGE (the chart's
 #: serverImage / redisImage) to the names they were pushed under.
 DEFAULT_SERVER_IMAGE = "reranker-fleet/server:dev"
+#: The server image with PyTorch (what the slim image cannot serve, and the model-cache Job).
+DEFAULT_SERVER_TORCH_IMAGE = "reranker-fleet/server:dev-torch"
 DEFAULT_REDIS_IMAGE = "reranker-fleet/redis:dev"
 
 #: The kinds whose watch streams are filtered server-side to the operator's children.
@@ -36,6 +38,8 @@ CHILD_RESOURCES = (
     ("autoscaling", "v2", "horizontalpodautoscalers"),
     ("policy", "v1", "poddisruptionbudgets"),
     ("networking.k8s.io", "v1", "networkpolicies"),
+    ("", "v1", "persistentvolumeclaims"),
+    ("batch", "v1", "jobs"),
     ("monitoring.coreos.com", "v1", "servicemonitors"),
 )
 MANAGED_SELECTOR = f"{manifests.LABEL_MANAGED_BY}={manifests.OPERATOR_NAME}"
@@ -67,6 +71,13 @@ def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = (env.get(name) or choices[0]).strip().lower()
+    if raw not in choices:
+        raise SystemExit(f"{name}={raw!r} must be one of {', '.join(choices)}")
+    return raw
+
+
 def _networks(env: Mapping[str, str], name: str) -> tuple[external.Network, ...]:
     raw = env.get(name) or ""
     try:
@@ -81,6 +92,11 @@ class OperatorConfig:
     server_image: str = DEFAULT_SERVER_IMAGE
     #: Image of the operator-managed Redis.
     redis_image: str = DEFAULT_REDIS_IMAGE
+    #: Server image with PyTorch: specs the slim image cannot serve, and the model-cache Job.
+    server_torch_image: str = DEFAULT_SERVER_TORCH_IMAGE
+    #: spec.model.image as an image volume: auto (when the API server keeps them and every
+    #: node's runtime mounts them), true, or false (always the init container's copy).
+    image_volumes: str = "auto"
     #: Threads making the (blocking) API writes: passes for different resources in parallel.
     api_workers: int = 16
     #: How external endpoints (Macs) are probed: GET /ready every `period` seconds, each
@@ -99,6 +115,10 @@ class OperatorConfig:
         return cls(
             server_image=env.get("RERANKER_OPERATOR_SERVER_IMAGE") or DEFAULT_SERVER_IMAGE,
             redis_image=env.get("RERANKER_OPERATOR_REDIS_IMAGE") or DEFAULT_REDIS_IMAGE,
+            server_torch_image=(env.get("RERANKER_OPERATOR_SERVER_TORCH_IMAGE")
+                                or DEFAULT_SERVER_TORCH_IMAGE),
+            image_volumes=_choice(env, "RERANKER_OPERATOR_IMAGE_VOLUMES",
+                                  model_delivery.IMAGE_VOLUME_MODES),
             api_workers=_positive_int(env, "RERANKER_OPERATOR_API_WORKERS", 16),
             probe=ProbeConfig(
                 period=_positive_float(env, "RERANKER_OPERATOR_PROBE_PERIOD_SECONDS", 5.0),
@@ -112,7 +132,8 @@ class OperatorConfig:
         )
 
     def defaults(self) -> manifests.Defaults:
-        return manifests.Defaults(server_image=self.server_image, redis_image=self.redis_image)
+        return manifests.Defaults(server_image=self.server_image, redis_image=self.redis_image,
+                                  server_torch_image=self.server_torch_image)
 
 
 def configure_kopf(settings: kopf.OperatorSettings) -> None:

@@ -50,6 +50,26 @@ class SecretKeyRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelImage:
+    """spec.model.image: an OCI image holding the model files (model_delivery.py)."""
+
+    reference: str
+    path: str = "/models"
+    pull_policy: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCacheVolume:
+    """spec.model.cache: the fleet's model-cache volume, an existing PVC (`claim_name`) or
+    one the operator creates (`size`), filled once by a Job (model_delivery.py)."""
+
+    claim_name: str | None = None
+    size: str | int | None = None
+    storage_class_name: str | None = None
+    access_modes: tuple[str, ...] = ("ReadWriteOnce",)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     id: str | None = None
     revision: str | None = None
@@ -58,6 +78,8 @@ class ModelSpec:
     local_path: str | None = None
     pvc_claim: str | None = None
     pvc_path: str | None = None
+    image: ModelImage | None = None
+    cache: ModelCacheVolume | None = None
     prompt_template: str | None = None
     served_names: tuple[str, ...] = ()  # aliases, beside the model's own id
 
@@ -274,6 +296,25 @@ def allowed_cidrs(raw: Mapping[str, Any]) -> tuple[ipaddress.IPv4Network | ipadd
     return tuple(out)
 
 
+def _model_image(raw: Any) -> ModelImage | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or not raw.get("reference"):
+        raise InvalidSpec("model.image needs a reference")
+    return ModelImage(reference=str(raw["reference"]), path=str(raw.get("path") or "/models"),
+                      pull_policy=raw.get("pullPolicy"))
+
+
+def _model_cache(raw: Any) -> ModelCacheVolume | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise InvalidSpec("model.cache must be an object")
+    return ModelCacheVolume(claim_name=raw.get("claimName"), size=raw.get("size"),
+                            storage_class_name=raw.get("storageClassName"),
+                            access_modes=tuple(raw.get("accessModes") or ("ReadWriteOnce",)))
+
+
 def parse(raw: Mapping[str, Any]) -> RerankerSpec:
     """The spec as typed values with the CRD's defaults; `InvalidSpec` if it cannot run."""
     m = _obj(raw, "model")
@@ -286,6 +327,8 @@ def parse(raw: Mapping[str, Any]) -> RerankerSpec:
         pvc_claim=_obj(m, "pvc").get("claimName"),
         pvc_path=_obj(m, "pvc").get("path"),
         prompt_template=m.get("promptTemplate"),
+        image=_model_image(m.get("image")),
+        cache=_model_cache(m.get("cache")),
         served_names=_names(m.get("servedNames")),
     )
     p = _obj(raw, "parallelism")
@@ -405,10 +448,23 @@ def validate(spec: RerankerSpec) -> None:
         raise InvalidSpec("gpus applies only to device cuda")
     if spec.model.kind not in MODEL_KINDS:
         raise InvalidSpec(f"model.kind {spec.model.kind!r} is not one of {', '.join(MODEL_KINDS)}")
-    if not (spec.model.id or spec.model.local_path or spec.model.pvc_claim):
-        raise InvalidSpec("model needs id, localPath or pvc")
+    if not (spec.model.id or spec.model.local_path or spec.model.pvc_claim or spec.model.image):
+        raise InvalidSpec("model needs id, localPath or pvc, or an image")
     if spec.model.local_path and spec.model.pvc_claim:
         raise InvalidSpec("set model.localPath or model.pvc, not both")
+    if spec.model.image is not None and (spec.model.local_path or spec.model.pvc_claim):
+        raise InvalidSpec("set one of model.image, model.localPath and model.pvc")
+    if spec.model.image is not None and not spec.model.image.path.startswith("/"):
+        raise InvalidSpec("model.image.path must be an absolute path inside the image")
+    cache = spec.model.cache
+    if cache is not None and (cache.claim_name is None) == (cache.size is None):
+        raise InvalidSpec("model.cache needs claimName (an existing PVC) or size (the operator "
+                          "creates one), not both")
+    if cache is not None and cache.size is not None:
+        try:
+            quantity(cache.size)
+        except (ValueError, ArithmeticError):
+            raise InvalidSpec(f"model.cache.size: {cache.size!r} is not a quantity") from None
     if spec.model.prompt_template is not None and spec.model.kind not in ("auto", "llm"):
         raise InvalidSpec("model.promptTemplate applies only to LLM rerankers (kind llm or auto)")
     if (why := served.check_aliases(spec.model.served_names)) is not None:

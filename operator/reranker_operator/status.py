@@ -22,13 +22,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from reranker_operator import external as ext
-from reranker_operator import manifests
+from reranker_operator import manifests, model_delivery
 
 READY = "Ready"
 AVAILABLE = "Available"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 EXTERNAL_ENDPOINTS_READY = "ExternalEndpointsReady"
+#: Only with spec.model.cache: whether the fleet's cache volume is filled (the fill Job).
+MODEL_CACHED = "ModelCached"
 CONDITION_TYPES = (READY, AVAILABLE, PROGRESSING, DEGRADED, EXTERNAL_ENDPOINTS_READY)
 
 
@@ -121,6 +123,7 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
           problems: Sequence[Problem], config_hash: str | None, service_port: int,
           now: str, external: ext.Summary | None = None,
           pod_failures: Sequence[Mapping[str, str]] = (),
+          model_cache: model_delivery.CacheState | None = None,
           served_names: Sequence[str] | None = None) -> dict[str, Any]:
     """The full status for `owner` (a RerankerDeployment body); `pod_failures` are the
     `pod_failure`s of its server pods; `served_names` the names its servers answer to
@@ -163,8 +166,11 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
     counts = f"{ready}/{desired} replicas ready"
 
     # Ready: every desired replica of the current spec is ready, and nothing blocks.
+    filling = model_cache is not None and model_cache.state == model_delivery.FILLING
     if blocking:
         ready_c = (False, blocking[0].reason, blocking[0].message)
+    elif filling and model_cache is not None:
+        ready_c = (False, "ModelCacheFilling", model_cache.message)
     elif deployment is None:
         ready_c = (False, "DeploymentMissing", f"Deployment {name} does not exist yet")
     elif desired == 0:
@@ -194,6 +200,8 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
     if deadline_exceeded:
         progressing_c = (False, "ProgressDeadlineExceeded",
                          str(progress.get("message") or "rollout exceeded its progress deadline"))
+    elif filling and model_cache is not None:
+        progressing_c = (True, "ModelCacheFilling", model_cache.message)
     elif deployment is not None and not blocking and not (rolled_out and ready >= desired):
         progressing_c = (True, "RolloutInProgress", counts)
     else:
@@ -223,6 +231,10 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
             (PROGRESSING, progressing_c), (DEGRADED, degraded_c),
             (EXTERNAL_ENDPOINTS_READY, external_c))
     ]
+    if model_cache is not None:
+        conditions.append(_condition(
+            MODEL_CACHED, model_cache.ready, model_cache.state, model_cache.message,
+            generation=generation, previous=previous, now=now))
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "replicas": replicas,
@@ -236,6 +248,8 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
     }
     if config_hash is not None:
         status["configHash"] = config_hash
+    if model_cache is not None:
+        status["modelCache"] = model_cache.as_status()
     names = served_names if served_names is not None else (
         (owner.get("status") or {}).get("servedNames"))
     if names:
