@@ -97,7 +97,7 @@ def _json(path: Path) -> dict[str, Any]:
 
 def read_tokenizer(folder: Path) -> TokenizerFiles:
     """The model's tokenizer.json and the settings transformers' AutoTokenizer would apply on top."""
-    from tokenizers import Tokenizer, normalizers
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
     file = folder / "tokenizer.json"
     if not file.is_file():
@@ -108,7 +108,8 @@ def read_tokenizer(folder: Path) -> TokenizerFiles:
     engine.no_padding()
     config = _json(folder / "tokenizer_config.json")
     specials = _json(folder / "special_tokens_map.json")
-    # BertTokenizerFast rebuilds the normalizer when tokenizer_config's casing options differ from it.
+    # Where transformers' tokenizer class rebuilds a part of the pipeline from tokenizer_config.json,
+    # the same part is rebuilt here. BERT: the normalizer, when the casing options differ from it.
     state = json.loads(engine.to_str()).get("normalizer") or {}
     if state.get("type") == "BertNormalizer":
         wanted = {"lowercase": config.get("do_lower_case", state.get("lowercase")),
@@ -116,12 +117,18 @@ def read_tokenizer(folder: Path) -> TokenizerFiles:
                   "handle_chinese_chars": config.get("tokenize_chinese_chars", state.get("handle_chinese_chars"))}
         if any(state.get(k) != v for k, v in wanted.items()):
             engine.normalizer = normalizers.BertNormalizer(clean_text=state.get("clean_text", True), **wanted)
+    tokenizer_class = str(config.get("tokenizer_class") or "").removesuffix("Fast")
+    if tokenizer_class in ("XLMRobertaTokenizer", "CamembertTokenizer"):
+        # transformers (5) builds these classes' pre-tokenizer itself, whatever the file says: split on
+        # whitespace, then Metaspace (hub files say the same; a file made otherwise would differ).
+        scheme = "always" if config.get("add_prefix_space", True) else "never"
+        engine.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=scheme)])
     pad = _token(config.get("pad_token")) or _token(specials.get("pad_token"))
     if pad is None and isinstance((padding := json.loads(engine.to_str()).get("padding")), dict):
         pad = padding.get("pad_token")
     names = config.get("model_input_names")
     if not isinstance(names, list):
-        tokenizer_class = str(config.get("tokenizer_class") or "").removesuffix("Fast")
         names = [n for n in _TYPE_IDS if n != "token_type_ids" or tokenizer_class not in NO_TYPE_IDS]
     return TokenizerFiles(engine=engine, pad_token_id=None if pad is None else engine.token_to_id(pad),
                           truncation_side=str(config.get("truncation_side") or "right"),
