@@ -4,7 +4,9 @@ A 1,000-document request would otherwise run on one pod while the others idle. A
 RERANKER_GATEWAY_FANOUT_THRESHOLD documents the request is cut into contiguous parts, one per
 endpoint (the least loaded, up to RERANKER_GATEWAY_FANOUT_MAX_WIDTH), sent at once, and the
 answers merged (merge.py) into exactly what one server would answer. A part that fails fails the
-request with that part's own answer (after the usual retries); the other parts are cancelled.
+request with that part's own answer (after the usual retries; the other parts are cancelled), but
+a part refused as bad input is the whole request's error, asked of one server so its message
+names the request's own indices.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def width(parsed: Parsed, fleet: Fleet, *, threshold: int, max_width: int) -> in
     return max(1, min(max_width, len(fleet.endpoints), parsed.documents))
 
 
-async def fan_out(upstreams: Upstreams, fleet: Fleet, parsed: Parsed, *, parts: int, path: str,
+async def fan_out(upstreams: Upstreams, fleet: Fleet, parsed: Parsed, *, whole: bytes, parts: int, path: str,
                   headers: Mapping[str, str], deadline: float, model: str) -> Answer:
     pieces = split(parsed, parts)
     endpoints = upstreams.loads.least_loaded(fleet.endpoints, len(pieces))
@@ -41,6 +43,11 @@ async def fan_out(upstreams: Upstreams, fleet: Fleet, parsed: Parsed, *, parts: 
     answers = [task.result() for task in tasks]
     failed = next((a for a in answers if a.status != 200), None)
     if failed is not None:
+        if 400 <= failed.status < 500 and failed.status != 429:
+            # A part's 4xx names the part's own indices ("documents.3"): the whole request to one
+            # server gets the error with the request's indices, as a server alone would answer it.
+            return await upstreams.send(fleet, path=path, body=whole, headers=headers, pairs=parsed.documents,
+                                        deadline=deadline, model=model)
         return failed
     merged = merge(parsed.dialect, [(offset, json.loads(a.body)) for (offset, _, _), a in zip(pieces, answers)],
                    top=parsed.top)

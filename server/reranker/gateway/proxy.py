@@ -121,7 +121,7 @@ class Gateway:
         parts = width(parsed, fleet, threshold=self.settings.fanout_threshold, max_width=self.settings.fanout_max_width)
         self.metrics.fanout_width.labels(model=model).observe(parts)
         if parts > 1:
-            return await fan_out(self.upstreams, fleet, parsed, parts=parts, path=path, headers=headers,
+            return await fan_out(self.upstreams, fleet, parsed, whole=body, parts=parts, path=path, headers=headers,
                                  deadline=deadline, model=model)
         return await self.upstreams.send(fleet, path=path, body=body, headers=headers, pairs=parsed.documents,
                                          deadline=deadline, model=model, key=parsed.key)
