@@ -235,13 +235,14 @@ def test_admission_policy_is_opt_in_and_says_what_it_allows() -> None:
     variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
     assert variables["prefixes"] == '["reg.example/rr/","mirror/"]'
     messages = [v["messageExpression"] for v in policy["spec"]["validations"]]
-    assert len(messages) == 3 and "reg.example/rr/, mirror/" in messages[0]
-    assert "spec.serviceAccountName" in messages[2]
+    assert len(messages) == 4 and "reg.example/rr/, mirror/" in messages[0]
+    assert "spec.model.image.reference" in messages[2]  # a model image's cp runs too
+    assert "spec.serviceAccountName" in messages[3]
     # ServiceAccounts allowed: no such rule.
     docs = objects({"admissionPolicy": {"enabled": True, "allowServiceAccounts": True}})
     (policy,) = [d for d in by_kind(docs, "ValidatingAdmissionPolicy")
                  if d["metadata"]["name"].endswith("-rerankerdeployments")]
-    assert len(policy["spec"]["validations"]) == 2
+    assert len(policy["spec"]["validations"]) == 3
     assert "is empty" in policy["spec"]["validations"][0]["messageExpression"]
 
 
@@ -306,12 +307,16 @@ def test_operator_pod_is_locked_down_and_probed_on_kopfs_liveness_endpoint() -> 
 
 def test_operator_options_reach_the_container() -> None:
     dep = one(objects({"serverImage": "registry.local/reranker:1", "redisImage": "redis:8",
+                       "serverTorchImage": "registry.local/reranker:1-torch",
+                       "imageVolumes": False,
                        "logLevel": "verbose", "image": {"digest": "sha256:" + "a" * 64},
                        "clusterCIDRs": ["10.244.0.0/16", "10.96.0.0/12"]}),
               "Deployment")
     container = dep["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["RERANKER_OPERATOR_SERVER_IMAGE"] == "registry.local/reranker:1"
+    assert env["RERANKER_OPERATOR_SERVER_TORCH_IMAGE"] == "registry.local/reranker:1-torch"
+    assert env["RERANKER_OPERATOR_IMAGE_VOLUMES"] == "false"
     assert env["RERANKER_OPERATOR_REDIS_IMAGE"] == "redis:8"
     assert env["RERANKER_OPERATOR_CLUSTER_CIDRS"] == "10.244.0.0/16,10.96.0.0/12"
     assert container["args"] == ["--verbose"]
