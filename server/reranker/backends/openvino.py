@@ -73,7 +73,7 @@ from . import calibration, cpus
 from .base import Backend, BackendError, BackendInfo, ConversionNeeded, DeviceUnavailable, Encoded, EngineSizing, Pair
 from .calibration import SPEARMAN_FLOOR, calibration_pairs
 from .model_files import ModelFiles
-from .precision import SAMPLE_TEXT, Precision, cpu_flags, race, raced, resolve, sample_pairs
+from .precision import SAMPLE_TEXT, Precision, cpu_flags, cpu_summary, race, raced, resolve, sample_pairs
 from .precision_record import Decision, PrecisionRecord, default_cache_dir, record_key
 from .tokenization import BiBatch, Features, HFTokenization
 
@@ -216,7 +216,7 @@ class OpenVINOBackend(HFTokenization, Backend):
             numerics=self._numerics(plan, runs),
             precision_record=None if origin is None else {
                 "origin": origin.origin, "key": self.record_key(asked), "plan": self._numerics(plan, runs),
-                "speedup": plan.speedup, **origin.plan},
+                "speedup": plan.speedup, "cpu": cpu_summary(), **origin.plan},
         )
 
     @staticmethod

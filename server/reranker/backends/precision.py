@@ -68,6 +68,26 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+#: The instruction-set flags that decide which int8/bf16 kernels run (a record key hashes all flags).
+DECIDING_FLAGS = frozenset({"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                            "amx_int8", "amx_tile"})
+
+
+@functools.cache
+def cpu_summary() -> dict[str, object]:
+    """The CPU beside a precision record in /health, for people (the operator's status.precision):
+    its model name (Linux /proc/cpuinfo, else the platform's) and the flags that decide a pick."""
+    name = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"model": " ".join(name.split()), "flags": sorted(cpu_flags() & DECIDING_FLAGS)}
+
+
 def native_bf16(flags: frozenset[str] | None = None) -> str | None:
     """The flag that gives this CPU native bf16, or None."""
     present = cpu_flags() if flags is None else flags
