@@ -12,7 +12,9 @@
 - a server pod starting or stopping to fail (crash loop, image pull, a model that cannot
   load): a pass for its fleet, whose Degraded condition then carries the pod's reason.
 - server pods' addresses are indexed for the pod-health poller (`pod_health`), which reads
-  each Ready pod's GET /health every few seconds in one operator-wide task.
+  each Ready pod's GET /health every few seconds in one operator-wide task; a fleet whose pods
+  report another precision record than at its last pass gets a pass (`fleet_precision`: the
+  `<rd>-precision` ConfigMap and status.precision).
 
 The live state comes from Kopf indices (in-memory, fed by the watch streams), so a pass reads
 nothing from the API server and an idle operator makes no requests beyond its watches.
@@ -36,6 +38,7 @@ import kopf
 from reranker import contract
 from reranker_operator import cluster_ranges, manifests, pod_health, status
 from reranker_operator import model_delivery
+from reranker_operator import fleet_precision
 from reranker_operator.kube import Kube, load_config
 from reranker_operator.prober import (
     ENDPOINTS_INDEX,
@@ -103,6 +106,10 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
     memo.kube = kube
     memo.prober = prober
     memo.pod_failures_seen = {}  # pod uid -> its last status.pod_failure (failing pods only)
+
+    def precision_seen(key: OwnerKey) -> list[fleet_precision.Observation | None]:
+        """The precision records a fleet's pods report (the pod-health poller's answers)."""
+        return [fleet_precision.from_health(h.pod, h.body) for h in pod_health.latest(*key)]
     cache_pods_index, runtimes_index = kwargs.get(CACHE_PODS_INDEX), kwargs.get(RUNTIMES_INDEX)
 
     def cache_pods(key: OwnerKey) -> list[Mapping[str, Any]]:
@@ -113,7 +120,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
         return [str(v) for v in (runtimes_index.get("cluster", ()) if runtimes_index is not None
                                  else ()) if v]
 
-    memo.reconciler = Reconciler(kube, config.defaults(), service_monitors=service_monitors,
+    memo.reconciler = Reconciler(kube, config.defaults(), precision=precision_seen,
+                                 service_monitors=service_monitors,
                                  api_workers=config.api_workers, external=prober.summary,
                                  pod_failures=pod_failures, cache_pods=cache_pods,
                                  node_runtimes=node_runtimes, image_volumes=config.image_volumes)
@@ -127,6 +135,27 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
     memo.pod_health_task = asyncio.get_running_loop().create_task(
         poller.run(lambda: indices.get(pod_health.POD_ADDRESSES_INDEX)), name="pod-health poller")
     memo.pod_health_task.add_done_callback(_poller_ended)
+    reported: dict[OwnerKey, tuple[Any, ...]] = {}  # fleet -> the records of its last pass
+
+    async def precision_changed(view: Mapping[OwnerKey, tuple[pod_health.PodHealth, ...]]
+                                ) -> None:
+        """A pass for each fleet whose pods report other precision records than at its last
+        pass (a failed pass is tried again after the next poll)."""
+        for key, answers in view.items():
+            now = fleet_precision.fingerprint(fleet_precision.observed(
+                fleet_precision.from_health(h.pod, h.body) for h in answers))
+            if reported.get(key, ()) == now:
+                continue
+            owner = next(iter(indices[RERANKERS_INDEX].get(key, ())), None)
+            if owner is None:
+                reported.pop(key, None)
+                continue
+            outcome = await memo.reconciler.reconcile(owner, _live(key, indices))
+            if outcome.retry is None:
+                reported[key] = now
+        for key in [k for k in reported if k not in view]:
+            del reported[key]
+    poller.subscribe(precision_changed)
     logger.info("reranker-operator: %r; ServiceMonitors %s; external endpoints probed every "
                 "%gs", config.defaults(),
                 "served" if service_monitors else "not served (no monitoring.coreos.com CRD)",

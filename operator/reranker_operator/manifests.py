@@ -27,6 +27,7 @@ import kopf
 from reranker import contract
 from reranker_operator import external, served_names
 from reranker_operator import model_delivery
+from reranker_operator import fleet_precision
 from reranker_operator.spec import RerankerSpec
 
 Manifest = dict[str, Any]
@@ -164,6 +165,8 @@ def server_settings(spec: RerankerSpec) -> dict[str, str]:
         "RERANKER_RUNTIME": spec.runtime,
         # converted models (OpenVINO IR) next to the downloaded ones: a container restart does not convert again
         "RERANKER_MODEL_CACHE_DIR": MODEL_CACHE_DIR,
+        # the fleet's precision records (the NAME-precision ConfigMap, mounted read-only)
+        fleet_precision.ENV_RECORD_DIR: fleet_precision.MOUNT_PATH,
         "RERANKER_MAX_PARALLEL": p.max_parallel,
         "RERANKER_MAX_QUEUE": p.max_queue,
         "RERANKER_QUEUE_TIMEOUT": p.queue_timeout_seconds,
@@ -315,6 +318,8 @@ def server_container(name: str, spec: RerankerSpec, defaults: Defaults) -> Manif
         # any other crash reports the log's tail. The operator's Degraded condition shows it.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    # The fleet's precision records: a later pod reads auto's pick instead of timing it.
+    container["volumeMounts"].append(fleet_precision.volume_mount())
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
     return container
@@ -336,6 +341,7 @@ def pod_template(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
         volumes.append({"name": "api-keys", "secret": {
             "secretName": spec.api_key_secret.name,
             "items": [{"key": spec.api_key_secret.key, "path": API_KEYS_FILE}]}})
+    volumes.append(fleet_precision.volume(config_map_name=fleet_precision.config_map_name(name)))
     pod_spec: Manifest = {
         **({"initContainers": init_containers} if init_containers else {}),
         "containers": [server_container(name, spec, defaults)],
@@ -719,6 +725,17 @@ def children(owner: Mapping[str, Any], spec: RerankerSpec, defaults: Defaults,
         objs += external_endpoint_slices(name, summary)
     kopf.adopt(objs, owner=_owner_view(owner))
     return objs
+
+
+def precision_config_map(owner: Mapping[str, Any], records: Mapping[str, str]) -> Manifest:
+    """The `NAME-precision` ConfigMap of the fleet's precision records (`fleet_precision`),
+    adopted by `owner`. Built apart from `children`: its data is what the pods reported (and
+    what the live ConfigMap already holds), not the spec; the pods mount it whatever it holds,
+    so a change never rolls them."""
+    name = owner["metadata"]["name"]
+    cm = fleet_precision.config_map(name, records, labels(name))
+    kopf.adopt(cm, owner=_owner_view(owner))
+    return cm
 
 
 def _owner_view(owner: Mapping[str, Any]) -> kopf.Body:

@@ -48,6 +48,7 @@ from reranker_operator import (
     served_names,
     status,
 )
+from reranker_operator import fleet_precision
 from reranker_operator.kube import Kube, error_message
 from reranker_operator.spec import DEFAULT_SERVICE_PORT, InvalidSpec, RerankerSpec, parse
 
@@ -178,6 +179,8 @@ ExternalView = Callable[[OwnerKey], external.Summary | None]
 
 #: The failures of a fleet's server pods (status.pod_failure of each failing one).
 PodFailures = Callable[[OwnerKey], Sequence[Mapping[str, str]]]
+#: The precision records a fleet's pods report serving (fleet_precision.from_health).
+PrecisionView = Callable[[OwnerKey], Sequence[fleet_precision.Observation | None]]
 #: The ended pods of a fleet's model-cache Jobs (model_delivery.terminated_pod of each).
 CachePods = Callable[[OwnerKey], Sequence[Mapping[str, Any]]]
 #: The container runtimes of the cluster's nodes (status.nodeInfo.containerRuntimeVersion).
@@ -189,6 +192,10 @@ def _no_external(_key: OwnerKey) -> external.Summary | None:
 
 
 def _no_pod_failures(_key: OwnerKey) -> Sequence[Mapping[str, str]]:
+    return ()
+
+
+def _no_precision(_key: OwnerKey) -> Sequence[fleet_precision.Observation | None]:
     return ()
 
 
@@ -208,7 +215,8 @@ class Reconciler:
     `service_monitors` says whether the API server served ServiceMonitors when the operator
     started (and so whether their watch stream, and their index, exist). `external` gives the
     prober's summary of a fleet's external endpoints: their EndpointSlices and status;
-    `pod_failures` why its server pods fail (Degraded).
+    `pod_failures` why its server pods fail (Degraded); `precision` the precision records its
+    pods report (the `<rd>-precision` ConfigMap and status.precision: `fleet_precision`).
     """
 
     def __init__(self, kube: Kube, defaults: manifests.Defaults, *,
@@ -217,6 +225,7 @@ class Reconciler:
                  clock: Callable[[], str] = utcnow,
                  events: EventPoster = post_event,
                  external: ExternalView = _no_external,
+                 precision: PrecisionView = _no_precision,
                  pod_failures: PodFailures = _no_pod_failures,
                  cache_pods: CachePods = lambda _key: (),
                  node_runtimes: NodeRuntimes = lambda: (),
@@ -230,6 +239,7 @@ class Reconciler:
         self._api_image_volumes: bool | None = None
         self.external = external
         self.pod_failures = pod_failures
+        self.precision = precision
         # Blocking API calls run here, not in the loop's default executor, so that a burst
         # of creations cannot starve (or be starved by) anything else.
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -372,6 +382,9 @@ class Reconciler:
         desired = [drift.stamp(obj) for obj in manifests.children(
             owner, spec, defaults, summary, model_cache=cache)]
         problems: list[status.Problem] = []
+        records = self._precision_records(owner, live)
+        if records:  # only once there is a record: a fleet that never measures has none
+            desired.append(drift.stamp(manifests.precision_config_map(owner, records)))
         held_as_is: set[ChildKey] = set()
         if cache is not None and cache.state == model_delivery.FAILED:
             problems.append(status.Problem("ModelCacheFailed", cache.message))
@@ -573,6 +586,38 @@ class Reconciler:
         conflicted.add(("Secret", name))
         return True
 
+    # --- the fleet's precision records (fleet_precision) ---------------------------------
+
+    def _precision_records(self, owner: Mapping[str, Any], live: Live) -> dict[str, str]:
+        """The `<rd>-precision` ConfigMap's data: its live records (if it is this
+        RerankerDeployment's), then the keys the pods or the model-cache Job report first."""
+        name, uid = owner["metadata"]["name"], owner["metadata"].get("uid")
+        cm = live.get(("ConfigMap", fleet_precision.config_map_name(name)))
+        data = cm.get("data") if cm is not None and ownership.controlled_by(cm, uid) else None
+        return fleet_precision.records(data, self._precision_seen(owner))
+
+    def _precision_seen(self, owner: Mapping[str, Any]) -> dict[str, fleet_precision.Observation]:
+        """What the pods report now, and the model-cache Job's measurement (status.modelCache)."""
+        seen = list(self.precision(owner_key(owner)))
+        cache = (self._last_status.get(str(owner["metadata"].get("uid")))
+                 or owner.get("status") or {}).get("modelCache")
+        if isinstance(cache, Mapping) and isinstance(cache.get("result"), Mapping):
+            seen.append(fleet_precision.from_conversion(str(cache.get("job") or "model-cache"),
+                                                        cache["result"]))
+        return fleet_precision.observed(seen)
+
+    def _precision_status(self, owner: Mapping[str, Any], plan: _Plan,
+                          current: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+        """status.precision from the ConfigMap this pass wants (None: a spec that does not
+        parse; the last entries stay)."""
+        if plan.spec is None:
+            return None
+        name = fleet_precision.config_map_name(owner["metadata"]["name"])
+        cm = next((o for o in plan.desired if (o["kind"], o["metadata"]["name"]) == (
+            "ConfigMap", name)), None)
+        return fleet_precision.entries((cm or {}).get("data") or {}, self._precision_seen(owner),
+                                       current.get("precision"))
+
     # --- status and events ----------------------------------------------------------------
 
     def _status(self, owner: Mapping[str, Any], plan: _Plan, live: Live, outcome: Outcome,
@@ -589,6 +634,7 @@ class Reconciler:
             now=self.clock(),
             external=self.external(owner_key(owner)),
             pod_failures=self.pod_failures(owner_key(owner)),
+            precision=self._precision_status(owner, plan, current),
             model_cache=plan.model_cache,
             served_names=(served_names.from_settings(manifests.server_settings(spec))
                           if spec is not None else None),

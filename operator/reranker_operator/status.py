@@ -13,6 +13,10 @@ per endpoint, and ExternalEndpointsReady. Ready stays about the pods (spec.repli
 counts whatever serves through the Service, Macs included. While the prober has not judged a
 fleet yet (`external=None`, e.g. right after the operator starts), the last reported external
 part is kept as it is, so a restart rewrites nothing.
+
+The fleet's precision records (`fleet_precision`: one entry per record key, from what the pods
+report) are status.precision, and their picks joined status.precisionSummary (the `Precision`
+printer column); `precision=None` keeps the last reported ones.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from reranker_operator import external as ext
+from reranker_operator import fleet_precision
 from reranker_operator import manifests, model_delivery
 
 READY = "Ready"
@@ -123,6 +128,7 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
           problems: Sequence[Problem], config_hash: str | None, service_port: int,
           now: str, external: ext.Summary | None = None,
           pod_failures: Sequence[Mapping[str, str]] = (),
+          precision: Sequence[Mapping[str, Any]] | None = None,
           model_cache: model_delivery.CacheState | None = None,
           served_names: Sequence[str] | None = None) -> dict[str, Any]:
     """The full status for `owner` (a RerankerDeployment body); `pod_failures` are the
@@ -254,6 +260,11 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
         (owner.get("status") or {}).get("servedNames"))
     if names:
         status["servedNames"] = list(names)
+    entries = precision if precision is not None else (
+        (owner.get("status") or {}).get("precision"))
+    if entries:
+        status["precision"] = [dict(e) for e in entries]
+        status["precisionSummary"] = fleet_precision.summary(entries)
     return status
 
 

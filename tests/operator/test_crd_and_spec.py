@@ -74,8 +74,9 @@ def test_scale_subresource_paths(crd: dict[str, Any]) -> None:
 def test_printer_columns(crd: dict[str, Any]) -> None:
     columns = {c["name"]: c["jsonPath"] for c in crd["spec"]["versions"][0][
         "additionalPrinterColumns"]}
-    assert list(columns) == ["Models", "Device", "Quantization", "Replicas", "Ready",
-                             "External", "Status", "Age"]
+    assert list(columns) == ["Models", "Device", "Quantization", "Precision", "Replicas",
+                             "Ready", "External", "Status", "Age"]
+    assert columns["Precision"] == ".status.precisionSummary"
     assert columns["External"] == ".status.externalEndpoints.ready"
     assert columns["Status"] == '.status.conditions[?(@.type=="Ready")].status'
 

@@ -97,6 +97,7 @@ def test_settings_are_named_by_the_server_contract() -> None:
         "RERANKER_MODEL_KIND": "cross-encoder", "RERANKER_MAX_LENGTH": "256",
         "RERANKER_DEVICE": "cpu", "RERANKER_QUANTIZATION": "auto", "RERANKER_RUNTIME": "auto",
         "RERANKER_MODEL_CACHE_DIR": "/cache/reranker",
+        "RERANKER_PRECISION_RECORD_DIR": "/etc/reranker/precision",
         "RERANKER_MAX_PARALLEL": "4", "RERANKER_MAX_QUEUE": "256",
         "RERANKER_QUEUE_TIMEOUT": "2.5", "RERANKER_BATCH_SIZE": "32",
         "MICRO_BATCH_ENABLED": "true", "MICRO_BATCH_WINDOW_MS": "5",
