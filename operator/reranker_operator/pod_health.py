@@ -114,7 +114,8 @@ Subscriber = Callable[[Mapping[FleetKey, tuple[PodHealth, ...]]], Awaitable[None
 
 
 class Poller:
-    """Holds the newest answer per pod (event loop only)."""
+    """Holds the newest answer per pod (written by the event loop; `latest` may be read from
+    the reconciler's worker threads)."""
 
     def __init__(self, *, period: float = PERIOD_SECONDS, timeout: float = TIMEOUT_SECONDS,
                  clock: Callable[[], float] = time.time) -> None:
@@ -127,7 +128,8 @@ class Poller:
 
     def latest(self, namespace: str, deployment: str) -> tuple[PodHealth, ...]:
         """The newest answer of each Ready pod of the fleet, by pod name."""
-        return tuple(sorted((h for (ns, fleet, _), h in self._answers.items()
+        answers = tuple(self._answers.items())  # one step: the reconciler's threads read too
+        return tuple(sorted((h for (ns, fleet, _), h in answers
                              if (ns, fleet) == (namespace, deployment)), key=lambda h: h.pod))
 
     def subscribe(self, subscriber: Subscriber) -> None:
