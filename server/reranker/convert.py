@@ -8,7 +8,9 @@ converts and times nothing (backends/openvino.py, backends/precision_record.py).
 
 It reads the same settings as `reranker serve` (env vars and flags) and writes exactly what `serve`
 would write into RERANKER_MODEL_CACHE_DIR, through the same backend code, so the two cannot disagree
-on names or keys. The outcome is one JSON line on stdout, and the same JSON in `--termination-log`
+on names or keys. It works in a staging folder inside the cache dir and moves the results in at
+the end, the precision record first and the float graph last: a server waiting for the float graph
+(runtime.py) finds the record with it, and never reads half a conversion. The outcome is one JSON line on stdout, and the same JSON in `--termination-log`
 (Kubernetes' /dev/termination-log: the operator reads it from the Job's pod status without reading
 logs). Logs go to stderr; anything a library prints meanwhile is sent there too, so stdout holds
 only that line.
@@ -22,6 +24,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,17 +84,23 @@ def convert(settings: Settings, *, termination_log: Path | None = None) -> int:
     if not writable:
         return _fail(f"RERANKER_MODEL_CACHE_DIR={cache} is not writable: reranker convert writes the IR there",
                      termination_log, EXIT_UNSUITABLE)
-    settings = settings.model_copy(update={"runtime": "openvino", "device": "cpu"})
-    compiled = cache / "openvino" / "compiled"
-    had_compiled = compiled.exists()
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache))
+    # What the cache already holds is read (as a seed), not made again; what is new is made in staging.
+    seeds = ":".join([str(cache), settings.model_seed_dirs] if settings.model_seed_dirs else [str(cache)])
     try:
-        with _stdout_to_stderr():
-            backend = load_backend(settings)
-    except ConversionNeeded as exc:
-        return _fail(f"reranker convert needs PyTorch and transformers (the `server` extra, the -torch image): {exc}",
-                     termination_log, EXIT_UNSUITABLE)
-    except BackendError as exc:
-        return _fail(f"{exc.__class__.__name__}: {exc}", termination_log, EXIT_FAILED)
+        try:
+            with _stdout_to_stderr():
+                backend = load_backend(settings.model_copy(update={
+                    "runtime": "openvino", "device": "cpu", "model_cache_dir": staging, "model_seed_dirs": seeds}))
+        except ConversionNeeded as exc:
+            return _fail(f"reranker convert needs PyTorch and transformers (the `server` extra, the -torch image): "
+                         f"{exc}", termination_log, EXIT_UNSUITABLE)
+        except BackendError as exc:
+            return _fail(f"{exc.__class__.__name__}: {exc}", termination_log, EXIT_FAILED)
+        backend.close()
+        _move_in(staging / "openvino", cache / "openvino")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     info = backend.info
     record = dict(info.precision_record or {})
     folders = sorted({str(p.parent) for p in (cache / "openvino").glob("*/model.xml")})
@@ -105,14 +114,24 @@ def convert(settings: Settings, *, termination_log: Path | None = None) -> int:
         "seconds": {**{k: round(v, 3) for k, v in backend.startup.items()},
                     "total": round(time.perf_counter() - started, 3)},
     }
-    backend.close()
-    if not had_compiled:
-        # OpenVINO's compiled kernels of every candidate timed, for this machine's CPU: a server reads
-        # IR from a seed dir but compiles into its own writable cache, so they would only take room.
-        shutil.rmtree(compiled, ignore_errors=True)
     _report(result, termination_log)
     log.info("converted %s: %s in %.1f s", info.model, info.numerics, result["seconds"]["total"])
     return 0
+
+
+def _move_in(made: Path, cache: Path) -> None:
+    """Move what the conversion made into the cache: records first, then the graphs, the float graph
+    last (what a waiting server polls for). A graph already there is the same graph (same
+    fingerprint) and stays. OpenVINO's compiled kernels (of every candidate timed, for this
+    machine's CPU) are left behind: a server compiles into its own writable cache."""
+    for record in sorted(made.glob("precision-*.json")):
+        os.replace(record, cache / record.name)
+    graphs = sorted((p.parent for p in made.glob("*/model.xml")), key=lambda p: "-float-" in p.name)
+    for folder in graphs:
+        try:
+            os.replace(folder, cache / folder.name)
+        except OSError:  # made by another convert meanwhile: the same bytes
+            log.info("%s is already in %s", folder.name, cache)
 
 
 def _fail(message: str, termination_log: Path | None, code: int) -> int:
