@@ -363,3 +363,27 @@ def test_torch_auto_races_bf16_against_fp32_on_a_bf16_cpu(tiny_bert: Path) -> No
     else:
         assert backend.info.dtype == "fp32" and "no native bf16" in backend.info.precision
     assert max_diff(backend.score(PAIRS), torch_fp32(tiny_bert).score(PAIRS)) <= 0.05
+
+
+def test_the_ir_key_names_openvino_not_torch_or_transformers(tiny_bert: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slim server (no torch, no transformers) must find the IR the PyTorch image of the same release
+    converted: the folder's fingerprint names the model and OpenVINO (+ nncf), not the torch or
+    transformers versions. Folders named the old way are never matched: they are ignored, not read."""
+    from importlib.metadata import version as real_version
+
+    import reranker.backends.openvino as ov_backend
+
+    backend = load(tiny_bert, tmp_path)
+    keys = {graph: backend.ir_fingerprint(graph) for graph in ("float", "int8-dynamic")}
+    stale = tmp_path / "openvino" / f"{backend._ir_folder('float').name.rsplit('-', 1)[0]}-0123456789abcdef"
+    stale.mkdir()
+    (stale / "model.xml").write_text("<not a model/>")  # an old-style folder: never opened
+    monkeypatch.setattr(ov_backend, "version", lambda name: "0.0-other" if name in ("torch", "transformers")
+                        else real_version(name))
+    assert {graph: backend.ir_fingerprint(graph) for graph in keys} == keys
+    assert load(tiny_bert, tmp_path).score(PAIRS) == backend.score(PAIRS)
+    monkeypatch.setattr(ov_backend, "version", lambda name: "0.0-other" if name == "nncf" else real_version(name))
+    assert backend.ir_fingerprint("float") == keys["float"] and backend.ir_fingerprint("int8-dynamic") != keys["int8-dynamic"]
+    monkeypatch.setattr(ov_backend.ov, "get_version", lambda: "9999.0")
+    assert backend.ir_fingerprint("float") != keys["float"]

@@ -6,7 +6,7 @@
 - A server started from a `reranker convert` seed imports neither torch nor transformers (nor
   nncf, which imports torch wherever torch is installed).
 - A server in a process where torch and transformers cannot be imported (the venv has them, so a
-  sitecustomize hides them: see `hidden_torch`) serves the seed's IR with the same scores, reads
+  sitecustomize hides them: no_torch.py) serves the seed's IR with the same scores, reads
   the precision from the seed or from RERANKER_PRECISION_RECORD_DIR without timing anything, and,
   with no IR anywhere, waits (/health "waiting", /ready 503) until `reranker convert` writes one.
 """
@@ -29,6 +29,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import models  # noqa: E402
+from no_torch import env_without_torch  # noqa: E402
 from servers import VENV_BIN, ServerFactory  # noqa: E402
 
 from reranker.backends import model_files  # noqa: E402
@@ -110,27 +111,8 @@ def seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def hidden_torch(tmp_path: Path) -> dict[str, str]:
-    """Env for a process in which torch and transformers cannot be imported, as in the slim image.
-
-    The venv has both (the tests' references need them), so a sitecustomize on PYTHONPATH puts a
-    meta-path finder first that raises ModuleNotFoundError for them: `import torch` fails there
-    exactly as where it is not installed. (A mock of the real thing, which is an image without
-    torch: tests/ship builds and runs that one.)"""
-    folder = tmp_path / "no-torch"
-    folder.mkdir()
-    (folder / "sitecustomize.py").write_text(textwrap.dedent('''
-        import sys
-
-        class HideTorch:
-            """torch and transformers are not installed, as far as this process can tell."""
-            def find_spec(self, name, path=None, target=None):
-                if name.partition(".")[0] in ("torch", "transformers"):
-                    raise ModuleNotFoundError(f"No module named {name!r} (hidden: the slim image has none)", name=name)
-                return None
-
-        sys.meta_path.insert(0, HideTorch())
-    '''))
-    return {"PYTHONPATH": str(folder)}
+    """Env for a process in which torch and transformers cannot be imported (no_torch.py says how)."""
+    return env_without_torch(tmp_path / "no-torch")
 
 
 def _serve(uvicorn_server: ServerFactory, env: dict[str, str], *, wait: bool = True) -> str:
@@ -204,8 +186,48 @@ def test_a_record_in_the_record_dir_is_served_without_timing(
     url = _serve(uvicorn_server, {**hidden_torch, "RERANKER_MODEL_SEED_DIRS": str(ir_only.parent),
                                   "RERANKER_MODEL_CACHE_DIR": str(tmp_path / "cache"),
                                   "RERANKER_PRECISION_RECORD_DIR": str(records)})
-    model = httpx.get(url + "/health").json()["model"]
+    health = httpx.get(url + "/health").json()
+    model = health["model"]
+    assert health["startup"]["seconds"]["precision"] == 0 and health["startup"]["seconds"]["convert"] == 0
     assert model["precision_record"]["origin"] == f"recorded in RERANKER_PRECISION_RECORD_DIR={records}"
     assert model["precision_record"]["key"] == key
     assert model["precision_record"]["measured_at"] == json.loads(record.read_text())["measured_at"]
     assert len(_scores(url)) == len(DOCUMENTS)
+
+
+def test_without_torch_or_a_converted_model_the_server_waits_then_loads_what_convert_writes(
+        tiny_bert: Path, tmp_path: Path, hidden_torch: dict[str, str], uvicorn_server: ServerFactory) -> None:
+    cache = tmp_path / "cache"
+    server = uvicorn_server({**SLIM_ENV, **hidden_torch, "RERANKER_MODEL": str(tiny_bert),
+                             "RERANKER_MODEL_CACHE_DIR": str(cache)}, wait=False)
+    deadline, health = time.monotonic() + 60, {}
+    while time.monotonic() < deadline and health.get("status") != "waiting":
+        assert server.proc.poll() is None, server.log.read_text()[-3000:]
+        try:
+            health = httpx.get(server.url + "/health", timeout=2).json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    assert health.get("status") == "waiting", health
+    assert "no converted OpenVINO graph" in health["reason"] and "reranker convert" in health["reason"]
+    assert health["startup"]["ready_at"] is None
+    ready = httpx.get(server.url + "/ready")
+    assert ready.status_code == 503 and ready.json()["reason"] == "waiting"
+    assert "PyTorch and transformers are not installed" in ready.json()["message"]
+    time.sleep(2.5)  # it keeps waiting (polling), not crashing
+    assert server.proc.poll() is None and httpx.get(server.url + "/health").json()["status"] == "waiting"
+
+    done = _convert(cache, {"RERANKER_MODEL": str(tiny_bert)})  # what the operator's Job does, with torch
+    assert done.returncode == 0, done.stderr[-3000:]
+    server.wait_ready(timeout=30)
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "healthy" and health["reason"] is None
+    assert health["model"]["precision_record"]["origin"] == "recorded on disk"  # convert's record: nothing timed
+    seconds = health["startup"]["seconds"]
+    assert seconds["convert"] == 0 and seconds["precision"] == 0 and seconds["total"] > 2.5
+    assert health["activity"] == {"requests": 0, "last_request_at": None}
+    assert len(_scores(server.url)) == len(DOCUMENTS)
+    activity = httpx.get(server.url + "/health").json()["activity"]
+    assert activity["requests"] == 1 and time.time() - 30 < activity["last_request_at"] <= time.time()
+    log = server.log.read_text()
+    assert "waiting for the converted model" in log and "ready in " in log

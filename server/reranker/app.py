@@ -96,6 +96,8 @@ class RequestContext:
                 runtime.metrics.total_requests += 1
                 if status >= 400:
                     runtime.metrics.failed_requests += 1
+            if runtime is not None and route in _RANKING_ROUTES:
+                runtime.note_request()  # /health's activity: what scale-to-zero reads
             if route not in ("/metrics", "/health", "/ready") or status >= 400:
                 log.info("%s %s %d %.1fms", scope.get("method"), path, status, elapsed * 1000,
                          extra={"status": status, "duration_ms": round(elapsed * 1000, 2)})

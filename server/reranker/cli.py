@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(overrides: dict[str, object]) -> Settings | None:
+def _settings(overrides: dict[str, Any]) -> Settings | None:
     try:
         return Settings(**overrides)
     except ValidationError as exc:

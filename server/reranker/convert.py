@@ -104,18 +104,18 @@ def convert(settings: Settings, *, termination_log: Path | None = None) -> int:
     info = backend.info
     record = dict(info.precision_record or {})
     folders = sorted({str(p.parent) for p in (cache / "openvino").glob("*/model.xml")})
-    result = {
+    seconds = {**{k: round(v, 3) for k, v in backend.startup.items()}, "total": round(time.perf_counter() - started, 3)}
+    result: dict[str, Any] = {
         "model": info.model, "revision": info.revision, "kind": info.kind, "fingerprint": info.fingerprint,
         "dtype": info.dtype, "numerics": info.numerics, "max_length": info.max_length,
         "precision": {**record, "key": record.get("key"), "plan": record.get("plan", info.numerics),
                       "spearman": record.get("spearman"), "speedup": record.get("speedup"),
                       "cpu": sorted(flag for flag in ISA_FLAGS if flag in cpu_flags()), "reason": info.precision},
         "cache_dir": str(cache), "ir": folders,
-        "seconds": {**{k: round(v, 3) for k, v in backend.startup.items()},
-                    "total": round(time.perf_counter() - started, 3)},
+        "seconds": seconds,
     }
     _report(result, termination_log)
-    log.info("converted %s: %s in %.1f s", info.model, info.numerics, result["seconds"]["total"])
+    log.info("converted %s: %s in %.1f s", info.model, info.numerics, seconds["total"])
     return 0
 
 

@@ -341,6 +341,9 @@ async def ready(request: Request) -> Any:
         return {"ready": True}
     if runtime.admission.draining:
         reason = "draining"
+    elif runtime.waiting:  # no converted model yet, and this server cannot convert (runtime.py)
+        return JSONResponse({"ready": False, "reason": "waiting", "message": runtime.waiting},
+                            status_code=503, headers={"Retry-After": "5"})
     elif runtime.load_error:
         reason = "error"
     elif fault:

@@ -5,6 +5,15 @@ background: /health answers at once ("loading"), /ready and the rerank routes an
 until the model is loaded and warm. The batcher, cache and ranker exist only once the
 backend does.
 
+A server that cannot convert its model (the slim image: no PyTorch) and finds no converted graph
+does not fail: it waits (/health "waiting" with the reason, /ready 503), checks the seed and cache
+folders every WAIT_POLL_SECONDS, and loads when `reranker convert` (a Job, another pod) has written
+the graph. Crashing would only restart it into the same state, with back-off delaying the load.
+
+/health tells how the start went (`startup`: each phase's seconds, from the process's start) and
+how busy the server has been (`activity`: what a scale-to-zero controller needs to see idleness);
+the same phases are logged once, in one line, when the server turns ready.
+
 A loaded server can still be unable to serve: every forward slot stuck in a forward past
 RERANKER_WORKER_TIMEOUT, or the batching task dead (`fault`). /health and /ready then answer
 503 with the reason, so the orchestrator takes the replica out of the Service and restarts it.
@@ -14,13 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .admission import Admission
 from .auth import ApiKeys
-from .backends import Backend, BackendInfo, load_backend
+from .backends import Backend, BackendInfo, ConversionNeeded, load_backend
 from .batcher import Batcher
 from .cache import RemoteTier, ScoreCache
 from .leases import Leases
@@ -32,6 +43,25 @@ if TYPE_CHECKING:
     from .registration import Registration
 
 log = logging.getLogger(__name__)
+
+#: How often a waiting server looks for the converted model.
+WAIT_POLL_SECONDS = 2.0
+#: /health's `startup.seconds`, in the order a start goes through them.
+PHASES = ("imports", "model_files", "convert", "compile", "precision", "warm_up")
+
+
+def process_started_at() -> float:
+    """When this process started (unix seconds): its start time in /proc against the uptime (10 ms
+    resolution). Elsewhere: when this module was imported."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
 
 _PENDING_INFO = BackendInfo(model="", revision="", kind="cross-encoder", backend="", device="", dtype="",
                             max_length=0, activation="sigmoid")
@@ -54,6 +84,13 @@ class Runtime:
                                    max_parallel=settings.max_parallel or 1, queue_timeout=settings.queue_timeout,
                                    max_concurrent=settings.max_concurrent_requests)
         self.dropped_pairs = 0
+        self.waiting: str | None = None  # why the model cannot load yet (no converted graph and no PyTorch)
+        self.started_at = process_started_at()
+        self.created_at = time.time()
+        self.ready_at: float | None = None
+        self.phases: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self.requests = 0  # rerank requests answered since start
+        self.last_request_at: float | None = None
         self.loaded = asyncio.Event()
         self.registration: Registration | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -66,18 +103,47 @@ class Runtime:
         """Start loading in the background; returns at once."""
         self._tasks.append(asyncio.get_running_loop().create_task(self._load(), name="load-model"))
 
+    def note_request(self) -> None:
+        """A rerank request was answered (any status): /health's `activity`."""
+        self.requests += 1
+        self.last_request_at = time.time()
+
+    async def _wait_for_conversion(self, needed: ConversionNeeded) -> None:
+        """Until the converted graph appears (polled every WAIT_POLL_SECONDS): /health says why."""
+        self.waiting = str(needed)
+        log.warning("waiting for the converted model (checked every %.0f s): %s", WAIT_POLL_SECONDS, needed)
+        while not await asyncio.to_thread(needed.available):
+            await asyncio.sleep(WAIT_POLL_SECONDS)
+        log.info("the converted model appeared: loading")
+
+    async def _load_backend(self) -> Backend:
+        """The backend, after waiting for its conversion as long as that takes."""
+        while True:
+            try:
+                return await asyncio.to_thread(load_backend, self.settings)
+            except ConversionNeeded as needed:
+                await self._wait_for_conversion(needed)
+
     async def _load(self) -> None:
         started = time.monotonic()
+        # Everything before the app began loading (interpreter, the server's modules, uvicorn) counts as imports.
+        self.phases["imports"] = max(0.0, self.created_at - self.started_at)
         try:
             if self.backend is None:
-                self.backend = await asyncio.to_thread(load_backend, self.settings)
+                self.backend = await self._load_backend()
+                self.waiting = None
+                for phase, seconds in self.backend.startup.items():
+                    if phase in self.phases:
+                        self.phases[phase] += seconds
             info = self.backend.info
             self.metrics.model_info.labels(model=info.model, backend=info.backend, device=info.device, dtype=info.dtype).set(1)
             if self.settings.redis_enabled and self.settings.enable_prediction_cache:
                 self.remote = await self._connect_redis(info.fingerprint)
             self._build_engine(self.backend)
             if self.settings.warmup_on_start:
+                warm_started = time.perf_counter()
                 rate = await asyncio.to_thread(self.backend.warmup)
+                self.phases["warm_up"] = time.perf_counter() - warm_started
                 # A first throughput estimate for admission, before any real batch has run.
                 assert self.batcher is not None
                 self.batcher.seed_throughput(rate)
@@ -86,9 +152,14 @@ class Runtime:
             log.error("model load failed: %s", self.load_error)
             return
         self.admission.ready = True
+        self.ready_at = time.time()
         self.loaded.set()
         log.info("serving %s (%s on %s, %s, max_length %d) after %.1fs", info.model, info.backend, info.device,
                  info.dtype, info.max_length, time.monotonic() - started)
+        p = self.phases
+        log.info("ready in %.1f s: imports %.1f, model files %.1f, convert %.1f, compile %.1f, precision %.1f, "
+                 "warm-up %.1f", self.ready_at - self.started_at, p["imports"], p["model_files"], p["convert"],
+                 p["compile"], p["precision"], p["warm_up"], extra={"startup": self.startup()})
         if self.settings.register_deployment:
             # Join the fleet's Service from outside the cluster (a Mac): in the background, and
             # nothing it meets can stop the serving.
@@ -157,6 +228,13 @@ class Runtime:
             return self.load_error
         return self.batcher.fault() if self.batcher is not None else None
 
+    def startup(self) -> dict[str, Any]:
+        """/health's `startup`: when the process started, when it turned ready, each phase's seconds."""
+        total = (self.ready_at or time.time()) - self.started_at
+        return {"started_at": round(self.started_at, 3),
+                "ready_at": None if self.ready_at is None else round(self.ready_at, 3),
+                "seconds": {**{k: round(v, 3) for k, v in self.phases.items()}, "total": round(total, 3)}}
+
     def health(self) -> dict[str, Any]:
         fault = self.fault
         if self.load_error:
@@ -165,6 +243,8 @@ class Runtime:
             status = "wedged"
         elif self.admission.draining:
             status = "draining"
+        elif self.waiting:
+            status = "waiting"
         elif not self.admission.ready:
             status = "loading"
         else:
@@ -178,4 +258,8 @@ class Runtime:
             "cache": {"enabled": self.settings.enable_prediction_cache, "local_entries": len(self.cache) if self.cache else 0,
                       "redis": self.settings.redis_enabled},
             "error": fault,
+            "reason": self.waiting,
+            "startup": self.startup(),
+            "activity": {"requests": self.requests,
+                         "last_request_at": None if self.last_request_at is None else round(self.last_request_at, 3)},
         }

@@ -112,7 +112,7 @@ def read_tokenizer(folder: Path) -> TokenizerFiles:
     # the same part is rebuilt here. BERT: the normalizer, when the casing options differ from it.
     state = json.loads(engine.to_str()).get("normalizer") or {}
     if state.get("type") == "BertNormalizer":
-        wanted = {"lowercase": config.get("do_lower_case", state.get("lowercase")),
+        wanted: dict[str, Any] = {"lowercase": config.get("do_lower_case", state.get("lowercase")),
                   "strip_accents": config.get("strip_accents", state.get("strip_accents")),
                   "handle_chinese_chars": config.get("tokenize_chinese_chars", state.get("handle_chinese_chars"))}
         if any(state.get(k) != v for k, v in wanted.items()):
