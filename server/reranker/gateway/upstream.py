@@ -48,16 +48,18 @@ class Upstreams:
                  connect_timeout: float, max_retries: int) -> None:
         self.loads, self.affinity, self.metrics = loads, affinity, metrics
         self.max_retries = max_retries
-        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        # read/write/pool unbounded here: the request's one deadline (asyncio.timeout) bounds them all
-        self._timeout = httpx.Timeout(None, connect=connect_timeout)
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        # The bound is `_gate`'s; httpx's pool has room to spare so that no request ever queues in it.
+        self._limits = httpx.Limits(max_connections=2 * max_connections, max_keepalive_connections=max_connections)
         self._clients: dict[str, httpx.AsyncClient] = {}
+        self._gates: dict[str, asyncio.Semaphore] = {}
 
     def client(self, endpoint: Endpoint) -> httpx.AsyncClient:
         client = self._clients.get(endpoint.url)
         if client is None:
             client = self._clients[endpoint.url] = httpx.AsyncClient(
-                base_url=endpoint.url, limits=self._limits, timeout=self._timeout, trust_env=False)
+                base_url=endpoint.url, limits=self._limits, trust_env=False)
         return client
 
     async def close(self) -> None:
@@ -86,9 +88,7 @@ class Upstreams:
             try:
                 answer = await self._post(current, path=path, body=body, headers=headers, pairs=pairs,
                                           deadline=deadline, model=model)
-            except (httpx.TransportError, OSError) as exc:
-                if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
-                    raise  # read/write/pool timeouts are unbounded here: only the deadline ends a try
+            except (httpx.TransportError, OSError) as exc:  # refused, reset, cut off: nothing was answered
                 self.loads.eject(current)
                 connects += 1
                 if connects > self.max_retries:
@@ -111,26 +111,48 @@ class Upstreams:
         assert last is not None
         return last
 
+    def _gate(self, endpoint: Endpoint) -> asyncio.Semaphore:
+        gate = self._gates.get(endpoint.url)
+        if gate is None:
+            gate = self._gates[endpoint.url] = asyncio.Semaphore(self.max_connections)
+        return gate
+
     async def _post(self, endpoint: Endpoint, *, path: str, body: bytes, headers: Mapping[str, str], pairs: int,
                     deadline: float, model: str) -> Answer:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RequestTimeout("the request's deadline passed (RERANKER_GATEWAY_REQUEST_TIMEOUT_SECONDS)",
-                                 retry_after=1)
+        timed_out = RequestTimeout(f"no answer from {endpoint.name} within the request's deadline "
+                                   "(RERANKER_GATEWAY_REQUEST_TIMEOUT_SECONDS)", retry_after=1)
         self.loads.start(endpoint, pairs)
         load_header: str | None = None
         status = "error"
+        gate = self._gate(endpoint)
         try:
-            async with asyncio.timeout(remaining):
-                response = await self.client(endpoint).post(path, content=body, headers=dict(headers))
+            # Waiting for a connection happens here, not in httpx's pool: a request cancelled while
+            # queued in httpcore's pool (a client gone, a deadline) can leave the pool wedged.
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await gate.acquire()
+            except TimeoutError:
+                status = "timeout"
+                raise timed_out from None
+            try:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    status = "timeout"
+                    raise timed_out
+                # httpx's own timeouts end a hung try inside httpcore, which then drops the connection
+                timeout = httpx.Timeout(remaining, connect=min(self.connect_timeout, remaining))
+                response = await self.client(endpoint).post(path, content=body, headers=dict(headers), timeout=timeout)
+            except httpx.TimeoutException as exc:
+                if isinstance(exc, httpx.ConnectTimeout):
+                    raise  # another endpoint may answer: `send` retries it
+                status = "timeout"
+                raise timed_out from None
+            finally:
+                gate.release()
             load_header = response.headers.get("endpoint-load-metrics")
             status = str(response.status_code)
             kept = {name: response.headers[name] for name in RETURN_HEADERS if name in response.headers}
             return Answer(status=response.status_code, body=response.content, headers=kept, endpoint=endpoint)
-        except TimeoutError:
-            status = "timeout"
-            raise RequestTimeout(f"no answer from {endpoint.name} within the request's deadline "
-                                 "(RERANKER_GATEWAY_REQUEST_TIMEOUT_SECONDS)", retry_after=1) from None
         finally:
             self.loads.finish(endpoint, pairs, header=load_header)
             self.metrics.upstream.labels(model=model, endpoint=endpoint.name, status=status).inc()
