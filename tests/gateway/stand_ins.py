@@ -48,7 +48,6 @@ class StandIn:
                     return
                 if self.mode == "hang":
                     await reader.read()  # until the gateway closes the connection
-                    self.closed_at.append(time.monotonic())
                     return
                 writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 2\r\n"
                              b"content-length: %d\r\n\r\n%s" % (len(_REFUSAL), _REFUSAL))
@@ -56,6 +55,8 @@ class StandIn:
         except (asyncio.IncompleteReadError, ConnectionError):
             return
         finally:
+            if self.mode == "hang":  # never answered: the gateway (or its client) closed it
+                self.closed_at.append(time.monotonic())
             writer.close()
 
     def stop(self) -> None:

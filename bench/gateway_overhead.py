@@ -1,0 +1,74 @@
+"""What the gateway adds: p50/p99 latency and throughput of small requests at a fixed 200 requests/s,
+straight to a server process and through `reranker-gateway` to the same server, in the same run.
+
+    .venv/bin/python bench/gateway_overhead.py [--rate 200] [--seconds 15]
+
+Two workloads, each run direct, through the gateway, direct, through the gateway (alternating, so
+drift of a shared machine falls on both): `cached` repeats a few bodies, so the server answers
+from its score cache and its own time is small and steady (the gateway's cost stands out);
+`scored` sends a new query each time (the model runs: the realistic case). Target: <= 2 ms added
+at p99 and no throughput lost. The load generator, the gateway and the server share this
+machine's cores: what the gateway's CPU costs shows up in both paths' numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import workload as w  # noqa: E402
+from gateway_workload import Gateway  # noqa: E402
+
+
+def bodies(n: int, *, cached: bool, tag: str) -> list[dict]:  # type: ignore[type-arg]
+    docs = w.texts(3, tokens=(8, 16), seed=1, tag="doc")
+    queries = [f"{tag} question {i % 8 if cached else i}" for i in range(n)]
+    return [{"model": "bench", "query": q, "documents": docs} for q in queries]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    args = parser.parse_args()
+    n = int(args.rate * args.seconds)
+    server = w.Server({})
+    gateway = Gateway([server.url])
+    try:
+        for kind in ("cached", "scored"):
+            results: dict[str, list[w.LoadResult]] = {"direct": [], "gateway": []}
+            warm = bodies(16, cached=True, tag=kind)
+            asyncio.run(w.open_loop(server.url, warm, rate=50, path="/v1/rerank"))
+            asyncio.run(w.open_loop(gateway.url, warm, rate=50, path="/v1/rerank"))
+            for round_ in range(2):
+                for path, url in (("direct", server.url), ("gateway", gateway.url)):
+                    sent = bodies(n, cached=kind == "cached", tag=f"{kind}-{path}-{round_}")
+                    results[path].append(asyncio.run(w.open_loop(url, sent, rate=args.rate, path="/v1/rerank")))
+            summary = {}
+            for path, runs in results.items():
+                latencies = [x for r in runs for x in r.latencies]
+                ok = sum(len(r.latencies) for r in runs)
+                statuses: dict[int, int] = {}
+                for r in runs:
+                    for code, count in r.statuses.items():
+                        statuses[code] = statuses.get(code, 0) + count
+                seconds = sum(r.seconds for r in runs)
+                p50, p99 = (float(np.percentile(latencies, q)) * 1000 for q in (50, 99))
+                summary[path] = (p50, p99, ok / seconds)
+                print(f"{kind:6s} {path:7s}: {ok} ok of {sum(statuses.values())} {statuses}  p50 {p50:.2f} ms  "
+                      f"p99 {p99:.2f} ms  {ok / seconds:.1f} answers/s")
+            (d50, d99, dput), (g50, g99, gput) = summary["direct"], summary["gateway"]
+            print(f"{kind:6s} added by the gateway: p50 +{g50 - d50:.2f} ms, p99 +{g99 - d99:.2f} ms; "
+                  f"throughput ratio gateway/direct = {gput / dput:.3f}  (target: p99 <= +2 ms, ratio >= 0.99)")
+    finally:
+        gateway.stop()
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
