@@ -74,7 +74,7 @@ def pick_runtime(settings: "Settings") -> str:
         return "mlx"
     if runtime == "openvino":
         if importlib.util.find_spec("openvino") is None:
-            raise DeviceUnavailable("RERANKER_RUNTIME=openvino but openvino is not installed: pip install 'reranker-fleet[server]'")
+            raise DeviceUnavailable("RERANKER_RUNTIME=openvino but openvino is not installed: pip install 'reranker-fleet[openvino]'")
         return "openvino"
     if runtime == "torch":
         return "torch"

@@ -207,12 +207,12 @@ class HFTokenization:
     @property
     def special_tokens_per_pair(self) -> int:
         pair = self.files.kind != "bi-encoder"
-        if self._base_engine is not None:
+        if self._tokenizer is None:  # no transformers: the engine (the same calls)
             return int(self._base_engine.num_special_tokens_to_add(pair))
         return int(self.tokenizer.num_special_tokens_to_add(pair=pair))
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
-        if self._base_engine is not None:
+        if self._tokenizer is None:  # no transformers: the engine (the same calls)
             plain = self._plain
             fast = getattr(plain, "encode_batch_fast", None) or plain.encode_batch
             return [len(e.ids) for e in fast(list(texts), add_special_tokens=False)]
@@ -220,7 +220,7 @@ class HFTokenization:
         return [len(ids) for ids in enc["input_ids"]]
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
-        if self._base_engine is not None:
+        if self._tokenizer is None:  # no transformers: the engine (the same calls)
             return [(int(a), int(b)) for a, b in self._plain.encode(text, add_special_tokens=False).offsets]
         enc = self.tokenizer(text, add_special_tokens=False, truncation=False, return_offsets_mapping=True)
         return [(int(a), int(b)) for a, b in enc["offset_mapping"]]
