@@ -7,6 +7,7 @@ servers answer them in tests/kube/test_fleet_precision.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -38,7 +39,7 @@ def health(key: str, rec: dict[str, Any], *, numerics: str = "bf16", origin: str
                                            "numerics": numerics, "precision_record": served}}
 
 
-# --- what the pods report ------------------------------------------------------------------------
+# --- what the pods report ------------------------------------------------------------------
 
 def test_a_pods_report_is_the_record_as_on_disk() -> None:
     rec = record()
@@ -65,7 +66,8 @@ def test_the_pick_and_the_figures_of_a_record() -> None:
     assert fleet_precision.pick_of(dyn) == "int8-dynamic/group-128"
     assert fleet_precision.spearman_of(dyn) == 0.9990640260444927
     # A float pick: the per-group Spearman is int8-dynamic's, not the pick's.
-    assert fleet_precision.pick_of(record()) == "bf16" and fleet_precision.spearman_of(record()) is None
+    assert fleet_precision.pick_of(record()) == "bf16"
+    assert fleet_precision.spearman_of(record()) is None
     assert fleet_precision.pick_of(record(hint="f32")) == "fp32"
     assert fleet_precision.pick_of({"quantization": "none"}) == "fp32"  # the torch runtime's
     assert fleet_precision.spearman_of({"spearman": 0.9995}) == 0.9995
@@ -77,9 +79,10 @@ def test_the_pick_and_the_figures_of_a_record() -> None:
 def test_the_job_report_is_read_for_the_status_not_the_configmap() -> None:
     rec = record(by="fleet-model-cache-abc-x1")
     report = {"model": "m", "precision": {**rec, "key": "k1", "plan": "bf16",
-                                          "cpu": ["amx_bf16", "avx2"], "reason": "auto: ... [measured]"}}
+                                          "cpu": ["amx_bf16", "avx2"],
+                                          "reason": "auto: ... [measured]"}}
     job = fleet_precision.from_conversion("fleet-model-cache-abc", report)
-    assert job is not None and job.key == "k1" and job.pick == "bf16" and job.cpu == "amx_bf16, avx2"
+    assert job is not None and (job.key, job.pick, job.cpu) == ("k1", "bf16", "amx_bf16, avx2")
     assert job.source == "job fleet-model-cache-abc"
     seen = fleet_precision.observed([job])
     assert fleet_precision.records(None, seen) == {}
@@ -92,13 +95,14 @@ def test_the_job_report_is_read_for_the_status_not_the_configmap() -> None:
     assert fleet_precision.records(None, seen) == {"k1.json": json.dumps(rec, sort_keys=True)}
 
 
-# --- the ConfigMap -------------------------------------------------------------------------------
+# --- the ConfigMap -------------------------------------------------------------------------
 
 def test_a_key_keeps_its_first_record_and_new_keys_join() -> None:
     first = json.dumps(record(by="pod-a"), sort_keys=True)
-    other = fleet_precision.from_health("pod-b", health("k1", record(by="pod-b", at="2026-12-07T17:00:00Z")))
-    amx = fleet_precision.from_health("pod-c", health("k2", record(graph="int8-dynamic", hint="f32", group=128,
-                                                                     by="pod-c"), numerics="int8-dynamic/group-128"))
+    later = record(by="pod-b", at="2026-12-07T17:00:00Z")
+    other = fleet_precision.from_health("pod-b", health("k1", later))
+    dyn = record(graph="int8-dynamic", hint="f32", group=128, by="pod-c")
+    amx = fleet_precision.from_health("pod-c", health("k2", dyn, numerics="int8-dynamic/group-128"))
     data = fleet_precision.records({"k1.json": first, "unrelated": "x"},
                                    fleet_precision.observed([other, amx]))
     assert list(data) == ["k1.json", "k2.json"]
@@ -107,7 +111,8 @@ def test_a_key_keeps_its_first_record_and_new_keys_join() -> None:
 
 
 def test_the_configmap_keeps_at_most_max_records_oldest_go_first() -> None:
-    live = {f"old{i:02d}.json": json.dumps(record(at=f"2026-01-{i + 1:02d}T00:00:00Z"), sort_keys=True)
+    live = {f"old{i:02d}.json": json.dumps(record(at=f"2026-01-{i + 1:02d}T00:00:00Z"),
+                                            sort_keys=True)
             for i in range(fleet_precision.MAX_RECORDS)}
     ancient = fleet_precision.from_health("p", health("now", record(at="2025-01-01T00:00:00Z")))
     data = fleet_precision.records(live, fleet_precision.observed([ancient]))
@@ -125,30 +130,36 @@ def test_the_configmap_manifest_and_the_pods_mount() -> None:
     spec = parse({"model": {"id": "m"}})
     dep = manifests.deployment("rr", spec, DEFAULTS)
     pod = dep["spec"]["template"]["spec"]
-    assert {"name": "precision", "configMap": {"name": "rr-precision", "optional": True}} in pod["volumes"]
+    assert {"name": "precision",
+            "configMap": {"name": "rr-precision", "optional": True}} in pod["volumes"]
     assert {"name": "precision", "mountPath": "/etc/reranker/precision", "readOnly": True} in pod[
         "containers"][0]["volumeMounts"]
-    assert manifests.server_settings(spec)["RERANKER_PRECISION_RECORD_DIR"] == "/etc/reranker/precision"
+    settings = manifests.server_settings(spec)
+    assert settings["RERANKER_PRECISION_RECORD_DIR"] == "/etc/reranker/precision"
     assert "RERANKER_PRECISION_RECORD_DIR" in contract.ENV_VARS
     # The pods read it: a foreign ConfigMap of that name holds the rollout (NameConflict).
     assert ("ConfigMap", "rr-precision") in ownership.consumed(dep)
 
 
-# --- the status ----------------------------------------------------------------------------------
+# --- the status ----------------------------------------------------------------------------
 
 def test_one_status_entry_per_key() -> None:
     amx = fleet_precision.from_health("pod-a", health("k-amx", record(by="pod-a")))
+    dyn = record(graph="int8-dynamic", hint="f32", group=128, by="pod-b",
+                 at="2026-12-07T17:00:00Z")
     vnni = fleet_precision.from_health("pod-b", health(
-        "k-vnni", record(graph="int8-dynamic", hint="f32", group=128, by="pod-b", at="2026-12-07T17:00:00Z"),
-        numerics="int8-dynamic/group-128", cpu={"model": "AMD EPYC 7B13", "flags": ["avx2", "avx512_vnni"]}))
+        "k-vnni", dyn, numerics="int8-dynamic/group-128",
+        cpu={"model": "AMD EPYC 7B13", "flags": ["avx2", "avx512_vnni"]}))
     seen = fleet_precision.observed([amx, vnni])
     data = fleet_precision.records(None, seen)
     entries = fleet_precision.entries(data, seen, None)
     assert entries == [
-        {"key": "k-amx", "pick": "bf16", "cpu": "Intel(R) Xeon(R) Processor (amx_bf16, amx_int8, avx512f, avx2)",
+        {"key": "k-amx", "pick": "bf16",
+         "cpu": "Intel(R) Xeon(R) Processor (amx_bf16, amx_int8, avx512f, avx2)",
          "measuredBy": "pod-a", "measuredAt": "2026-12-07T16:30:55Z", "speedup": 1.97},
-        {"key": "k-vnni", "pick": "int8-dynamic/group-128", "cpu": "AMD EPYC 7B13 (avx512_vnni, avx2)",
-         "measuredBy": "pod-b", "measuredAt": "2026-12-07T17:00:00Z", "spearman": 0.999064, "speedup": 1.97}]
+        {"key": "k-vnni", "pick": "int8-dynamic/group-128",
+         "cpu": "AMD EPYC 7B13 (avx512_vnni, avx2)", "measuredBy": "pod-b",
+         "measuredAt": "2026-12-07T17:00:00Z", "spearman": 0.999064, "speedup": 1.97}]
     assert fleet_precision.summary(entries) == "bf16,int8-dynamic/group-128"
     # The pods are gone (scaled to zero): the entries stay, from the records and the last status.
     assert fleet_precision.entries(data, {}, entries) == entries
@@ -169,15 +180,13 @@ def test_status_build_carries_the_entries_and_keeps_them_without_news() -> None:
     assert "precision" not in build(owner({}, status=st), [])
 
 
-# --- the pass --------------------------------------------------------------------------------------
+# --- the pass ------------------------------------------------------------------------------
 
 def test_the_pass_records_what_the_pods_report_once_and_keeps_it() -> None:
     kube = FakeKube()
     reported: list[Observation | None] = []
     rec = reconciler(kube, lambda _key: reported)
     spec = {"model": {"id": "m"}, "replicas": 1}
-
-    import asyncio
 
     def run() -> Any:
         return asyncio.run(rec.reconcile(owner(spec, status=kube.status), kube.live()))
@@ -190,7 +199,8 @@ def test_the_pass_records_what_the_pods_report_once_and_keeps_it() -> None:
     run()
     cm = kube.objects[("ConfigMap", "rr-precision")]
     assert cm["data"] == {"k1.json": json.dumps(rec_a, sort_keys=True)}
-    assert [e["key"] for e in kube.status["precision"]] == ["k1"] and kube.status["precisionSummary"] == "bf16"
+    assert [e["key"] for e in kube.status["precision"]] == ["k1"]
+    assert kube.status["precisionSummary"] == "bf16"
     # Nothing new: no write. The pods gone: the record and the entry stay.
     writes = len(kube.writes())
     run()
@@ -207,5 +217,6 @@ def test_the_pass_records_what_the_pods_report_once_and_keeps_it() -> None:
 
 
 def reconciler(kube: FakeKube, precision: Any) -> Reconciler:
-    return Reconciler(kube, DEFAULTS, clock=lambda: "2024-01-01T00:00:00Z",  # type: ignore[arg-type]
-                      events=lambda *a: None, precision=precision)
+    return Reconciler(kube, DEFAULTS,  # type: ignore[arg-type]
+                      clock=lambda: "2024-01-01T00:00:00Z", events=lambda *a: None,
+                      precision=precision)
