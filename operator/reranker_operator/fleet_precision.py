@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -163,18 +164,18 @@ def spearman_of(record: Mapping[str, Any]) -> float | None:
     """The pick's measured Spearman vs fp32: a number, or int8-dynamic's entry for its group.
     None where the record has no figure for the pick (a float pick kept above the floor)."""
     value = record.get("spearman")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     if isinstance(value, Mapping) and record.get("graph") == "int8-dynamic":
-        got = value.get(str(record.get("group")))
-        if isinstance(got, (int, float)) and not isinstance(got, bool):
-            return float(got)
-    return None
+        value = value.get(str(record.get("group")))
+    return _number(value)
 
 
 def speedup_of(record: Mapping[str, Any]) -> float | None:
-    value = record.get("speedup")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return _number(record.get("speedup"))
+
+
+def _number(value: Any) -> float | None:
+    """A finite number (a failed measurement is NaN, which JSON, and so the status, cannot hold)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     return None
 

@@ -220,3 +220,13 @@ def reconciler(kube: FakeKube, precision: Any) -> Reconciler:
     return Reconciler(kube, DEFAULTS,  # type: ignore[arg-type]
                       clock=lambda: "2024-01-01T00:00:00Z", events=lambda *a: None,
                       precision=precision)
+
+
+def test_a_failed_measurement_is_no_figure() -> None:
+    """int8-dynamic's Spearman is NaN for a group that failed: the status (JSON) cannot hold it."""
+    nan = record(graph="int8-dynamic", hint="f32", group=64, spearman={"64": float("nan")},
+                 speedup=float("inf"))
+    assert fleet_precision.spearman_of(nan) is None and fleet_precision.speedup_of(nan) is None
+    (entry,) = fleet_precision.entries({"k.json": json.dumps(nan)}, {}, None)
+    assert "spearman" not in entry and "speedup" not in entry
+    json.dumps(entry, allow_nan=False)
