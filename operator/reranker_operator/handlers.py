@@ -15,6 +15,8 @@
   each Ready pod's GET /health every few seconds in one operator-wide task; a fleet whose pods
   report another precision record than at its last pass gets a pass (`fleet_precision`: the
   `<rd>-precision` ConfigMap and status.precision).
+- idle fleets (spec.scaleToZero) are taken to 0 replicas by one more operator-wide task
+  (`scale_to_zero`), from those answers and an index of the server pods' starts.
 
 The live state comes from Kopf indices (in-memory, fed by the watch streams), so a pass reads
 nothing from the API server and an idle operator makes no requests beyond its watches.
@@ -39,6 +41,7 @@ from reranker import contract
 from reranker_operator import cluster_ranges, manifests, pod_health, status
 from reranker_operator import model_delivery
 from reranker_operator import fleet_precision
+from reranker_operator import scale_to_zero
 from reranker_operator.kube import Kube, load_config
 from reranker_operator.prober import (
     ENDPOINTS_INDEX,
@@ -135,6 +138,14 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
     memo.pod_health_task = asyncio.get_running_loop().create_task(
         poller.run(lambda: indices.get(pod_health.POD_ADDRESSES_INDEX)), name="pod-health poller")
     memo.pod_health_task.add_done_callback(_poller_ended)
+    # Idle fleets to 0 replicas (spec.scaleToZero), from the pods' /health activity.
+    scaler = scale_to_zero.Scaler(kube, health=pod_health.latest,
+                                  on_scaled=memo.reconciler.scaled_to_zero)
+    memo.scale_to_zero_task = asyncio.get_running_loop().create_task(
+        scaler.run(lambda: (kwargs.get(RERANKERS_INDEX),
+                            kwargs.get(scale_to_zero.POD_STARTS_INDEX))),
+        name="scale to zero")
+    memo.scale_to_zero_task.add_done_callback(_scaler_ended)
     reported: dict[OwnerKey, tuple[Any, ...]] = {}  # fleet -> the records of its last pass
 
     async def precision_changed(view: Mapping[OwnerKey, tuple[pod_health.PodHealth, ...]]
@@ -168,6 +179,11 @@ def _prober_ended(task: asyncio.Task[None]) -> None:
                                           exc_info=task.exception())
 
 
+def _scaler_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger(__name__).error("scale to zero stopped", exc_info=task.exception())
+
+
 def _poller_ended(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logging.getLogger(__name__).error("the pod-health poller stopped",
@@ -176,7 +192,7 @@ def _poller_ended(task: asyncio.Task[None]) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: Any, **_: Any) -> None:
-    for name in ("prober_task", "pod_health_task"):
+    for name in ("prober_task", "pod_health_task", "scale_to_zero_task"):
         task = getattr(memo, name, None)
         if task is not None:
             task.cancel()
@@ -328,6 +344,15 @@ def reranker_pod_addresses(namespace: str | None, body: kopf.Body,
                            **_: Any) -> dict[OwnerKey, Any] | None:
     address = pod_health.pod_address(body)
     return {(str(namespace), address.deployment): address} if address is not None else None
+
+
+# The same pods' starts (created, or last became Ready), for scale to zero's idleness.
+@kopf.index("v1", "pods", labels=SERVER_PODS)
+def reranker_pod_starts(body: kopf.Body, **_: Any) -> dict[OwnerKey, Any] | None:
+    found = scale_to_zero.pod_start(body)
+    if found is None:
+        return None
+    return {(str(body.metadata.namespace), found[0]): found[1]}
 
 
 CHILD_INDICES = ("reranker_configmaps", "reranker_services", "reranker_deployments",

@@ -195,6 +195,18 @@ class Kube:
         logger.info("image volumes: kept by the API server")
         return True
 
+    def patch_scale(self, namespace: str, name: str, replicas: int, *,
+                    resource_version: str | None = None) -> None:
+        """A RerankerDeployment's spec.replicas through its scale subresource (where the HPA
+        and `kubectl scale` write it); with `resource_version`, only if the object has not
+        changed since (else 409)."""
+        api_version = f"{contract.API_GROUP}/{contract.API_VERSION}"
+        path = _path(api_version, contract.KIND_DEPLOYMENT, namespace, name, "scale")
+        body: dict[str, Any] = {"spec": {"replicas": replicas}}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
+        self._request("PATCH", path, body=body, content_type=MERGE_PATCH)
+
     def serves(self, group_version: str, plural: str) -> bool:
         """Whether the API server serves a resource (discovery: no RBAC needed)."""
         try:

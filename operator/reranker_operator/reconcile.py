@@ -261,6 +261,9 @@ class Reconciler:
         self._failing: dict[tuple[str, str, str], tuple[str, float, status.Problem]] = {}
         # (owner uid, Secret name) of the managed Redis' Secrets this process created.
         self._redis_secrets: set[tuple[str, str]] = set()
+        # owner uid -> when `scale_to_zero` took the idle fleet to 0 (for its status), until
+        # spec.replicas is more than 0 again.
+        self._scaled_to_zero: dict[str, str] = {}
         # owner uid -> child -> what the API server returned for the operator's last write
         # (None: deleted), until the watch stream delivers it. Without this, each child's
         # event during a creation would see its siblings missing and apply them again.
@@ -275,10 +278,16 @@ class Reconciler:
         for key in [k for k in self._failing if k[0] == str(uid)]:
             del self._failing[key]
         self._redis_secrets = {k for k in self._redis_secrets if k[0] != str(uid)}
+        self._scaled_to_zero.pop(str(uid), None)
 
     def child_deleted(self, owner_uid: str | None, kind: str, name: str) -> None:
         """A child's deletion reached the watch stream: whatever was written before is gone."""
         self._written.get(str(owner_uid), {}).pop((kind, name), None)
+
+    def scaled_to_zero(self, uid: str, at: str) -> None:
+        """`scale_to_zero` took the fleet to 0 replicas at `at` (call from the event loop); the
+        pass its spec change triggers records it in the status."""
+        self._scaled_to_zero[str(uid)] = at
 
     def _fresh(self, uid: str, live: Live) -> dict[ChildKey, Mapping[str, Any]]:
         """The indexed children, with the operator's own writes the index has not seen yet."""
@@ -306,6 +315,8 @@ class Reconciler:
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             live = self._fresh(uid, live)
+            if (owner.get("spec") or {}).get("replicas") != 0:
+                self._scaled_to_zero.pop(uid, None)
             plan = self._plan(owner, live, await self._pass_defaults(owner))
             outcome = Outcome(problems=list(plan.problems), retry=plan.retry,
                               retry_delay=plan.retry_delay)
@@ -638,6 +649,7 @@ class Reconciler:
             model_cache=plan.model_cache,
             served_names=(served_names.from_settings(manifests.server_settings(spec))
                           if spec is not None else None),
+            scaled_to_zero_at=self._scaled_to_zero.get(str(owner["metadata"].get("uid"))),
         )
 
     def _write_status(self, owner: Mapping[str, Any], patch: Mapping[str, Any],

@@ -130,10 +130,13 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
           pod_failures: Sequence[Mapping[str, str]] = (),
           precision: Sequence[Mapping[str, Any]] | None = None,
           model_cache: model_delivery.CacheState | None = None,
-          served_names: Sequence[str] | None = None) -> dict[str, Any]:
+          served_names: Sequence[str] | None = None,
+          scaled_to_zero_at: str | None = None) -> dict[str, Any]:
     """The full status for `owner` (a RerankerDeployment body); `pod_failures` are the
     `pod_failure`s of its server pods; `served_names` the names its servers answer to
-    (`served_names.from_settings`; None: a spec that does not parse, the last ones are kept)."""
+    (`served_names.from_settings`; None: a spec that does not parse, the last ones are kept);
+    `scaled_to_zero_at` when the operator took the idle fleet to 0 (`scale_to_zero`): kept in
+    status.scaledToZeroAt while spec.replicas stays 0."""
     meta = owner["metadata"]
     name, namespace = meta["name"], meta.get("namespace", "default")
     generation = int(meta.get("generation") or 0)
@@ -170,6 +173,11 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
     blocking = [p for p in problems if p.blocking]
     rolled_out = observed and updated == desired and replicas == desired
     counts = f"{ready}/{desired} replicas ready"
+    # At 0 replicas nothing is wrong: say why there are no pods (idle, or asked for 0).
+    idle_at = (scaled_to_zero_at or (owner.get("status") or {}).get("scaledToZeroAt")
+               if desired == 0 else None)
+    zero = (f"scaled to zero at {idle_at}: idle for spec.scaleToZero.idleSeconds; a request "
+            "through the gateway wakes it" if idle_at else "spec.replicas is 0: no server pods")
 
     # Ready: every desired replica of the current spec is ready, and nothing blocks.
     filling = model_cache is not None and model_cache.state == model_delivery.FILLING
@@ -180,7 +188,7 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
     elif deployment is None:
         ready_c = (False, "DeploymentMissing", f"Deployment {name} does not exist yet")
     elif desired == 0:
-        ready_c = (False, "ScaledToZero", "spec.replicas is 0: no server pods")
+        ready_c = (False, "ScaledToZero", zero)
     elif rolled_out and ready >= desired:
         ready_c = (True, "AllReplicasReady", counts)
     elif not rolled_out:
@@ -199,6 +207,8 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
         available_c = (True, "ExternalEndpointsAvailable",
                        f"{external_ready} external endpoints serving; no server pod is ready "
                        f"({counts})")
+    elif desired == 0 and replicas == 0:
+        available_c = (False, "ScaledToZero", zero)
     else:
         available_c = (False, "NoReplicasReady", f"no server pod is ready ({counts})")
 
@@ -254,6 +264,8 @@ def build(owner: Mapping[str, Any], *, deployment: Mapping[str, Any] | None,
     }
     if config_hash is not None:
         status["configHash"] = config_hash
+    if idle_at:
+        status["scaledToZeroAt"] = idle_at
     if model_cache is not None:
         status["modelCache"] = model_cache.as_status()
     names = served_names if served_names is not None else (
