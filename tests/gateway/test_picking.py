@@ -66,7 +66,7 @@ def test_an_overloaded_home_spills_to_the_same_next_endpoint() -> None:
     affinity = Affinity(balance=0.25)
     loads = Loads()
     home, _ = affinity.pick("hot query", ENDPOINTS, loads.load, ENDPOINTS)  # type: ignore[misc]
-    loads.start(home, 1000)  # far over (1 + 0.25) x the mean of 250
+    loads.start(home, 1000)  # far over (1 + 0.25) x the mean
     spill, is_home = affinity.pick("hot query", ENDPOINTS, loads.load, ENDPOINTS)  # type: ignore[misc]
     assert spill != home and not is_home
     assert all(affinity.pick("hot query", ENDPOINTS, loads.load, ENDPOINTS)[0] == spill for _ in range(10))  # type: ignore[index]
@@ -82,3 +82,18 @@ def test_a_new_endpoint_moves_only_its_share_of_queries() -> None:
     moved = [q for q in before if before[q] != after[q]]
     assert all(after[q] == ENDPOINTS[3] for q in moved)  # only to the new endpoint
     assert 150 < len(moved) < 350  # about a quarter
+
+
+def test_a_few_requests_in_flight_do_not_push_queries_off_their_homes() -> None:
+    # 4 requests of 8 pairs in flight, two on the key's home: a bound on the raw mean (16 > 1.25 x 10.7)
+    # would spill; the paper's, counting this request in units of its size, keeps it home (16 + 8 <= 24).
+    affinity = Affinity(balance=0.25)
+    loads = Loads()
+    home, _ = affinity.pick("query", ENDPOINTS[:3], loads.load, ENDPOINTS[:3], weight=8)  # type: ignore[misc]
+    others = [e for e in ENDPOINTS[:3] if e != home]
+    loads.start(home, 16)
+    loads.start(others[0], 8)
+    loads.start(others[1], 8)
+    assert affinity.pick("query", ENDPOINTS[:3], loads.load, ENDPOINTS[:3], weight=8) == (home, True)
+    loads.start(home, 16)  # now 32 of 56 with this request: over ceil(1.25 x 56 / 24) x 8 = 24
+    assert affinity.pick("query", ENDPOINTS[:3], loads.load, ENDPOINTS[:3], weight=8)[1] is False  # type: ignore[index]

@@ -5,16 +5,17 @@ retrying, the same popular question) hits that cache only on the endpoint that s
 Consistent hashing with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018; HAProxy's
 `hash-balance-factor`): the query hashes to a point on a ring of endpoints (many virtual points
 each, so endpoints own even shares and a change of endpoints moves only the share of the one that
-came or went); the endpoint found there takes the request if its load is at most (1 + epsilon)
-times the fleet's mean load, else the walk goes on clockwise to the next endpoint that is under
-the bound. Some endpoint is always at or under the mean, so the walk ends; a hot query spills to
-the same second endpoint every time, which warms a second cache rather than all of them.
+came or went); the endpoint found there takes the request if its load with the request stays
+within (1 + epsilon) times the mean, else the walk goes on clockwise to the next endpoint under
+the bound (when none is, picking falls back to least load). A hot query spills to the same second
+endpoint every time, which warms a second cache rather than all of them.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 
 from .directory import Endpoint
@@ -68,15 +69,23 @@ class Affinity:
         return ring
 
     def pick(self, key: str, endpoints: Sequence[Endpoint], load: Callable[[Endpoint], int],
-             usable: Sequence[Endpoint]) -> tuple[Endpoint, bool] | None:
-        """(endpoint, whether it is the key's home) or None if no usable endpoint is under the bound."""
+             usable: Sequence[Endpoint], *, weight: int = 1) -> tuple[Endpoint, bool] | None:
+        """(endpoint, whether it is the key's home) or None if no usable endpoint is under the bound.
+
+        The bound is the paper's: with the request counted, an endpoint may hold up to
+        ceil((1 + epsilon) x the mean load), the mean and the rounding in units of this request's
+        pairs (`weight`), so a few requests in flight do not push every query off its home (as a
+        bound on the raw mean does: one request more than its neighbours already exceeds it).
+        """
         order = self.ring(endpoints).walk(key)
         if not order:
             return None
+        weight = max(1, weight)
         loads = {e.url: load(e) for e in order}
-        bound = (1 + self.balance) * sum(loads.values()) / len(loads)
+        total = sum(loads.values()) + weight
+        capacity = math.ceil((1 + self.balance) * total / (len(order) * weight)) * weight
         allowed = {e.url for e in usable}
         for position, endpoint in enumerate(order):
-            if endpoint.url in allowed and loads[endpoint.url] <= bound:
+            if endpoint.url in allowed and loads[endpoint.url] + weight <= capacity:
                 return endpoint, position == 0
         return None

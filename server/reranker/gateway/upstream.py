@@ -71,10 +71,10 @@ class Upstreams:
         clients, self._clients = list(self._clients.values()), {}
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
-    def first(self, fleet: Fleet, key: str | None, model: str) -> Endpoint | None:
+    def first(self, fleet: Fleet, key: str | None, model: str, pairs: int) -> Endpoint | None:
         usable = self.loads.usable(fleet.endpoints)
         if self.affinity is not None and key is not None and len(fleet.endpoints) > 1:
-            picked = self.affinity.pick(key, fleet.endpoints, self.loads.load, usable)
+            picked = self.affinity.pick(key, fleet.endpoints, self.loads.load, usable, weight=pairs)
             if picked is not None:
                 endpoint, home = picked
                 self.metrics.affinity.labels(model=model, result="hit" if home else "spill").inc()
@@ -87,7 +87,7 @@ class Upstreams:
         tried: set[str] = set()
         refusals = connects = 0
         last: Answer | None = None
-        current = endpoint or self.first(fleet, key, model)
+        current = endpoint or self.first(fleet, key, model, pairs)
         while current is not None:
             tried.add(current.url)
             try:
