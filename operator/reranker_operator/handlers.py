@@ -143,7 +143,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
                                   on_scaled=memo.reconciler.scaled_to_zero)
     memo.scale_to_zero_task = asyncio.get_running_loop().create_task(
         scaler.run(lambda: (kwargs.get(RERANKERS_INDEX),
-                            kwargs.get(scale_to_zero.POD_STARTS_INDEX))),
+                            kwargs.get(scale_to_zero.POD_STARTS_INDEX)),
+                   indexed=prober.indexed),
         name="scale to zero")
     memo.scale_to_zero_task.add_done_callback(_scaler_ended)
     reported: dict[OwnerKey, tuple[Any, ...]] = {}  # fleet -> the records of its last pass

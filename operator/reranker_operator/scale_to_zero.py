@@ -129,14 +129,18 @@ def activity(reading: Reading) -> tuple[int, float | None] | None:
 
 
 def decide(*, now: float, idle_seconds: float, woken_at: float | None,
-           pods: Sequence[PodStart], active_at: Mapping[str, float | None]) -> Decision:
+           pods: Sequence[PodStart], active_at: Mapping[str, float | None],
+           created_at: float | None = None) -> Decision:
     """Whether a fleet is idle. `active_at` maps each pod whose activity is known to the last
     time it answered a request (None: never since it started); a Ready pod missing from it is
-    unknown, and unknown is busy."""
+    unknown, and unknown is busy. `created_at` (the RerankerDeployment's creation) holds like a
+    wake: a new fleet whose pods do not exist yet is not idle."""
     unknown = sorted(p.pod for p in pods if p.ready and p.pod not in active_at)
     if unknown:
         return Decision(False, f"cannot read the activity of pod {', '.join(unknown[:3])}")
     times: list[tuple[float, str]] = []
+    if created_at is not None:
+        times.append((created_at, "created"))
     if woken_at is not None:
         times.append((woken_at, "woken"))
     times += [(p.started_at, f"pod {p.pod} started") for p in pods]
@@ -202,8 +206,13 @@ class Scaler:
         self.tracker = ActivityTracker()
         self._said: dict[FleetKey, str] = {}  # the last reason logged per fleet (no log spam)
 
-    async def run(self, indices: Callable[[], tuple[Any, Any]]) -> None:
-        """Forever. `indices()` gives the Kopf indices (RerankerDeployments, pod starts)."""
+    async def run(self, indices: Callable[[], tuple[Any, Any]], *,
+                  indexed: asyncio.Event | None = None) -> None:
+        """Forever. `indices()` gives the Kopf indices (RerankerDeployments, pod starts);
+        nothing is judged before `indexed` is set (every index filled: a fleet whose pods are
+        not indexed yet would look podless, hence idle)."""
+        if indexed is not None:
+            await indexed.wait()
         while True:
             rerankers, starts = indices()
             await self.tick(_values(rerankers), starts)
@@ -233,7 +242,8 @@ class Scaler:
         self.tracker.forget(namespace, name, (p.pod for p in pods))
         decision = decide(now=now, idle_seconds=spec.scale_to_zero.idle_seconds,
                           woken_at=parse_time((meta.get("annotations") or {}).get(WOKEN_AT)),
-                          pods=pods, active_at=active)
+                          pods=pods, active_at=active,
+                          created_at=parse_time(meta.get("creationTimestamp")))
         if not decision.idle:
             if (decision.reason.startswith("cannot")
                     and self._said.get((namespace, name)) != decision.reason):

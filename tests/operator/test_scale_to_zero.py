@@ -66,6 +66,12 @@ def test_pods_that_are_not_ready_count_only_by_their_start() -> None:
                       active_at={}).idle
 
 
+def test_a_new_fleet_whose_pods_do_not_exist_yet_is_not_idle() -> None:
+    kw: dict[str, Any] = dict(now=NOW, idle_seconds=IDLE, woken_at=None, pods=[], active_at={})
+    assert not decide(created_at=NOW - 2, **kw).idle
+    assert decide(created_at=NOW - 400, **kw).idle
+
+
 def test_an_old_wake_does_not_hold_and_a_new_one_does() -> None:
     kw: dict[str, Any] = dict(now=NOW, idle_seconds=IDLE, pods=pods(("a", True, 1000)),
                               active_at={"a": None})
@@ -202,6 +208,29 @@ def test_no_write_unless_asked_for_and_known_to_be_idle(body: dict[str, Any],
     kube = ScaleRecorder()
     done, scaled = run_pass(kube, body, pods(("a", True, 1000)), readings)
     assert not done and kube.calls == [] and scaled == []
+
+
+def test_nothing_is_judged_before_the_indices_are_filled() -> None:
+    """Right after a restart a fleet's pods may not be indexed yet: it would look podless."""
+    kube = ScaleRecorder()
+    scaler = stz.Scaler(kube, health=lambda ns, name: (),  # type: ignore[arg-type]
+                        on_scaled=lambda uid, at: None, clock=lambda: NOW, period=0.01)
+    body = owner(scaleToZero={"idleSeconds": 300})
+    body["metadata"]["creationTimestamp"] = "1970-01-01T00:00:00Z"  # long before NOW
+    index = {("ns", "f"): [body]}
+
+    async def scenario() -> list[Any]:
+        indexed = asyncio.Event()
+        task = asyncio.create_task(scaler.run(lambda: (index, {}), indexed=indexed))
+        await asyncio.sleep(0.05)
+        before = list(kube.calls)
+        indexed.set()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        return before
+
+    assert asyncio.run(scenario()) == []
+    assert kube.calls[0] == ("ns", "f", 0, "42")  # podless and old: idle once indexed
 
 
 def test_a_wake_that_landed_meanwhile_wins() -> None:
