@@ -44,6 +44,9 @@ ENV_RECORD_DIR = "RERANKER_PRECISION_RECORD_DIR"
 #: meets few; the bound keeps a ConfigMap far below its 1 MiB limit (~1 KiB each) whatever
 #: happens.
 MAX_RECORDS = 16
+#: On the ConfigMap: record key -> the config hash (reranker.dev/config-hash) of the pods that
+#: served it, so that a spec change drops the records its pods can no longer use.
+STAMPS_ANNOTATION = "reranker.dev/precision-config-hashes"
 #: Fields /health (and `reranker convert`'s report) add to the record served: not part of the
 #: record on disk (where it came from, its key, the numerics it serves, the CPU).
 HEALTH_ONLY_FIELDS = frozenset({"origin", "key", "plan", "cpu"})
@@ -69,11 +72,13 @@ class Observation:
     pick: str  # the numerics served: "bf16", "fp32", "int8-dynamic/group-128", ...
     cpu: str  # a readable summary: model name and the flags that matter, or "unknown"
     source: str  # "pod NAME" or "job NAME"
+    config_hash: str | None = None  # the reporting pod's reranker.dev/config-hash
 
 
 # --- reading what the pods and the Job report ---------------------------------------------------
 
-def from_health(pod: str, body: Mapping[str, Any]) -> Observation | None:
+def from_health(pod: str, body: Mapping[str, Any], *,
+                config_hash: str | None = None) -> Observation | None:
     """The record a pod's /health answer reports, or None (nothing measured: a precision asked
     for explicitly, a backend without records, a server still loading)."""
     model = body.get("model")
@@ -91,7 +96,8 @@ def from_health(pod: str, body: Mapping[str, Any]) -> Observation | None:
     numerics = model.get("numerics") or model.get("dtype")
     return Observation(key=key, record=record,
                        pick=str(numerics) if pick in ("", "unknown") and numerics else str(pick),
-                       cpu=cpu_summary(served.get("cpu")), source=f"pod {pod}")
+                       cpu=cpu_summary(served.get("cpu")), source=f"pod {pod}",
+                       config_hash=config_hash)
 
 
 def from_conversion(job: str, report: Mapping[str, Any]) -> Observation | None:
@@ -134,10 +140,11 @@ def observed(observations: Iterable[Observation | None]) -> dict[str, Observatio
     return out
 
 
-def fingerprint(seen: Mapping[str, Observation]) -> tuple[Any, ...]:
-    """What a pass does with `seen` depends on only this (equal: no pass needed)."""
-    return tuple(sorted((key, record_text(ob.record), ob.pick, ob.cpu, ob.source.split()[0])
-                        for key, ob in seen.items()))
+def fingerprint(observations: Iterable[Observation | None]) -> tuple[Any, ...]:
+    """What a pass does with these pods' reports depends on only this (equal: no pass needed;
+    which pod reports what does not matter)."""
+    return tuple(sorted({(ob.key, record_text(ob.record), ob.pick, ob.cpu, ob.config_hash or "")
+                         for ob in observations if ob is not None}))
 
 
 # --- what a record says, readably -------------------------------------------------------------
@@ -207,13 +214,42 @@ def record_text(record: Mapping[str, Any]) -> str:
     return json.dumps(dict(record), sort_keys=True)
 
 
-def records(live: Mapping[str, str] | None, seen: Mapping[str, Observation]) -> dict[str, str]:
+def stamps(live: Mapping[str, str] | None, reported: Iterable[Observation | None], *,
+           current: str | None) -> dict[str, str]:
+    """Record key -> the config hash of the pods that serve it: `current` where a pod of the
+    current spec reports the key, else what the ConfigMap last said (its STAMPS_ANNOTATION),
+    else the reporting pod's."""
+    out = dict(live or {})
+    mine = [ob for ob in reported if ob is not None and ob.config_hash]
+    for ob in mine:
+        if ob.config_hash == current or ob.key not in out:
+            out[ob.key] = str(ob.config_hash)
+    for ob in mine:  # a pod of the current spec wins over an older one met first
+        if current is not None and ob.config_hash == current:
+            out[ob.key] = current
+    return out
+
+
+def records(live: Mapping[str, str] | None, seen: Mapping[str, Observation], *,
+            stamped: Mapping[str, str] | None = None,
+            current: str | None = None) -> dict[str, str]:
     """The ConfigMap's data: the live records (a key keeps its first record), then the keys seen
-    for the first time; at most MAX_RECORDS, dropping the oldest measurements not seen now."""
+    for the first time; at most MAX_RECORDS, dropping the oldest measurements not seen now.
+
+    A record no pod reports now whose pods ran another spec (`stamped` != `current`: another
+    model, precision asked, runtime...) is dropped: its key can never be asked for again by
+    this spec's pods, and its pick would only mislead the status. (A record of this spec for
+    a CPU type no pod runs on now stays; after a spec change it goes with the rest, and that CPU
+    type measures once more.)"""
     data = {k: v for k, v in (live or {}).items() if k.endswith(".json")}
     for key, ob in seen.items():
         if not ob.source.startswith("job "):
             data.setdefault(f"{key}.json", record_text(ob.record))
+    if current is not None:
+        for name in list(data):
+            key = name[:-len(".json")]
+            if key not in seen and (stamped or {}).get(key, current) != current:
+                del data[name]
     if len(data) > MAX_RECORDS:
         now = {f"{key}.json" for key in seen}
         order = sorted(data, key=lambda k: (k in now, _measured_at(data[k]), k))
@@ -240,11 +276,26 @@ def volume_mount() -> dict[str, Any]:
     return {"name": VOLUME_NAME, "mountPath": MOUNT_PATH, "readOnly": True}
 
 
-def config_map(name: str, data: Mapping[str, str], labels: Mapping[str, str]) -> dict[str, Any]:
-    """The `<rd>-precision` ConfigMap (the caller adopts it)."""
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": config_map_name(name), "labels": dict(labels)},
-            "data": dict(data)}
+def config_map(name: str, data: Mapping[str, str], labels: Mapping[str, str], *,
+               stamped: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The `<rd>-precision` ConfigMap (the caller adopts it); `stamped` (record key -> config
+    hash of its pods, `stamps`) goes to an annotation, for the next pass."""
+    keys = {name[:-len(".json")] for name in data}
+    kept = {k: v for k, v in sorted((stamped or {}).items()) if k in keys}
+    meta: dict[str, Any] = {"name": config_map_name(name), "labels": dict(labels)}
+    if kept:
+        meta["annotations"] = {STAMPS_ANNOTATION: json.dumps(kept, sort_keys=True)}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": dict(data)}
+
+
+def live_stamps(cm: Mapping[str, Any] | None) -> dict[str, str]:
+    """The STAMPS_ANNOTATION of a live ConfigMap ({} if none or unreadable)."""
+    raw = (((cm or {}).get("metadata") or {}).get("annotations") or {}).get(STAMPS_ANNOTATION)
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
 
 # --- the status --------------------------------------------------------------------------------

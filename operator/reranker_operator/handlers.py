@@ -112,7 +112,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
 
     def precision_seen(key: OwnerKey) -> list[fleet_precision.Observation | None]:
         """The precision records a fleet's pods report (the pod-health poller's answers)."""
-        return [fleet_precision.from_health(h.pod, h.body) for h in pod_health.latest(*key)]
+        return [fleet_precision.from_health(h.pod, h.body, config_hash=h.config_hash)
+                for h in pod_health.latest(*key)]
     cache_pods_index, runtimes_index = kwargs.get(CACHE_PODS_INDEX), kwargs.get(RUNTIMES_INDEX)
 
     def cache_pods(key: OwnerKey) -> list[Mapping[str, Any]]:
@@ -154,8 +155,9 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
         """A pass for each fleet whose pods report other precision records than at its last
         pass (a failed pass is tried again after the next poll)."""
         for key, answers in view.items():
-            now = fleet_precision.fingerprint(fleet_precision.observed(
-                fleet_precision.from_health(h.pod, h.body) for h in answers))
+            now = fleet_precision.fingerprint(
+                fleet_precision.from_health(h.pod, h.body, config_hash=h.config_hash)
+                for h in answers)
             if reported.get(key, ()) == now:
                 continue
             owner = next(iter(indices[RERANKERS_INDEX].get(key, ())), None)

@@ -727,13 +727,14 @@ def children(owner: Mapping[str, Any], spec: RerankerSpec, defaults: Defaults,
     return objs
 
 
-def precision_config_map(owner: Mapping[str, Any], records: Mapping[str, str]) -> Manifest:
+def precision_config_map(owner: Mapping[str, Any], records: Mapping[str, str], *,
+                         stamped: Mapping[str, str] | None = None) -> Manifest:
     """The `NAME-precision` ConfigMap of the fleet's precision records (`fleet_precision`),
     adopted by `owner`. Built apart from `children`: its data is what the pods reported (and
     what the live ConfigMap already holds), not the spec; the pods mount it whatever it holds,
     so a change never rolls them."""
     name = owner["metadata"]["name"]
-    cm = fleet_precision.config_map(name, records, labels(name))
+    cm = fleet_precision.config_map(name, records, labels(name), stamped=stamped)
     kopf.adopt(cm, owner=_owner_view(owner))
     return cm
 

@@ -55,6 +55,7 @@ class PodHealth:
     ip: str
     body: Mapping[str, Any]
     at: float  # time.time() of the answer
+    config_hash: str | None = None  # the pod's reranker.dev/config-hash: the spec it runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,7 @@ class PodAddress:
     ip: str | None
     port: int
     ready: bool
+    config_hash: str | None = None
 
     @property
     def url(self) -> str:
@@ -96,7 +98,9 @@ def pod_address(pod: Mapping[str, Any]) -> PodAddress | None:
     return PodAddress(namespace=str(meta.get("namespace")), deployment=str(deployment),
                       pod=str(meta.get("name")), uid=str(meta.get("uid")), ip=ip,
                       port=_http_port(pod),
-                      ready=ready and ip is not None and not meta.get("deletionTimestamp"))
+                      ready=ready and ip is not None and not meta.get("deletionTimestamp"),
+                      config_hash=(meta.get("annotations") or {}).get(
+                          manifests.ANNOTATION_CONFIG_HASH))
 
 
 def _http_port(pod: Mapping[str, Any]) -> int:
@@ -167,7 +171,7 @@ class Poller:
             if body is not None:
                 self._answers[(pod.namespace, pod.deployment, pod.uid)] = PodHealth(
                     namespace=pod.namespace, deployment=pod.deployment, pod=pod.pod, ip=str(pod.ip),
-                    body=body, at=self._clock())
+                    body=body, at=self._clock(), config_hash=pod.config_hash)
         fleets = {(p.namespace, p.deployment) for p in pods} | self._fleets
         self._fleets = {(p.namespace, p.deployment) for p in pods}
         view = {key: self.latest(*key) for key in sorted(fleets)}

@@ -393,9 +393,10 @@ class Reconciler:
         desired = [drift.stamp(obj) for obj in manifests.children(
             owner, spec, defaults, summary, model_cache=cache)]
         problems: list[status.Problem] = []
-        records = self._precision_records(owner, live)
+        records, stamped = self._precision_records(owner, spec, live)
         if records:  # only once there is a record: a fleet that never measures has none
-            desired.append(drift.stamp(manifests.precision_config_map(owner, records)))
+            desired.append(drift.stamp(manifests.precision_config_map(owner, records,
+                                                                      stamped=stamped)))
         held_as_is: set[ChildKey] = set()
         if cache is not None and cache.state == model_delivery.FAILED:
             problems.append(status.Problem("ModelCacheFailed", cache.message))
@@ -599,13 +600,21 @@ class Reconciler:
 
     # --- the fleet's precision records (fleet_precision) ---------------------------------
 
-    def _precision_records(self, owner: Mapping[str, Any], live: Live) -> dict[str, str]:
+    def _precision_records(self, owner: Mapping[str, Any], spec: RerankerSpec, live: Live
+                           ) -> tuple[dict[str, str], dict[str, str]]:
         """The `<rd>-precision` ConfigMap's data: its live records (if it is this
-        RerankerDeployment's), then the keys the pods or the model-cache Job report first."""
+        RerankerDeployment's), then the keys the pods report first, less the records of an
+        earlier spec no pod serves any more; and the config hash of each record's pods."""
         name, uid = owner["metadata"]["name"], owner["metadata"].get("uid")
         cm = live.get(("ConfigMap", fleet_precision.config_map_name(name)))
-        data = cm.get("data") if cm is not None and ownership.controlled_by(cm, uid) else None
-        return fleet_precision.records(data, self._precision_seen(owner))
+        if cm is not None and not ownership.controlled_by(cm, uid):
+            cm = None
+        current = manifests.config_hash(name, spec)
+        stamped = fleet_precision.stamps(fleet_precision.live_stamps(cm),
+                                         self.precision(owner_key(owner)), current=current)
+        data = fleet_precision.records((cm or {}).get("data"), self._precision_seen(owner),
+                                       stamped=stamped, current=current)
+        return data, stamped
 
     def _precision_seen(self, owner: Mapping[str, Any]) -> dict[str, fleet_precision.Observation]:
         """What the pods report now, and the model-cache Job's measurement (status.modelCache)."""

@@ -230,3 +230,58 @@ def test_a_failed_measurement_is_no_figure() -> None:
     (entry,) = fleet_precision.entries({"k.json": json.dumps(nan)}, {}, None)
     assert "spearman" not in entry and "speedup" not in entry
     json.dumps(entry, allow_nan=False)
+
+
+def test_the_records_of_an_earlier_spec_go_once_no_pod_serves_them() -> None:
+    """A new model (or precision asked, runtime...) has other record keys: its pods never read
+    the old records, and the old pick must not stay in the status as if it were the fleet's."""
+    kube = FakeKube()
+    reported: list[Observation | None] = []
+    rec = reconciler(kube, lambda _key: reported)
+    old_spec = {"model": {"id": "m-old"}, "replicas": 1}
+    new_spec = {"model": {"id": "m-new"}, "replicas": 1}
+
+    def run(spec: dict[str, Any]) -> None:
+        asyncio.run(rec.reconcile(owner(spec, status=kube.status), kube.live()))
+
+    old_hash = manifests.config_hash("rr", parse(old_spec))
+    new_hash = manifests.config_hash("rr", parse(new_spec))
+    old = fleet_precision.from_health("rr-1-a", health("k-old", record(by="rr-1-a")),
+                                      config_hash=old_hash)
+    reported[:] = [old]
+    run(old_spec)
+    assert list(kube.objects[("ConfigMap", "rr-precision")]["data"]) == ["k-old.json"]
+    # The spec changes; while the old pods roll out they still report theirs: kept.
+    run(new_spec)
+    assert list(kube.objects[("ConfigMap", "rr-precision")]["data"]) == ["k-old.json"]
+    new = fleet_precision.from_health("rr-2-a", health("k-new", record(by="rr-2-a", hint="f32"),
+                                                       numerics="fp32"), config_hash=new_hash)
+    reported[:] = [old, new]
+    run(new_spec)
+    assert list(kube.objects[("ConfigMap", "rr-precision")]["data"]) == ["k-new.json", "k-old.json"]
+    # The old pods are gone: their record goes, from the ConfigMap and the status.
+    reported[:] = [new]
+    run(new_spec)
+    assert list(kube.objects[("ConfigMap", "rr-precision")]["data"]) == ["k-new.json"]
+    assert [(e["key"], e["pick"]) for e in kube.status["precision"]] == [("k-new", "fp32")]
+    assert kube.status["precisionSummary"] == "fp32"
+    # This spec's record stays when its pods go (scaled to zero), and after a settings change
+    # that keeps the key, the new pods' report keeps it.
+    reported[:] = []
+    run(new_spec)
+    assert list(kube.objects[("ConfigMap", "rr-precision")]["data"]) == ["k-new.json"]
+
+
+def test_stamps_prefer_the_current_spec() -> None:
+    a = fleet_precision.from_health("a", health("k", record()), config_hash="h1")
+    b = fleet_precision.from_health("b", health("k", record()), config_hash="h2")
+    assert fleet_precision.stamps({}, [a, b], current="h2") == {"k": "h2"}
+    assert fleet_precision.stamps({}, [b, a], current="h2") == {"k": "h2"}
+    # Neither is the current spec: what the ConfigMap said stays (the record goes with its pods).
+    assert fleet_precision.stamps({"k": "h0", "j": "h0"}, [a], current="h2") == {"k": "h0",
+                                                                              "j": "h0"}
+    assert fleet_precision.stamps({}, [a], current="h2") == {"k": "h1"}
+    cm = fleet_precision.config_map("rr", {"k.json": "{}"}, {}, stamped={"k": "h2", "gone": "h1"})
+    assert fleet_precision.live_stamps(cm) == {"k": "h2"}
+    assert fleet_precision.live_stamps({"metadata": {"annotations": {
+        fleet_precision.STAMPS_ANNOTATION: "not json"}}}) == {}

@@ -21,7 +21,8 @@ from reranker_operator.pod_health import PodAddress, PodHealth, Poller
 def pod(name: str, port: int, *, fleet: str = "fleet", ready: bool = True, ip: str = "127.0.0.1",
         uid: str | None = None, deleting: bool = False) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": "ns", "uid": uid or f"uid-{name}",
-                            "labels": manifests.labels(fleet)}
+                            "labels": manifests.labels(fleet),
+                            "annotations": {manifests.ANNOTATION_CONFIG_HASH: "h1"}}
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     return {"metadata": meta,
@@ -48,7 +49,7 @@ def port_of(server: ServerProcess) -> int:
 def test_pod_address_reads_the_index_facts() -> None:
     a = pod_health.pod_address(pod("p", 9000))
     assert a == PodAddress(namespace="ns", deployment="fleet", pod="p", uid="uid-p",
-                           ip="127.0.0.1", port=9000, ready=True)
+                           ip="127.0.0.1", port=9000, ready=True, config_hash="h1")
     assert a.url == "http://127.0.0.1:9000/health"
     v6 = pod_health.pod_address(pod("p", 9000, ip="fd00::5"))
     assert v6 is not None and v6.url == "http://[fd00::5]:9000/health"
@@ -80,8 +81,8 @@ async def test_the_newest_answer_per_ready_pod(server: ServerProcess) -> None:
         await poller.tick(client, addresses(pod("a", port), pod("b", port, ready=False),
                                             pod("c", port, fleet="other")))
         (a,) = poller.latest("ns", "fleet")
-        assert (a.namespace, a.deployment, a.pod, a.ip, a.at) == (
-            "ns", "fleet", "a", "127.0.0.1", 100.0)
+        assert (a.namespace, a.deployment, a.pod, a.ip, a.at, a.config_hash) == (
+            "ns", "fleet", "a", "127.0.0.1", 100.0, "h1")
         # The server's own /health answer (the model it serves, its precision).
         assert a.body["status"] == "healthy" and a.body["model"]["model"]
         assert [h.pod for h in poller.latest("ns", "other")] == ["c"]
