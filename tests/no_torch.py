@@ -1,8 +1,9 @@
 """A process in which torch and transformers cannot be imported: what the slim CPU image's server sees.
 
-The venv has both (the tests' references need them), so a sitecustomize on PYTHONPATH puts a
-meta-path finder first that raises ModuleNotFoundError for them: `import torch` fails in that
-process exactly as where it is not installed. This stands in for the real thing, an image without
+The venv has both (the tests' references need them), so a sitecustomize on PYTHONPATH wraps every
+meta-path finder so that none finds them: `import torch` raises ModuleNotFoundError and
+`importlib.util.find_spec("torch")` answers None in that process, exactly as where they are not
+installed (nncf, for one, asks find_spec before importing torch). This stands in for the real thing, an image without
 torch (tests/ship builds and runs that one), in tests that must run without a container runtime.
 """
 
@@ -14,14 +15,26 @@ from pathlib import Path
 SITECUSTOMIZE = textwrap.dedent('''
     import sys
 
-    class HideTorch:
-        """torch and transformers are not installed, as far as this process can tell."""
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in ("torch", "transformers"):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden: the slim image has none)", name=name)
-            return None
+    HIDDEN = ("torch", "transformers")
 
-    sys.meta_path.insert(0, HideTorch())
+
+    class Hiding:
+        """A meta-path finder that finds nothing of torch or transformers, and the rest as `finder` does."""
+
+        def __init__(self, finder):
+            self.finder = finder
+
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in HIDDEN:
+                return None  # as if not installed: `import torch` fails, importlib.util.find_spec answers None
+            find = getattr(self.finder, "find_spec", None)
+            return None if find is None else find(name, path, target)
+
+        def __getattr__(self, attribute):
+            return getattr(self.finder, attribute)
+
+
+    sys.meta_path[:] = [Hiding(finder) for finder in sys.meta_path]
 ''')
 
 

@@ -320,7 +320,7 @@ def test_auto_runtime_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backends.importlib.util, "find_spec",
                         lambda name: None if name == "openvino" else real_find_spec(name))
     assert pick_runtime(Settings(runtime="auto", device="cpu")) == "torch"  # not installed: torch
-    with pytest.raises(DeviceUnavailable, match=r"openvino is not installed: pip install 'reranker-fleet\[server\]'"):
+    with pytest.raises(DeviceUnavailable, match=r"openvino is not installed: pip install 'reranker-fleet\[openvino\]'"):
         pick_runtime(Settings(runtime="openvino"))
 
 

@@ -231,3 +231,21 @@ def test_without_torch_or_a_converted_model_the_server_waits_then_loads_what_con
     assert activity["requests"] == 1 and time.time() - 30 < activity["last_request_at"] <= time.time()
     log = server.log.read_text()
     assert "waiting for the converted model" in log and "ready in " in log
+
+
+def test_without_a_record_a_server_without_torch_measures_from_the_float_ir(
+        seed: Path, tmp_path: Path, hidden_torch: dict[str, str], uvicorn_server: ServerFactory) -> None:
+    """A seed converted on another CPU type (its record's key names other instruction sets) holds
+    the float IR only for this one: `auto` is measured here, int8-dynamic compressed by nncf from
+    the IR, all without PyTorch."""
+    float_only = tmp_path / "float-only" / "openvino"
+    float_only.mkdir(parents=True)
+    (graph,) = (seed / "openvino").glob("*-float-*/model.xml")
+    shutil.copytree(graph.parent, float_only / graph.parent.name)
+    url = _serve(uvicorn_server, {**hidden_torch, "RERANKER_MODEL_SEED_DIRS": str(float_only.parent),
+                                  "RERANKER_MODEL_CACHE_DIR": str(tmp_path / "cache")})
+    health = httpx.get(url + "/health").json()
+    assert health["model"]["precision_record"]["origin"] == "measured"
+    assert health["startup"]["seconds"]["precision"] > 0 and health["startup"]["seconds"]["convert"] > 0  # nncf
+    assert list((tmp_path / "cache" / "openvino").glob("*-int8-dynamic-*/model.xml"))  # compressed here
+    assert len(_scores(url)) == len(DOCUMENTS)
