@@ -50,11 +50,12 @@ STAMPS_ANNOTATION = "reranker.dev/precision-config-hashes"
 #: Fields /health (and `reranker convert`'s report) add to the record served: not part of the
 #: record on disk (where it came from, its key, the numerics it serves, the CPU).
 HEALTH_ONLY_FIELDS = frozenset({"origin", "key", "plan", "cpu"})
-#: CPU flags that change a precision decision (native bf16, int8 dot products, AVX-512).
-#: A record key the ConfigMap can hold (a key of ConfigMap data; the server's are hex digests).
-_KEY = re.compile(r"[-._a-zA-Z0-9]{1,200}")
+#: A record key the ConfigMap can hold (a key of ConfigMap data, not starting with a dot: the
+#: kubelet keeps `..data` there; the server's keys are hex digests).
+_KEY = re.compile(r"[a-zA-Z0-9][-._a-zA-Z0-9]{0,199}")
 #: status.precision[].measuredAt is a date-time for the API server: anything else is left out.
 _DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})")
+#: CPU flags that change a precision decision (native bf16, int8 dot products, AVX-512).
 CPU_FLAGS_THAT_MATTER = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni",
                          "avx512f", "avx2")
 

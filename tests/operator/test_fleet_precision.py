@@ -59,6 +59,7 @@ def test_nothing_measured_is_no_record() -> None:
     # A key that could not name a ConfigMap entry is not taken.
     assert fleet_precision.from_health("p", health("../x", record())) is None
     assert fleet_precision.from_health("p", health("clé", record())) is None
+    assert fleet_precision.from_health("p", health("..data", record())) is None
 
 
 def test_the_pick_and_the_figures_of_a_record() -> None:
