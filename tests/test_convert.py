@@ -84,3 +84,21 @@ def test_convert_refuses_what_it_cannot_do(case: str, tiny_bert: Path, tmp_path:
         done = convert(tmp_path / "cache", RERANKER_MODEL=str(tiny_bert), RERANKER_RUNTIME="torch")
         message = "RERANKER_RUNTIME=torch converts nothing"
     assert done.returncode == 2 and message in done.stderr and done.stdout == ""
+
+
+def test_the_termination_log_keeps_within_kubernetes_4096_bytes(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Kubernetes keeps 4096 bytes of a termination message: a longer result (a long reason, many
+    graphs) loses its prose and paths there, never its figures; stdout keeps all of it."""
+    from reranker.convert import _report
+
+    result = {"model": "m", "fingerprint": "f", "ir": ["/cache/openvino/" + "x" * 300] * 3,
+              "precision": {"key": "k", "plan": "int8-dynamic/group-128", "speedup": 1.9, "reason": "why " * 1000},
+              "seconds": {"total": 1.0}}
+    log = tmp_path / "termination-log"
+    _report(result, log)
+    assert json.loads(capsys.readouterr().out) == result
+    short = json.loads(log.read_text())
+    assert len(log.read_bytes()) <= 4096 and short["precision"] == {"key": "k", "plan": "int8-dynamic/group-128",
+                                                                   "speedup": 1.9}
+    assert short["ir"] == 3 and short["seconds"] == {"total": 1.0}

@@ -58,10 +58,18 @@ def _stdout_to_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+#: Kubernetes keeps at most 4096 bytes of a termination message.
+TERMINATION_LIMIT = 4096
+
+
 def _report(result: dict[str, Any], termination_log: Path | None) -> None:
     line = json.dumps(result, sort_keys=True)
     print(line, flush=True)
     if termination_log is not None:
+        if len(line.encode()) > TERMINATION_LIMIT:  # the prose and the paths go; the figures stay
+            short = {**result, "ir": len(result["ir"]), "precision": {
+                k: v for k, v in result["precision"].items() if k != "reason"}}
+            line = json.dumps(short, sort_keys=True)
         try:
             termination_log.write_text(line)
         except OSError as exc:
@@ -97,13 +105,18 @@ def convert(settings: Settings, *, termination_log: Path | None = None) -> int:
                          f"{exc}", termination_log, EXIT_UNSUITABLE)
         except BackendError as exc:
             return _fail(f"{exc.__class__.__name__}: {exc}", termination_log, EXIT_FAILED)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO's converter, NNCF, torch: the Job's pod must say why
+            log.exception("conversion failed")
+            return _fail(f"conversion failed: {exc.__class__.__name__}: {exc}", termination_log, EXIT_FAILED)
         backend.close()
         _move_in(staging / "openvino", cache / "openvino")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     info = backend.info
     record = dict(info.precision_record or {})
-    folders = sorted({str(p.parent) for p in (cache / "openvino").glob("*/model.xml")})
+    # This model's graphs, now in the cache (the backend looks there as in a seed dir).
+    folders = sorted(str(xml.parent) for graph in ("float", "int8", "int8-dynamic")
+                     if (xml := backend.find_ir(graph)) is not None)  # type: ignore[attr-defined]
     seconds = {**{k: round(v, 3) for k, v in backend.startup.items()}, "total": round(time.perf_counter() - started, 3)}
     result: dict[str, Any] = {
         "model": info.model, "revision": info.revision, "kind": info.kind, "fingerprint": info.fingerprint,
