@@ -105,3 +105,19 @@ def test_models_lists_every_fleets_names(two_fleets: GatewayProcess) -> None:
     assert set(cards) == {MINILM, "minilm", TINY, "tiny"}
     assert cards["minilm"]["root"] == MINILM and cards["tiny"]["root"] == TINY
     assert cards["minilm"]["max_model_len"] == 256
+
+
+def test_the_cohere_sdk_reaches_each_fleet_by_name(two_fleets: GatewayProcess, minilm_servers: list[ServerProcess],
+                                                   tiny_server: ServerProcess) -> None:
+    import cohere
+
+    docs = ["Machine learning is a subset of AI", "Paris is in France", "Python is a language"]
+    for name, server in [("minilm", minilm_servers[0]), ("tiny", tiny_server)]:
+        through = cohere.ClientV2(base_url=two_fleets.url, api_key="any").rerank(model=name, query="What is ML?",
+                                                                                 documents=docs, top_n=2)
+        direct = cohere.ClientV2(base_url=server.url, api_key="any").rerank(model=name, query="What is ML?",
+                                                                            documents=docs, top_n=2)
+        assert [(r.index, r.relevance_score) for r in through.results] == \
+            [(r.index, r.relevance_score) for r in direct.results]
+    with pytest.raises(cohere.errors.NotFoundError):
+        cohere.ClientV2(base_url=two_fleets.url, api_key="any").rerank(model="nope", query="q", documents=docs)
