@@ -18,6 +18,10 @@ import httpx
 
 from servers import VENV_BIN, free_port
 
+#: The served names of the gateway tests' two fleets (tests/gateway/conftest.py starts their servers).
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+TINY = "tiny-bert"
+
 
 def fleet(name: str, served_names: Sequence[str], urls: Sequence[str], **extra: Any) -> dict[str, Any]:
     return {"name": name, "namespace": "default", "served_names": list(served_names),

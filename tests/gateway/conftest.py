@@ -13,11 +13,9 @@ from typing import Any
 
 import pytest
 
-from gateways import GatewayProcess
+from gateways import TINY, GatewayProcess
 from servers import ServerFactory, ServerProcess
 
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-TINY = "tiny-bert"
 NO_CACHE = {"ENABLE_PREDICTION_CACHE": "false"}
 
 

@@ -8,9 +8,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import MINILM
 
-from gateways import GatewayProcess, fleet
+from gateways import MINILM, GatewayProcess, fleet
 from servers import ServerProcess
 
 DEEP = b'{"query": "q", "documents": ["a"], "x": ' + b"[" * 40 + b"]" * 40 + b"}"

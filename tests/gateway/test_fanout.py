@@ -8,9 +8,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import MINILM
 
-from gateways import GatewayProcess, fleet
+from gateways import MINILM, GatewayProcess, fleet
 from servers import ServerProcess
 
 WORDS = "search engine ranking document query relevance model vector index cluster token batch".split()

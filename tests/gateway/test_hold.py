@@ -10,9 +10,8 @@ import time
 from collections.abc import Callable
 
 import httpx
-from conftest import MINILM
 
-from gateways import GatewayProcess, fleet
+from gateways import MINILM, GatewayProcess, fleet
 from servers import ServerProcess
 
 BODY = {"model": MINILM, "query": "held?", "documents": ["a", "b"]}

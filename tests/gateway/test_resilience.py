@@ -11,10 +11,9 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-from conftest import MINILM, TINY
 from stand_ins import StandIn
 
-from gateways import GatewayProcess, fleet
+from gateways import MINILM, TINY, GatewayProcess, fleet
 from servers import ServerProcess, free_port
 
 BODY = {"query": "what is it?", "documents": ["one doc", "another doc"]}

@@ -7,9 +7,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import MINILM, TINY
 
-from gateways import GatewayProcess, fleet
+from gateways import MINILM, TINY, GatewayProcess, fleet
 from servers import ServerProcess
 
 #: One request per route and dialect, `model` filled in by the test.
