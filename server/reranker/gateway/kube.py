@@ -30,6 +30,7 @@ import datetime
 import ipaddress
 import json
 import logging
+import os
 import random
 import ssl
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -207,8 +208,9 @@ def connect() -> _Connection:
         kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
             client_configuration=config)
     except kubernetes.config.ConfigException:
+        # $KUBECONFIG as it is now (the package read it once, at import)
         kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-            client_configuration=config)
+            config_file=os.environ.get("KUBECONFIG") or None, client_configuration=config)
     verify: ssl.SSLContext | bool = False
     if config.verify_ssl:
         verify = ssl.create_default_context(cafile=config.ssl_ca_cert)
