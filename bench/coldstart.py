@@ -151,9 +151,9 @@ def wait_pods(cluster: KubeCluster, namespace: str, selector: str, count: int,
               timeout: float = 600) -> list[dict[str, Any]]:
     """Exactly `count` live pods, all Ready, none other still terminating (a terminating pod
     would share the CPUs with the next round's starts)."""
-    def ready() -> list[dict[str, Any]] | None:
+    def ready() -> list[dict[str, Any]]:  # empty (falsy) until they are
         found = pods(cluster, namespace, selector)
-        return found if len(found) == count and all(map(is_ready, found)) else None
+        return found if len(found) == count and all(map(is_ready, found)) else []
 
     return cluster.eventually(ready, timeout=timeout, interval=0.5,
                               desc=f"{count} Ready pods {selector} in {namespace}")

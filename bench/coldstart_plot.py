@@ -7,7 +7,8 @@ first pod; the scale request, for the later ones). The bar's segments: waiting t
 scheduled -> container started (sandbox, image, container), then the server's own start phases
 (imports, model files, convert, compile, precision, warm-up; an older server without /health
 `startup` shows its first log line and one "model load", from its log), then model ready -> Ready (the readiness probe's
-lag). Several records (before / after) are drawn one above the other on the same x scale.
+lag). Several records (before / after) are drawn one panel each, one above the other, each on its
+own x scale.
 """
 
 from __future__ import annotations
@@ -44,13 +45,15 @@ def segments(rec: dict[str, Any]) -> list[tuple[str, float, float]]:
     """(phase, start, end) in seconds since the pod's trigger."""
     t0 = rec["trigger"]
     sched, started, ready = rec["scheduled"] - t0, rec["container_started"] - t0, rec["ready"] - t0
-    out = [("to schedule", 0.0, sched), ("container start", sched, started)]
     server = rec["server"]
     model_ready = (server["ready_at"] - t0) if server.get("ready_at") else None
     at = started
+    if server.get("source") == "health" and server.get("started_at"):
+        # The server's clock starts at its own started_at (sub-second); startedAt is whole seconds
+        # (truncated): the runtime's start and that truncation count as container start.
+        at = max(started, server["started_at"] - t0)
+    out = [("to schedule", 0.0, sched), ("container start", sched, at)]
     if server.get("source") == "health":
-        # The server's clock starts at its own started_at (sub-second); startedAt is whole seconds.
-        at = max(started, server["started_at"] - t0) if server.get("started_at") else started
         for key, name in SERVER_PARTS.items():
             length = float((server.get("seconds") or {}).get(key) or 0.0)
             if length > 0:
@@ -75,33 +78,39 @@ def segments(rec: dict[str, Any]) -> list[tuple[str, float, float]]:
 
 
 def plot(records: list[dict[str, Any]], out: Path) -> None:
-    rows: list[tuple[str, dict[str, Any]]] = []
-    for record in records:
-        for rec in record["pods"]:
-            who = "first pod" if rec["role"] == "first" else f"round {rec['round']}: {rec['pod'][-5:]}"
-            rows.append((f"{record.get('label') or ''}\n{who}".strip(), rec))
-    fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 1.8))
+    """One panel per run (each on its own x scale: seconds apart from a minute), a row per pod."""
+    heights = [len(r["pods"]) + 1.5 for r in records]
+    fig, axes = plt.subplots(len(records), 1, figsize=(11, 0.42 * sum(heights) + 1.2),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
     seen: set[str] = set()
-    for y, (_, rec) in enumerate(rows):
-        for name, a, b in segments(rec):
-            ax.barh(y, b - a, left=a, color=COLOURS[name], edgecolor="white", linewidth=0.5,
-                    label=None if name in seen else name)
-            seen.add(name)
-        ax.annotate(f"{rec['started_to_ready']:.0f} s", (rec["ready"] - rec["trigger"], y),
-                    xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([label for label, _ in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds since the pod was asked for (RD created / scale request); "
-                  "label: container started -> Ready")
-    ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7, ncol=2)
-    title = " vs ".join(
-        f"{r.get('label') or 'run'}: first {r['first_started_to_ready']:.0f} s, "
-        f"later p50 {r['later_started_to_ready_p50']:.0f} s" for r in records)
-    ax.set_title(f"Server pods' cold start, scale 1 -> {records[0]['replicas']} "
-                 f"(container started -> Ready)\n{title}", fontsize=9)
-    fig.tight_layout()
+    for ax, record in zip(axes[:, 0], records):
+        rows = record["pods"]
+        for y, rec in enumerate(rows):
+            segs = segments(rec)
+            for name, a, b in segs:
+                ax.barh(y, b - a, left=a, color=COLOURS[name], edgecolor="white", linewidth=0.5,
+                        label=None if name in seen else name)
+                seen.add(name)
+            ax.annotate(f"{rec['started_to_ready']:.0f} s", (max(b for _, _, b in segs), y),
+                        xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels(["first pod" if r["role"] == "first" else f"round {r['round']}: {r['pod'][-5:]}"
+                            for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, max(max(b for _, _, b in segments(r)) for r in rows) * 1.08)
+        ax.grid(axis="x", alpha=0.3)
+        p50 = record["later_started_to_ready_p50"]
+        ax.set_title(f"{record.get('label') or 'run'} ({record['measured_at']}): container started -> Ready: "
+                     f"first pod {record['first_started_to_ready']:.0f} s, later pods p50 {p50:.0f} s "
+                     f"(of {record['later_count']})", fontsize=8)
+    axes[-1, 0].set_xlabel("seconds since the pod was asked for (RD created / scale request); "
+                           "the label: container started -> Ready (whole seconds, +-1 s)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS[n]) for n in COLOURS if n in seen]
+    fig.legend(handles, [n for n in COLOURS if n in seen], loc="lower center", ncol=6, fontsize=7,
+               frameon=False)
+    fig.suptitle(f"Server pods' cold start on the dev node, a fleet scaled 1 -> {records[0]['replicas']}",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
