@@ -118,7 +118,8 @@ def mac_slice(fleet: str, endpoints: list[tuple[str, bool]], port: int = 9000) -
                       for i, (a, r) in enumerate(endpoints)]})
 
 
-async def until(directory: kube.KubeDirectory, check: Any, timeout: float = 30) -> tuple[Fleet, ...]:
+async def until(directory: kube.KubeDirectory, check: Any,
+                timeout: float = 30) -> tuple[Fleet, ...]:
     """Wait on directory.changed() until check(fleets()) holds; the fleets then."""
     async def loop() -> tuple[Fleet, ...]:
         while True:

@@ -27,6 +27,7 @@ EVERYTHING: dict[str, Any] = {
     "peering": {"enabled": True},
     "replicaCount": 2,
     "admissionPolicy": {"enabled": True, "allowedImagePrefixes": ["registry.example.com/"]},
+    "gateway": {"enabled": True},
 }
 #: The value sets the static tests render: defaults, everything cluster-wide, everything
 #: limited to two namespaces.

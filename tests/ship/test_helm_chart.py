@@ -101,7 +101,7 @@ def test_rendered_objects_pass_the_kubernetes_schemas_strictly(kube_version: str
     assert validated == {"CustomResourceDefinition", "ServiceAccount", "ClusterRole",
                          "ClusterRoleBinding", "RoleBinding", "Role", "Deployment", "Service",
                          "Secret", "ConfigMap", "NetworkPolicy", "ValidatingAdmissionPolicy",
-                         "ValidatingAdmissionPolicyBinding"}
+                         "ValidatingAdmissionPolicyBinding", "PodDisruptionBudget"}
 
 
 # --- copies of the repository's single sources ----------------------------------------------
