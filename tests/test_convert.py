@@ -41,6 +41,7 @@ def test_convert_writes_the_ir_and_the_record_and_reports_one_json_line(tiny_ber
     precision = result["precision"]
     assert {"key", "plan", "spearman", "speedup", "cpu", "measured_by", "measured_at"} <= precision.keys()
     assert precision["origin"] == "measured" and precision["plan"] == result["numerics"]
+    assert set(precision["cpu"]) == {"model", "flags"}  # as /health's model.precision_record says it
     assert result["seconds"]["convert"] > 0 and result["seconds"]["total"] >= result["seconds"]["convert"]
     folder = cache / "openvino"
     assert json.loads((folder / f"precision-{precision['key']}.json").read_text())["measured_at"] == \

@@ -32,7 +32,7 @@ from typing import Any
 
 from . import logs
 from .backends import BackendError, ConversionNeeded, load_backend
-from .backends.precision import cpu_flags
+from .backends.precision import cpu_summary
 from .backends.precision_record import default_cache_dir
 from .settings import Settings
 
@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 #: Exit codes: the conversion (or the precision measurement) failed; the settings cannot convert.
 EXIT_FAILED, EXIT_UNSUITABLE = 3, 2
-#: The instruction-set flags that decide which OpenVINO kernels run (the record key hashes all flags).
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
 
 
 @contextlib.contextmanager
@@ -123,7 +121,7 @@ def convert(settings: Settings, *, termination_log: Path | None = None) -> int:
         "dtype": info.dtype, "numerics": info.numerics, "max_length": info.max_length,
         "precision": {**record, "key": record.get("key"), "plan": record.get("plan", info.numerics),
                       "spearman": record.get("spearman"), "speedup": record.get("speedup"),
-                      "cpu": sorted(flag for flag in ISA_FLAGS if flag in cpu_flags()), "reason": info.precision},
+                      "cpu": cpu_summary(), "reason": info.precision},
         "cache_dir": str(cache), "ir": folders,
         "seconds": seconds,
     }

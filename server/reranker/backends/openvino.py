@@ -214,9 +214,9 @@ class OpenVINOBackend(HFTokenization, Backend):
             model=files.name, revision=files.revision, kind=files.kind, backend="openvino", device="cpu",
             dtype=dtype, max_length=self.max_length, activation=activation, precision=reason,
             numerics=self._numerics(plan, runs),
-            precision_record=None if origin is None else {
-                "origin": origin.origin, "key": self.record_key(asked), "plan": self._numerics(plan, runs),
-                "speedup": plan.speedup, "cpu": cpu_summary(), **origin.plan},
+            precision_record=None if origin is None else {  # this start's view last: a copied record may carry its own
+                **origin.plan, "origin": origin.origin, "key": self.record_key(asked),
+                "plan": self._numerics(plan, runs), "speedup": plan.speedup, "cpu": cpu_summary()},
         )
 
     @staticmethod
