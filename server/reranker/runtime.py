@@ -112,8 +112,10 @@ class Runtime:
         """Until the converted graph appears (polled every WAIT_POLL_SECONDS): /health says why."""
         self.waiting = str(needed)
         log.warning("waiting for the converted model (checked every %.0f s): %s", WAIT_POLL_SECONDS, needed)
-        while not await asyncio.to_thread(needed.available):
+        while True:  # a sleep first: a graph that appeared and still cannot load never spins this loop
             await asyncio.sleep(WAIT_POLL_SECONDS)
+            if await asyncio.to_thread(needed.available):
+                break
         log.info("the converted model appeared: loading")
 
     async def _load_backend(self) -> Backend:
