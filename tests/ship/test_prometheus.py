@@ -29,7 +29,9 @@ import httpx
 import pytest
 import yaml
 
+from gateways import GatewayProcess, fleet
 from redis_fixture import RedisServer
+from reranker.gateway import metrics as gateway_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "deploy" / "prometheus"
@@ -37,6 +39,9 @@ RULES = PROM_DIR / "reranker-rules.yaml"
 DASHBOARDS = sorted((REPO / "dashboards").glob("*.json"))
 NAMESPACE, SERVICE = "search", "minilm"  # the labels of deploy/prometheus/keda-scaledobject.yaml
 PODS = ("minilm-0", "minilm-1")
+#: The gateway's scrape labels (the chart's gateway Service in the operator's namespace).
+GATEWAY_LABELS = {"namespace": "reranker-system", "service": "rel-reranker-operator-gateway",
+                  "pod": "gateway-0", "container": "gateway", "endpoint": "http"}
 
 #: Dashboard expressions a lone fleet cannot answer: RerankerDeployment spec and status, which
 #: kube-state-metrics exports with deploy/prometheus/kube-state-metrics-rerankerdeployments.yaml.
@@ -185,6 +190,27 @@ def run_load(urls: list[str], *, seconds: float = 8.0, per_second: float = 250.0
     return statuses
 
 
+def run_gateway_load(url: str, *, seconds: float = 8.0, per_second: float = 40.0) -> None:
+    """Load through the gateway beside run_load's, so every series of the dashboard's gateway
+    row has data: a request for a fleet with no endpoint (held, a wake, 503 after the hold),
+    repeated queries (affinity picks), requests over the fan-out threshold (split), requests
+    without a model (the default fleet); the fleet's dead endpoint makes retries."""
+    with httpx.Client(timeout=30) as client:
+        client.post(f"{url}/v1/rerank", json={"model": "asleep", "query": "q", "documents": ["x"]})
+        deadline, i = time.monotonic() + seconds, 0
+        while time.monotonic() < deadline:
+            i += 1
+            if i % 3 == 0:
+                client.post(f"{url}/v1/rerank", json={"model": "m", "query": "what is a reranker?",
+                                                      "documents": ["a reranker", "a pear"]})
+            elif i % 3 == 1:
+                client.post(f"{url}/v2/rerank", json={"model": "m", "query": f"g{i}", "documents": [
+                    f"{uuid.uuid4().hex} document {j}" for j in range(12)]})
+            else:
+                client.post(f"{url}/rerank", json={"query": f"g{i}", "documents": ["x", "y"]})
+            time.sleep(1 / per_second)
+
+
 @pytest.fixture(scope="module")
 def scraped(module_server_factory: Any, tiny_bert: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
@@ -203,11 +229,22 @@ def scraped(module_server_factory: Any, tiny_bert: Path,
                     "labels": {"namespace": NAMESPACE, "service": SERVICE, "pod": pod,
                                "container": "reranker", "endpoint": "http"}}
                    for s, pod in zip(servers, PODS)]
+        # The gateway in front of them (a static directory), plus an endpoint that refuses
+        # connections (retries) and a fleet with none (holds and wakes).
+        gateway = GatewayProcess(folder, [
+            fleet(SERVICE, ["m"], [s.url for s in servers] + [f"http://127.0.0.1:{_free_port()}"]),
+            fleet("asleep", ["asleep"], [], replicas=0, can_wake=True)],
+            {"RERANKER_GATEWAY_FANOUT_THRESHOLD": "8", "RERANKER_GATEWAY_FANOUT_MAX_WIDTH": "2",
+             "RERANKER_GATEWAY_HOLD_TIMEOUT_SECONDS": "0.5",
+             "RERANKER_GATEWAY_DEFAULT_MODEL": "m", "RERANKER_GATEWAY_LOG_LEVEL": "WARNING"})
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
             # job = the Service's name, as the Prometheus Operator sets it.
-            "scrape_configs": [{"job_name": SERVICE, "static_configs": targets}],
+            "scrape_configs": [
+                {"job_name": SERVICE, "static_configs": targets},
+                {"job_name": GATEWAY_LABELS["service"], "static_configs": [
+                    {"targets": [gateway.url.removeprefix("http://")], "labels": GATEWAY_LABELS}]}],
         }
         (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = _free_port()
@@ -226,13 +263,17 @@ def scraped(module_server_factory: Any, tiny_bert: Path,
             while len(handle.query(f'up{{job="{SERVICE}"}} == 1')) < len(PODS):
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.2)
+            through_gateway = threading.Thread(target=run_gateway_load, args=(gateway.url,))
+            through_gateway.start()
             handle.statuses = run_load([s.url for s in servers])
+            through_gateway.join(60)
             # Scrape what the load left, twice over.
             time.sleep(3)
             yield handle
         finally:
             proc.terminate()
             proc.wait(20)
+            gateway.stop()
     finally:
         redis.stop()
 
@@ -396,4 +437,10 @@ def test_dashboards_are_portable() -> None:
                        "reranker_pairs_scored_total", "reranker_tokens_total",
                        "reranker_cache_hits_total", "reranker_cache_misses_total",
                        "reranker_rejected_total", "reranker_model_info"):
+            assert metric in exprs, metric
+        # ... and every metric of the gateway's (its row).
+        for metric in (gateway_metrics.REQUESTS, gateway_metrics.REQUEST_DURATION,
+                       gateway_metrics.HOLD, gateway_metrics.HELD, gateway_metrics.RETRIES,
+                       gateway_metrics.FANOUT_WIDTH, gateway_metrics.AFFINITY,
+                       gateway_metrics.UPSTREAM, gateway_metrics.WAKES):
             assert metric in exprs, metric
