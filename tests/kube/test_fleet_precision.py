@@ -60,13 +60,16 @@ def precision_of(server: ServerProcess) -> dict[str, Any]:
 
 
 def stand_in_pod(cluster: Any, ns: str, pod: str, server: ServerProcess, owner_uid: str) -> None:
-    """A Pod of the fleet whose address is the real server's (see the module's docstring).
-    Its controller is the RerankerDeployment, so that the fleet's ReplicaSet does not adopt
-    (and then delete) it."""
+    """A Pod of the fleet whose address is the real server's (see the module's docstring), with
+    the labels and annotations (config hash) of the Deployment's template, as its ReplicaSet
+    would make it. Its controller is the RerankerDeployment, so that the fleet's ReplicaSet does
+    not adopt (and then delete) it."""
     port = int(server.url.rsplit(":", 1)[1])
+    template = cluster.get_json("deployment", NAME, "-n", ns)["spec"]["template"]["metadata"]
     cluster.apply(json.dumps({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": pod, "labels": manifests.labels(NAME), "ownerReferences": [{
+        "metadata": {"name": pod, "labels": template["labels"],
+                     "annotations": template.get("annotations") or {}, "ownerReferences": [{
             "apiVersion": "reranker.dev/v1alpha1", "kind": "RerankerDeployment", "name": NAME,
             "uid": owner_uid, "controller": True}]},
         "spec": {"containers": [{
@@ -126,6 +129,10 @@ def test_the_fleet_records_its_pick_and_a_later_server_reads_it(
     assert data == {f"{key}.json": on_disk}, "the record exactly as the server wrote it on disk"
     cm = kube_cluster.get_json("configmap", f"{NAME}-precision", "-n", ns)
     assert cm["metadata"]["ownerReferences"][0]["uid"] == uid
+    # Each record with the config hash of the pods that serve it (a spec change drops the rest).
+    config_hash = kube_cluster.get_json("rrd", NAME, "-n", ns)["status"]["configHash"]
+    assert json.loads(cm["metadata"]["annotations"]["reranker.dev/precision-config-hashes"]) == {
+        key: config_hash}
 
     def entries() -> list[dict[str, Any]] | None:
         return kube_cluster.get_json("rrd", NAME, "-n", ns).get("status", {}).get("precision")
