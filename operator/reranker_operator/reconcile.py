@@ -616,11 +616,12 @@ class Reconciler:
                                        stamped=stamped, current=current)
         return data, stamped
 
-    def _precision_seen(self, owner: Mapping[str, Any]) -> dict[str, fleet_precision.Observation]:
-        """What the pods report now, and the model-cache Job's measurement (status.modelCache)."""
+    def _precision_seen(self, owner: Mapping[str, Any],
+                        cache: Mapping[str, Any] | None = None
+                        ) -> dict[str, fleet_precision.Observation]:
+        """What the pods report now, and the model-cache Job's measurement (`cache`: this
+        pass's status.modelCache)."""
         seen = list(self.precision(owner_key(owner)))
-        cache = (self._last_status.get(str(owner["metadata"].get("uid")))
-                 or owner.get("status") or {}).get("modelCache")
         if isinstance(cache, Mapping) and isinstance(cache.get("result"), Mapping):
             seen.append(fleet_precision.from_conversion(str(cache.get("job") or "model-cache"),
                                                         cache["result"]))
@@ -635,7 +636,10 @@ class Reconciler:
         name = fleet_precision.config_map_name(owner["metadata"]["name"])
         cm = next((o for o in plan.desired if (o["kind"], o["metadata"]["name"]) == (
             "ConfigMap", name)), None)
-        return fleet_precision.entries((cm or {}).get("data") or {}, self._precision_seen(owner),
+        # spec.model.cache's fill: its Job's report, until a pod reports the same key
+        cache = plan.model_cache.as_status() if plan.model_cache is not None else None
+        return fleet_precision.entries((cm or {}).get("data") or {},
+                                       self._precision_seen(owner, cache),
                                        current.get("precision"))
 
     # --- status and events ----------------------------------------------------------------

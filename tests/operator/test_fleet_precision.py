@@ -286,3 +286,30 @@ def test_stamps_prefer_the_current_spec() -> None:
     assert fleet_precision.live_stamps(cm) == {"k": "h2"}
     assert fleet_precision.live_stamps({"metadata": {"annotations": {
         fleet_precision.STAMPS_ANNOTATION: "not json"}}}) == {}
+
+
+def test_the_model_cache_jobs_measurement_reaches_the_status() -> None:
+    """spec.model.cache: `reranker convert` measured in the fill Job; its report (the pod's
+    termination message) lists the pick before any server pod runs, not in the ConfigMap."""
+    kube = FakeKube()
+    job_pods: list[dict[str, Any]] = []
+    rec = Reconciler(kube, DEFAULTS,  # type: ignore[arg-type]
+                     clock=lambda: "2024-01-01T00:00:00Z", events=lambda *a: None,
+                     precision=lambda _key: (), cache_pods=lambda _key: job_pods)
+    spec = {"model": {"id": "m", "cache": {"size": "1Gi"}}, "replicas": 1}
+
+    def run() -> None:
+        asyncio.run(rec.reconcile(owner(spec, status=kube.status), kube.live()))
+    run()
+    job = next(name for kind, name in kube.objects if kind == "Job")
+    kube.objects[("Job", job)]["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    measured = record(by=f"{job}-x2k4q")
+    report = {"model": "m", "precision": {**measured, "key": "k1", "plan": "bf16",
+                                          "cpu": ["amx_bf16", "avx2"], "reason": "auto: ..."}}
+    job_pods[:] = [{"job": job, "pod": f"{job}-x2k4q", "exitCode": 0,
+                    "message": json.dumps(report)}]
+    run()
+    assert kube.status["precision"] == [
+        {"key": "k1", "pick": "bf16", "cpu": "amx_bf16, avx2", "measuredBy": f"{job}-x2k4q",
+         "measuredAt": "2026-12-07T16:30:55Z", "speedup": 1.97}]
+    assert ("ConfigMap", "rr-precision") not in kube.objects
