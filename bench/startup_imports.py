@@ -41,7 +41,8 @@ from servers import free_port  # noqa: E402
 OLD = "import torch\nfrom transformers import AutoTokenizer\n"
 NEW = ("import reranker.serve, reranker.app, reranker.backends.openvino, reranker.backends.tokenization\n"
        "import tokenizers\n")
-CASES = {"torch + AutoTokenizer": OLD, "serving path (new)": NEW, "serving path + torch + AutoTokenizer (old)": NEW + OLD}
+CASES = {"torch + AutoTokenizer": OLD, "serving path (new)": NEW,
+         "serving path + torch + AutoTokenizer (old)": NEW + OLD}
 
 
 def import_seconds(code: str) -> float:

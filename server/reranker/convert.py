@@ -7,13 +7,13 @@ fleet's model-cache volume), every later server start reads the IR and the preci
 converts and times nothing (backends/openvino.py, backends/precision_record.py).
 
 It reads the same settings as `reranker serve` (env vars and flags) and writes exactly what `serve`
-would write into RERANKER_MODEL_CACHE_DIR, through the same backend code, so the two cannot disagree
-on names or keys. It works in a staging folder inside the cache dir and moves the results in at
-the end, the precision record first and the float graph last: a server waiting for the float graph
-(runtime.py) finds the record with it, and never reads half a conversion. The outcome is one JSON line on stdout, and the same JSON in `--termination-log`
-(Kubernetes' /dev/termination-log: the operator reads it from the Job's pod status without reading
-logs). Logs go to stderr; anything a library prints meanwhile is sent there too, so stdout holds
-only that line.
+would write into RERANKER_MODEL_CACHE_DIR, through the same backend code, so the two cannot
+disagree on names or keys. It works in a staging folder inside the cache dir and moves the results
+in at the end, the precision record first and the float graph last: a server waiting for the float
+graph (runtime.py) finds the record with it, and never reads half a conversion. The outcome is one
+JSON line on stdout, and the same JSON in `--termination-log` (Kubernetes' /dev/termination-log:
+the operator reads it from the Job's pod status without reading logs). Logs go to stderr; anything
+a library prints meanwhile is sent there too, so stdout holds only that line.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from . import model_files, precision
 if TYPE_CHECKING:  # pragma: no cover
     from ..settings import Settings
 
-__all__ = ["Backend", "BackendError", "BackendInfo", "ConversionNeeded", "DeviceUnavailable", "Encoded", "EngineSizing", "Pair",
-           "load_backend", "pick_runtime", "precision"]
+__all__ = ["Backend", "BackendError", "BackendInfo", "ConversionNeeded", "DeviceUnavailable", "Encoded",
+           "EngineSizing", "Pair", "load_backend", "pick_runtime", "precision"]
 
 #: Runtime name -> (module, class). One line per runtime.
 RUNTIMES: dict[str, tuple[str, str]] = {
@@ -74,7 +74,8 @@ def pick_runtime(settings: "Settings") -> str:
         return "mlx"
     if runtime == "openvino":
         if importlib.util.find_spec("openvino") is None:
-            raise DeviceUnavailable("RERANKER_RUNTIME=openvino but openvino is not installed: pip install 'reranker-fleet[openvino]'")
+            raise DeviceUnavailable("RERANKER_RUNTIME=openvino but openvino is not installed: "
+                                    "pip install 'reranker-fleet[openvino]'")
         return "openvino"
     if runtime == "torch":
         return "torch"

@@ -30,13 +30,13 @@ How, without hand-written graph code:
   are served without converting or measuring. Without PyTorch (the slim image) a graph found
   nowhere cannot be made: `ConversionNeeded` says which, and the server waits for it (runtime.py).
 
-Precision is a compile-time hint: fp32 sets INFERENCE_PRECISION_HINT=f32 (OpenVINO would
-otherwise run bf16 on a bf16-capable CPU), bf16 sets bf16; int8 runs its quantized layers in int8
-and the rest in fp32 (bf16 float layers ran 1.2x faster on an AMX CPU but doubled int8's distance
-from fp32's ranking). `info.dtype` reports what the
-compiled model really uses. Tokenization is the model's tokenizer.json read with the `tokenizers`
-library (tokenization.py; no transformers import), identical to the other runtimes; infer requests are per thread (one per forward worker, one
-worker per stream). Thread pools are sized for the CPUs the process may use (cpus.py: a pod's
+Precision is a compile-time hint: fp32 sets INFERENCE_PRECISION_HINT=f32 (OpenVINO would otherwise
+run bf16 on a bf16-capable CPU), bf16 sets bf16; int8 runs its quantized layers in int8 and the
+rest in fp32 (bf16 float layers ran 1.2x faster on an AMX CPU but doubled int8's distance from
+fp32's ranking). `info.dtype` reports what the compiled model really uses. Tokenization is the
+model's tokenizer.json read with the `tokenizers` library (tokenization.py; no transformers
+import), identical to the other runtimes; infer requests are per thread (one per forward worker,
+one worker per stream). Thread pools are sized for the CPUs the process may use (cpus.py: a pod's
 CPU limit, not the node's cores).
 
 A score depends on its pair alone: batches are padded to a multiple of 16 tokens (WIDTH_MULTIPLE),
@@ -163,6 +163,7 @@ class OpenVINOBackend(HFTokenization, Backend):
         self.max_length = min(settings.max_length, files.max_length)
         #: What this start spent converting, compiling and measuring (seconds; /health `startup`).
         self.startup: dict[str, float] = {"convert": 0.0, "compile": 0.0, "precision": 0.0}
+        self._float_speedup: float | None = None  # bf16's speed over fp32's, where the race picked bf16
         self._init_tokenizer(files, transformers=False)
         asked = settings.quantization
         picked = resolve(asked, device="cpu")
@@ -315,7 +316,7 @@ class OpenVINOBackend(HFTokenization, Backend):
             reason += f"; batch-mates move bf16 scores by {moved:.1e} (tolerance {INVARIANCE_TOLERANCE:.0e})"
             if moved > INVARIANCE_TOLERANCE:
                 hint, reason = "f32", f"{reason}: fp32"
-        plan = Plan(graph, hint, None, reason, speedup=getattr(self, "_float_speedup", None) if hint == "bf16" else None)
+        plan = Plan(graph, hint, None, reason, speedup=self._float_speedup if hint == "bf16" else None)
         return self._try_dynamic(plan) if auto else plan
 
     def _race(self, graph: Graph) -> tuple[Literal["f32", "bf16"], str]:
@@ -324,7 +325,7 @@ class OpenVINOBackend(HFTokenization, Backend):
         seconds = self._time({"bf16": bf16, "none": fp32})
         picked = raced(seconds)
         log.info("OpenVINO: %s", picked.reason)
-        self._float_speedup = seconds["none"] / seconds["bf16"] if picked.quantization == "bf16" else None
+        self._float_speedup = round(seconds["none"] / seconds["bf16"], 3) if picked.quantization == "bf16" else None
         return ("bf16" if picked.quantization == "bf16" else "f32"), picked.reason
 
     def _candidate(self, graph: Graph, hint: str, group: int | None = None) -> Any:
