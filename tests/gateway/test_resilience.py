@@ -106,3 +106,20 @@ def test_a_client_that_goes_away_cancels_the_forwarded_request(gateway: Callable
         time.sleep(0.05)
     assert hanging.closed_at and hanging.closed_at[0] - gone < 2  # closed upstream at once, not at the deadline
     assert process.metric("reranker_gateway_requests_total", status="499") == 1
+
+
+def test_a_reset_on_the_only_endpoint_is_retried_on_a_new_connection(gateway: Callable[..., GatewayProcess],
+                                                                    minilm_servers: list[ServerProcess]) -> None:
+    # the server closes idle kept-alive connections after 5 s (uvicorn's default); a request sent as it
+    # does must not fail a fleet of one endpoint. Idle past that between requests:
+    process = gateway([fleet("minilm", [MINILM], [minilm_servers[0].url])])
+    assert httpx.post(process.url + "/v2/rerank", json=BODY, timeout=30).status_code == 200
+    time.sleep(5.5)
+    assert httpx.post(process.url + "/v2/rerank", json=BODY, timeout=30).status_code == 200
+
+
+def test_a_dead_only_endpoint_is_503_after_the_retries(gateway: Callable[..., GatewayProcess]) -> None:
+    process = gateway([fleet("dead", [MINILM], [f"http://127.0.0.1:{free_port()}"])], max_retries="2")
+    resp = httpx.post(process.url + "/v2/rerank", json=BODY, timeout=30)
+    assert resp.status_code == 503 and resp.json()["error"] == "upstream_unavailable" and "retry-after" in resp.headers
+    assert process.metric("reranker_gateway_upstream_requests_total", status="error") == 3  # the try and 2 retries

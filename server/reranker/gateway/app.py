@@ -99,6 +99,9 @@ def create_app(settings: GatewaySettings, directory: Directory) -> FastAPI:
     async def ready(request: Request) -> Any:
         if getattr(request.app.state, "gateway", None) is None:
             return JSONResponse({"ready": False, "reason": "starting"}, status_code=503, headers={"Retry-After": "1"})
+        # A directory that has not listed its fleets yet would answer every model 404: not Ready until it has.
+        if not getattr(directory, "synced", True):
+            return JSONResponse({"ready": False, "reason": "syncing"}, status_code=503, headers={"Retry-After": "1"})
         return {"ready": True}
 
     @app.get("/metrics", tags=["probes"])

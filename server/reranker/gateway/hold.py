@@ -64,7 +64,7 @@ class Holds:
                 current = self.router.current(fleet) or fleet
                 if current.endpoints:
                     return current
-                if current.can_wake:
+                if current.can_wake and current.replicas == 0:  # pods on their way need no wake
                     await self._wake(current)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -61,7 +61,9 @@ class Upstreams:
         client = self._clients.get(endpoint.url)
         if client is None:
             # The bound is `_gate`'s; the connector has room to spare so that no request ever queues in it.
-            connector = aiohttp.TCPConnector(limit=2 * self.max_connections, keepalive_timeout=30)
+            # Idle connections are dropped before the server's own keep-alive timeout (uvicorn: 5 s)
+            # would close them under a request.
+            connector = aiohttp.TCPConnector(limit=2 * self.max_connections, keepalive_timeout=4)
             client = self._clients[endpoint.url] = aiohttp.ClientSession(
                 base_url=endpoint.url, connector=connector, trust_env=False, auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding"))
@@ -94,15 +96,14 @@ class Upstreams:
                 answer = await self._post(current, path=path, body=body, headers=headers, pairs=pairs,
                                           deadline=deadline, model=model)
             except (aiohttp.ClientError, OSError) as exc:  # refused, reset, cut off: nothing was answered
-                self.loads.eject(current)
+                if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+                    self.loads.eject(current)  # could not connect at all (a reset may be a stale kept-alive connection)
                 connects += 1
                 if connects > self.max_retries:
                     raise UpstreamUnavailable(f"no endpoint of fleet {fleet.namespace}/{fleet.name} could be "
                                               f"reached ({exc.__class__.__name__}: {exc})", retry_after=1) from None
-                current = self.loads.pick(fleet.endpoints, exclude=tried)
-                if current is None:
-                    raise UpstreamUnavailable(f"no endpoint of fleet {fleet.namespace}/{fleet.name} could be "
-                                              f"reached ({exc.__class__.__name__}: {exc})", retry_after=1) from None
+                # another endpoint; with none left, the same one again on a new connection
+                current = self.loads.pick(fleet.endpoints, exclude=tried) or current
                 self.metrics.retries.labels(model=model, reason="connect").inc()
                 continue
             if answer.status in _REFUSED and refusals == 0:
