@@ -120,3 +120,23 @@ def test_the_cohere_sdk_reaches_each_fleet_by_name(two_fleets: GatewayProcess, m
             [(r.index, r.relevance_score) for r in direct.results]
     with pytest.raises(cohere.errors.NotFoundError):
         cohere.ClientV2(base_url=two_fleets.url, api_key="any").rerank(model="nope", query="q", documents=docs)
+
+
+def test_metrics_per_model_and_dialect_and_the_same_query_on_the_same_endpoint(two_fleets: GatewayProcess) -> None:
+    def by_endpoint() -> dict[str, float]:
+        return {f"minilm-{i}": two_fleets.metric("reranker_gateway_upstream_requests_total", endpoint=f"minilm-{i}")
+                for i in range(3)}
+
+    hits = two_fleets.metric("reranker_gateway_affinity_total", model=MINILM, result="hit")
+    answered = two_fleets.metric("reranker_gateway_requests_total", model=MINILM, dialect="cohere-v2", status="200")
+    before = by_endpoint()
+    for _ in range(6):
+        resp = httpx.post(two_fleets.url + "/v2/rerank", json={"model": "minilm", "query": "the same query",
+                                                               "documents": ["a b", "c d"]})
+        assert resp.status_code == 200
+    moved = {name: count - before[name] for name, count in by_endpoint().items()}
+    assert sorted(moved.values()) == [0, 0, 6]  # one endpoint took every repeat of the query
+    assert two_fleets.metric("reranker_gateway_affinity_total", model=MINILM, result="hit") - hits == 6
+    assert two_fleets.metric("reranker_gateway_requests_total", model=MINILM, dialect="cohere-v2",
+                             status="200") - answered == 6
+    assert two_fleets.metric("reranker_gateway_request_duration_seconds_count", model=MINILM, dialect="cohere-v2") >= 6
