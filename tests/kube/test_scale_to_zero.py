@@ -38,11 +38,19 @@ def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or ()}
 
 
+def install_crd(cluster: Any) -> None:
+    """Apply the CRD and wait until it is served. `kubectl wait` fails at once ("accessor
+    error") on a CRD that has no conditions yet (just recreated), hence the retries."""
+    cluster.kubectl("apply", "-f", str(CRD))
+    cluster.eventually(lambda: cluster.kubectl(
+        "wait", "--for", "condition=Established", "--timeout", "30s",
+        "crd/rerankerdeployments.reranker.dev", check=False).returncode == 0,
+        timeout=90, interval=1, desc="the CRD Established")
+
+
 @pytest.fixture
 def operator(kube_cluster: Any, kube_namespace: str, tmp_path: Path) -> Iterator[Operator]:
-    kube_cluster.kubectl("apply", "-f", str(CRD))
-    kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                         "crd/rerankerdeployments.reranker.dev")
+    install_crd(kube_cluster)
     kubeconfig, cleanup = bind_rbac(kube_cluster, kube_namespace)
     with Operator(kube_cluster, kube_namespace, kubeconfig,
                   tmp_path / "operator.log").running(cleanup) as op:
@@ -137,9 +145,7 @@ def test_idle_fleet_goes_to_zero_a_wake_holds_and_the_hpa_stays_out(
 def test_a_scale_write_with_an_old_resource_version_is_refused(
         kube_cluster: Any, kube_namespace: str) -> None:
     """The precondition the operator's write carries: a wake that landed after its view wins."""
-    kube_cluster.kubectl("apply", "-f", str(CRD))
-    kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                         "crd/rerankerdeployments.reranker.dev")
+    install_crd(kube_cluster)
     ns = kube_namespace
     kube_cluster.apply(rrd("raced"), namespace=ns)
     seen = kube_cluster.get_json("rrd", "raced", "-n", ns)["metadata"]["resourceVersion"]

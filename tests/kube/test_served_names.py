@@ -24,11 +24,19 @@ def rrd(name: str, model: dict[str, Any]) -> str:
                        "metadata": {"name": name}, "spec": {"model": model}})
 
 
+def install_crd(cluster: Any) -> None:
+    """Apply the CRD and wait until it is served. `kubectl wait` fails at once ("accessor
+    error") on a CRD that has no conditions yet (just recreated), hence the retries."""
+    cluster.kubectl("apply", "-f", str(CRD))
+    cluster.eventually(lambda: cluster.kubectl(
+        "wait", "--for", "condition=Established", "--timeout", "30s",
+        "crd/rerankerdeployments.reranker.dev", check=False).returncode == 0,
+        timeout=90, interval=1, desc="the CRD Established")
+
+
 @pytest.fixture
 def operator(kube_cluster: Any, kube_namespace: str, tmp_path: Path) -> Iterator[Operator]:
-    kube_cluster.kubectl("apply", "-f", str(CRD))
-    kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                         "crd/rerankerdeployments.reranker.dev")
+    install_crd(kube_cluster)
     kubeconfig, cleanup = bind_rbac(kube_cluster, kube_namespace)
     with Operator(kube_cluster, kube_namespace, kubeconfig,
                   tmp_path / "operator.log").running(cleanup) as op:
@@ -75,9 +83,7 @@ def test_served_names_reach_the_status_the_column_and_the_pods(
 ])
 def test_the_api_server_refuses_bad_aliases(kube_cluster: Any, kube_namespace: str,
                                             aliases: list[str], message: str) -> None:
-    kube_cluster.kubectl("apply", "-f", str(CRD))
-    kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                         "crd/rerankerdeployments.reranker.dev")
+    install_crd(kube_cluster)
     r = kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", check=False,
                              input=rrd("bad", {"id": "m", "servedNames": aliases}))
     assert r.returncode != 0 and message in r.stderr, r.stderr
