@@ -40,7 +40,7 @@ def test_past_the_hold_timeout_the_client_gets_503_with_retry_after(gateway: Cal
     process = gateway([fleet("minilm", [MINILM], [], replicas=0)], hold_timeout_seconds="1")
     started = time.monotonic()
     resp = httpx.post(process.url + "/v2/rerank", json=BODY, timeout=30)
-    assert 1 <= time.monotonic() - started < 3
+    assert 1 <= time.monotonic() - started < 5
     assert resp.status_code == 503 and "retry-after" in resp.headers
     assert resp.json()["error"] == "fleet_unavailable" and "HOLD_TIMEOUT" in resp.json()["message"]
     assert process.metric("reranker_gateway_wakes_total") == 0  # can_wake unset: not asked

@@ -67,7 +67,7 @@ def test_a_hanging_endpoint_costs_one_deadline_not_the_pool(gateway: Callable[..
                                                             stand_in: Callable[[str], StandIn]) -> None:
     hanging = stand_in("hang")
     process = gateway([fleet("stuck", ["stuck"], [hanging.url]), fleet("tiny", [TINY], [tiny_server.url])],
-                      request_timeout_seconds="2", endpoint_max_connections="4")
+                      request_timeout_seconds="4", endpoint_max_connections="4")
     with concurrent.futures.ThreadPoolExecutor(24) as pool:
         started = time.monotonic()
         stuck = [pool.submit(httpx.post, process.url + "/v2/rerank", json={**BODY, "model": "stuck"}, timeout=30)
@@ -75,12 +75,12 @@ def test_a_hanging_endpoint_costs_one_deadline_not_the_pool(gateway: Callable[..
         time.sleep(0.5)
         t0 = time.monotonic()
         other = httpx.post(process.url + "/v2/rerank", json={**BODY, "model": TINY}, timeout=30)
-        assert other.status_code == 200 and time.monotonic() - t0 < 1.5  # the stuck fleet's pool is its own
+        assert other.status_code == 200 and time.monotonic() - t0 < 3  # the stuck fleet's pool is its own
         answers = [f.result() for f in stuck]
     elapsed = time.monotonic() - started
     assert {a.status_code for a in answers} == {503}
     assert {a.json()["error"] for a in answers} == {"request_timeout"} and all("retry-after" in a.headers for a in answers)
-    assert elapsed < 6  # 20 requests through 4 connections: each waited one deadline (2 s), not 5 in turn
+    assert elapsed < 10  # 20 requests through 4 connections: each waited one deadline (4 s), not 5 in turn
     time.sleep(0.5)
     assert len(hanging.closed_at) == hanging.connections >= 1  # every hung connection was closed, none kept
     before = hanging.connections
