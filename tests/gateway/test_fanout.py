@@ -25,11 +25,12 @@ def fanning(tmp_path_factory: pytest.TempPathFactory, minilm_servers: list[Serve
     process.stop()
 
 
-#: How far a part's scores may be from one server's. The servers are batch-invariant to this
-#: (tests/test_batch_invariance.py), not to the bit: a batch of 4 pairs and one of 11 run float32
-#: matrix products of other shapes, which round differently (about 1e-7 apart on this CPU). One
-#: server under concurrent load varies as much, as its batches mix requests.
-SCORE_TOLERANCE = 1e-5
+#: How far a part's scores may be from one server's: the servers' batch-invariance tolerance
+#: (tests/test_batch_invariance.py), which holds at every precision `auto` may pick. They are not
+#: invariant to the bit: a batch of 4 pairs and one of 11 run matrix products of other shapes,
+#: which round differently (about 1e-7 apart in float32 on this CPU). One server under concurrent
+#: load varies as much, as its batches mix requests.
+SCORE_TOLERANCE = 1e-4
 
 
 def _same(through: Any, direct: Any, where: str = "answer") -> None:
