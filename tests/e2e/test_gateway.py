@@ -291,7 +291,8 @@ def test_fan_out_speedup_and_cache_affinity(node_cluster: KubeCluster,
             for _ in range(5):
                 for q in range(12):
                     r = client.post(target + "/v1/rerank", json={
-                        "model": MINILM, "query": f"{tag} question {q}", "documents": DOCS * 2})
+                        "model": MINILM, "query": f"{tag} question {q}",
+                        "documents": DOCS + [f"{d} Again." for d in DOCS]})
                     assert r.status_code == 200, r.text
         h1, m1 = cache_counts(node_cluster, ns)
         rates[what] = (h1 - h0) / max(1.0, (h1 - h0) + (m1 - m0))
