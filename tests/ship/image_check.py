@@ -7,6 +7,7 @@ serving, the scores of one request, and the server's exit status after SIGTERM.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -63,6 +64,7 @@ server.terminate()
 exit_code = server.wait(timeout=120)
 print("RESULT " + json.dumps({
     "uid": os.getuid(), "gid": os.getgid(), "ready_seconds": round(ready_seconds, 1),
-    "model": health["model"], "results": rerank["results"], "writes": writes,
-    "exit_code": exit_code,
+    "model": health["model"], "startup": health.get("startup"), "results": rerank["results"],
+    "writes": writes, "exit_code": exit_code,
+    "torch": importlib.util.find_spec("torch") is not None,
 }), flush=True)
