@@ -239,3 +239,31 @@ def test_a_wake_that_landed_meanwhile_wins() -> None:
     done, scaled = run_pass(kube, owner(scaleToZero={"idleSeconds": 300}),
                             pods(("a", True, 1000)), [health("a", 3, NOW - 400)])
     assert not done and len(kube.calls) == 1 and scaled == []
+
+
+# --- the server's side of the contract ------------------------------------------------------
+
+def test_a_real_servers_health_activity_is_read_as_the_server_means_it() -> None:
+    """The server (its app through the lifespan, the embedded model) reports `activity` in
+    /health; the tracker reads it: never served, then served just now (busy)."""
+    import time
+
+    from servers import running_app
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        async with running_app() as client:
+            before = (await client.get("/health")).json()
+            r = await client.post("/rerank", json={"query": "q", "documents": ["a", "b"]})
+            assert r.status_code == 200, r.text
+            return before, (await client.get("/health")).json()
+
+    before, after = asyncio.run(scenario())
+    now = time.time()
+    t = stz.ActivityTracker()
+    assert t.active_at("ns", "f", [Reading("p", before, now)], now=now) == {"p": None}
+    active = t.active_at("ns", "f", [Reading("p", after, now)], now=now)
+    assert after["activity"]["requests"] == before["activity"]["requests"] + 1
+    assert now - 60 < (active["p"] or 0) <= now
+    d = decide(now=now, idle_seconds=30, woken_at=None,
+               pods=[PodStart("p", True, now - 3600)], active_at=active)
+    assert not d.idle and "pod p answered a request" in d.reason
