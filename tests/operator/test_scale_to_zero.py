@@ -267,3 +267,24 @@ def test_a_real_servers_health_activity_is_read_as_the_server_means_it() -> None
     d = decide(now=now, idle_seconds=30, woken_at=None,
                pods=[PodStart("p", True, now - 3600)], active_at=active)
     assert not d.idle and "pod p answered a request" in d.reason
+
+
+def test_crd_bounds_and_default_are_the_operators() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from reranker_operator import spec as specmod
+
+    crd = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" /
+                          "rerankerdeployments.reranker.dev.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+    idle = schema["spec"]["properties"]["scaleToZero"]["properties"]["idleSeconds"]
+    assert (idle["minimum"], idle["maximum"], idle["default"]) == (
+        specmod.MIN_IDLE_SECONDS, specmod.MAX_IDLE_SECONDS, specmod.ScaleToZero.idle_seconds)
+    assert schema["status"]["properties"]["scaledToZeroAt"]["format"] == "date-time"
+    assert specmod.parse({"model": {"id": "m"}, "scaleToZero": {}}).scale_to_zero == \
+        specmod.ScaleToZero(idle_seconds=300)
+    assert specmod.parse({"model": {"id": "m"}}).scale_to_zero is None
+    with pytest.raises(specmod.InvalidSpec, match="between 30 and 86400"):
+        specmod.parse({"model": {"id": "m"}, "scaleToZero": {"idleSeconds": 29}})
