@@ -40,8 +40,8 @@ import kopf
 from reranker import contract
 from reranker_operator import cluster_ranges, manifests, pod_health, status
 from reranker_operator import model_delivery
-from reranker_operator import fleet_precision
 from reranker_operator import scale_to_zero
+from reranker_operator import fleet_precision
 from reranker_operator.kube import Kube, load_config
 from reranker_operator.prober import (
     ENDPOINTS_INDEX,
@@ -139,15 +139,6 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
     memo.pod_health_task = asyncio.get_running_loop().create_task(
         poller.run(lambda: indices.get(pod_health.POD_ADDRESSES_INDEX)), name="pod-health poller")
     memo.pod_health_task.add_done_callback(_poller_ended)
-    # Idle fleets to 0 replicas (spec.scaleToZero), from the pods' /health activity.
-    scaler = scale_to_zero.Scaler(kube, health=pod_health.latest,
-                                  on_scaled=memo.reconciler.scaled_to_zero)
-    memo.scale_to_zero_task = asyncio.get_running_loop().create_task(
-        scaler.run(lambda: (kwargs.get(RERANKERS_INDEX),
-                            kwargs.get(scale_to_zero.POD_STARTS_INDEX)),
-                   indexed=prober.indexed),
-        name="scale to zero")
-    memo.scale_to_zero_task.add_done_callback(_scaler_ended)
     reported: dict[OwnerKey, tuple[Any, ...]] = {}  # fleet -> the records of its last pass
 
     async def precision_changed(view: Mapping[OwnerKey, tuple[pod_health.PodHealth, ...]]
@@ -170,6 +161,15 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Logger,
         for key in [k for k in reported if k not in view]:
             del reported[key]
     poller.subscribe(precision_changed)
+    # Idle fleets to 0 replicas (spec.scaleToZero), from the pods' /health activity.
+    scaler = scale_to_zero.Scaler(kube, health=pod_health.latest,
+                                  on_scaled=memo.reconciler.scaled_to_zero)
+    memo.scale_to_zero_task = asyncio.get_running_loop().create_task(
+        scaler.run(lambda: (kwargs.get(RERANKERS_INDEX),
+                            kwargs.get(scale_to_zero.POD_STARTS_INDEX)),
+                   indexed=prober.indexed),
+        name="scale to zero")
+    memo.scale_to_zero_task.add_done_callback(_scaler_ended)
     logger.info("reranker-operator: %r; ServiceMonitors %s; external endpoints probed every "
                 "%gs", config.defaults(),
                 "served" if service_monitors else "not served (no monitoring.coreos.com CRD)",
