@@ -70,9 +70,13 @@ def plot(record: dict[str, Any], out: Path) -> None:
             continue
         top.annotate("", xy=(ready, k - 0.25), xytext=(asked, k - 0.25),
                      arrowprops={"arrowstyle": "->", "color": "tab:red", "linewidth": 1})
-        top.annotate(f"pod {k}: HPA -> Ready {ready - asked:.0f} s", ((asked + ready) / 2, k - 0.25),
-                     xytext=(0, 2), textcoords="offset points", va="bottom", ha="center",
-                     fontsize=7, color="tab:red")
+        # above a long arrow; right of a short one (it would sit on the event lines)
+        long = ready - asked >= 15
+        top.annotate(f"pod {k}: HPA -> Ready {ready - asked:.0f} s",
+                     ((asked + ready) / 2 if long else ready, k - 0.25),
+                     xytext=(0, 2) if long else (6, 0), textcoords="offset points",
+                     va="bottom" if long else "center", ha="center" if long else "left",
+                     fontsize=7, color="tab:red", backgroundcolor="white")
     top.set_ylabel("replicas")
     top.set_ylim(0, record["max_replicas"] + 0.5)
     top.set_yticks(range(0, record["max_replicas"] + 1))

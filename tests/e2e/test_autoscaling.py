@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fleet import cluster_ip
+from fleet import ServiceClient, cluster_ip
 from fleet_load import ApiReader, Load, Recorder
 from kubecluster import KubeCluster
 
@@ -80,6 +80,14 @@ def test_queue_depth_scales_the_fleet_up_and_back(node_cluster: KubeCluster, e2e
                          timeout=330)
     ip, port = cluster_ip(node_cluster, ns, NAME)
     url = f"http://{ip}:{port}"
+    # kube-proxy programs the Service's rules a moment after its first endpoint is Ready; until
+    # then the ClusterIP refuses (fleet.py). A pod Ready 2 s after it starts (the slim image)
+    # beats that, and the load below sends again only once: wait for the ClusterIP to answer.
+    reach = ServiceClient(node_cluster, ns, NAME)
+    try:
+        assert reach.request("GET", "/ready", retry_for=30).status_code == 200
+    finally:
+        reach.close()
     api = ApiReader(node_cluster.kubeconfig)
     prom = metrics_path["prometheus"]
 
