@@ -36,10 +36,11 @@ cluster-binaries:
 	hack/cluster metrics build
 
 # Container images with buildah (no Docker daemon, no registry; root): reranker-fleet/server:dev
-# (CPU torch), reranker-fleet/operator:dev and reranker-fleet/redis:dev, docker-archives under
-# ~/.cache/reranker-fleet/images, loaded into the dev node when one runs. docs/images.md.
+# (OpenVINO, no torch), server:dev-torch (CPU torch), gateway:dev, operator:dev and redis:dev,
+# docker-archives under ~/.cache/reranker-fleet/images, loaded into the dev node when one runs.
+# docs/images.md.
 #   make images REGISTRY=ghcr.io/acme/reranker-fleet TAG=0.1.0 PUSH=1    build and push
-#   make images TORCH_VARIANT=cuda                                        server:TAG-cuda
+#   make images TORCH_VARIANT=cuda                                 server:TAG-cuda, not -torch
 REGISTRY      ?= reranker-fleet
 TAG           ?= dev
 TORCH_VARIANT ?= cpu
