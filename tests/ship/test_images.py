@@ -92,8 +92,10 @@ def test_names_follow_registry_tag_and_variant() -> None:
     assert names(IMAGES="server-torch gateway", TAG="") == [
         "reranker-fleet/server:dev-torch", "reranker-fleet/gateway:dev"]
     # The defaults are the operator's (and so the chart's) default images.
-    from reranker_operator.settings import DEFAULT_REDIS_IMAGE, DEFAULT_SERVER_IMAGE
-    assert {DEFAULT_SERVER_IMAGE, DEFAULT_REDIS_IMAGE} <= set(names(REGISTRY="", TAG=""))
+    from reranker_operator.settings import (DEFAULT_REDIS_IMAGE, DEFAULT_SERVER_IMAGE,
+                                            DEFAULT_SERVER_TORCH_IMAGE)
+    built = set(names(REGISTRY="", TAG="", IMAGES=""))
+    assert {DEFAULT_SERVER_IMAGE, DEFAULT_SERVER_TORCH_IMAGE, DEFAULT_REDIS_IMAGE} <= built
     # Pushing the local names is refused: they name no registry.
     r = subprocess.run([str(HACK_IMAGES), "push"], capture_output=True, text=True,
                        env={**os.environ, "REGISTRY": ""})
