@@ -168,9 +168,10 @@ class Kube:
 
     def keeps_image_volumes(self, namespace: str) -> bool:
         """Whether the API server keeps `volumes[].image` (Kubernetes 1.33+ with the ImageVolume
-        gate): a server-side dry run of a Deployment with one, in `namespace` (creates nothing;
-        an API server without the gate drops the field, and the volume without a source is
-        refused). Any refusal or failure is a no: the init container's copy works everywhere."""
+        gate): a server-side dry run of a Deployment with one, in `namespace` (creates nothing).
+        An API server without the gate accepts it but silently drops the volume and its mounts
+        (pkg/api/pod dropImageVolumes), so the answer is whether the returned object still has
+        it. A refusal is a no too: the init container's copy works everywhere."""
         from reranker_operator import model_delivery  # noqa: PLC0415  (kube.py stays a leaf)
         try:
             version = self._request("GET", "/version") or {}
@@ -186,11 +187,17 @@ class Kube:
                                                                  "mountPath": "/m"}]}],
                                                "volumes": [{"name": "m", "image": {
                                                    "reference": "probe:0"}}]}}}}
-            self._request("POST", _path("apps/v1", "Deployment", namespace), body=probe,
-                          query=[("dryRun", "All"), ("fieldManager", FIELD_MANAGER)])
+            made = self._request("POST", _path("apps/v1", "Deployment", namespace), body=probe,
+                                 query=[("dryRun", "All"), ("fieldManager", FIELD_MANAGER)])
         except ApiException as e:
             logger.info("image volumes: not kept by the API server (%s): spec.model.image is "
                         "copied by an init container", error_message(e))
+            return False
+        volumes = ((((made or {}).get("spec") or {}).get("template") or {}).get("spec")
+                   or {}).get("volumes") or ()
+        if not any(isinstance(v, Mapping) and v.get("image") for v in volumes):
+            logger.info("image volumes: not kept by the API server (its ImageVolume feature "
+                        "gate is off): spec.model.image is copied by an init container")
             return False
         logger.info("image volumes: kept by the API server")
         return True
