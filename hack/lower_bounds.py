@@ -48,13 +48,13 @@ class Pass:
 
 
 PASSES = (
-    Pass(("server", "operator", "dev"),
+    Pass(("openvino", "server", "operator", "gateway", "dev"),
          ("tests/test_api.py", "tests/test_auth.py", "tests/test_batcher.py", "tests/test_calibration.py",
           "tests/test_clients.py", "tests/test_engine.py", "tests/test_fingerprint.py", "tests/test_fuzz.py",
           "tests/test_inflight.py", "tests/test_lifecycle.py", "tests/test_model_files.py", "tests/test_packing.py",
           "tests/test_parity.py", "tests/test_redis_cache.py", "tests/operator", "tests/ship/test_packaging.py",
           "tests/ship/test_config_env.py")),
-    Pass(("server", "mlx", "operator", "dev"),
+    Pass(("openvino", "server", "mlx", "operator", "dev"),
          ("tests/test_mlx_backend.py", "tests/test_llm.py", "tests/test_quantization.py",
           "tests/test_openvino_backend.py", "tests/test_registration.py")),
 )
