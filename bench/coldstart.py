@@ -1,7 +1,7 @@
 """Cold start on the real node: a RerankerDeployment scaled 1 -> N, each pod's timeline measured.
 
-    flock /tmp/cluster.lock .venv/bin/python bench/coldstart.py \\
-        --record docs/coldstart-run.json --plot docs/coldstart.png
+    flock /tmp/cluster.lock .venv/bin/python bench/coldstart.py --label after --record after.json
+    .venv/bin/python bench/coldstart.py --from-record docs/coldstart-run.json --plot docs/coldstart.png
 
 How long a new server pod takes to serve decides how far autoscaling lags behind a burst and
 what every wake from zero costs (docs/autoscaling.md). This brings the fleet up as a user does
