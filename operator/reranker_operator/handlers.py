@@ -38,10 +38,15 @@ from typing import Any
 import kopf
 
 from reranker import contract
-from reranker_operator import cluster_ranges, manifests, pod_health, status
-from reranker_operator import model_delivery
-from reranker_operator import scale_to_zero
-from reranker_operator import fleet_precision
+from reranker_operator import (
+    cluster_ranges,
+    fleet_precision,
+    manifests,
+    model_delivery,
+    pod_health,
+    scale_to_zero,
+    status,
+)
 from reranker_operator.kube import Kube, load_config
 from reranker_operator.prober import (
     ENDPOINTS_INDEX,

@@ -25,9 +25,7 @@ from typing import Any
 import kopf
 
 from reranker import contract
-from reranker_operator import external, served_names
-from reranker_operator import model_delivery
-from reranker_operator import fleet_precision
+from reranker_operator import external, fleet_precision, model_delivery, served_names
 from reranker_operator.spec import RerankerSpec
 
 Manifest = dict[str, Any]
