@@ -339,6 +339,14 @@ def test_admission_policy_limits_what_a_reranker_deployment_grants(kube_cluster:
             "enabled": True, "image": "docker.io/redis:7"}}}))
         assert redis.returncode != 0
         assert "spec.cache.redis.managed.image docker.io/redis:7 is not allowed" in redis.stderr
+        # The model image too: where image volumes are not kept, its `cp` runs in the pod.
+        model_image = create(json.dumps({
+            "apiVersion": "reranker.dev/v1alpha1", "kind": "RerankerDeployment",
+            "metadata": {"name": "imaged", "namespace": ns},
+            "spec": {"model": {"image": {"reference": "elsewhere.example/model:1"}}}}))
+        assert model_image.returncode != 0
+        assert ("spec.model.image.reference elsewhere.example/model:1 is not allowed"
+                in model_image.stderr)
         account = create(rd("admin", serviceAccountName="cluster-admin-sa"))
         assert account.returncode != 0
         assert (f"spec.serviceAccountName cluster-admin-sa is not allowed by {policy}"
