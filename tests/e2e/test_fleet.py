@@ -158,7 +158,7 @@ def test_a_reranker_deployment_serves_through_its_cluster_ip(node_cluster: KubeC
     # printer columns, as a user sees them
     table = node_cluster.kubectl("get", "rrd", FLEET, "-n", fleet).stdout.split("\n")
     row = dict(zip(table[0].split(), table[1].split()))
-    assert row["MODEL"] == MODEL and row["REPLICAS"] == row["READY"] == str(replicas), table
+    assert json.loads(row["MODELS"]) == [MODEL] and row["REPLICAS"] == row["READY"] == str(replicas), table
     assert row["STATUS"] == "True" and row["DEVICE"] == "cpu", table
 
     client = ServiceClient(node_cluster, fleet, FLEET)
