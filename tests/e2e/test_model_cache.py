@@ -11,6 +11,7 @@ pod's start parts from /health.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import secrets
@@ -51,6 +52,12 @@ def folders() -> Iterator[tuple[Path, Path]]:
     yield model, cache
     shutil.rmtree(model, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
+
+
+def _t(stamp: str) -> float:
+    """An RFC 3339 time of the API (whole seconds, UTC) as a Unix time."""
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
 
 
 def pv(name: str, path: Path, mode: str, ns: str, claim: str) -> str:
@@ -104,7 +111,7 @@ def test_a_hubless_fill_then_slim_pods_that_convert_nothing(
             assert mc.get("reason") != "Failed", dump(body)
             if mc.get("status") != "True":
                 # no pods while the Job fills the volume
-                assert body["status"].get("replicas", 0) == 0, dump(body)
+                assert (body.get("status") or {}).get("replicas", 0) == 0, dump(body)
                 return None
             return body
         t0 = time.monotonic()
@@ -128,6 +135,15 @@ def test_a_hubless_fill_then_slim_pods_that_convert_nothing(
         seconds = (health.get("startup") or {}).get("seconds") or {}
         print(f"slim pod start parts: {json.dumps(seconds, sort_keys=True)}")
         assert seconds.get("convert", 0) == 0  # the IR came from the volume
+        # Fast Ready: the pod's Ready condition follows the server's own ready_at within the
+        # readiness probe's 1 s period (+1 s: the condition's time has whole seconds).
+        pod = node_cluster.get_json("pod", pod["metadata"]["name"], "-n", ns)
+        started = pod["status"]["containerStatuses"][0]["state"]["running"]["startedAt"]
+        ready_at = _t(condition(pod, "Ready")["lastTransitionTime"])
+        server_ready = float(health["startup"]["ready_at"])
+        print(f"slim pod: container started -> Ready {ready_at - _t(started):.0f} s; server "
+              f"ready -> pod Ready {ready_at - server_ready:+.2f} s")
+        assert ready_at - server_ready <= 2.0
         answer = httpx.post(f"{url}/rerank", json={"query": "q", "documents": ["a", "b"]},
                             timeout=60)
         assert answer.status_code == 200, answer.text
