@@ -76,6 +76,13 @@ class KubeCluster:
             raise KubectlError(r.returncode, cmd, r.stdout, r.stderr)
         return r
 
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Wait until each CRD (`crd/NAME`) is Established. `kubectl wait` fails at once, rather
+        than waiting, while a just-(re)created CRD has no status conditions yet: retried."""
+        self.eventually(lambda: self.kubectl("wait", "--for", "condition=Established",
+                                             "--timeout", f"{int(timeout)}s", *crds),
+                        timeout=timeout, desc=f"{', '.join(crds)} established")
+
     def get_json(self, *args: str, kubeconfig: Optional[str] = None) -> dict:
         """`kubectl get ARGS -o json`, parsed."""
         return json.loads(self.kubectl("get", *args, "-o", "json", kubeconfig=kubeconfig).stdout)

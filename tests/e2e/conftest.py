@@ -84,8 +84,7 @@ def host_operator(node_cluster: KubeCluster, e2e_namespace: str, tmp_path: Path,
     to operator/rbac/, rendering pods from the `make images` server image."""
     for path in CRDS:
         node_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    node_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                         *(a for p in CRDS for a in ("-f", str(p))))
+    node_cluster.wait_established(*(a for p in CRDS for a in ("-f", str(p))))
     for key, value in {**PROBE_ENV, "RERANKER_OPERATOR_SERVER_IMAGE": SERVER_IMAGE}.items():
         monkeypatch.setenv(key, value)
     kubeconfig, cleanup = bind_rbac(node_cluster, e2e_namespace)

@@ -49,11 +49,7 @@ class Settings:
 @pytest.fixture(scope="module")
 def crd(kube_cluster: KubeCluster) -> None:
     kube_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    # (right after the create the CRD has no conditions yet: `wait` fails instead of waiting)
-    kube_cluster.eventually(lambda: kube_cluster.kubectl(
-        "wait", "--for", "condition=Established", "--timeout", "10s",
-        "crd/rerankerdeployments.reranker.dev", check=False).returncode == 0,
-        timeout=60, desc="the CRD Established")
+    kube_cluster.wait_established("crd/rerankerdeployments.reranker.dev", timeout=60)
 
 
 @pytest.fixture

@@ -167,8 +167,7 @@ def test_chart_installs_an_operator_that_reconciles_the_notes_sample(
     ns = kube_namespace
     namespaced = bool(release.values.get("watchNamespaces"))
     for crd in CRDS:
-        kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                             f"crd/{crd}")
+        kube_cluster.wait_established(f"crd/{crd}")
     kinds = {(d["kind"], d["metadata"]["name"]) for d in release.objects()}
     full = f"{release.name}-reranker-operator"
     assert {("ServiceAccount", full), ("Deployment", full),
@@ -303,8 +302,7 @@ def test_admission_policy_limits_what_a_reranker_deployment_grants(kube_cluster:
     before the policy can still be updated as long as it keeps its image."""
     ns = kube_namespace
     kube_cluster.kubectl("apply", "-f", str(CRD_DIR / "rerankerdeployments.reranker.dev.yaml"))
-    kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                         "crd/rerankerdeployments.reranker.dev")
+    kube_cluster.wait_established("crd/rerankerdeployments.reranker.dev")
     values = {"admissionPolicy": {
         "enabled": True, "allowedImagePrefixes": ["registry.example.com/reranker/"],
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}}

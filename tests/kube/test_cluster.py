@@ -68,8 +68,7 @@ def widget(name: str, **spec) -> str:
 @pytest.fixture(scope="module")
 def widget_crd(kube_cluster) -> Iterator[str]:
     kube_cluster.apply(CRD)
-    kube_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                         f"crd/{CRD_NAME}")
+    kube_cluster.wait_established(f"crd/{CRD_NAME}")
     yield CRD_NAME
     kube_cluster.kubectl("delete", "crd", CRD_NAME, "--wait=false", "--ignore-not-found",
                          check=False)

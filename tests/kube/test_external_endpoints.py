@@ -54,9 +54,8 @@ PROBE_BOUND = 0.5 * 2 + 1 + 1.5  # period x failures + timeout + a pass and a wa
 def crds(kube_cluster: Any) -> None:
     for path in CRDS:
         kube_cluster.kubectl("apply", "-f", str(path))
-    kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                         "crd/rerankerdeployments.reranker.dev",
-                         "crd/rerankerendpoints.reranker.dev")
+    kube_cluster.wait_established("crd/rerankerdeployments.reranker.dev",
+                                "crd/rerankerendpoints.reranker.dev")
 
 
 @pytest.fixture

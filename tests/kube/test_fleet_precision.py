@@ -34,8 +34,7 @@ NAME = "fleet"
 @pytest.fixture
 def operator(kube_cluster: Any, kube_namespace: str, tmp_path: Path) -> Iterator[Operator]:
     kube_cluster.kubectl("apply", "-f", str(CRD))
-    kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                         "crd/rerankerdeployments.reranker.dev")
+    kube_cluster.wait_established("crd/rerankerdeployments.reranker.dev")
     kubeconfig, cleanup = bind_rbac(kube_cluster, kube_namespace)
     with Operator(kube_cluster, kube_namespace, kubeconfig,
                   tmp_path / "operator.log").running(cleanup) as op:

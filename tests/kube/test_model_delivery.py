@@ -33,10 +33,7 @@ def operator(kube_cluster: Any, kube_namespace: str, tmp_path: Path) -> Iterator
     # Right after `up` the API server may still answer 429 (storage initializing): retried.
     kube_cluster.eventually(lambda: kube_cluster.kubectl("apply", "-f", str(CRD)), timeout=30,
                             desc="the CRD applied")
-    # `kubectl wait` fails at once while the new CRD has no status yet: retried too.
-    kube_cluster.eventually(lambda: kube_cluster.kubectl(
-        "wait", "--for", "condition=Established", "--timeout", "60s",
-        "crd/rerankerdeployments.reranker.dev"), timeout=60, desc="the CRD established")
+    kube_cluster.wait_established("crd/rerankerdeployments.reranker.dev", timeout=60)
     kubeconfig, cleanup = bind_rbac(kube_cluster, kube_namespace)
     with Operator(kube_cluster, kube_namespace, kubeconfig,
                   tmp_path / "operator.log").running(cleanup) as op:

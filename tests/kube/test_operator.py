@@ -81,8 +81,7 @@ def settled_versions(cluster: Any, ns: str, name: str, quiet: float = 3.0,
 @pytest.fixture(scope="session")
 def crd_installed(kube_cluster: Any) -> None:
     kube_cluster.kubectl("apply", "-f", str(CRD))
-    kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                         "crd/rerankerdeployments.reranker.dev")
+    kube_cluster.wait_established("crd/rerankerdeployments.reranker.dev")
 
 
 @pytest.fixture(params=["admin", "rbac"])
@@ -433,8 +432,7 @@ def test_service_monitor_with_its_crd(operator: Operator, kube_cluster: Any,
     ns, name = kube_namespace, "scraped"
     kube_cluster.apply(json.dumps(SERVICE_MONITOR_CRD))
     try:
-        kube_cluster.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                             "crd/servicemonitors.monitoring.coreos.com")
+        kube_cluster.wait_established("crd/servicemonitors.monitoring.coreos.com")
         operator.stop()  # resources are discovered at startup
         operator.start()
         kube_cluster.apply(rrd(name, monitoring={"serviceMonitor": {

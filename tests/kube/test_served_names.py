@@ -28,10 +28,7 @@ def install_crd(cluster: Any) -> None:
     """Apply the CRD and wait until it is served. `kubectl wait` fails at once ("accessor
     error") on a CRD that has no conditions yet (just recreated), hence the retries."""
     cluster.kubectl("apply", "-f", str(CRD))
-    cluster.eventually(lambda: cluster.kubectl(
-        "wait", "--for", "condition=Established", "--timeout", "30s",
-        "crd/rerankerdeployments.reranker.dev", check=False).returncode == 0,
-        timeout=90, interval=1, desc="the CRD Established")
+    cluster.wait_established("crd/rerankerdeployments.reranker.dev", timeout=90)
 
 
 @pytest.fixture
