@@ -8,14 +8,19 @@ body it forwards is read by the server as the gateway read it. Kept free of the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect, Request
 
-from .errors import InvalidJSON, InvalidRequest
+from .errors import ClientGone, InvalidJSON, InvalidRequest, PayloadTooLarge
 
 M = TypeVar("M", bound=BaseModel)
+
+#: Bodies larger than this are parsed in a worker thread, off the event loop.
+PARSE_OFF_LOOP_BYTES = 256 * 1024
 
 #: JSON deeper than this is refused: no dialect nests beyond a few levels (a v1 document object's fields).
 MAX_JSON_DEPTH = 32
@@ -95,3 +100,26 @@ def dialect_of(data: Any) -> str:
     if "model" in data or "top_n" in data:
         return "vllm"
     return "native"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) past `limit` bytes, whether declared or streamed."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit} (RERANKER_MAX_BODY_BYTES)")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes (RERANKER_MAX_BODY_BYTES)")
+    except ClientDisconnect:
+        raise ClientGone() from None  # gone mid-upload: nothing to answer
+    return bytes(body)
+
+
+async def parse_body(body: bytes) -> Any:
+    """`parse`, in a worker thread for large bodies (the event loop keeps serving meanwhile)."""
+    if len(body) > PARSE_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(parse, body)
+    return parse(body)

@@ -25,13 +25,12 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
-from starlette.requests import ClientDisconnect
 
 from . import activation
 from .batcher import Ticket
 from .chunking import Split
-from .errors import ClientGone, EmptyInput, InvalidRequest, ModelNotFound, PayloadTooLarge
-from .reading import dialect_of
+from .errors import EmptyInput, InvalidRequest, ModelNotFound, PayloadTooLarge
+from .reading import dialect_of, parse_body, read_body
 from .reading import parse as _parse
 from .reading import validate as _validate
 from .runtime import Runtime
@@ -82,25 +81,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse, "de
     424: "The model failed to score", 429: "Queue full or too many requests (Retry-After)",
     503: "Loading, draining, queue or request timeout, or the engine cannot serve (Retry-After)"}.items()}
 
-#: Bodies larger than this are parsed in a worker thread, off the event loop.
-_PARSE_OFF_LOOP_BYTES = 256 * 1024
-
-
 async def _read_json(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit} (RERANKER_MAX_BODY_BYTES)")
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > limit:
-                raise PayloadTooLarge(f"request body exceeds {limit} bytes (RERANKER_MAX_BODY_BYTES)")
-    except ClientDisconnect:
-        raise ClientGone() from None  # gone mid-upload: nothing to answer
-    if len(body) > _PARSE_OFF_LOOP_BYTES:
-        return await asyncio.to_thread(_parse, bytes(body))
-    return _parse(bytes(body))
+    return await parse_body(await read_body(request, limit))
 
 
 async def _in_flight(request: Request) -> AsyncIterator[None]:

@@ -13,10 +13,9 @@ import time
 from typing import Any
 
 from fastapi import Request, Response
-from starlette.requests import ClientDisconnect
 
-from ..errors import APIError, ClientGone, PayloadTooLarge
-from ..reading import parse
+from ..errors import APIError, ClientGone
+from ..reading import parse_body, read_body
 from .affinity import Affinity
 from .dialects import Parsed, check_documents, read
 from .directory import Directory
@@ -28,24 +27,6 @@ from .picking import Loads
 from .routing import Router
 from .settings import GatewaySettings
 from .upstream import FORWARD_HEADERS, Answer, Upstreams
-
-#: Bodies larger than this are parsed in a worker thread, off the event loop (as the server does).
-_PARSE_OFF_LOOP_BYTES = 256 * 1024
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit} (RERANKER_MAX_BODY_BYTES)")
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > limit:
-                raise PayloadTooLarge(f"request body exceeds {limit} bytes (RERANKER_MAX_BODY_BYTES)")
-    except ClientDisconnect:
-        raise ClientGone() from None
-    return bytes(body)
 
 
 async def _client_gone(request: Request) -> None:
@@ -78,8 +59,8 @@ class Gateway:
         dialect = model = ""
         status = 500
         try:
-            body = await _read_body(request, self.settings.max_body_bytes)
-            data: Any = await asyncio.to_thread(parse, body) if len(body) > _PARSE_OFF_LOOP_BYTES else parse(body)
+            body = await read_body(request, self.settings.max_body_bytes)
+            data: Any = await parse_body(body)
             dialect = "tei" if route == "/rerank" and isinstance(data, dict) and "texts" in data else ""
             parsed = read(route, data, path_model=path_model)
             dialect = parsed.dialect
