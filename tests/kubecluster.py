@@ -76,6 +76,13 @@ class KubeCluster:
             raise KubectlError(r.returncode, cmd, r.stdout, r.stderr)
         return r
 
+    def install_crd(self, path: Path, name: str, timeout: float = 90) -> None:
+        """Apply a CRD file and wait until `name` is Established. Right after `up` the API
+        server may still answer 429 (storage initializing): the apply is retried too."""
+        self.eventually(lambda: self.kubectl("apply", "-f", str(path)), timeout=30,
+                        desc=f"{path.name} applied")
+        self.wait_established(f"crd/{name}", timeout=timeout)
+
     def wait_established(self, *crds: str, timeout: float = 60) -> None:
         """Wait until each CRD (`crd/NAME`) is Established. `kubectl wait` fails at once, rather
         than waiting, while a just-(re)created CRD has no status conditions yet: retried."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from operator_process import Operator, bind_rbac
+from operator_process import Operator
 from servers import ServerFactory, ServerProcess
 
 from reranker_operator import manifests
@@ -29,16 +29,6 @@ from reranker_operator import manifests
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "rerankerdeployments.reranker.dev.yaml"
 NAME = "fleet"
-
-
-@pytest.fixture
-def operator(kube_cluster: Any, kube_namespace: str, tmp_path: Path) -> Iterator[Operator]:
-    kube_cluster.kubectl("apply", "-f", str(CRD))
-    kube_cluster.wait_established("crd/rerankerdeployments.reranker.dev")
-    kubeconfig, cleanup = bind_rbac(kube_cluster, kube_namespace)
-    with Operator(kube_cluster, kube_namespace, kubeconfig,
-                  tmp_path / "operator.log").running(cleanup) as op:
-        yield op
 
 
 @pytest.fixture

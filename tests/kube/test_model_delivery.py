@@ -14,30 +14,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from operator_process import Operator, bind_rbac
+from operator_process import Operator
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "rerankerdeployments.reranker.dev.yaml"
 RESULT = {"model": "org/model", "fingerprint": "f1",
           "precision": {"key": "k1", "plan": "int8-dynamic", "spearman": 0.9993, "speedup": 1.8},
           "seconds": {"download": 3.0, "convert": 20.5, "precision": 9.1, "total": 33.0}}
-
-
-@pytest.fixture
-def operator(kube_cluster: Any, kube_namespace: str, tmp_path: Path) -> Iterator[Operator]:
-    # Right after `up` the API server may still answer 429 (storage initializing): retried.
-    kube_cluster.eventually(lambda: kube_cluster.kubectl("apply", "-f", str(CRD)), timeout=30,
-                            desc="the CRD applied")
-    kube_cluster.wait_established("crd/rerankerdeployments.reranker.dev", timeout=60)
-    kubeconfig, cleanup = bind_rbac(kube_cluster, kube_namespace)
-    with Operator(kube_cluster, kube_namespace, kubeconfig,
-                  tmp_path / "operator.log").running(cleanup) as op:
-        yield op
 
 
 def rrd(name: str, model: dict[str, Any], **spec: Any) -> str:

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from operator_process import Operator, bind_rbac
+from operator_process import Operator
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "rerankerdeployments.reranker.dev.yaml"
@@ -36,22 +34,6 @@ def rrd(name: str, **spec: Any) -> str:
 
 def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or ()}
-
-
-def install_crd(cluster: Any) -> None:
-    """Apply the CRD and wait until it is served. `kubectl wait` fails at once ("accessor
-    error") on a CRD that has no conditions yet (just recreated), hence the retries."""
-    cluster.kubectl("apply", "-f", str(CRD))
-    cluster.wait_established("crd/rerankerdeployments.reranker.dev", timeout=90)
-
-
-@pytest.fixture
-def operator(kube_cluster: Any, kube_namespace: str, tmp_path: Path) -> Iterator[Operator]:
-    install_crd(kube_cluster)
-    kubeconfig, cleanup = bind_rbac(kube_cluster, kube_namespace)
-    with Operator(kube_cluster, kube_namespace, kubeconfig,
-                  tmp_path / "operator.log").running(cleanup) as op:
-        yield op
 
 
 def test_idle_fleet_goes_to_zero_a_wake_holds_and_the_hpa_stays_out(
@@ -142,7 +124,7 @@ def test_idle_fleet_goes_to_zero_a_wake_holds_and_the_hpa_stays_out(
 def test_a_scale_write_with_an_old_resource_version_is_refused(
         kube_cluster: Any, kube_namespace: str) -> None:
     """The precondition the operator's write carries: a wake that landed after its view wins."""
-    install_crd(kube_cluster)
+    kube_cluster.install_crd(CRD, "rerankerdeployments.reranker.dev")
     ns = kube_namespace
     kube_cluster.apply(rrd("raced"), namespace=ns)
     seen = kube_cluster.get_json("rrd", "raced", "-n", ns)["metadata"]["resourceVersion"]

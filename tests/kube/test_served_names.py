@@ -8,12 +8,11 @@ so no pod runs: the names come from the spec, as the pods would get them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_process import Operator, bind_rbac
+from operator_process import Operator
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "rerankerdeployments.reranker.dev.yaml"
@@ -22,22 +21,6 @@ CRD = REPO / "crds" / "rerankerdeployments.reranker.dev.yaml"
 def rrd(name: str, model: dict[str, Any]) -> str:
     return json.dumps({"apiVersion": "reranker.dev/v1alpha1", "kind": "RerankerDeployment",
                        "metadata": {"name": name}, "spec": {"model": model}})
-
-
-def install_crd(cluster: Any) -> None:
-    """Apply the CRD and wait until it is served. `kubectl wait` fails at once ("accessor
-    error") on a CRD that has no conditions yet (just recreated), hence the retries."""
-    cluster.kubectl("apply", "-f", str(CRD))
-    cluster.wait_established("crd/rerankerdeployments.reranker.dev", timeout=90)
-
-
-@pytest.fixture
-def operator(kube_cluster: Any, kube_namespace: str, tmp_path: Path) -> Iterator[Operator]:
-    install_crd(kube_cluster)
-    kubeconfig, cleanup = bind_rbac(kube_cluster, kube_namespace)
-    with Operator(kube_cluster, kube_namespace, kubeconfig,
-                  tmp_path / "operator.log").running(cleanup) as op:
-        yield op
 
 
 def test_served_names_reach_the_status_the_column_and_the_pods(
@@ -80,7 +63,7 @@ def test_served_names_reach_the_status_the_column_and_the_pods(
 ])
 def test_the_api_server_refuses_bad_aliases(kube_cluster: Any, kube_namespace: str,
                                             aliases: list[str], message: str) -> None:
-    install_crd(kube_cluster)
+    kube_cluster.install_crd(CRD, "rerankerdeployments.reranker.dev")
     r = kube_cluster.kubectl("apply", "-n", kube_namespace, "-f", "-", check=False,
                              input=rrd("bad", {"id": "m", "servedNames": aliases}))
     assert r.returncode != 0 and message in r.stderr, r.stderr
