@@ -31,7 +31,6 @@ from .batcher import Ticket
 from .chunking import Split
 from .errors import EmptyInput, InvalidRequest, ModelNotFound, PayloadTooLarge
 from .reading import dialect_of, parse_body, read_body
-from .reading import parse as _parse
 from .reading import validate as _validate
 from .runtime import Runtime
 from .schemas import (ErrorResponse, NativeRerankRequest, NativeRerankResponse, TEIErrorResponse, TEIRerankRequest,
