@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from servers import VENV_BIN, free_port
+from servers import VENV_BIN, free_port, wait_ready
 
 #: The served names of the gateway tests' two fleets (tests/gateway/conftest.py starts their servers).
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -51,17 +51,7 @@ class GatewayProcess:
         os.replace(tmp, self.fleets_file)  # atomic: the gateway never reads half a file
 
     def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"gateway not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
+        wait_ready(self.proc, self.url, self.log, timeout=timeout, what="gateway")
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of `name`'s samples whose labels include `labels`."""

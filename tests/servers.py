@@ -61,22 +61,29 @@ async def running_app(**settings: object) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
+def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, *, timeout: float,
+               what: str) -> None:
+    """Until GET url/ready answers 200; AssertionError with the log's tail if the process exits
+    or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not ready in {timeout}s:\n{log.read_text()[-3000:]}")
+
+
 class ServerProcess:
     def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
         self.proc, self.url, self.log = proc, url, log
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"server not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
+        wait_ready(self.proc, self.url, self.log, timeout=timeout, what="server")
 
     def stop(self) -> int:
         if self.proc.poll() is None:
