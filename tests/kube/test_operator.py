@@ -168,7 +168,7 @@ def test_apply_creates_owned_children_within_two_seconds(operator: Operator, kub
     table = kube_cluster.kubectl("get", "rrd", name, "-n", ns).stdout.splitlines()
     assert table[0].split() == ["NAME", "MODELS", "DEVICE", "QUANTIZATION", "PRECISION",
                                 "REPLICAS", "READY", "EXTERNAL", "STATUS", "AGE"]
-    # PRECISION is empty (no pod has measured: tests/kube/test_fleet_precision.py fills it).
+    # PRECISION is empty (no pod has measured: tests/kube/test_fleet_precision_cluster.py fills it).
     assert table[1].split()[:8] == [name, '["cross-encoder/ms-marco-MiniLM-L-6-v2"]', "cpu",
                                     "int8", "1", "0", "0", "False"]
     # An Event records the creation of the children.

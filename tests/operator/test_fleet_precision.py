@@ -2,7 +2,7 @@
 ConfigMap's records, status.precision, and how the pods and the pass carry them.
 
 The /health bodies are shaped as `reranker serve` answers them (OpenVINO, auto); the real
-servers answer them in tests/kube/test_fleet_precision.py.
+servers answer them in tests/kube/test_fleet_precision_cluster.py.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Job, Deployment held at 0 until the Job succeeds, ModelCached), the slim-or-torc
 and the probes that make a pod Ready within a second of its server.
 
 The pass runs against test_reconcile's in-memory `FakeKube` (the real API server's side is
-tests/kube/test_model_delivery.py).
+tests/kube/test_model_delivery_cluster.py).
 """
 
 from __future__ import annotations

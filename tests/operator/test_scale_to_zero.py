@@ -2,7 +2,7 @@
 pods' starts, the status at 0 replicas, and one Scaler pass.
 
 The real API server's side (the scale subresource, its precondition, RBAC, the HPA controller
-at 0) is tests/kube/test_scale_to_zero.py.
+at 0) is tests/kube/test_scale_to_zero_cluster.py.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def test_a_fleet_scaled_to_zero_says_why_and_reports_no_error() -> None:
 
 class ScaleRecorder:
     """Stands in for `Kube.patch_scale` only: the API server's side of it is tested for real in
-    tests/kube/test_scale_to_zero.py; here the pass's choices are checked."""
+    tests/kube/test_scale_to_zero_cluster.py; here the pass's choices are checked."""
 
     def __init__(self, error: ApiException | None = None) -> None:
         self.calls: list[tuple[str, str, int, str | None]] = []
