@@ -90,6 +90,16 @@ class KubeCluster:
                                              "--timeout", f"{int(timeout)}s", *crds),
                         timeout=timeout, desc=f"{', '.join(crds)} established")
 
+    def table(self, *args: str) -> list[dict[str, str]]:
+        """`kubectl get ARGS` as a user sees it, one dict per row (column name -> text). Cells are
+        cut at the header's column starts, so an empty cell stays empty instead of shifting the
+        rest of the row left."""
+        header, *rows = self.kubectl("get", *args).stdout.splitlines()
+        starts = [m.start() for m in re.finditer(r"\S+", header)]
+        names = header.split()
+        return [{name: row[a:b].strip() for name, a, b in zip(names, starts, [*starts[1:], None])}
+                for row in rows]
+
     def get_json(self, *args: str, kubeconfig: Optional[str] = None) -> dict:
         """`kubectl get ARGS -o json`, parsed."""
         return json.loads(self.kubectl("get", *args, "-o", "json", kubeconfig=kubeconfig).stdout)

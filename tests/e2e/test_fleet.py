@@ -156,8 +156,7 @@ def test_a_reranker_deployment_serves_through_its_cluster_ip(node_cluster: KubeC
     assert condition(rd, "Ready")["status"] == "True", dump(rd["status"])
     assert condition(rd, "Degraded")["status"] == "False", dump(rd["status"])
     # printer columns, as a user sees them
-    table = node_cluster.kubectl("get", "rrd", FLEET, "-n", fleet).stdout.split("\n")
-    row = dict(zip(table[0].split(), table[1].split()))
+    [row] = table = node_cluster.table("rrd", FLEET, "-n", fleet)
     assert json.loads(row["MODELS"]) == [MODEL] and row["REPLICAS"] == row["READY"] == str(replicas), table
     assert row["STATUS"] == "True" and row["DEVICE"] == "cpu", table
 

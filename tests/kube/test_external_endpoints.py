@@ -238,9 +238,7 @@ def test_macs_register_fail_expire_return_and_leave(operator: Operator, kube_clu
     obj = kube_cluster.get_json("rrd", "fleet", "-n", ns)
     assert conditions(obj)["ExternalEndpointsReady"]["status"] == "True"
     assert conditions(obj)["Available"]["reason"] == "ExternalEndpointsAvailable"
-    table = kube_cluster.kubectl("get", "rrd", "fleet", "-n", ns).stdout.splitlines()
-    header = table[0].split()
-    assert table[1].split()[header.index("EXTERNAL")] == "2"
+    assert kube_cluster.table("rrd", "fleet", "-n", ns)[0]["EXTERNAL"] == "2"
     rres = kube_cluster.kubectl("get", "rre", "-n", ns).stdout
     assert "mac-a" in rres and "mac-b" in rres and addr_a in rres
     # The slice is the operator's, owned by the RerankerDeployment, next to the controller's.

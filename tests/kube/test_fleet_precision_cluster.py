@@ -131,11 +131,8 @@ def test_the_fleet_records_its_pick_and_a_later_server_reads_it(
     assert (entry["measuredBy"], entry["measuredAt"]) == (measured["measured_by"],
                                                           measured["measured_at"])
     assert entry["cpu"].startswith(measured["cpu"]["model"])
-    table = kube_cluster.kubectl("get", "rrd", NAME, "-n", ns).stdout
-    print(table)
-    header, row = table.splitlines()
-    assert "PRECISION" in header.split()
-    assert row.split()[header.split().index("PRECISION")] == measured["plan"]
+    [row] = kube_cluster.table("rrd", NAME, "-n", ns)
+    assert row["PRECISION"] == measured["plan"], row
 
     # A later server, its folder holding the ConfigMap's files as the kubelet mounts them, and
     # the converted graph from a seed folder without any record: it reads the fleet's pick.
