@@ -276,6 +276,11 @@ def _probe(path: str, *, period: int, failures: int, timeout: int = 5) -> Manife
             "timeoutSeconds": timeout, "failureThreshold": failures}
 
 
+def _restricted_pod_security() -> Manifest:
+    return {"runAsNonRoot": True, "runAsUser": UNPRIVILEGED_UID, "runAsGroup": UNPRIVILEGED_UID,
+            "fsGroup": UNPRIVILEGED_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
 def _restricted_container_security() -> Manifest:
     return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
             "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
@@ -346,10 +351,7 @@ def pod_template(name: str, spec: RerankerSpec, defaults: Defaults) -> Manifest:
         "volumes": volumes,
         "terminationGracePeriodSeconds":
             PRESTOP_SLEEP_SECONDS + spec.drain_seconds + GRACE_MARGIN_SECONDS,
-        "securityContext": {
-            "runAsNonRoot": True, "runAsUser": UNPRIVILEGED_UID, "runAsGroup": UNPRIVILEGED_UID,
-            "fsGroup": UNPRIVILEGED_UID, "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _restricted_pod_security(),
         # The server never talks to the Kubernetes API.
         "automountServiceAccountToken": False,
     }
@@ -456,10 +458,7 @@ def model_cache_job(name: str, spec: RerankerSpec, defaults: Defaults) -> Manife
         "containers": [container],
         "volumes": volumes,
         "restartPolicy": "Never",
-        "securityContext": {
-            "runAsNonRoot": True, "runAsUser": UNPRIVILEGED_UID, "runAsGroup": UNPRIVILEGED_UID,
-            "fsGroup": UNPRIVILEGED_UID, "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _restricted_pod_security(),
         "automountServiceAccountToken": False,
     }
     optional: dict[str, Any] = {
