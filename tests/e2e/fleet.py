@@ -103,6 +103,24 @@ def pod_metric(cluster: KubeCluster, namespace: str, pod: str, name: str,
     return total
 
 
+def wait_images(cluster: KubeCluster, images: dict[str, str], timeout: float = 60) -> dict[str, str]:
+    """`images` once the node lists them all (the kubelet lists the node's images in its status
+    some seconds after it starts); AssertionError naming the missing ones otherwise: `make
+    images` loads them into a running node, `hack/cluster up` imports them."""
+    def missing() -> list[str]:
+        node = cluster.get_json("node", cluster.info["node"]["name"])
+        present = {n for image in node["status"].get("images") or []
+                   for n in image.get("names") or []}
+        return [i for i in images.values() if f"docker.io/{i}" not in present]
+
+    deadline = time.monotonic() + timeout
+    while (left := missing()) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert not left, (f"images {left} are not on the node: run `make images` "
+                      "(it loads them into a running node; `hack/cluster up` imports them)")
+    return images
+
+
 def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
     for c in obj.get("status", {}).get("conditions", []):
         if c["type"] == type_:

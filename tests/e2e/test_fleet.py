@@ -24,7 +24,8 @@ from typing import Any
 import helm_python as helm
 import httpx
 import pytest
-from fleet import ServiceClient, condition, dump, is_ready, pod_metric, pods, wait_pods_ready
+from fleet import (ServiceClient, condition, dump, is_ready, pod_metric, pods, wait_images,
+                   wait_pods_ready)
 from fleet_load import Load
 from kubecluster import KubeCluster
 from servers import running_app
@@ -57,21 +58,7 @@ def rd_manifest(name: str, model: str, replicas: int, **spec: Any) -> str:
 
 @pytest.fixture(scope="module")
 def images(node_cluster: KubeCluster) -> dict[str, str]:
-    """The images must be in the node's containerd: `make images` (or `hack/cluster up` after
-    it) puts them there; without them the tests fail saying so."""
-    def missing() -> list[str]:
-        node = node_cluster.get_json("node", node_cluster.info["node"]["name"])
-        present = {n for image in node["status"].get("images") or []
-                   for n in image.get("names") or []}
-        return [i for i in IMAGES.values() if f"docker.io/{i}" not in present]
-
-    # the kubelet lists the node's images in its status some seconds after it starts
-    deadline = time.monotonic() + 60
-    while (left := missing()) and time.monotonic() < deadline:
-        time.sleep(2)
-    assert not left, (f"images {left} are not on the node: run `make images` "
-                      "(it loads them into a running node; `hack/cluster up` imports them)")
-    return IMAGES
+    return wait_images(node_cluster, IMAGES)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from typing import Any
 import helm_python as helm
 import httpx
 import pytest
-from fleet import cluster_ip, condition, dump, pod_metric, pods, wait_pods_ready
+from fleet import cluster_ip, condition, dump, pod_metric, pods, wait_images, wait_pods_ready
 from fleet_load import Load
 from kubecluster import KubeCluster
 from models import build_tiny_bert
@@ -86,17 +86,7 @@ def wait_rd(cluster: KubeCluster, ns: str, name: str, replicas: int,
 
 @pytest.fixture(scope="module")
 def images(node_cluster: KubeCluster) -> dict[str, str]:
-    def missing() -> list[str]:
-        node = node_cluster.get_json("node", node_cluster.info["node"]["name"])
-        present = {n for image in node["status"].get("images") or []
-                   for n in image.get("names") or []}
-        return [i for i in IMAGES.values() if f"docker.io/{i}" not in present]
-
-    deadline = time.monotonic() + 60
-    while (left := missing()) and time.monotonic() < deadline:
-        time.sleep(2)
-    assert not left, f"images {left} are not on the node: run `make images`"
-    return IMAGES
+    return wait_images(node_cluster, IMAGES)
 
 
 @pytest.fixture(scope="module")
